@@ -1,0 +1,131 @@
+"""Named networks: their factories, hyperparameters, symbols and defaults."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from models.colourization import ConvTransposeNet, PoolUpsampleNet, UNet
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A constructor argument of a registered network, with its formula symbol and default."""
+
+    name: str
+    symbol: str
+    default: int
+    probe_step: int = 1  # how far a probe moves it (kernel moves by 2 to keep 'same' padding)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A network that can be built by name, with the hyperparameters its formulas use."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    hyperparameters: tuple[Hyperparameter, ...] = ()
+    input_channels: str | int = 3  # a hyperparameter symbol or a fixed count
+    description: str = ""
+    defaults_override: Mapping[str, int] = field(default_factory=dict)
+
+    def settings(self, overrides: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Return the symbol->value settings: defaults with `overrides` (by symbol or name) applied."""
+        values = {hp.symbol: hp.default for hp in self.hyperparameters}
+        by_name = {hp.name: hp.symbol for hp in self.hyperparameters}
+        for key, value in (overrides or {}).items():
+            symbol = by_name.get(key, key)
+            if symbol not in values:
+                known = ", ".join(f"{hp.symbol} ({hp.name})" for hp in self.hyperparameters)
+                raise ValueError(
+                    f"unknown hyperparameter {key!r} for {self.name}; "
+                    f"known: {known or 'none (this model takes no --set)'}"
+                )
+            values[symbol] = int(value)
+        return values
+
+    def build(self, settings: Mapping[str, int] | None = None) -> nn.Module:
+        """Return a fresh network built at `settings` (symbol->value; defaults where missing)."""
+        values = self.settings(settings)
+        kwargs = {hp.name: values[hp.symbol] for hp in self.hyperparameters}
+        return self.factory(**kwargs)
+
+    def input_channel_count(self, settings: Mapping[str, int] | None = None) -> int:
+        """Return the number of input channels at `settings`."""
+        if isinstance(self.input_channels, int):
+            return self.input_channels
+        return self.settings(settings)[self.input_channels]
+
+
+COLOURIZATION_HYPERPARAMETERS = (
+    Hyperparameter("kernel", "K", 3, probe_step=2),
+    Hyperparameter("num_in_channels", "NIC", 3),
+    Hyperparameter("num_filters", "NF", 32),
+    Hyperparameter("num_colours", "NC", 24),
+)
+
+REGISTRY: dict[str, ModelSpec] = {
+    "poolupsample": ModelSpec(
+        "poolupsample", PoolUpsampleNet, COLOURIZATION_HYPERPARAMETERS, "NIC",
+        "PoolUpsampleNet (write-up Part A): max-pooling and nearest upsampling",
+    ),
+    "convtranspose": ModelSpec(
+        "convtranspose", ConvTransposeNet, COLOURIZATION_HYPERPARAMETERS, "NIC",
+        "ConvTransposeNet (write-up Part B): strided and transposed convolutions",
+    ),
+    "unet": ModelSpec(
+        "unet", UNet, COLOURIZATION_HYPERPARAMETERS, "NIC",
+        "UNet (write-up Part C): PoolUpsampleNet with two concatenation skips",
+    ),
+}
+
+
+def resolve(model: str) -> ModelSpec:
+    """Return the spec for a registry name, `torchvision:NAME` or `package.module:callable`."""
+    if model in REGISTRY:
+        return REGISTRY[model]
+    if model.startswith("torchvision:"):
+        return _torchvision_spec(model.split(":", 1)[1])
+    if ":" in model:
+        return _callable_spec(model)
+    known = ", ".join(sorted(REGISTRY))
+    raise ValueError(
+        f"unknown model {model!r}; use a registry name ({known}), "
+        "torchvision:NAME (e.g. torchvision:resnet18) or package.module:callable"
+    )
+
+
+def _torchvision_spec(name: str) -> ModelSpec:
+    import torchvision.models as tvm
+
+    try:
+        builder = tvm.get_model_builder(name)
+    except ValueError:
+        raise ValueError(
+            f"unknown torchvision model {name!r}; see torchvision.models.list_models() "
+            "(e.g. resnet18, mobilenet_v3_large, deeplabv3_resnet101)"
+        ) from None
+
+    def factory() -> nn.Module:
+        # weights=None: the structure is what we count; no download is needed.
+        kwargs = {"weights": None}
+        if "weights_backbone" in builder.__code__.co_varnames:
+            kwargs["weights_backbone"] = None
+        return builder(**kwargs)
+
+    return ModelSpec(f"torchvision:{name}", factory, (), 3, f"torchvision.models.{name}")
+
+
+def _callable_spec(reference: str) -> ModelSpec:
+    module_name, _, attribute = reference.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot import {module_name!r} for model {reference!r}: {error}") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"{module_name!r} has no callable {attribute!r} (model {reference!r})")
+    return ModelSpec(reference, factory, (), 3, f"{reference}()")
