@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -112,7 +113,7 @@ def _torchvision_spec(name: str) -> ModelSpec:
     def factory() -> nn.Module:
         # weights=None: the structure is what we count; no download is needed.
         kwargs = {"weights": None}
-        if "weights_backbone" in builder.__code__.co_varnames:
+        if "weights_backbone" in inspect.signature(builder).parameters:
             kwargs["weights_backbone"] = None
         return builder(**kwargs)
 

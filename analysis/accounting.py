@@ -1,0 +1,536 @@
+"""Per-layer weights, outputs and connections of any nn.Module as sympy formulas.
+
+The model is traced with torch.fx (so functional ops in `forward` are seen), then its graph is
+interpreted with symbolic shapes: the input is (B, C, H, W) with H and W symbols, and every
+call goes through a rule from `analysis.rules`. Shapes use PyTorch's exact floor arithmetic;
+the divisibility of H and W that removes every floor is then derived and, unless `exact=True`,
+assumed, so formulas read like the write-up's (`H*NF*W/4`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import sympy as sp
+import torch
+import torch.fx
+from torch import nn
+
+from analysis import rules
+from analysis.conventions import DEFAULT, Convention
+from analysis.hyperparameters import concrete_attributes, fit_attributes, hyperparameter_symbols
+from analysis.rules import BATCH, LayerCost, PlainValue, SymTensor, UnsupportedLayer
+from models.registry import ModelSpec, resolve
+
+H = sp.Symbol("H", integer=True, positive=True)
+W = sp.Symbol("W", integer=True, positive=True)
+QUANTITIES = ("weights", "outputs", "connections")
+
+
+class ResolutionError(ValueError):
+    """A resolution the formulas do not hold at (divisibility, or too small)."""
+
+
+@dataclass
+class Layer:
+    """One row of the cost table: a module call or a tensor-producing function call."""
+
+    name: str
+    type: str
+    kind: str
+    node: str  # the torch.fx node it came from
+    output_shape: tuple[sp.Expr, ...]  # per example (batch dimension dropped)
+    weights: sp.Expr
+    outputs: sp.Expr
+    connections: sp.Expr
+    cost: LayerCost = field(repr=False)
+    divisor: tuple[int, int] = (1, 1)  # what H, W must be divisible by up to this layer
+    known: bool = True  # False when counted from hooks under allow_unknown
+
+    def formula(self, quantity: str) -> sp.Expr:
+        """Return the formula for 'weights', 'outputs' or 'connections'."""
+        return getattr(self, quantity)
+
+
+@dataclass
+class Analysis:
+    """The cost table of one network at one hyperparameter setting, under one convention."""
+
+    model: str
+    hyperparameters: dict[str, int]
+    symbols: dict[str, str]  # symbol -> constructor argument name
+    input_channels: sp.Expr
+    convention: Convention
+    layers: list[Layer]
+    divisor: tuple[int, int]
+    exact: bool
+    assumptions: list[str]
+    unused_weights: int = 0
+
+    def total(self, quantity: str) -> sp.Expr:
+        """Return the model total of `quantity` as a formula."""
+        return sp.expand(sp.Add(*(layer.formula(quantity) for layer in self.layers)))
+
+    def substitutions(self) -> dict[sp.Symbol, int]:
+        """Return symbol -> value for the hyperparameters at this analysis' setting."""
+        return {sp.Symbol(s, integer=True, positive=True): v
+                for s, v in self.hyperparameters.items()}
+
+    def check_resolution(self, height: int, width: int) -> None:
+        """Raise ResolutionError naming the first layer whose formulas do not hold at H x W."""
+        for symbol, value, axis in (("H", height, 0), ("W", width, 1)):
+            if value < 1:
+                raise ResolutionError(f"{symbol} must be a positive integer, got {symbol}={value}")
+            need = self.divisor[axis]
+            if value % need == 0:
+                continue
+            layer = next(lay for lay in self.layers if value % lay.divisor[axis] != 0)
+            lower = value - value % need
+            options = f"{lower} or {lower + need}" if lower > 0 else f"{need}"
+            raise ResolutionError(
+                f"expected {symbol} divisible by {layer.divisor[axis]} for {layer.name} "
+                f"({layer.type}), got {symbol}={value}; the network needs {symbol} divisible "
+                f"by {need}: try {options} (or --exact to keep floor() in the formulas)"
+            )
+        substitution = {H: height, W: width, BATCH: 1, **self.substitutions()}
+        for layer in self.layers:
+            sizes = [sp.sympify(d).subs(substitution) for d in layer.output_shape]
+            if any(s < 1 for s in sizes):
+                raise ResolutionError(
+                    f"input {height}x{width} is too small: {layer.name} ({layer.type}) would "
+                    f"output shape {tuple(int(s) for s in sizes)}; try a larger resolution"
+                )
+
+    def evaluate(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
+        """Return quantity -> int array (layers x resolutions) at the given (H, W) pairs."""
+        for height, width in resolutions:
+            self.check_resolution(height, width)
+        heights = np.array([r[0] for r in resolutions], dtype=object)
+        widths = np.array([r[1] for r in resolutions], dtype=object)
+        evaluator = self._evaluator()
+        return evaluator(heights, widths)
+
+    def _evaluator(self):
+        if not hasattr(self, "_compiled"):
+            formulas = [layer.formula(q).subs(self.substitutions())
+                        for q in QUANTITIES for layer in self.layers]
+            self._compiled = IntegerEvaluator(formulas)
+        compiled, count = self._compiled, len(self.layers)
+
+        def evaluate(heights, widths):
+            values = compiled(heights, widths)
+            return {q: values[i * count:(i + 1) * count] for i, q in enumerate(QUANTITIES)}
+
+        return evaluate
+
+    def totals_at(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, list[int]]:
+        """Return quantity -> list of totals, one per resolution."""
+        values = self.evaluate(resolutions)
+        return {q: [int(v) for v in values[q].sum(axis=0)] for q in QUANTITIES}
+
+    def to_dict(self, resolutions: Sequence[tuple[int, int]], labels: Sequence[str]) -> dict:
+        """Return the JSON contract: model, hyperparameters, convention, assumptions, layers, totals."""
+        values = self.evaluate(resolutions)
+        layers = []
+        for index, layer in enumerate(self.layers):
+            row = {"name": layer.name, "type": layer.type, "kind": layer.kind,
+                   "output_shape": [str(d) for d in layer.output_shape]}
+            for quantity in QUANTITIES:
+                row[quantity] = {
+                    "formula": str(layer.formula(quantity)),
+                    "values": {label: int(values[quantity][index, j])
+                               for j, label in enumerate(labels)},
+                }
+            layers.append(row)
+        totals = {}
+        for quantity in QUANTITIES:
+            sums = values[quantity].sum(axis=0)
+            totals[quantity] = {
+                "formula": str(self.total(quantity)),
+                "values": {label: int(sums[j]) for j, label in enumerate(labels)},
+            }
+        return {
+            "model": self.model,
+            "hyperparameters": {s: {"name": self.symbols[s], "value": v}
+                                for s, v in self.hyperparameters.items()},
+            "convention": self.convention.as_dict(),
+            "assumptions": list(self.assumptions),
+            "layers": layers,
+            "totals": totals,
+        }
+
+
+class IntegerEvaluator:
+    """Evaluates many floor-containing rational formulas exactly, vectorised over (H, W).
+
+    floor(p/q) and ceiling(p/q) become integer floor division of the numerator and denominator
+    polynomials, and each formula is scaled by its common denominator and divided back exactly,
+    so no float ever rounds a count.
+    """
+
+    def __init__(self, formulas: Sequence[sp.Expr]):
+        scaled, self.denominators = [], []
+        for formula in formulas:
+            integral = _integer_divisions(sp.sympify(formula))
+            denominator = _common_denominator(integral)
+            scaled.append(sp.expand(integral * denominator))
+            self.denominators.append(denominator)
+        functions = {"ifloor": lambda n, d: n // d, "iceil": lambda n, d: -((-n) // d)}
+        self.function = sp.lambdify((H, W), scaled, modules=[functions, "math"])
+        self.denominators = np.array(self.denominators, dtype=object)
+
+    def __call__(self, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        """Return an object array of exact ints, formulas x resolutions."""
+        raw = self.function(heights, widths)
+        rows = [np.broadcast_to(np.asarray(r, dtype=object), heights.shape) for r in raw]
+        scaled = np.stack(rows) if rows else np.zeros((0, len(heights)), dtype=object)
+        return scaled // self.denominators[:, None]
+
+
+_IFLOOR = sp.Function("ifloor")
+_ICEIL = sp.Function("iceil")
+
+
+def _integer_divisions(expression: sp.Expr) -> sp.Expr:
+    replacements = {}
+    for atom in expression.atoms(sp.floor, sp.ceiling):
+        inner = _integer_divisions(atom.args[0])
+        numerator, denominator = sp.fraction(sp.together(inner))
+        function = _IFLOOR if isinstance(atom, sp.floor) else _ICEIL
+        replacements[atom] = function(sp.expand(numerator), denominator)
+    return expression.xreplace(replacements) if replacements else expression
+
+
+def _common_denominator(expression: sp.Expr) -> int:
+    expanded = sp.expand(expression)
+    denominators = [int(r.q) for r in expanded.atoms(sp.Rational)]
+    return math.lcm(*denominators) if denominators else 1
+
+
+# --- tracing -------------------------------------------------------------------------------
+
+
+class _Tracer(torch.fx.Tracer):
+    """Stops at modules that have a rule (and at torch.nn's own leaves), traces through others."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if rules.module_rule(module) is not None:
+            return True
+        return super().is_leaf_module(module, qualified_name)
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """Return `model` traced into a GraphModule whose leaves are the modules the rules know."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as error:  # torch.fx raises many types for untraceable code
+        raise ValueError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); its forward needs "
+            "data-independent control flow"
+        ) from None
+    return torch.fx.GraphModule(model, graph)
+
+
+# --- interpretation ------------------------------------------------------------------------
+
+
+def _map(value: Any, function) -> Any:
+    return torch.fx.node.map_aggregate(value, function)
+
+
+def _contains_tensor(value: Any) -> bool:
+    found = []
+    _map(value, lambda v: found.append(v) if isinstance(v, SymTensor) else None)
+    return bool(found)
+
+
+def _node_label(node: torch.fx.Node, seen: Counter) -> tuple[str, str]:
+    if node.op == "call_module":
+        name, kind = node.target, None
+    else:
+        stack = node.meta.get("nn_module_stack") or {}
+        scope = list(stack.values())[-1][0] if stack else ""
+        base = node.target if isinstance(node.target, str) else node.target.__name__
+        name, kind = (f"{scope}.{base}" if scope else base), base
+    seen[name] += 1
+    return (name if seen[name] == 1 else f"{name}:{seen[name]}"), kind
+
+
+def _concrete_shapes(graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...]):
+    shapes: dict[str, Any] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            shapes[node.name] = _map(
+                result, lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else v)
+            return result
+
+    with torch.no_grad():
+        Recorder(graph_module).run(torch.zeros(input_shape))
+    return shapes
+
+
+def _unknown_output(node, graph_module, input_tensor: SymTensor, channels: int) -> SymTensor:
+    # The layer has no rule: read its output shape from two real runs and accept it only when
+    # it is the input shape (or does not change with the resolution).
+    runs = [_concrete_shapes(graph_module, (1, channels, size, size))[node.name] for size in (64, 96)]
+    inputs = [(1, channels, 64, 64), (1, channels, 96, 96)]
+    first = node.args[0].name if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if first is not None:
+        inputs = [_concrete_shapes(graph_module, (1, channels, s, s))[first] for s in (64, 96)]
+    if runs[0] == inputs[0] and runs[1] == inputs[1]:
+        return SymTensor(input_tensor.shape)
+    if runs[0] == runs[1]:
+        return SymTensor((BATCH, *(sp.Integer(d) for d in runs[0][1:])))
+    raise UnsupportedLayer(f"{node.target}: unknown layer whose output shape follows the input")
+
+
+def analyse(
+    model: str | ModelSpec | nn.Module,
+    settings: Mapping[str, int] | None = None,
+    convention: Convention = DEFAULT,
+    exact: bool = False,
+    allow_unknown: bool = False,
+) -> Analysis:
+    """Return the symbolic cost table of `model` (registry name, spec or module)."""
+    if isinstance(model, str):
+        model = resolve(model)
+    if isinstance(model, ModelSpec):
+        spec = model
+        values = spec.settings(settings)
+        network = spec.build(values).eval()
+        attributes = fit_attributes(spec, values)
+        symbols = hyperparameter_symbols(spec)
+        if isinstance(spec.input_channels, str):
+            input_channels = symbols[spec.input_channels]
+        else:
+            input_channels = sp.Integer(spec.input_channels)
+        name = spec.name
+        names = {hp.symbol: hp.name for hp in spec.hyperparameters}
+    else:
+        network, values, names = model.eval(), {}, {}
+        attributes = concrete_attributes(network)
+        input_channels = sp.Integer(_guess_input_channels(network))
+        name = type(network).__name__
+    graph_module = trace(network)
+    layers = _interpret(graph_module, attributes, input_channels, convention, allow_unknown,
+                        int(input_channels.subs({sp.Symbol(s, integer=True, positive=True): v
+                                                 for s, v in values.items()})))
+    called = {node.target for node in graph_module.graph.nodes if node.op == "call_module"}
+    used = {id(p) for target in called for p in graph_module.get_submodule(target).parameters()}
+    unused_weights = sum(p.numel() for p in network.parameters() if id(p) not in used)
+    divisor, assumptions = _apply_divisibility(layers, exact)
+    if unused_weights:
+        assumptions.append(f"{unused_weights} parameters belong to modules forward never calls; "
+                           "they are not in the totals")
+    if any(not layer.known for layer in layers):
+        unknown = ", ".join(layer.name for layer in layers if not layer.known)
+        assumptions.append(f"no rule for {unknown}: counted from the running network, "
+                           "connections unknown (0 in totals)")
+    return Analysis(
+        model=name, hyperparameters=dict(values), symbols=names, input_channels=input_channels,
+        convention=convention, layers=layers, divisor=divisor, exact=exact,
+        assumptions=assumptions, unused_weights=unused_weights,
+    )
+
+
+def _guess_input_channels(network: nn.Module) -> int:
+    for module in network.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            return module.in_channels
+    return 3
+
+
+def _interpret(graph_module, attributes, input_channels, convention, allow_unknown,
+               concrete_channels) -> list[Layer]:
+    env: dict[str, Any] = {}
+    layers: list[Layer] = []
+    seen: Counter = Counter()
+    counted_modules: set[int] = set()
+    placeholders = 0
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            placeholders += 1
+            if placeholders > 1:
+                if node.args:  # an optional argument with a default value
+                    env[node.name] = node.args[0]
+                    continue
+                raise ValueError(f"forward takes a second input ({node.target}); only "
+                                 "single-image-input networks can be analysed")
+            env[node.name] = SymTensor((BATCH, input_channels, H, W))
+            continue
+        if node.op == "output":
+            continue
+        if node.op == "get_attr":
+            raise UnsupportedLayer(
+                f"{node.target} (a parameter used directly in forward) has no rule; "
+                "wrap it in a module with a rule")
+        args = _map(node.args, lambda n: env[n.name] if isinstance(n, torch.fx.Node) else n)
+        kwargs = _map(node.kwargs, lambda n: env[n.name] if isinstance(n, torch.fx.Node) else n)
+        label, function_name = _node_label(node, seen)
+        if node.op == "call_module":
+            module = graph_module.get_submodule(node.target)
+            rule = rules.module_rule(module)
+            type_name = type(module).__name__
+            if rule is None:
+                if not allow_unknown:
+                    raise UnsupportedLayer(
+                        f"no rule for {node.target} ({type_name}); add one in analysis/rules.py "
+                        "or pass --allow-unknown to count it from the running network")
+                output = _unknown_output(node, graph_module, args[0], concrete_channels)
+                cost = LayerCost("unknown", output, weights=sp.Integer(
+                    sum(p.numel() for p in module.parameters())))
+                known = False
+            else:
+                try:
+                    cost = rule(module, attributes.get(node.target, {}), *args, **kwargs)
+                except UnsupportedLayer as error:
+                    raise UnsupportedLayer(f"{node.target} ({type_name}): {error}") from None
+                known = True
+            if id(module) in counted_modules:  # a module called twice owns its weights once
+                cost = LayerCost(cost.kind, cost.output, sp.Integer(0), cost.connections,
+                                 cost.bias_connections)
+            counted_modules.add(id(module))
+        else:
+            key = node.target
+            rule = rules.FUNCTION_RULES.get(key)
+            type_name = function_name
+            result = rule(*args, **kwargs) if rule is not None else None
+            if rule is None or (isinstance(result, PlainValue) and result.value is None
+                                and rule is rules.binary_elementwise):
+                if _contains_tensor((args, kwargs)) and rule is None:
+                    raise UnsupportedLayer(
+                        f"no rule for {label} ({type_name}) in {node.op}; add one in "
+                        "analysis/rules.py FUNCTION_RULES")
+                env[node.name] = _python_call(node, args, kwargs)
+                continue
+            if isinstance(result, PlainValue):
+                env[node.name] = result.value
+                continue
+            cost, known = result, True
+        env[node.name] = cost.output
+        shape = cost.output.shape[1:] if isinstance(cost.output, SymTensor) else ()
+        layers.append(Layer(
+            name=label, type=type_name, kind=cost.kind, node=node.name,
+            output_shape=tuple(sp.sympify(d) for d in shape),
+            weights=convention.weights(cost), outputs=cost.outputs,
+            connections=convention.connections(cost) if known else sp.Integer(0),
+            cost=cost, known=known,
+        ))
+    return layers
+
+
+def _python_call(node, args, kwargs):
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+# --- divisibility --------------------------------------------------------------------------
+
+
+def _required_multiple(expression: sp.Expr, symbol: sp.Symbol, multiple: int) -> int | None:
+    """Return the smallest multiple m' of `multiple` with no floor left after symbol -> m'*t."""
+    t = sp.Symbol("t", integer=True, positive=True)
+    for _ in range(32):
+        substituted = sp.sympify(expression).subs(symbol, multiple * t)
+        atoms = [a for a in substituted.atoms(sp.floor, sp.ceiling) if a.has(t)]
+        if not atoms:
+            return multiple
+        factor = 1
+        for atom in atoms:
+            argument = atom.args[0]
+            if argument.atoms(sp.floor, sp.ceiling):
+                continue  # the inner floor goes first
+            try:
+                polynomial = sp.Poly(argument, t)
+            except sp.PolynomialError:
+                return None
+            if polynomial.degree() != 1:
+                return None
+            coefficient = sp.Rational(polynomial.coeff_monomial(t))
+            factor = math.lcm(factor, int(coefficient.q))
+        if factor == 1:
+            return None
+        multiple *= factor
+    return None
+
+
+def _apply_divisibility(layers: list[Layer], exact: bool) -> tuple[tuple[int, int], list[str]]:
+    multiples = [1, 1]
+    unresolved = False
+    for layer in layers:
+        for axis, symbol in enumerate((H, W)):
+            for dimension in layer.output_shape:
+                if not dimension.has(symbol):
+                    continue
+                needed = _required_multiple(dimension, symbol, multiples[axis])
+                if needed is None:
+                    unresolved = True
+                else:
+                    multiples[axis] = needed
+        layer.divisor = (multiples[0], multiples[1])
+    assumptions = []
+    if exact or unresolved:
+        for layer in layers:
+            layer.divisor = (1, 1)
+        if unresolved and not exact:
+            assumptions.append("some sizes keep floor(): no divisibility of H and W removes it")
+        assumptions.append("formulas are exact for every H, W (PyTorch's floor arithmetic kept)")
+        return (1, 1), assumptions
+    t_h, t_w = sp.symbols("t_h t_w", integer=True, positive=True)
+    forward = {H: multiples[0] * t_h, W: multiples[1] * t_w}
+    back = {t_h: H / multiples[0], t_w: W / multiples[1]}
+
+    def simplify(expression: sp.Expr) -> sp.Expr:
+        expression = sp.sympify(expression)
+        if not expression.has(H, W):
+            return sp.expand(expression)
+        return sp.expand(expression.subs(forward).subs(back))
+
+    for layer in layers:
+        layer.output_shape = tuple(simplify(d) for d in layer.output_shape)
+        layer.weights = simplify(layer.weights)
+        layer.outputs = simplify(layer.outputs)
+        layer.connections = simplify(layer.connections)
+    for symbol, multiple in (("H", multiples[0]), ("W", multiples[1])):
+        if multiple > 1:
+            assumptions.append(f"{symbol} divisible by {multiple}")
+    return (multiples[0], multiples[1]), assumptions
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """Return (H, W) from '32' (32x32) or '32x48' (H=32, W=48)."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise ValueError(f"bad resolution {text!r}: use N (N x N) or HxW, e.g. 32 or 32x48")
+    return sizes[0], sizes[1]
+
+
+def parse_settings(items: Iterable[str]) -> dict[str, int]:
+    """Return {name: int} from ['NF=64', 'K=5']."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad --set {item!r}: use NAME=INTEGER, e.g. NF=64")
+        try:
+            settings[key.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"bad --set {item!r}: {value!r} is not an integer") from None
+        if settings[key.strip()] < 1:
+            raise ValueError(f"bad --set {item!r}: hyperparameters must be positive integers")
+    return settings

@@ -1,0 +1,104 @@
+"""Channel counts and kernel sizes as exact affine functions of a network's hyperparameters.
+
+The network is built at the requested setting and at one probe per hyperparameter; every
+integer attribute of every module is fitted as c0 + sum(ci * hp_i) and confirmed at a further
+probe that moves all hyperparameters at once. Attributes that are not affine stay concrete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import sympy as sp
+from torch import nn
+
+from models.registry import ModelSpec
+
+
+def hyperparameter_symbols(spec: ModelSpec) -> dict[str, sp.Symbol]:
+    """Return symbol name -> positive-integer sympy Symbol for the spec's hyperparameters."""
+    return {hp.symbol: sp.Symbol(hp.symbol, integer=True, positive=True)
+            for hp in spec.hyperparameters}
+
+
+def integer_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Return module name -> {attribute: int or tuple of ints} for every module of `model`."""
+    table = {}
+    for name, module in model.named_modules():
+        attributes = {}
+        for key, value in vars(module).items():
+            if key.startswith("_") or isinstance(value, bool):
+                continue
+            if isinstance(value, int) or (
+                isinstance(value, tuple) and value and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value)
+            ):
+                attributes[key] = value
+        table[name] = attributes
+    return table
+
+
+def concrete_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Return the attribute table with every value as a sympy Integer (no hyperparameters)."""
+    return {
+        name: {key: _to_sympy(value) for key, value in attributes.items()}
+        for name, attributes in integer_attributes(model).items()
+    }
+
+
+def _to_sympy(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(sp.Integer(v) for v in value)
+    return sp.Integer(value)
+
+
+def fit_attributes(spec: ModelSpec, settings: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """Return module name -> {attribute: sympy expression in the hyperparameter symbols}."""
+    symbols = hyperparameter_symbols(spec)
+    base = spec.settings(settings)
+    base_table = integer_attributes(spec.build(base))
+    if not spec.hyperparameters:
+        return concrete_attributes(spec.build(base))
+    steps = {hp.symbol: hp.probe_step for hp in spec.hyperparameters}
+    probes = {}
+    for symbol, step in steps.items():
+        probes[symbol] = integer_attributes(spec.build({**base, symbol: base[symbol] + step}))
+    confirm_setting = {symbol: base[symbol] + 2 * step for symbol, step in steps.items()}
+    confirm_table = integer_attributes(spec.build(confirm_setting))
+
+    fitted: dict[str, dict[str, Any]] = {}
+    for name, attributes in base_table.items():
+        fitted[name] = {}
+        for key, value in attributes.items():
+            fitted[name][key] = _fit_one(
+                name, key, value, base, steps, probes, confirm_setting, confirm_table, symbols)
+    return fitted
+
+
+def _fit_one(name, key, value, base, steps, probes, confirm_setting, confirm_table, symbols):
+    values = value if isinstance(value, tuple) else (value,)
+    results = []
+    for index, base_value in enumerate(values):
+        expression = sp.Integer(base_value)
+        for symbol, step in steps.items():
+            probe_value = _lookup(probes[symbol], name, key, index)
+            if probe_value is None:
+                return _to_sympy(value)
+            slope = sp.Rational(probe_value - base_value, step)
+            expression += slope * (symbols[symbol] - base[symbol])
+        expression = sp.expand(expression)
+        confirm_value = _lookup(confirm_table, name, key, index)
+        substituted = expression.subs({symbols[s]: v for s, v in confirm_setting.items()})
+        if confirm_value is None or substituted != confirm_value:
+            return _to_sympy(value)  # not affine in the hyperparameters: keep it concrete
+        results.append(expression)
+    return tuple(results) if isinstance(value, tuple) else results[0]
+
+
+def _lookup(table, name, key, index):
+    value = table.get(name, {}).get(key)
+    if value is None:
+        return None
+    values = value if isinstance(value, tuple) else (value,)
+    return values[index] if index < len(values) else None
