@@ -71,6 +71,8 @@ class Analysis:
     exact: bool
     assumptions: list[str]
     unused_weights: int = 0
+    network: nn.Module | None = field(default=None, repr=False)
+    graph_module: torch.fx.GraphModule | None = field(default=None, repr=False)
 
     def total(self, quantity: str) -> sp.Expr:
         """Return the model total of `quantity` as a formula."""
@@ -338,6 +340,7 @@ def analyse(
         model=name, hyperparameters=dict(values), symbols=names, input_channels=input_channels,
         convention=convention, layers=layers, divisor=divisor, exact=exact,
         assumptions=assumptions, unused_weights=unused_weights,
+        network=network, graph_module=graph_module,
     )
 
 

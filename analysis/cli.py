@@ -4,10 +4,101 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from analysis.io import atomic_write_text
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """Add MODEL, --res, --set, the convention switches, --exact and --allow-unknown."""
+    parser.add_argument("model", nargs="+" if many else None, metavar="MODEL",
+                        help="registry name (poolupsample, convtranspose, unet), "
+                        "torchvision:NAME, or package.module:callable")
+    parser.add_argument("--res", nargs="+", default=None, metavar="RES",
+                        help="resolutions: N for NxN or HxW (default: 32 64)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="hyperparameters, e.g. NF=64 K=5")
+    parser.add_argument("--bias-connections", action="store_true",
+                        help="count one connection per output for each bias")
+    parser.add_argument("--no-batchnorm-weights", action="store_true",
+                        help="leave BatchNorm's affine parameters out of the weights")
+    parser.add_argument("--no-elementwise-connections", action="store_true",
+                        help="count no connections for BatchNorm, activations and add/mul")
+    parser.add_argument("--exact", action="store_true",
+                        help="keep PyTorch's floor() in the formulas instead of assuming "
+                        "the divisibility that removes it")
+    parser.add_argument("--allow-unknown", action="store_true",
+                        help="count layers without a rule from the running network")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
+    """Add --format and -o/--output."""
+    parser.add_argument("--format", choices=formats, default=formats[0])
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="write to FILE (atomically) instead of standard output")
+
+
+def emit(text: str, output: Path | None) -> None:
+    """Print `text`, or write it atomically to `output`."""
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(output, text)
+        print(f"wrote {output}", file=sys.stderr)
+
+
+def convention_from(args: argparse.Namespace):
+    """Return the Convention the command-line switches ask for."""
+    from analysis.conventions import make_convention
+
+    return make_convention(
+        bias_in_connections=args.bias_connections,
+        batchnorm_in_weights=not args.no_batchnorm_weights,
+        elementwise_in_connections=not args.no_elementwise_connections,
+    )
+
+
+def resolutions_from(args: argparse.Namespace, default: tuple[str, ...] = ("32", "64")):
+    """Return the (H, W) pairs of --res."""
+    from analysis.accounting import parse_resolution
+
+    return [parse_resolution(r) for r in (args.res or default)]
+
+
+def analyse_from(args: argparse.Namespace, model: str):
+    """Return the Analysis for `model` with the arguments' settings and convention."""
+    from analysis.accounting import analyse, parse_settings
+
+    return analyse(model, parse_settings(args.set), convention_from(args), exact=args.exact,
+                   allow_unknown=args.allow_unknown)
+
+
+def run_table(args: argparse.Namespace) -> int:
+    """`convtally table`: print the per-layer cost table."""
+    from analysis.formatting import render
+
+    analysis = analyse_from(args, args.model)
+    emit(render(analysis, resolutions_from(args), args.format), args.output)
+    return 0
+
+
+def run_padding(args: argparse.Namespace) -> int:
+    """`convtally padding`: the padding that halves (Conv2d) and doubles (ConvTranspose2d)."""
+    from analysis.shapes import halving_and_doubling_padding
+
+    if args.kernel < 1 or args.stride < 1:
+        raise UsageError(f"--kernel and --stride must be positive, got {args.kernel}, {args.stride}")
+    padding, output_padding = halving_and_doubling_padding(args.kernel, args.stride)
+    print(f"kernel {args.kernel}, stride {args.stride}:")
+    print(f"  nn.Conv2d(..., kernel_size={args.kernel}, stride={args.stride}, "
+          f"padding={padding})  maps H -> H/{args.stride}")
+    print(f"  nn.ConvTranspose2d(..., kernel_size={args.kernel}, stride={args.stride}, "
+          f"padding={padding}, output_padding={output_padding})  maps H -> {args.stride}*H")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Weights, outputs and connections of CNNs as exact formulas, verified.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    table = commands.add_parser("table", help="per-layer weights, outputs and connections")
+    add_model_arguments(table)
+    add_output_arguments(table, ("text", "csv", "markdown", "latex", "json"))
+    table.set_defaults(handler=run_table)
+
+    padding = commands.add_parser(
+        "padding", help="Conv2d/ConvTranspose2d padding that halves/doubles the size exactly")
+    padding.add_argument("--kernel", type=int, required=True)
+    padding.add_argument("--stride", type=int, default=2)
+    padding.set_defaults(handler=run_padding)
 
     train = commands.add_parser("train", help="train a network (colourization or segmentation)")
     tasks = train.add_subparsers(dest="task", required=True, metavar="TASK")

@@ -1,0 +1,154 @@
+"""Rendering a cost table as text, CSV, Markdown, LaTeX or JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pandas as pd
+import sympy as sp
+
+from analysis.accounting import QUANTITIES, Analysis, H, W
+
+FORMATS = ("text", "csv", "markdown", "latex", "json")
+
+
+def resolution_label(height: int, width: int) -> str:
+    """Return '32' for 32x32 and '32x48' otherwise, as written on the command line."""
+    return str(height) if height == width else f"{height}x{width}"
+
+
+def shape_text(shape: Sequence[sp.Expr]) -> str:
+    """Return a per-example shape as '(NF, H/2, W/2)'."""
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def order_in_hw(formula: sp.Expr) -> str:
+    """Return the growth order of a total in the input size, e.g. 'O(1)', 'O(H·W)', 'O((H·W)^2)'."""
+    formula = sp.expand(formula)
+    if not formula.has(H, W):
+        return "O(1)"
+    if formula.atoms(sp.floor, sp.ceiling):
+        formula = formula.replace(sp.floor, lambda x: x).replace(sp.ceiling, lambda x: x)
+    degree_h = sp.Poly(formula, H).degree()
+    degree_w = sp.Poly(formula, W).degree()
+    if degree_h == degree_w:
+        return "O(H·W)" if degree_h == 1 else f"O((H·W)^{degree_h})"
+    return f"O(H^{degree_h}·W^{degree_w})"
+
+
+def growth_factors(totals: Sequence[int], resolutions: Sequence[tuple[int, int]]) -> list[str]:
+    """Return 'x4.00 (32->64)' for each consecutive pair of resolutions that doubles H and W."""
+    notes = []
+    for (a, b), (ra, rb) in zip(zip(totals, totals[1:]), zip(resolutions, resolutions[1:])):
+        if rb == (2 * ra[0], 2 * ra[1]) and a:
+            notes.append(f"x{b / a:.2f} ({resolution_label(*ra)}->{resolution_label(*rb)})")
+    return notes
+
+
+def cost_frame(analysis: Analysis, resolutions: Sequence[tuple[int, int]],
+               latex: bool = False) -> pd.DataFrame:
+    """Return one row per layer plus a Total row: formula and value per resolution per quantity."""
+    labels = [resolution_label(*r) for r in resolutions]
+    values = analysis.evaluate(resolutions)
+
+    def show(expression: sp.Expr) -> str:
+        return f"${latex_formula(expression)}$" if latex else str(expression)
+
+    rows = []
+    for index, layer in enumerate(analysis.layers):
+        row = {"layer": layer.name, "type": layer.type,
+               "output shape": shape_text(layer.output_shape) if not latex else
+               "$(" + ", ".join(latex_formula(d) for d in layer.output_shape) + ")$"}
+        for quantity in QUANTITIES:
+            row[quantity] = show(layer.formula(quantity))
+            for j, label in enumerate(labels):
+                row[f"{quantity} @{label}"] = int(values[quantity][index, j])
+        rows.append(row)
+    total = {"layer": "Total", "type": "", "output shape": ""}
+    for quantity in QUANTITIES:
+        total[quantity] = show(analysis.total(quantity))
+        for j, label in enumerate(labels):
+            total[f"{quantity} @{label}"] = int(values[quantity][:, j].sum())
+    rows.append(total)
+    return pd.DataFrame(rows)
+
+
+def latex_formula(expression: sp.Expr) -> str:
+    """Return sympy's LaTeX for `expression`, multi-letter symbols upright (\\mathrm{NF})."""
+    expression = sp.sympify(expression)
+    names = {s: rf"\mathrm{{{s.name}}}" for s in expression.free_symbols if len(s.name) > 1}
+    return sp.latex(expression, symbol_names=names)
+
+
+def header_lines(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> list[str]:
+    """Return the lines printed above a table: model, setting, convention, assumptions, growth."""
+    lines = [f"model: {analysis.model}"]
+    if analysis.hyperparameters:
+        lines.append("hyperparameters: " + ", ".join(
+            f"{s}={v} ({analysis.symbols[s]})" for s, v in analysis.hyperparameters.items()))
+    lines.append(analysis.convention.describe())
+    lines.append("assumptions: " + ("; ".join(analysis.assumptions) or "none"))
+    totals = analysis.totals_at(resolutions)
+    for quantity in QUANTITIES:
+        growth = growth_factors(totals[quantity], resolutions)
+        lines.append(f"total {quantity}: {order_in_hw(analysis.total(quantity))}"
+                     + (f", per doubling of H and W {', '.join(growth)}" if growth else ""))
+    return lines
+
+
+def render(analysis: Analysis, resolutions: Sequence[tuple[int, int]], fmt: str) -> str:
+    """Return the cost table rendered in `fmt` (one of FORMATS)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "json":
+        labels = [resolution_label(*r) for r in resolutions]
+        data = analysis.to_dict(resolutions, labels)
+        data["orders"] = {q: order_in_hw(analysis.total(q)) for q in QUANTITIES}
+        return json.dumps(data, indent=2) + "\n"
+    if fmt == "csv":
+        return cost_frame(analysis, resolutions).to_csv(index=False)
+    if fmt == "latex":
+        return render_latex(analysis, resolutions)
+    frame = cost_frame(analysis, resolutions)
+    header = header_lines(analysis, resolutions)
+    if fmt == "markdown":
+        for quantity in QUANTITIES:
+            frame[quantity] = frame[quantity].map(lambda f: f"`{f}`" if f else f)
+        frame["output shape"] = frame["output shape"].map(lambda f: f"`{f}`" if f else f)
+        notes = "\n".join(f"- {line}" for line in header)
+        return f"{notes}\n\n{frame.to_markdown(index=False)}\n"
+    return "\n".join(header) + "\n\n" + _text_table(frame) + "\n"
+
+
+def _text_table(frame: pd.DataFrame) -> str:
+    from tabulate import tabulate
+
+    return tabulate(frame, headers="keys", tablefmt="simple", showindex=False, intfmt=",",
+                    disable_numparse=False)
+
+
+def render_latex(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> str:
+    """Return a booktabs LaTeX table (pandas Styler) with formulas in math mode."""
+    frame = cost_frame(analysis, resolutions, latex=True)
+    frame["layer"] = frame["layer"].map(_escape_latex)
+    frame["type"] = frame["type"].map(_escape_latex)
+    frame.columns = pd.MultiIndex.from_tuples(
+        [(c.split(" @")[0].capitalize(), c.split(" @")[1]) if "@" in c
+         else ((c.capitalize(), "formula") if c in QUANTITIES else (c.capitalize(), ""))
+         for c in frame.columns])
+    styler = frame.style.hide(axis="index").format(
+        "{:,}", subset=[c for c in frame.columns if c[1] not in ("formula", "")])
+    caption = _escape_latex(
+        f"{analysis.model}: weights, outputs and connections per layer "
+        f"({'; '.join(analysis.assumptions) or 'no assumptions'}; {analysis.convention.describe()})")
+    body = styler.to_latex(hrules=True, column_format="ll" + "l" * (frame.shape[1] - 2),
+                           caption=caption, multicol_align="c", position="htbp")
+    return "% " + "\n% ".join(header_lines(analysis, resolutions)) + "\n" + body
+
+
+def _escape_latex(text: str) -> str:
+    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"),
+                          ("#", r"\#"), ("$", r"\$"), ("{", r"\{"), ("}", r"\}")):
+        text = text.replace(char, escaped)
+    return text
