@@ -101,6 +101,22 @@ def run_padding(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_verify(args: argparse.Namespace) -> int:
+    """`convtally verify`: check every formula against the running network; 1 on a mismatch."""
+    from analysis.verification import CheckpointError, render_verification, verify
+
+    analysis = analyse_from(args, args.model)
+    try:
+        result = verify(analysis, resolutions_from(args), checkpoint=args.checkpoint,
+                        device=args.device)
+    except CheckpointError as error:
+        raise UsageError(str(error)) from None
+    emit(render_verification(result, args.format), args.output)
+    if args.output is not None:
+        print(result.summary())
+    return 1 if result.mismatches else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -113,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(table)
     add_output_arguments(table, ("text", "csv", "markdown", "latex", "json"))
     table.set_defaults(handler=run_table)
+
+    verify = commands.add_parser(
+        "verify", help="prove the formulas against hooks, fvcore and PyTorch's FLOP counter")
+    add_model_arguments(verify)
+    verify.add_argument("--checkpoint", type=Path, default=None,
+                        help="a state_dict file (e.g. a training run's checkpoint.pt)")
+    verify.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    add_output_arguments(verify, ("text", "json", "csv"))
+    verify.set_defaults(handler=run_verify)
 
     padding = commands.add_parser(
         "padding", help="Conv2d/ConvTranspose2d padding that halves/doubles the size exactly")

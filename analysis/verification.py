@@ -1,0 +1,344 @@
+"""Proving the formulas against the running network: forward hooks, fvcore and PyTorch's counter.
+
+Weights and outputs must equal what the network has and produces; conv and linear connections
+must equal fvcore's count (one per multiply-add) and half of PyTorch's FlopCounterMode count
+(two FLOPs per multiply-add). For other layers the tools follow other conventions: both
+numbers are shown, and a difference there is not a mismatch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import warnings
+import zipfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sympy as sp
+import torch
+import torch.fx
+from torch import nn
+
+from analysis.accounting import Analysis, H, W, analyse
+from analysis.conventions import DEFAULT, Convention
+from analysis.rules import BATCH
+
+MUST_MATCH_FVCORE = ("conv", "linear")
+FVCORE_CONVENTION = {
+    "norm": "fvcore counts inference batch_norm as 2 per value with affine parameters; ours 1",
+    "upsample": "fvcore counts upsampling per output, 1 nearest and 4 bilinear, as ours",
+    "adaptive_pool": "fvcore counts adaptive_avg_pool2d as 1 per input value",
+    "pool": "fvcore does not count max_pool2d",
+    "activation": "fvcore does not count activations",
+    "elementwise": "fvcore does not count element-wise add/mul",
+    "routing": "no arithmetic",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used for the named network."""
+
+
+@dataclass
+class LayerCheck:
+    """One layer at one resolution: the formula's values, the measured ones, and a verdict."""
+
+    layer: str
+    type: str
+    kind: str
+    resolution: str
+    shape_formula: list[int]
+    shape_measured: list[int]
+    weights_formula: int
+    weights_measured: int | None
+    outputs_formula: int
+    outputs_measured: int
+    connections_formula: int
+    fvcore: int | None
+    torch_flops: int | None
+    problems: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """Return 'ok', 'ok (convention differs)' or 'MISMATCH: ...'."""
+        if self.problems:
+            return "MISMATCH: " + "; ".join(self.problems)
+        return "ok (convention differs)" if self.note else "ok"
+
+
+@dataclass
+class Verification:
+    """All checks of one network over the requested resolutions."""
+
+    model: str
+    device: str
+    resolutions: list[str]
+    convention: dict
+    checks: list[LayerCheck]
+    checkpoint: str | None = None
+
+    @property
+    def mismatches(self) -> list[LayerCheck]:
+        """Return the checks with at least one must-match difference."""
+        return [c for c in self.checks if c.problems]
+
+    def summary(self) -> str:
+        """Return the one-line summary."""
+        layers = len({c.layer for c in self.checks})
+        return (f"verified {layers} layers of {self.model} at {len(self.resolutions)} "
+                f"resolution(s) ({', '.join(self.resolutions)}) on {self.device}: "
+                f"{len(self.mismatches)} mismatch(es)")
+
+    def to_dict(self) -> dict:
+        """Return JSON-ready data."""
+        return {
+            "model": self.model, "device": self.device, "resolutions": self.resolutions,
+            "checkpoint": self.checkpoint, "convention": self.convention,
+            "torch_flops_note": "PyTorch's FlopCounterMode counts 2 FLOPs per multiply-add",
+            "checks": [{**asdict(c), "verdict": c.verdict} for c in self.checks],
+            "mismatches": len(self.mismatches), "summary": self.summary(),
+        }
+
+
+def load_checkpoint(network: nn.Module, path: str | Path) -> None:
+    """Load a state_dict file into `network` (weights_only), or raise a one-line CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or not a torch file ({type(error).__name__}); "
+            "save it with torch.save(model.state_dict(), PATH)") from None
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(
+            state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(
+            f"checkpoint {path} is not a state_dict (got {type(state).__name__}); save "
+            "model.state_dict()")
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+        raise CheckpointError(f"checkpoint {path} does not fit the network: {'; '.join(parts)}")
+    for key, value in expected.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the network: shape mismatch at {key}: "
+                f"checkpoint {tuple(state[key].shape)}, network {tuple(value.shape)} "
+                "(built with other hyperparameters? use --set)")
+    network.load_state_dict(state)
+
+
+def _record_functional_shapes(graph_module: torch.fx.GraphModule, x: torch.Tensor) -> dict:
+    shapes: dict[str, Any] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if node.op in ("call_function", "call_method"):
+                shapes[node.name] = result
+            return result
+
+    Recorder(graph_module).run(x)
+    return {k: _shape_of(v) for k, v in shapes.items()}
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return [tuple(value.shape)]
+    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+        return [tuple(v.shape) for v in value]
+    return None
+
+
+def measure(analysis: Analysis, height: int, width: int, device: torch.device):
+    """Return (per-node measured output shapes, fvcore by module, torch FLOPs by module)."""
+    from fvcore.nn import FlopCountAnalysis
+    from torch.utils.flop_counter import FlopCounterMode
+
+    network = analysis.network
+    channels = int(analysis.input_channels.subs(analysis.substitutions()))
+    x = torch.zeros(1, channels, height, width, device=device)
+    calls: dict[str, list] = defaultdict(list)
+    names = {module: name for name, module in network.named_modules()}
+    handles = [
+        module.register_forward_hook(
+            lambda m, i, o: calls[names[m]].append(_shape_of(o)))
+        for module in network.modules()
+    ]
+    try:
+        with torch.no_grad():
+            network(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    measured: dict[str, Any] = {}
+    seen: dict[str, int] = defaultdict(int)
+    for node in analysis.graph_module.graph.nodes:
+        if node.op == "call_module":
+            measured[node.name] = calls[node.target][seen[node.target]]
+            seen[node.target] += 1
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore's jit tracing warns about deprecations
+        measured.update(_record_functional_shapes(analysis.graph_module, x))
+        counter = FlopCountAnalysis(network, x)
+        counter.unsupported_ops_warnings(False)
+        counter.uncalled_modules_warnings(False)
+        fvcore = dict(counter.by_module())
+        with FlopCounterMode(display=False) as flop_counter:
+            network(x)
+    root = type(network).__name__
+    torch_counts = {}
+    for key, per_op in flop_counter.get_flop_counts().items():
+        name = key[len(root) + 1:] if key.startswith(root + ".") else ("" if key == root else None)
+        if name is not None:
+            torch_counts[name] = int(sum(per_op.values()))
+    return measured, fvcore, torch_counts
+
+
+def verify(
+    model: str | Analysis,
+    resolutions: Sequence[tuple[int, int]] = ((32, 32), (64, 64)),
+    settings: Mapping[str, int] | None = None,
+    convention: Convention = DEFAULT,
+    checkpoint: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> Verification:
+    """Return every layer's formula values checked against hooks, fvcore and FlopCounterMode."""
+    from analysis.formatting import resolution_label
+    from models.device import device_description, resolve_device
+
+    analysis = model if isinstance(model, Analysis) else analyse(model, settings, convention)
+    device = resolve_device(device) if isinstance(device, str) else device
+    if checkpoint is not None:
+        load_checkpoint(analysis.network, checkpoint)
+    analysis.network.to(device).eval()
+    warnings.filterwarnings("ignore", message="Using padding='same'")
+    values = analysis.evaluate(resolutions)
+    substitution = analysis.substitutions()
+    checks = []
+    for j, (height, width) in enumerate(resolutions):
+        label = resolution_label(height, width)
+        measured, fvcore, torch_counts = measure(analysis, height, width, device)
+        at = {H: height, W: width, BATCH: 1, **substitution}
+        owners = set()
+        for index, layer in enumerate(analysis.layers):
+            shapes = measured.get(layer.node)
+            shape_measured = list(shapes[0][1:]) if shapes else []
+            outputs_measured = sum(int(torch.Size(s[1:]).numel()) for s in shapes or [])
+            module_name = layer.name.split(":")[0] if layer.node in _module_nodes(analysis) else None
+            weights_measured = 0
+            if module_name is not None and module_name not in owners:
+                owners.add(module_name)
+                module = analysis.network.get_submodule(module_name)
+                weights_measured = sum(p.numel() for p in module.parameters())
+            raw_weights = int(sp.sympify(layer.cost.weights).subs(at))
+            raw_connections = int(sp.sympify(layer.cost.connections).subs(at))
+            shape_formula = [int(sp.sympify(d).subs(at)) for d in layer.output_shape]
+            check = LayerCheck(
+                layer=layer.name, type=layer.type, kind=layer.kind, resolution=label,
+                shape_formula=shape_formula, shape_measured=shape_measured,
+                weights_formula=int(values["weights"][index, j]),
+                weights_measured=weights_measured,
+                outputs_formula=int(values["outputs"][index, j]),
+                outputs_measured=outputs_measured,
+                connections_formula=int(values["connections"][index, j]),
+                fvcore=int(fvcore[module_name]) if module_name in fvcore else None,
+                torch_flops=torch_counts.get(module_name) if module_name else None,
+            )
+            if shapes is not None and len(shapes) == 1 and shape_formula != shape_measured:
+                check.problems.append(f"shape {shape_formula} != measured {shape_measured}")
+            if int(values["outputs"][index, j]) != outputs_measured:
+                check.problems.append(
+                    f"outputs {check.outputs_formula} != measured {outputs_measured}")
+            if raw_weights != weights_measured and layer.known:
+                check.problems.append(f"weights {raw_weights} != parameters {weights_measured}")
+            if _fvcore_blind(analysis, module_name, check.fvcore):
+                check.note = ("fvcore does not see convolutions with padding='same' "
+                              "(aten::_convolution_mode); PyTorch's counter is the witness")
+                if 2 * raw_connections != check.torch_flops:
+                    check.problems.append(
+                        f"2 x connections {2 * raw_connections} != torch {check.torch_flops}")
+            elif layer.kind in MUST_MATCH_FVCORE and check.fvcore is not None:
+                if raw_connections != check.fvcore:
+                    check.problems.append(f"connections {raw_connections} != fvcore {check.fvcore}")
+                if check.torch_flops is not None and 2 * raw_connections != check.torch_flops:
+                    check.problems.append(
+                        f"2 x connections {2 * raw_connections} != torch {check.torch_flops}")
+            elif layer.kind not in MUST_MATCH_FVCORE:
+                fv = check.fvcore or 0
+                if fv != check.connections_formula:
+                    check.note = FVCORE_CONVENTION.get(layer.kind, "conventions differ")
+            checks.append(check)
+    return Verification(
+        model=analysis.model, device=device_description(device),
+        resolutions=[resolution_label(*r) for r in resolutions],
+        convention=analysis.convention.as_dict(), checks=checks,
+        checkpoint=str(checkpoint) if checkpoint else None,
+    )
+
+
+def _fvcore_blind(analysis: Analysis, module_name: str | None, count: int | None) -> bool:
+    if module_name is None or count != 0:
+        return False
+    module = analysis.network.get_submodule(module_name)
+    return isinstance(module, nn.Conv2d) and isinstance(module.padding, str)
+
+
+def _module_nodes(analysis: Analysis) -> set[str]:
+    if not hasattr(analysis, "_module_nodes"):
+        analysis._module_nodes = {n.name for n in analysis.graph_module.graph.nodes
+                                  if n.op == "call_module"}
+    return analysis._module_nodes
+
+
+def render_verification(result: Verification, fmt: str) -> str:
+    """Return the verification as 'text', 'json' or 'csv'."""
+    if fmt == "json":
+        return json.dumps(result.to_dict(), indent=2) + "\n"
+    import pandas as pd
+
+    rows = [{
+        "layer": c.layer, "type": c.type, "res": c.resolution,
+        "shape": "x".join(map(str, c.shape_formula)),
+        "weights": c.weights_formula, "params (hook)": c.weights_measured,
+        "outputs": c.outputs_formula, "outputs (hook)": c.outputs_measured,
+        "connections": c.connections_formula,
+        "fvcore": "" if c.fvcore is None else c.fvcore,
+        "torch (2/MAC)": "" if c.torch_flops is None else c.torch_flops,
+        "verdict": c.verdict + (f" [{c.note}]" if c.note and fmt == "csv" else ""),
+    } for c in result.checks]
+    frame = pd.DataFrame(rows)
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    from tabulate import tabulate
+
+    notes = sorted({f"{c.kind}: {c.note}" for c in result.checks if c.note})
+    header = [
+        f"model: {result.model}  device: {result.device}"
+        + (f"  checkpoint: {result.checkpoint}" if result.checkpoint else ""),
+        "weights and outputs must equal the running network (parameter counts, forward hooks);",
+        "conv/linear connections must equal fvcore (1 per multiply-add) and half of PyTorch's",
+        "FlopCounterMode (2 FLOPs per multiply-add); elsewhere the conventions differ:",
+        *[f"  {n}" for n in notes],
+    ]
+    body = tabulate(frame, headers="keys", tablefmt="simple", showindex=False, intfmt=",")
+    buffer = io.StringIO()
+    buffer.write("\n".join(header) + "\n\n" + body + "\n\n" + result.summary() + "\n")
+    return buffer.getvalue()
+
