@@ -120,9 +120,10 @@ def read_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a file it cannot read
+        # torch's own message is many lines about the weights_only default; the type is enough
         raise ValueError(
             f"cannot read weights file {path} with torch.load(weights_only=True) "
-            f"({type(error).__name__}: {_first_line(error)}); "
+            f"({type(error).__name__}): not a torch.save file, or it holds more than tensors; "
             "save one with torch.save(model.state_dict(), PATH)"
         ) from None
     if not isinstance(state, Mapping) or not state:
