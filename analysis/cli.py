@@ -117,6 +117,58 @@ def run_verify(args: argparse.Namespace) -> int:
     return 1 if result.mismatches else 0
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    """`convtally compare`: totals per model and resolution, ratios, accuracy when runs exist."""
+    from analysis.accounting import parse_settings
+    from analysis.compare import compare, render_comparison
+    from analysis.figures import connections_vs_resolution
+
+    resolutions = resolutions_from(args, ("32", "64", "128", "256"))
+    frame = compare(args.model, resolutions, parse_settings(args.set), convention_from(args))
+    emit(render_comparison(frame, args.format), args.output)
+    if args.figure is not None:
+        from analysis.accounting import analyse
+
+        analyses = [analyse(m, parse_settings(args.set) if ":" not in m else None,
+                            convention_from(args)) for m in args.model]
+        sides = sorted({h for h, w in resolutions if h == w})
+        for path in connections_vs_resolution(analyses, sides, args.figure):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def run_check_table(args: argparse.Namespace) -> int:
+    """`convtally check-table`: every wrong cell of a hand table, diagnosed; 1 if any."""
+    from analysis.handcheck import check_table, read_hand_table, render_check
+
+    analysis = analyse_from(args, args.model)
+    tables: dict = {}
+    resolutions = resolutions_from(args, ("32",))
+    files = list(args.files)
+    if len(files) > 1:
+        if len(files) != len(resolutions):
+            raise UsageError(f"{len(files)} table files but {len(resolutions)} --res values; "
+                             "give one resolution per file, in the same order")
+        from analysis.formatting import resolution_label
+
+        for path, resolution in zip(files, resolutions, strict=True):
+            tables[resolution_label(*resolution)] = read_hand_table(path).get(None) or []
+    else:
+        tables = read_hand_table(files[0])
+    result = check_table(analysis, tables, resolutions)
+    emit(render_check(result, args.format), args.output)
+    return 1 if result.wrong else 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """`convtally report`: regenerate reports/."""
+    from analysis.report import build_report
+
+    lines = build_report(args.out, segmentation=not args.skip_segmentation)
+    print("\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -138,6 +190,33 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     add_output_arguments(verify, ("text", "json", "csv"))
     verify.set_defaults(handler=run_verify)
+
+    compare = commands.add_parser("compare", help="compare architectures over resolutions")
+    add_model_arguments(compare, many=True)
+    add_output_arguments(compare, ("text", "csv", "markdown", "latex", "json"))
+    compare.add_argument("--figure", type=Path, default=None, metavar="STEM",
+                         help="also plot total connections vs resolution to STEM.png/.pdf")
+    compare.set_defaults(handler=run_compare)
+
+    check = commands.add_parser("check-table", help="check a hand-derived cost table (CSV)")
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE.csv",
+                       help="one CSV per resolution (with --res in the same order), or one "
+                       "CSV with a resolution column")
+    check.add_argument("--model", required=True)
+    check.add_argument("--res", nargs="+", default=None, metavar="RES")
+    check.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE")
+    check.add_argument("--bias-connections", action="store_true")
+    check.add_argument("--no-batchnorm-weights", action="store_true")
+    check.add_argument("--no-elementwise-connections", action="store_true")
+    check.set_defaults(exact=False, allow_unknown=False)
+    add_output_arguments(check, ("text", "markdown", "json"))
+    check.set_defaults(handler=run_check_table)
+
+    report = commands.add_parser("report", help="regenerate reports/ (the main job)")
+    report.add_argument("--out", type=Path, default=Path("reports"))
+    report.add_argument("--skip-segmentation", action="store_true",
+                        help="leave DeepLabV3 out (its analysis takes a few seconds)")
+    report.set_defaults(handler=run_report)
 
     padding = commands.add_parser(
         "padding", help="Conv2d/ConvTranspose2d padding that halves/doubles the size exactly")

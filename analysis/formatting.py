@@ -34,7 +34,9 @@ def order_in_hw(formula: sp.Expr) -> str:
     degree_w = sp.Poly(formula, W).degree()
     if degree_h == degree_w:
         return "O(H·W)" if degree_h == 1 else f"O((H·W)^{degree_h})"
-    return f"O(H^{degree_h}·W^{degree_w})"
+    parts = [f"{name}^{degree}" if degree > 1 else name
+             for name, degree in (("H", degree_h), ("W", degree_w)) if degree]
+    return f"O({'·'.join(parts)})"
 
 
 def growth_factors(totals: Sequence[int], resolutions: Sequence[tuple[int, int]]) -> list[str]:

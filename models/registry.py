@@ -81,7 +81,21 @@ REGISTRY: dict[str, ModelSpec] = {
         "unet", UNet, COLOURIZATION_HYPERPARAMETERS, "NIC",
         "UNet (write-up Part C): PoolUpsampleNet with two concatenation skips",
     ),
+    "deeplabv3_flowers": ModelSpec(
+        "deeplabv3_flowers",
+        lambda: _deeplabv3_flowers(),
+        (),
+        3,
+        "DeepLabV3-ResNet101 fine-tuned for 2-class flower segmentation (write-up Part D): "
+        "everything frozen but the new classifier.4 = Conv2d(256, 2, 1)",
+    ),
 }
+
+
+def _deeplabv3_flowers() -> nn.Module:
+    from models.segmentation import build_finetune_model
+
+    return build_finetune_model("resnet101", weights="none", num_classes=2)
 
 
 def resolve(model: str) -> ModelSpec:

@@ -1,0 +1,143 @@
+"""Comparing architectures: total cost per model and resolution, next to measured accuracy."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.accounting import QUANTITIES, Analysis, analyse
+from analysis.conventions import DEFAULT, Convention
+from analysis.formatting import resolution_label
+
+# The seed write-up's own numbers (Parts A.2, B.2, C.2): CSC2516 PA2, full CIFAR-10 horses,
+# 25 epochs, batch 100, kernel 3, 32 filters, on the course's machine.
+WRITE_UP_RESULTS = {
+    "poolupsample": {"train_loss": 1.5852, "val_loss": 1.5785, "val_accuracy": 0.416,
+                     "seconds": 34.18},
+    "convtranspose": {"train_loss": 1.2070, "val_loss": 1.1603, "val_accuracy": 0.547,
+                      "seconds": 105.78},
+    "unet": {"train_loss": 1.3075, "val_loss": 1.3323, "val_accuracy": 0.482, "seconds": 34.52},
+}
+DEFAULT_RUN_DIRS = (Path("reports/training"), Path("runs"))
+
+
+def find_runs(model: str, run_dirs: Sequence[Path] = DEFAULT_RUN_DIRS) -> list[dict]:
+    """Return the metrics.json contents of finished colourization runs of `model`."""
+    runs = []
+    for directory in run_dirs:
+        if not Path(directory).is_dir():
+            continue
+        for path in sorted(Path(directory).glob("**/metrics.json")):
+            try:
+                metrics = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue
+            if metrics.get("model") == model and metrics.get("final"):
+                metrics["_path"] = str(path.parent)
+                runs.append(metrics)
+    return runs
+
+
+def compare(
+    models: Sequence[str | Analysis],
+    resolutions: Sequence[tuple[int, int]],
+    settings: Mapping[str, int] | None = None,
+    convention: Convention = DEFAULT,
+    run_dirs: Sequence[Path] = DEFAULT_RUN_DIRS,
+    include_reference: bool = True,
+) -> pd.DataFrame:
+    """Return one row per model and resolution (totals, ratios to the first model, accuracy)."""
+    analyses = [m if isinstance(m, Analysis) else analyse(m, _settings_for(m, settings), convention)
+                for m in models]
+    rows = []
+    first_totals = analyses[0].totals_at(resolutions)
+    for analysis in analyses:
+        totals = analysis.totals_at(resolutions)
+        runs = find_runs(analysis.model, run_dirs)
+        for j, resolution in enumerate(resolutions):
+            row = {"model": analysis.model, "resolution": resolution_label(*resolution),
+                   "source": "formula"}
+            for quantity in QUANTITIES:
+                row[quantity] = totals[quantity][j]
+            for quantity in QUANTITIES:
+                base = first_totals[quantity][j]
+                row[f"{quantity} ratio"] = round(totals[quantity][j] / base, 3) if base else None
+            run = _run_at(runs, resolution)
+            if run is not None:
+                final = run["final"]
+                row.update({
+                    "val loss": round(final["val_loss"], 4),
+                    "val accuracy %": round(100 * final["val_accuracy"], 1),
+                    "train seconds": round(final.get("total_seconds", float("nan")), 1),
+                    "device": run.get("device", ""),
+                    "data": _data_text(run),
+                    "trained as": _trained_as(run),
+                    "source": f"formula + run {run['_path']}",
+                })
+            rows.append(row)
+        reference = WRITE_UP_RESULTS.get(analysis.model)
+        if include_reference and reference:
+            rows.append({
+                "model": analysis.model, "resolution": "32",
+                "source": "write-up (reference, not run here)",
+                "val loss": reference["val_loss"],
+                "val accuracy %": round(100 * reference["val_accuracy"], 1),
+                "train seconds": reference["seconds"], "device": "course machine",
+                "data": "full CIFAR-10 horses (5000 train)",
+            })
+    return pd.DataFrame(rows)
+
+
+def _settings_for(model: str, settings: Mapping[str, int] | None) -> Mapping[str, int] | None:
+    from models.registry import resolve
+
+    spec = resolve(model)
+    return settings if spec.hyperparameters else None
+
+
+def _run_at(runs: list[dict], resolution: tuple[int, int]) -> dict | None:
+    # Colourization runs are trained on 32x32 CIFAR images; the newest finished run counts.
+    if resolution != (32, 32) or not runs:
+        return None
+    return sorted(runs, key=lambda r: r.get("finished_at", ""))[-1]
+
+
+def _data_text(run: dict) -> str:
+    data = run.get("data", {})
+    return (f"{data.get('train_images', '?')} train / {data.get('val_images', '?')} val images "
+            f"from {data.get('source', '?')}")
+
+
+def _trained_as(run: dict) -> str:
+    settings = run.get("settings", {})
+    keys = (("kernel", "K"), ("num_in_channels", "NIC"), ("filters", "NF"),
+            ("num_colours", "NC"), ("epochs", "epochs"), ("batch_size", "batch"))
+    return " ".join(f"{symbol}={settings[key]}" for key, symbol in keys if key in settings)
+
+
+def render_comparison(frame: pd.DataFrame, fmt: str) -> str:
+    """Return the comparison as text, csv, markdown, latex or json."""
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "json":
+        return frame.to_json(orient="records", indent=2) + "\n"
+    shown = frame.copy()
+    for quantity in QUANTITIES:
+        shown[quantity] = shown[quantity].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
+    shown = shown.fillna("")
+    if fmt == "markdown":
+        return shown.to_markdown(index=False) + "\n"
+    if fmt == "latex":
+        from analysis.formatting import _escape_latex
+
+        escaped = shown.map(lambda v: _escape_latex(str(v)))
+        escaped.columns = [_escape_latex(c) for c in escaped.columns]
+        return escaped.style.hide(axis="index").to_latex(
+            hrules=True, caption="Architecture comparison: totals per resolution",
+            position="htbp")
+    from tabulate import tabulate
+
+    return tabulate(shown, headers="keys", tablefmt="simple", showindex=False) + "\n"

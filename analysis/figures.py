@@ -1,0 +1,83 @@
+"""Figures for reports: cost against resolution, per-layer connections, accuracy against cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.accounting import Analysis  # noqa: E402
+from analysis.formatting import resolution_label  # noqa: E402
+from analysis.io import atomic_save_figure  # noqa: E402
+
+
+def save(figure, stem: Path) -> list[Path]:
+    """Save `figure` as stem.png and stem.pdf (atomically); return both paths."""
+    paths = [atomic_save_figure(figure, stem.with_suffix(suffix), bbox_inches="tight", dpi=150)
+             for suffix in (".png", ".pdf")]
+    plt.close(figure)
+    return paths
+
+
+def connections_vs_resolution(analyses: Sequence[Analysis], sizes: Sequence[int],
+                              stem: Path) -> list[Path]:
+    """Plot total connections against the side length (log-log), one line per model."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for analysis in analyses:
+        totals = analysis.totals_at([(s, s) for s in sizes])["connections"]
+        axis.plot(sizes, totals, marker="o", label=analysis.model)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xticks(list(sizes), [str(s) for s in sizes])
+    axis.set_xlabel("input side H = W (pixels)")
+    axis.set_ylabel("total connections (multiply-adds + element-wise)")
+    axis.set_title("Connections grow as H·W")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    return save(figure, stem)
+
+
+def per_layer_connections(analysis: Analysis, resolution: tuple[int, int],
+                          stem: Path) -> list[Path]:
+    """Bar chart of each layer's connections at one resolution."""
+    values = analysis.evaluate([resolution])["connections"][:, 0]
+    names = [layer.name for layer in analysis.layers]
+    figure, axis = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+    colours = ["tab:blue" if layer.kind == "conv" else "tab:gray" for layer in analysis.layers]
+    axis.bar(range(len(names)), [int(v) for v in values], color=colours)
+    axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    axis.set_ylabel("connections")
+    axis.set_title(f"{analysis.model}: connections per layer at {resolution_label(*resolution)}"
+                   " (blue: convolutions)")
+    axis.grid(True, axis="y", alpha=0.3)
+    return save(figure, stem)
+
+
+def accuracy_vs_connections(frame: pd.DataFrame, stem: Path) -> list[Path] | None:
+    """Scatter of validation accuracy against total connections at 32x32, when runs exist."""
+    measured = frame[frame["source"].str.startswith("formula + run")]
+    if measured.empty:
+        return None
+    connections = frame[frame["source"] == "formula"].set_index(["model", "resolution"])
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.scatter(measured["connections"], measured["val accuracy %"], label="measured here")
+    for _, row in measured.iterrows():
+        axis.annotate(row["model"], (row["connections"], row["val accuracy %"]),
+                      textcoords="offset points", xytext=(4, 4), fontsize=8)
+    reference = frame[frame["source"].str.startswith("write-up")]
+    if not reference.empty:
+        xs = [connections.loc[(m, "32"), "connections"] if (m, "32") in connections.index
+              else None for m in reference["model"]]
+        axis.scatter(xs, reference["val accuracy %"], marker="x", label="write-up (full data)")
+    axis.set_xscale("log")
+    axis.set_xlabel("total connections at 32x32")
+    axis.set_ylabel("validation per-pixel accuracy (%)")
+    axis.set_title("Accuracy against cost")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    return save(figure, stem)

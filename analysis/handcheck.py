@@ -1,0 +1,362 @@
+"""Checking a hand-derived cost table against the exact values, with a diagnosis per wrong cell.
+
+A hand table is a CSV with columns layer, type, weights, outputs, connections (blank = 0),
+optionally weights_formula, outputs_formula, connections_formula (plain or LaTeX-ish text such as
+`$NF \\cdot H / 2$`) and resolution. Rows are aligned with the network's layers by type; a row
+labelled Total is checked against the totals.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import sympy as sp
+
+from analysis.accounting import QUANTITIES, Analysis, H, W
+from analysis.conventions import Convention, make_convention
+from analysis.formatting import order_in_hw, resolution_label
+
+REQUIRED = ("layer", "type", "weights", "outputs", "connections")
+
+
+@dataclass
+class HandRow:
+    """One row of a hand-derived table."""
+
+    line: int
+    label: str
+    type: str
+    values: dict[str, int | None]
+    formulas: dict[str, str]
+
+
+@dataclass
+class CellCheck:
+    """One checked cell: hand value against the exact one, with a diagnosis when they differ."""
+
+    row: str
+    layer: str
+    quantity: str
+    resolution: str
+    hand: int | None
+    exact: int
+    formula: str = ""
+    diagnoses: list[str] = field(default_factory=list)
+    formula_problem: str = ""
+
+    @property
+    def wrong(self) -> bool:
+        """Return True when the value or the formula is wrong."""
+        return self.hand != self.exact or bool(self.formula_problem)
+
+
+@dataclass
+class TableCheck:
+    """The result of checking one or more hand tables of one network."""
+
+    model: str
+    resolutions: list[str]
+    cells: list[CellCheck]
+    unmatched_rows: list[str]
+    convention: dict
+
+    @property
+    def wrong(self) -> list[CellCheck]:
+        """Return the wrong cells."""
+        return [c for c in self.cells if c.wrong]
+
+    def summary(self) -> str:
+        """Return the one-line summary."""
+        return (f"checked {len(self.cells)} cells of {self.model} at "
+                f"{', '.join(self.resolutions)}: {len(self.wrong)} wrong, "
+                f"{len(self.cells) - len(self.wrong)} right")
+
+    def to_dict(self) -> dict:
+        """Return JSON-ready data."""
+        return {"model": self.model, "resolutions": self.resolutions,
+                "convention": self.convention, "summary": self.summary(),
+                "unmatched_rows": self.unmatched_rows,
+                "cells": [{**asdict(c), "wrong": c.wrong} for c in self.cells]}
+
+
+def read_hand_table(path: str | Path) -> dict[str | None, list[HandRow]]:
+    """Return resolution label (None when the file has no resolution column) -> rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"hand table {path} does not exist")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        missing = [c for c in REQUIRED if c not in columns]
+        if missing:
+            raise ValueError(f"hand table {path} lacks column(s) {', '.join(missing)}; "
+                             f"expected {', '.join(REQUIRED)} (+ *_formula, resolution)")
+        tables: dict[str | None, list[HandRow]] = {}
+        for line, raw in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
+            if not row["type"] and row["layer"].lower() not in ("total",):
+                continue  # e.g. the write-up's 'Image' row
+            values = {}
+            for quantity in QUANTITIES:
+                text = row[quantity].replace(",", "").replace("=", "").strip()
+                try:
+                    values[quantity] = int(text) if text else None
+                except ValueError:
+                    raise ValueError(f"hand table {path} line {line}: {quantity} {text!r} is "
+                                     "not an integer") from None
+            formulas = {q: row.get(f"{q}_formula", "") for q in QUANTITIES}
+            resolution = row.get("resolution") or None
+            tables.setdefault(resolution, []).append(
+                HandRow(line, row["layer"], row["type"], values, formulas))
+    if not tables:
+        raise ValueError(f"hand table {path} has no rows")
+    return tables
+
+
+def parse_formula(text: str, symbols: Mapping[str, sp.Symbol]) -> sp.Expr | None:
+    """Return a hand formula as sympy ('$NF \\cdot H / 2$' and 'NF * H / 2' alike), or None."""
+    cleaned = text.replace("$", "").replace(r"\cdot", "*").replace("×", "*").replace("·", "*")
+    cleaned = re.sub(r"\\left|\\right", "", cleaned).strip()
+    if not cleaned:
+        return None
+    try:
+        return sp.sympify(cleaned, locals=dict(symbols))
+    except (sp.SympifyError, SyntaxError, TypeError):
+        return None
+
+
+def _align(rows: Sequence[HandRow], analysis: Analysis) -> list[tuple[HandRow, int | None]]:
+    layer_types = [layer.type.lower() for layer in analysis.layers]
+    row_types = [row.type.lower() for row in rows]
+    matcher = difflib.SequenceMatcher(a=row_types, b=layer_types, autojunk=False)
+    pairs: dict[int, int] = {}
+    for block in matcher.get_matching_blocks():
+        for offset in range(block.size):
+            pairs[block.a + offset] = block.b + offset
+    return [(row, pairs.get(i)) for i, row in enumerate(rows)]
+
+
+def check_table(
+    analysis: Analysis,
+    tables: Mapping[str | None, Sequence[HandRow]],
+    resolutions: Sequence[tuple[int, int]],
+) -> TableCheck:
+    """Return every cell of the hand tables checked against `analysis`, with diagnoses."""
+    labels = [resolution_label(*r) for r in resolutions]
+    by_label = dict(zip(labels, resolutions, strict=True))
+    if None in tables:
+        if len(resolutions) != 1:
+            raise ValueError("the hand table has no resolution column: give exactly one --res")
+        tables = {labels[0]: tables[None]}
+    unknown = [label for label in tables if label not in by_label]
+    if unknown:
+        raise ValueError(f"the hand table has resolution(s) {', '.join(unknown)}; "
+                         f"pass them with --res (got {', '.join(labels) or 'none'})")
+    symbols = {s.name: s for s in (H, W)}
+    symbols.update({name: sp.Symbol(name, integer=True, positive=True)
+                    for name in analysis.hyperparameters})
+    values = analysis.evaluate([by_label[label] for label in tables])
+    alternatives = _alternative_values(analysis, [by_label[label] for label in tables])
+    cells, unmatched = [], []
+    hand_by_layer: dict[tuple[int, str], dict[str, int | None]] = {}
+    for j, (label, rows) in enumerate(tables.items()):
+        height, width = by_label[label]
+        at = {H: height, W: width, **analysis.substitutions()}
+        data_rows = [r for r in rows if r.label.lower() != "total"]
+        for row, index in _align(data_rows, analysis):
+            if index is None:
+                unmatched.append(f"line {row.line}: {row.label} {row.type}".strip())
+                continue
+            layer = analysis.layers[index]
+            for quantity in QUANTITIES:
+                exact = int(values[quantity][index, j])
+                hand = row.values[quantity] if row.values[quantity] is not None else 0
+                hand_by_layer.setdefault((index, quantity), {})[label] = hand
+                cell = CellCheck(
+                    row=f"{row.label} {row.type}".strip(), layer=layer.name, quantity=quantity,
+                    resolution=label, hand=hand, exact=exact, formula=row.formulas[quantity])
+                formula = parse_formula(row.formulas[quantity], symbols)
+                exact_formula = layer.formula(quantity)
+                if formula is not None:
+                    own = formula.subs(at)
+                    if own != hand:
+                        cell.diagnoses.append(
+                            f"the value does not follow from its own formula ({own})")
+                    difference = sp.simplify((formula - exact_formula).subs(
+                        analysis.substitutions()))
+                    if difference != 0 and hand == exact:
+                        other = _distinguishing_point(formula, exact_formula, analysis, at)
+                        cell.formula_problem = (
+                            f"formula {sp.sstr(formula)} gives the right value here but is not "
+                            f"{exact_formula}{other}")
+                    if difference != 0 and order_in_hw(formula) != order_in_hw(exact_formula):
+                        cell.diagnoses.append(
+                            f"the formula grows as {order_in_hw(formula)} in the input size; "
+                            f"the layer's {quantity} grow as {order_in_hw(exact_formula)}")
+                if hand != exact:
+                    cell.diagnoses.extend(_diagnose(layer, quantity, hand, exact, at,
+                                                    alternatives, index, j))
+                cells.append(cell)
+        totals = [r for r in rows if r.label.lower() == "total"]
+        for row in totals:
+            for quantity in QUANTITIES:
+                if row.values[quantity] is None:
+                    continue
+                exact = int(values[quantity][:, j].sum())
+                cell = CellCheck(row="Total", layer="(total)", quantity=quantity,
+                                 resolution=label, hand=row.values[quantity], exact=exact)
+                if cell.hand != exact:
+                    cell.diagnoses.append(_explain_total(cells, quantity, label, exact,
+                                                         cell.hand))
+                cells.append(cell)
+    _diagnose_growth(cells, hand_by_layer, analysis, tables, values)
+    return TableCheck(model=analysis.model, resolutions=list(tables), cells=cells,
+                      unmatched_rows=unmatched, convention=analysis.convention.as_dict())
+
+
+def _distinguishing_point(formula, exact_formula, analysis, at) -> str:
+    for height, width in ((at[H], 2 * at[W]), (2 * at[H], at[W])):
+        point = {**at, H: height, W: width}
+        mine, theirs = formula.subs(point), exact_formula.subs(point)
+        if mine != theirs:
+            return f" (at {height}x{width} it gives {mine}, not {theirs})"
+    return ""
+
+
+def _alternative_values(analysis: Analysis, resolutions) -> dict[str, dict]:
+    """Evaluate the same network under each single-switch convention change."""
+    from analysis.accounting import analyse
+
+    base = analysis.convention
+    switches = {
+        "--bias-connections": make_convention(True, base.batchnorm_in_weights,
+                                              base.elementwise_in_connections),
+        "--no-batchnorm-weights": make_convention(base.bias_in_connections, False,
+                                                  base.elementwise_in_connections),
+        "--no-elementwise-connections": make_convention(base.bias_in_connections,
+                                                        base.batchnorm_in_weights, False),
+    }
+    results = {}
+    for flag, convention in switches.items():
+        if convention == base or not isinstance(convention, Convention):
+            continue
+        other = _reconvene(analysis, convention)
+        results[flag] = other.evaluate(resolutions)
+    del analyse
+    return results
+
+
+def _reconvene(analysis: Analysis, convention: Convention) -> Analysis:
+    from copy import copy
+
+    other = copy(analysis)
+    other.convention = convention
+    other.layers = []
+    for layer in analysis.layers:
+        clone = copy(layer)
+        clone.weights = _simplified_like(layer.weights, convention.weights(layer.cost))
+        clone.connections = _simplified_like(layer.connections,
+                                             convention.connections(layer.cost))
+        other.layers.append(clone)
+    if hasattr(other, "_compiled"):
+        del other._compiled
+    return other
+
+
+def _simplified_like(current: sp.Expr, raw: sp.Expr) -> sp.Expr:
+    # Convention terms are in PyTorch's floor form; the analysis' divisibility is assumed, so
+    # replacing floors by their arguments is exact where the formulas are evaluated.
+    raw = sp.sympify(raw).replace(sp.floor, lambda x: x).replace(sp.ceiling, lambda x: x)
+    return sp.expand(raw)
+
+
+def _diagnose(layer, quantity, hand, exact, at, alternatives, index, j) -> list[str]:
+    notes = []
+    cost = layer.cost
+    channels = layer.output_shape[0].subs(at) if layer.output_shape else None
+    if quantity == "weights" and layer.kind in ("conv", "linear") and channels is not None:
+        if exact - hand == channels and cost.bias_connections != 0:
+            notes.append(f"omits the layer's {channels} biases (one per output channel)")
+        elif hand - exact == channels:
+            notes.append(f"adds {channels} biases the layer does not have")
+    for flag, values in alternatives.items():
+        if int(values[quantity][index, j]) == hand:
+            meaning = {
+                "--bias-connections": "counts one bias connection per output",
+                "--no-batchnorm-weights": "leaves BatchNorm's parameters out of the weights",
+                "--no-elementwise-connections": "counts no connections for this element-wise "
+                                                "layer",
+            }[flag]
+            notes.append(f"{meaning} (matches the {flag} convention)")
+    if not notes and exact and hand % exact == 0 and hand // exact > 1:
+        notes.append(f"{hand // exact} times the exact value")
+    return notes
+
+
+def _explain_total(cells, quantity, label, exact, hand) -> str:
+    row_cells = [c for c in cells if c.quantity == quantity and c.resolution == label
+                 and c.hand != c.exact]
+    row_sum = sum(c.hand - c.exact for c in row_cells)
+    if row_sum == hand - exact and row_cells:
+        parts = ", ".join(f"{c.row} ({c.hand - c.exact:+d})" for c in row_cells)
+        return f"off by {hand - exact:+d}, exactly the wrong rows: {parts}"
+    own_sum = sum(c.hand for c in cells if c.quantity == quantity and c.resolution == label
+                  and c.layer != "(total)")
+    if own_sum == hand:
+        return f"off by {hand - exact:+d}: the sum of the table's own rows"
+    return f"off by {hand - exact:+d}; the table's rows add up to {own_sum}"
+
+
+def _diagnose_growth(cells, hand_by_layer, analysis, tables, values) -> None:
+    labels = list(tables)
+    if len(labels) < 2:
+        return
+    for (index, quantity), by_label in hand_by_layer.items():
+        for first, second in zip(labels, labels[1:]):
+            if first not in by_label or second not in by_label:
+                continue
+            a, b = by_label[first], by_label[second]
+            j1, j2 = labels.index(first), labels.index(second)
+            e1, e2 = int(values[quantity][index, j1]), int(values[quantity][index, j2])
+            if not (a and e1) or b * e1 == e2 * a:
+                continue
+            note = (f"grows x{b / a:g} from {first} to {second}; the exact value grows "
+                    f"x{e2 / e1:g}: wrong power of the resolution")
+            for cell in cells:
+                if (cell.layer == analysis.layers[index].name and cell.quantity == quantity
+                        and cell.resolution == second and note not in cell.diagnoses):
+                    cell.diagnoses.append(note)
+
+
+def render_check(result: TableCheck, fmt: str) -> str:
+    """Return the check as 'text', 'markdown' or 'json'."""
+    import json
+
+    if fmt == "json":
+        return json.dumps(result.to_dict(), indent=2) + "\n"
+    wrong = result.wrong
+    lines = []
+    if fmt == "markdown":
+        lines.append(f"**{result.summary()}**\n")
+        lines.append("| row | layer | quantity | res | hand | exact | diagnosis |")
+        lines.append("|---|---|---|---|---:|---:|---|")
+        for c in wrong:
+            why = "; ".join(([c.formula_problem] if c.formula_problem else []) + c.diagnoses)
+            lines.append(f"| {c.row} | {c.layer} | {c.quantity} | {c.resolution} | {c.hand} | "
+                         f"{c.exact} | {why or 'no single cause found'} |")
+        if result.unmatched_rows:
+            lines.append(f"\nRows not matched to a layer: {', '.join(result.unmatched_rows)}")
+        return "\n".join(lines) + "\n"
+    for c in wrong:
+        why = "; ".join(([c.formula_problem] if c.formula_problem else []) + c.diagnoses)
+        lines.append(f"WRONG {c.row:<14} {c.layer:<10} {c.quantity:<11} @{c.resolution:<6} "
+                     f"hand {c.hand:>10,}  exact {c.exact:>10,}  {why or 'no single cause found'}")
+    for row in result.unmatched_rows:
+        lines.append(f"UNMATCHED {row}")
+    lines.append(result.summary())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,207 @@
+"""`convtally report`: regenerate every generated part of reports/ from scratch.
+
+Everything is built in a staging folder first; only when every step succeeded are the
+generated folders swapped in, so a failed run leaves the previous reports as they were.
+Training results (reports/training) and benchmarks (reports/benchmarks) are written by their
+own commands; the report indexes them and puts their accuracy next to the costs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+from analysis.accounting import analyse
+from analysis.compare import compare, find_runs, render_comparison
+from analysis.figures import accuracy_vs_connections, connections_vs_resolution, \
+    per_layer_connections
+from analysis.formatting import render
+from analysis.handcheck import check_table, read_hand_table, render_check
+from analysis.io import atomic_write_text
+from analysis.verification import render_verification, verify
+
+SEED_MODELS = ("poolupsample", "convtranspose", "unet")
+GENERATED = ("costs", "comparison", "check", "figures", "verification")
+REPOSITORY = Path(__file__).resolve().parents[1]
+HAND_TABLES = (REPOSITORY / "tests/data/writeup_table_32.csv",
+               REPOSITORY / "tests/data/writeup_table_64.csv")
+
+
+def build_report(out: Path = Path("reports"), segmentation: bool = True) -> list[str]:
+    """Regenerate the generated folders of `out` and its README; return the index lines."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    index: list[str] = []
+    steps = [
+        ("cost tables", lambda: _costs(staging, index)),
+        ("DeepLabV3 fine-tune costs", lambda: _segmentation_costs(staging, index)
+         if segmentation else None),
+        ("comparison", lambda: _comparison(staging, index, out)),
+        ("hand-table check", lambda: _hand_check(staging, index)),
+        ("verification", lambda: _verification(staging, index)),
+    ]
+    try:
+        for name, step in tqdm(steps, desc="convtally report", unit="step"):
+            tqdm.write(f"  {name}")
+            step()
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    lines = _readme(out, index, today, machine)
+    atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
+    return lines
+
+
+def _costs(staging: Path, index: list[str]) -> None:
+    resolutions = [(32, 32), (64, 64)]
+    analyses = []
+    for model in SEED_MODELS:
+        analysis = analyse(model)
+        analyses.append(analysis)
+        for fmt, suffix in (("csv", "csv"), ("markdown", "md"), ("latex", "tex"),
+                            ("json", "json"), ("text", "txt")):
+            atomic_write_text(staging / "costs" / f"{model}.{suffix}",
+                              render(analysis, resolutions, fmt))
+        per_layer_connections(analysis, (32, 32),
+                              staging / "figures" / f"per_layer_connections_{model}")
+        index.append(f"- `costs/{model}.{{csv,md,tex,json,txt}}`: per-layer weights, outputs and "
+                     f"connections with formulas at 32x32 and 64x64 "
+                     f"(`convtally table {model} --res 32 64 --format FMT`); "
+                     f"`figures/per_layer_connections_{model}.{{png,pdf}}`")
+    connections_vs_resolution(analyses, [32, 64, 128, 256],
+                              staging / "figures" / "connections_vs_resolution")
+    index.append("- `figures/connections_vs_resolution.{png,pdf}`: total connections of the "
+                 "three networks, 32 to 256 pixels, log-log")
+
+
+def _segmentation_costs(staging: Path, index: list[str]) -> None:
+    analysis = analyse("deeplabv3_flowers")
+    learned = sum(p.numel() for p in analysis.network.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in analysis.network.parameters())
+    resolutions = [(224, 224), (520, 520)]
+    note = (f"learned weights (classifier.4, the 2-class head): {learned:,} of {total:,} "
+            f"({100 * learned / total:.4f} %); everything else is frozen\n\n")
+    atomic_write_text(staging / "costs" / "deeplabv3_flowers.md",
+                      note + render(analysis, resolutions, "markdown"))
+    for fmt, suffix in (("csv", "csv"), ("json", "json"), ("latex", "tex")):
+        atomic_write_text(staging / "costs" / f"deeplabv3_flowers.{suffix}",
+                          render(analysis, resolutions, fmt))
+    index.append(f"- `costs/deeplabv3_flowers.{{csv,md,tex,json}}`: the write-up's DeepLabV3-"
+                 f"ResNet101 fine-tune at 224x224 and 520x520 ({len(analysis.layers)} layers; "
+                 f"{total:,} weights of which {learned:,} learned) "
+                 "(`convtally table deeplabv3_flowers --res 224 520`)")
+
+
+def _comparison(staging: Path, index: list[str], out: Path) -> None:
+    run_dirs = (out / "training", Path("runs"))
+    frame = compare(SEED_MODELS, [(s, s) for s in (32, 64, 128, 256)], run_dirs=run_dirs)
+    for fmt, suffix in (("csv", "csv"), ("markdown", "md"), ("latex", "tex")):
+        atomic_write_text(staging / "comparison" / f"seed_networks.{suffix}",
+                          render_comparison(frame, fmt))
+    runs = {m: find_runs(m, run_dirs) for m in SEED_MODELS}
+    figure = accuracy_vs_connections(frame, staging / "figures" / "accuracy_vs_connections")
+    line = ("- `comparison/seed_networks.{csv,md,tex}`: totals at 32-256 with ratios to "
+            "PoolUpsampleNet (`convtally compare poolupsample convtranspose unet --res 32 64 128 "
+            "256`), the write-up's accuracy as reference rows")
+    if any(runs.values()):
+        line += ", and the accuracy measured in `training/`"
+        if figure:
+            index.append(line)
+            index.append("- `figures/accuracy_vs_connections.{png,pdf}`: validation accuracy "
+                         "against total connections at 32x32")
+            return
+    else:
+        line += "; no training runs yet: accuracy needs `convtally train colour --model NAME`"
+    index.append(line)
+
+
+def _hand_check(staging: Path, index: list[str]) -> None:
+    analysis = analyse("poolupsample")
+    tables = {"32": read_hand_table(HAND_TABLES[0])[None],
+              "64": read_hand_table(HAND_TABLES[1])[None]}
+    result = check_table(analysis, tables, [(32, 32), (64, 64)])
+    for fmt, suffix in (("markdown", "md"), ("text", "txt"), ("json", "json")):
+        atomic_write_text(staging / "check" / f"writeup_table.{suffix}",
+                          render_check(result, fmt))
+    index.append(f"- `check/writeup_table.{{md,txt,json}}`: the write-up's hand-derived "
+                 f"PoolUpsampleNet tables checked cell by cell: {result.summary()} "
+                 "(`convtally check-table tests/data/writeup_table_32.csv "
+                 "tests/data/writeup_table_64.csv --model poolupsample --res 32 64`)")
+
+
+def _verification(staging: Path, index: list[str]) -> None:
+    summaries = []
+    for model in SEED_MODELS:
+        result = verify(model, [(32, 32), (64, 64)], device="cpu")
+        atomic_write_text(staging / "verification" / f"{model}.txt",
+                          render_verification(result, "text"))
+        summaries.append(result.summary())
+        if result.mismatches:
+            raise RuntimeError(f"verification failed: {result.summary()}")
+    index.append("- `verification/{poolupsample,convtranspose,unet}.txt`: every formula against "
+                 "forward hooks, fvcore and FlopCounterMode on the CPU at 32 and 64 "
+                 f"(`convtally verify MODEL --res 32 64 --device cpu`): "
+                 + "; ".join(s.split(" on ")[0].replace("verified ", "") + ": "
+                             + s.rsplit(": ", 1)[1] for s in summaries))
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    trash = Path(tempfile.mkdtemp(prefix=".old-", dir=out))
+    try:
+        for name in GENERATED:
+            if (out / name).exists():
+                os.replace(out / name, trash / name)
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _readme(out: Path, index: list[str], today: str, machine: str) -> list[str]:
+    lines = [
+        "# convtally reports",
+        "",
+        f"Generated by `convtally report` on {today} on a {machine}, with the default "
+        "convention (biases not in connections; BatchNorm parameters in weights; element-wise "
+        "layers 1 connection per output). Cost tables need no data; the seed networks use the "
+        "write-up's setting K=3, NIC=3, NF=32, NC=24.",
+        "",
+        "## Generated by `convtally report`",
+        "",
+        *index,
+        "",
+        "## Written by other commands (indexed here, not regenerated)",
+        "",
+    ]
+    extra = []
+    training = out / "training"
+    for metrics in sorted(training.glob("*/metrics.json")) if training.is_dir() else []:
+        import json
+
+        data = json.loads(metrics.read_text(encoding="utf-8"))
+        final = data.get("final", {})
+        extra.append(
+            f"- `training/{metrics.parent.name}/`: `convtally train colour --model "
+            f"{data.get('model')}` ({data.get('settings', {}).get('epochs')} epochs) on "
+            f"{data.get('data', {}).get('train_images')} training images "
+            f"({data.get('data', {}).get('description', '')}), {data.get('device')}, finished "
+            f"{data.get('finished_at', '?')}: val loss {final.get('val_loss', float('nan')):.4f},"
+            f" val accuracy {100 * final.get('val_accuracy', float('nan')):.1f} %")
+    benchmarks = out / "benchmarks"
+    for path in sorted(benchmarks.glob("*.md")) if benchmarks.is_dir() else []:
+        first = next((ln for ln in path.read_text(encoding="utf-8").splitlines()
+                      if ln.strip()), path.stem).lstrip("# ")
+        extra.append(f"- `benchmarks/{path.name}`: {first}")
+    if not extra:
+        extra.append("- none yet: accuracy needs `convtally train colour --model NAME`, "
+                     "benchmarks `python benchmarks/*.py`")
+    return lines + extra
