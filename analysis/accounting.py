@@ -85,6 +85,9 @@ class Analysis:
 
     def check_resolution(self, height: int, width: int) -> None:
         """Raise ResolutionError naming the first layer whose formulas do not hold at H x W."""
+        self.evaluate([(height, width)])
+
+    def _check_divisibility(self, height: int, width: int) -> None:
         for symbol, value, axis in (("H", height, 0), ("W", width, 1)):
             if value < 1:
                 raise ResolutionError(f"{symbol} must be a positive integer, got {symbol}={value}")
@@ -99,36 +102,40 @@ class Analysis:
                 f"({layer.type}), got {symbol}={value}; the network needs {symbol} divisible "
                 f"by {need}: try {options} (or --exact to keep floor() in the formulas)"
             )
-        substitution = {H: height, W: width, BATCH: 1, **self.substitutions()}
-        for layer in self.layers:
-            sizes = [sp.sympify(d).subs(substitution) for d in layer.output_shape]
-            if any(s < 1 for s in sizes):
-                raise ResolutionError(
-                    f"input {height}x{width} is too small: {layer.name} ({layer.type}) would "
-                    f"output shape {tuple(int(s) for s in sizes)}; try a larger resolution"
-                )
 
     def evaluate(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
         """Return quantity -> int array (layers x resolutions) at the given (H, W) pairs."""
         for height, width in resolutions:
-            self.check_resolution(height, width)
-        heights = np.array([r[0] for r in resolutions], dtype=object)
-        widths = np.array([r[1] for r in resolutions], dtype=object)
-        evaluator = self._evaluator()
-        return evaluator(heights, widths)
+            self._check_divisibility(height, width)
+        heights = np.array([int(r[0]) for r in resolutions], dtype=object)
+        widths = np.array([int(r[1]) for r in resolutions], dtype=object)
+        count = len(self.layers)
+        values = self._compiled_formulas()(heights, widths)
+        sizes = values[len(QUANTITIES) * count:]
+        if sizes.size and (sizes < 1).any():
+            row, column = np.argwhere(sizes < 1)[0]
+            layer = self.layers[self._size_owner[row]]
+            height, width = resolutions[column]
+            shape = [int(sp.sympify(d).subs({H: height, W: width, **self.substitutions()}))
+                     for d in layer.output_shape]
+            raise ResolutionError(
+                f"input {height}x{width} is too small: {layer.name} ({layer.type}) would "
+                f"output shape {tuple(shape)}; try a larger resolution")
+        return {q: values[i * count:(i + 1) * count] for i, q in enumerate(QUANTITIES)}
 
-    def _evaluator(self):
-        if not hasattr(self, "_compiled"):
-            formulas = [layer.formula(q).subs(self.substitutions())
+    def _compiled_formulas(self) -> IntegerEvaluator:
+        if getattr(self, "_compiled", None) is None:
+            substitution = self.substitutions()
+            formulas = [layer.formula(q).subs(substitution)
                         for q in QUANTITIES for layer in self.layers]
+            self._size_owner = []
+            for index, layer in enumerate(self.layers):
+                for dimension in layer.output_shape:
+                    if sp.sympify(dimension).has(H, W):
+                        formulas.append(sp.sympify(dimension).subs(substitution))
+                        self._size_owner.append(index)
             self._compiled = IntegerEvaluator(formulas)
-        compiled, count = self._compiled, len(self.layers)
-
-        def evaluate(heights, widths):
-            values = compiled(heights, widths)
-            return {q: values[i * count:(i + 1) * count] for i, q in enumerate(QUANTITIES)}
-
-        return evaluate
+        return self._compiled
 
     def totals_at(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, list[int]]:
         """Return quantity -> list of totals, one per resolution."""

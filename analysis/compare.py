@@ -75,6 +75,7 @@ def compare(
                     "device": run.get("device", ""),
                     "data": _data_text(run),
                     "trained as": _trained_as(run),
+                    "trained-net connections": _trained_connections(analysis.model, run),
                     "source": f"formula + run {run['_path']}",
                 })
             rows.append(row)
@@ -87,6 +88,10 @@ def compare(
                 "val accuracy %": round(100 * reference["val_accuracy"], 1),
                 "train seconds": reference["seconds"], "device": "course machine",
                 "data": "full CIFAR-10 horses (5000 train)",
+                "trained as": "K=3 NIC=1 NF=32 NC=24 epochs=25 batch=100",
+                "trained-net connections": _trained_connections(
+                    analysis.model, {"settings": {"kernel": 3, "num_in_channels": 1,
+                                                  "filters": 32, "num_colours": 24}}),
             })
     return pd.DataFrame(rows)
 
@@ -109,6 +114,17 @@ def _data_text(run: dict) -> str:
     data = run.get("data", {})
     return (f"{data.get('train_images', '?')} train / {data.get('val_images', '?')} val images "
             f"from {data.get('source', '?')}")
+
+
+def _trained_connections(model: str, run: dict) -> int | None:
+    """Total connections at 32x32 of the network as it was trained (grayscale input: NIC=1)."""
+    settings = run.get("settings", {})
+    keys = {"kernel": "K", "num_in_channels": "NIC", "filters": "NF", "num_colours": "NC"}
+    values = {symbol: settings[key] for key, symbol in keys.items() if key in settings}
+    try:
+        return analyse(model, values).totals_at([(32, 32)])["connections"][0]
+    except ValueError:
+        return None
 
 
 def _trained_as(run: dict) -> str:

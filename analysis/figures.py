@@ -59,23 +59,21 @@ def per_layer_connections(analysis: Analysis, resolution: tuple[int, int],
 
 
 def accuracy_vs_connections(frame: pd.DataFrame, stem: Path) -> list[Path] | None:
-    """Scatter of validation accuracy against total connections at 32x32, when runs exist."""
+    """Scatter of validation accuracy against the trained network's connections, when runs exist."""
     measured = frame[frame["source"].str.startswith("formula + run")]
     if measured.empty:
         return None
-    connections = frame[frame["source"] == "formula"].set_index(["model", "resolution"])
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.scatter(measured["connections"], measured["val accuracy %"], label="measured here")
-    for _, row in measured.iterrows():
-        axis.annotate(row["model"], (row["connections"], row["val accuracy %"]),
-                      textcoords="offset points", xytext=(4, 4), fontsize=8)
     reference = frame[frame["source"].str.startswith("write-up")]
-    if not reference.empty:
-        xs = [connections.loc[(m, "32"), "connections"] if (m, "32") in connections.index
-              else None for m in reference["model"]]
-        axis.scatter(xs, reference["val accuracy %"], marker="x", label="write-up (full data)")
-    axis.set_xscale("log")
-    axis.set_xlabel("total connections at 32x32")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for rows, marker, label in ((measured, "o", "measured here (CIFAR-10 subset)"),
+                                (reference, "x", "write-up (full CIFAR-10 horses)")):
+        if rows.empty:
+            continue
+        xs = rows["trained-net connections"] / 1e6
+        axis.scatter(xs, rows["val accuracy %"], marker=marker, label=label)
+        for x, y, model in zip(xs, rows["val accuracy %"], rows["model"], strict=True):
+            axis.annotate(model, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set_xlabel("total connections at 32x32, network as trained (millions)")
     axis.set_ylabel("validation per-pixel accuracy (%)")
     axis.set_title("Accuracy against cost")
     axis.grid(True, alpha=0.3)

@@ -263,8 +263,7 @@ def _reconvene(analysis: Analysis, convention: Convention) -> Analysis:
         clone.connections = _simplified_like(layer.connections,
                                              convention.connections(layer.cost))
         other.layers.append(clone)
-    if hasattr(other, "_compiled"):
-        del other._compiled
+    other._compiled = None
     return other
 
 
