@@ -80,8 +80,9 @@ class Analysis:
 
     def substitutions(self) -> dict[sp.Symbol, int]:
         """Return symbol -> value for the hyperparameters at this analysis' setting."""
-        return {sp.Symbol(s, integer=True, positive=True): v
-                for s, v in self.hyperparameters.items()}
+        return {
+            sp.Symbol(s, integer=True, positive=True): v for s, v in self.hyperparameters.items()
+        }
 
     def check_resolution(self, height: int, width: int) -> None:
         """Raise ResolutionError naming the first layer whose formulas do not hold at H x W."""
@@ -111,23 +112,27 @@ class Analysis:
         widths = np.array([int(r[1]) for r in resolutions], dtype=object)
         count = len(self.layers)
         values = self._compiled_formulas()(heights, widths)
-        sizes = values[len(QUANTITIES) * count:]
+        sizes = values[len(QUANTITIES) * count :]
         if sizes.size and (sizes < 1).any():
             row, column = np.argwhere(sizes < 1)[0]
             layer = self.layers[self._size_owner[row]]
             height, width = resolutions[column]
-            shape = [int(sp.sympify(d).subs({H: height, W: width, **self.substitutions()}))
-                     for d in layer.output_shape]
+            shape = [
+                int(sp.sympify(d).subs({H: height, W: width, **self.substitutions()}))
+                for d in layer.output_shape
+            ]
             raise ResolutionError(
                 f"input {height}x{width} is too small: {layer.name} ({layer.type}) would "
-                f"output shape {tuple(shape)}; try a larger resolution")
-        return {q: values[i * count:(i + 1) * count] for i, q in enumerate(QUANTITIES)}
+                f"output shape {tuple(shape)}; try a larger resolution"
+            )
+        return {q: values[i * count : (i + 1) * count] for i, q in enumerate(QUANTITIES)}
 
     def _compiled_formulas(self) -> IntegerEvaluator:
         if getattr(self, "_compiled", None) is None:
             substitution = self.substitutions()
-            formulas = [layer.formula(q).subs(substitution)
-                        for q in QUANTITIES for layer in self.layers]
+            formulas = [
+                layer.formula(q).subs(substitution) for q in QUANTITIES for layer in self.layers
+            ]
             self._size_owner = []
             for index, layer in enumerate(self.layers):
                 for dimension in layer.output_shape:
@@ -143,17 +148,23 @@ class Analysis:
         return {q: [int(v) for v in values[q].sum(axis=0)] for q in QUANTITIES}
 
     def to_dict(self, resolutions: Sequence[tuple[int, int]], labels: Sequence[str]) -> dict:
-        """Return the JSON contract: model, hyperparameters, convention, assumptions, layers, totals."""
+        """Return the JSON contract: model, hyperparameters, convention, assumptions, layers,
+        totals (formula and values per resolution label)."""
         values = self.evaluate(resolutions)
         layers = []
         for index, layer in enumerate(self.layers):
-            row = {"name": layer.name, "type": layer.type, "kind": layer.kind,
-                   "output_shape": [str(d) for d in layer.output_shape]}
+            row = {
+                "name": layer.name,
+                "type": layer.type,
+                "kind": layer.kind,
+                "output_shape": [str(d) for d in layer.output_shape],
+            }
             for quantity in QUANTITIES:
                 row[quantity] = {
                     "formula": str(layer.formula(quantity)),
-                    "values": {label: int(values[quantity][index, j])
-                               for j, label in enumerate(labels)},
+                    "values": {
+                        label: int(values[quantity][index, j]) for j, label in enumerate(labels)
+                    },
                 }
             layers.append(row)
         totals = {}
@@ -165,8 +176,9 @@ class Analysis:
             }
         return {
             "model": self.model,
-            "hyperparameters": {s: {"name": self.symbols[s], "value": v}
-                                for s, v in self.hyperparameters.items()},
+            "hyperparameters": {
+                s: {"name": self.symbols[s], "value": v} for s, v in self.hyperparameters.items()
+            },
             "convention": self.convention.as_dict(),
             "assumptions": list(self.assumptions),
             "layers": layers,
@@ -278,7 +290,8 @@ def _concrete_shapes(graph_module: torch.fx.GraphModule, input_shape: tuple[int,
         def run_node(self, node):
             result = super().run_node(node)
             shapes[node.name] = _map(
-                result, lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else v)
+                result, lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else v
+            )
             return result
 
     with torch.no_grad():
@@ -289,7 +302,9 @@ def _concrete_shapes(graph_module: torch.fx.GraphModule, input_shape: tuple[int,
 def _unknown_output(node, graph_module, input_tensor: SymTensor, channels: int) -> SymTensor:
     # The layer has no rule: read its output shape from two real runs and accept it only when
     # it is the input shape (or does not change with the resolution).
-    runs = [_concrete_shapes(graph_module, (1, channels, size, size))[node.name] for size in (64, 96)]
+    runs = [
+        _concrete_shapes(graph_module, (1, channels, size, size))[node.name] for size in (64, 96)
+    ]
     inputs = [(1, channels, 64, 64), (1, channels, 96, 96)]
     first = node.args[0].name if node.args and isinstance(node.args[0], torch.fx.Node) else None
     if first is not None:
@@ -329,25 +344,46 @@ def analyse(
         input_channels = sp.Integer(_guess_input_channels(network))
         name = type(network).__name__
     graph_module = trace(network)
-    layers = _interpret(graph_module, attributes, input_channels, convention, allow_unknown,
-                        int(input_channels.subs({sp.Symbol(s, integer=True, positive=True): v
-                                                 for s, v in values.items()})))
+    layers = _interpret(
+        graph_module,
+        attributes,
+        input_channels,
+        convention,
+        allow_unknown,
+        int(
+            input_channels.subs(
+                {sp.Symbol(s, integer=True, positive=True): v for s, v in values.items()}
+            )
+        ),
+    )
     called = {node.target for node in graph_module.graph.nodes if node.op == "call_module"}
     used = {id(p) for target in called for p in graph_module.get_submodule(target).parameters()}
     unused_weights = sum(p.numel() for p in network.parameters() if id(p) not in used)
     divisor, assumptions = _apply_divisibility(layers, exact)
     if unused_weights:
-        assumptions.append(f"{unused_weights} parameters belong to modules forward never calls; "
-                           "they are not in the totals")
+        assumptions.append(
+            f"{unused_weights} parameters belong to modules forward never calls; "
+            "they are not in the totals"
+        )
     if any(not layer.known for layer in layers):
         unknown = ", ".join(layer.name for layer in layers if not layer.known)
-        assumptions.append(f"no rule for {unknown}: counted from the running network, "
-                           "connections unknown (0 in totals)")
+        assumptions.append(
+            f"no rule for {unknown}: counted from the running network, "
+            "connections unknown (0 in totals)"
+        )
     return Analysis(
-        model=name, hyperparameters=dict(values), symbols=names, input_channels=input_channels,
-        convention=convention, layers=layers, divisor=divisor, exact=exact,
-        assumptions=assumptions, unused_weights=unused_weights,
-        network=network, graph_module=graph_module,
+        model=name,
+        hyperparameters=dict(values),
+        symbols=names,
+        input_channels=input_channels,
+        convention=convention,
+        layers=layers,
+        divisor=divisor,
+        exact=exact,
+        assumptions=assumptions,
+        unused_weights=unused_weights,
+        network=network,
+        graph_module=graph_module,
     )
 
 
@@ -358,8 +394,9 @@ def _guess_input_channels(network: nn.Module) -> int:
     return 3
 
 
-def _interpret(graph_module, attributes, input_channels, convention, allow_unknown,
-               concrete_channels) -> list[Layer]:
+def _interpret(
+    graph_module, attributes, input_channels, convention, allow_unknown, concrete_channels
+) -> list[Layer]:
     env: dict[str, Any] = {}
     layers: list[Layer] = []
     seen: Counter = Counter()
@@ -372,8 +409,10 @@ def _interpret(graph_module, attributes, input_channels, convention, allow_unkno
                 if node.args:  # an optional argument with a default value
                     env[node.name] = node.args[0]
                     continue
-                raise ValueError(f"forward takes a second input ({node.target}); only "
-                                 "single-image-input networks can be analysed")
+                raise ValueError(
+                    f"forward takes a second input ({node.target}); only "
+                    "single-image-input networks can be analysed"
+                )
             env[node.name] = SymTensor((BATCH, input_channels, H, W))
             continue
         if node.op == "output":
@@ -381,7 +420,8 @@ def _interpret(graph_module, attributes, input_channels, convention, allow_unkno
         if node.op == "get_attr":
             raise UnsupportedLayer(
                 f"{node.target} (a parameter used directly in forward) has no rule; "
-                "wrap it in a module with a rule")
+                "wrap it in a module with a rule"
+            )
         args = _map(node.args, lambda n: env[n.name] if isinstance(n, torch.fx.Node) else n)
         kwargs = _map(node.kwargs, lambda n: env[n.name] if isinstance(n, torch.fx.Node) else n)
         label, function_name = _node_label(node, seen)
@@ -393,10 +433,14 @@ def _interpret(graph_module, attributes, input_channels, convention, allow_unkno
                 if not allow_unknown:
                     raise UnsupportedLayer(
                         f"no rule for {node.target} ({type_name}); add one in analysis/rules.py "
-                        "or pass --allow-unknown to count it from the running network")
+                        "or pass --allow-unknown to count it from the running network"
+                    )
                 output = _unknown_output(node, graph_module, args[0], concrete_channels)
-                cost = LayerCost("unknown", output, weights=sp.Integer(
-                    sum(p.numel() for p in module.parameters())))
+                cost = LayerCost(
+                    "unknown",
+                    output,
+                    weights=sp.Integer(sum(p.numel() for p in module.parameters())),
+                )
                 known = False
             else:
                 try:
@@ -405,20 +449,25 @@ def _interpret(graph_module, attributes, input_channels, convention, allow_unkno
                     raise UnsupportedLayer(f"{node.target} ({type_name}): {error}") from None
                 known = True
             if id(module) in counted_modules:  # a module called twice owns its weights once
-                cost = LayerCost(cost.kind, cost.output, sp.Integer(0), cost.connections,
-                                 cost.bias_connections)
+                cost = LayerCost(
+                    cost.kind, cost.output, sp.Integer(0), cost.connections, cost.bias_connections
+                )
             counted_modules.add(id(module))
         else:
             key = node.target
             rule = rules.FUNCTION_RULES.get(key)
             type_name = function_name
             result = rule(*args, **kwargs) if rule is not None else None
-            if rule is None or (isinstance(result, PlainValue) and result.value is None
-                                and rule is rules.binary_elementwise):
+            if rule is None or (
+                isinstance(result, PlainValue)
+                and result.value is None
+                and rule is rules.binary_elementwise
+            ):
                 if _contains_tensor((args, kwargs)) and rule is None:
                     raise UnsupportedLayer(
                         f"no rule for {label} ({type_name}) in {node.op}; add one in "
-                        "analysis/rules.py FUNCTION_RULES")
+                        "analysis/rules.py FUNCTION_RULES"
+                    )
                 env[node.name] = _python_call(node, args, kwargs)
                 continue
             if isinstance(result, PlainValue):
@@ -427,13 +476,20 @@ def _interpret(graph_module, attributes, input_channels, convention, allow_unkno
             cost, known = result, True
         env[node.name] = cost.output
         shape = cost.output.shape[1:] if isinstance(cost.output, SymTensor) else ()
-        layers.append(Layer(
-            name=label, type=type_name, kind=cost.kind, node=node.name,
-            output_shape=tuple(sp.sympify(d) for d in shape),
-            weights=convention.weights(cost), outputs=cost.outputs,
-            connections=convention.connections(cost) if known else sp.Integer(0),
-            cost=cost, known=known,
-        ))
+        layers.append(
+            Layer(
+                name=label,
+                type=type_name,
+                kind=cost.kind,
+                node=node.name,
+                output_shape=tuple(sp.sympify(d) for d in shape),
+                weights=convention.weights(cost),
+                outputs=cost.outputs,
+                connections=convention.connections(cost) if known else sp.Integer(0),
+                cost=cost,
+                known=known,
+            )
+        )
     return layers
 
 

@@ -15,31 +15,61 @@ class UsageError(Exception):
 
 def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
     """Add MODEL, --res, --set, the convention switches, --exact and --allow-unknown."""
-    parser.add_argument("model", nargs="+" if many else None, metavar="MODEL",
-                        help="registry name (poolupsample, convtranspose, unet), "
-                        "torchvision:NAME, or package.module:callable")
-    parser.add_argument("--res", nargs="+", default=None, metavar="RES",
-                        help="resolutions: N for NxN or HxW (default: 32 64)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
-                        help="hyperparameters, e.g. NF=64 K=5")
-    parser.add_argument("--bias-connections", action="store_true",
-                        help="count one connection per output for each bias")
-    parser.add_argument("--no-batchnorm-weights", action="store_true",
-                        help="leave BatchNorm's affine parameters out of the weights")
-    parser.add_argument("--no-elementwise-connections", action="store_true",
-                        help="count no connections for BatchNorm, activations and add/mul")
-    parser.add_argument("--exact", action="store_true",
-                        help="keep PyTorch's floor() in the formulas instead of assuming "
-                        "the divisibility that removes it")
-    parser.add_argument("--allow-unknown", action="store_true",
-                        help="count layers without a rule from the running network")
+    parser.add_argument(
+        "model",
+        nargs="+" if many else None,
+        metavar="MODEL",
+        help="registry name (poolupsample, convtranspose, unet), "
+        "torchvision:NAME, or package.module:callable",
+    )
+    parser.add_argument(
+        "--res",
+        nargs="+",
+        default=None,
+        metavar="RES",
+        help="resolutions: N for NxN or HxW (default: 32 64)",
+    )
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="NAME=VALUE", help="hyperparameters, e.g. NF=64 K=5"
+    )
+    parser.add_argument(
+        "--bias-connections",
+        action="store_true",
+        help="count one connection per output for each bias",
+    )
+    parser.add_argument(
+        "--no-batchnorm-weights",
+        action="store_true",
+        help="leave BatchNorm's affine parameters out of the weights",
+    )
+    parser.add_argument(
+        "--no-elementwise-connections",
+        action="store_true",
+        help="count no connections for BatchNorm, activations and add/mul",
+    )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="keep PyTorch's floor() in the formulas instead of assuming "
+        "the divisibility that removes it",
+    )
+    parser.add_argument(
+        "--allow-unknown",
+        action="store_true",
+        help="count layers without a rule from the running network",
+    )
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
     """Add --format and -o/--output."""
     parser.add_argument("--format", choices=formats, default=formats[0])
-    parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="write to FILE (atomically) instead of standard output")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="write to FILE (atomically) instead of standard output",
+    )
 
 
 def emit(text: str, output: Path | None) -> None:
@@ -73,8 +103,13 @@ def analyse_from(args: argparse.Namespace, model: str):
     """Return the Analysis for `model` with the arguments' settings and convention."""
     from analysis.accounting import analyse, parse_settings
 
-    return analyse(model, parse_settings(args.set), convention_from(args), exact=args.exact,
-                   allow_unknown=args.allow_unknown)
+    return analyse(
+        model,
+        parse_settings(args.set),
+        convention_from(args),
+        exact=args.exact,
+        allow_unknown=args.allow_unknown,
+    )
 
 
 def run_table(args: argparse.Namespace) -> int:
@@ -91,13 +126,19 @@ def run_padding(args: argparse.Namespace) -> int:
     from analysis.shapes import halving_and_doubling_padding
 
     if args.kernel < 1 or args.stride < 1:
-        raise UsageError(f"--kernel and --stride must be positive, got {args.kernel}, {args.stride}")
+        raise UsageError(
+            f"--kernel and --stride must be positive, got {args.kernel}, {args.stride}"
+        )
     padding, output_padding = halving_and_doubling_padding(args.kernel, args.stride)
     print(f"kernel {args.kernel}, stride {args.stride}:")
-    print(f"  nn.Conv2d(..., kernel_size={args.kernel}, stride={args.stride}, "
-          f"padding={padding})  maps H -> H/{args.stride}")
-    print(f"  nn.ConvTranspose2d(..., kernel_size={args.kernel}, stride={args.stride}, "
-          f"padding={padding}, output_padding={output_padding})  maps H -> {args.stride}*H")
+    print(
+        f"  nn.Conv2d(..., kernel_size={args.kernel}, stride={args.stride}, "
+        f"padding={padding})  maps H -> H/{args.stride}"
+    )
+    print(
+        f"  nn.ConvTranspose2d(..., kernel_size={args.kernel}, stride={args.stride}, "
+        f"padding={padding}, output_padding={output_padding})  maps H -> {args.stride}*H"
+    )
     return 0
 
 
@@ -107,8 +148,9 @@ def run_verify(args: argparse.Namespace) -> int:
 
     analysis = analyse_from(args, args.model)
     try:
-        result = verify(analysis, resolutions_from(args), checkpoint=args.checkpoint,
-                        device=args.device)
+        result = verify(
+            analysis, resolutions_from(args), checkpoint=args.checkpoint, device=args.device
+        )
     except CheckpointError as error:
         raise UsageError(str(error)) from None
     emit(render_verification(result, args.format), args.output)
@@ -129,8 +171,10 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.figure is not None:
         from analysis.accounting import analyse
 
-        analyses = [analyse(m, parse_settings(args.set) if ":" not in m else None,
-                            convention_from(args)) for m in args.model]
+        analyses = [
+            analyse(m, parse_settings(args.set) if ":" not in m else None, convention_from(args))
+            for m in args.model
+        ]
         sides = sorted({h for h, w in resolutions if h == w})
         for path in connections_vs_resolution(analyses, sides, args.figure):
             print(f"wrote {path}", file=sys.stderr)
@@ -147,8 +191,10 @@ def run_check_table(args: argparse.Namespace) -> int:
     files = list(args.files)
     if len(files) > 1:
         if len(files) != len(resolutions):
-            raise UsageError(f"{len(files)} table files but {len(resolutions)} --res values; "
-                             "give one resolution per file, in the same order")
+            raise UsageError(
+                f"{len(files)} table files but {len(resolutions)} --res values; "
+                "give one resolution per file, in the same order"
+            )
         from analysis.formatting import resolution_label
 
         for path, resolution in zip(files, resolutions, strict=True):
@@ -183,10 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     table.set_defaults(handler=run_table)
 
     verify = commands.add_parser(
-        "verify", help="prove the formulas against hooks, fvcore and PyTorch's FLOP counter")
+        "verify", help="prove the formulas against hooks, fvcore and PyTorch's FLOP counter"
+    )
     add_model_arguments(verify)
-    verify.add_argument("--checkpoint", type=Path, default=None,
-                        help="a state_dict file (e.g. a training run's checkpoint.pt)")
+    verify.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a state_dict file (e.g. a training run's checkpoint.pt)",
+    )
     verify.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     add_output_arguments(verify, ("text", "json", "csv"))
     verify.set_defaults(handler=run_verify)
@@ -194,14 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="compare architectures over resolutions")
     add_model_arguments(compare, many=True)
     add_output_arguments(compare, ("text", "csv", "markdown", "latex", "json"))
-    compare.add_argument("--figure", type=Path, default=None, metavar="STEM",
-                         help="also plot total connections vs resolution to STEM.png/.pdf")
+    compare.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        metavar="STEM",
+        help="also plot total connections vs resolution to STEM.png/.pdf",
+    )
     compare.set_defaults(handler=run_compare)
 
     check = commands.add_parser("check-table", help="check a hand-derived cost table (CSV)")
-    check.add_argument("files", nargs="+", type=Path, metavar="FILE.csv",
-                       help="one CSV per resolution (with --res in the same order), or one "
-                       "CSV with a resolution column")
+    check.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="FILE.csv",
+        help="one CSV per resolution (with --res in the same order), or one "
+        "CSV with a resolution column",
+    )
     check.add_argument("--model", required=True)
     check.add_argument("--res", nargs="+", default=None, metavar="RES")
     check.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE")
@@ -214,12 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="regenerate reports/ (the main job)")
     report.add_argument("--out", type=Path, default=Path("reports"))
-    report.add_argument("--skip-segmentation", action="store_true",
-                        help="leave DeepLabV3 out (its analysis takes a few seconds)")
+    report.add_argument(
+        "--skip-segmentation",
+        action="store_true",
+        help="leave DeepLabV3 out (its analysis takes a few seconds)",
+    )
     report.set_defaults(handler=run_report)
 
     padding = commands.add_parser(
-        "padding", help="Conv2d/ConvTranspose2d padding that halves/doubles the size exactly")
+        "padding", help="Conv2d/ConvTranspose2d padding that halves/doubles the size exactly"
+    )
     padding.add_argument("--kernel", type=int, required=True)
     padding.add_argument("--stride", type=int, default=2)
     padding.set_defaults(handler=run_padding)

@@ -15,10 +15,18 @@ from analysis.formatting import resolution_label
 # The seed write-up's own numbers (Parts A.2, B.2, C.2): CSC2516 PA2, full CIFAR-10 horses,
 # 25 epochs, batch 100, kernel 3, 32 filters, on the course's machine.
 WRITE_UP_RESULTS = {
-    "poolupsample": {"train_loss": 1.5852, "val_loss": 1.5785, "val_accuracy": 0.416,
-                     "seconds": 34.18},
-    "convtranspose": {"train_loss": 1.2070, "val_loss": 1.1603, "val_accuracy": 0.547,
-                      "seconds": 105.78},
+    "poolupsample": {
+        "train_loss": 1.5852,
+        "val_loss": 1.5785,
+        "val_accuracy": 0.416,
+        "seconds": 34.18,
+    },
+    "convtranspose": {
+        "train_loss": 1.2070,
+        "val_loss": 1.1603,
+        "val_accuracy": 0.547,
+        "seconds": 105.78,
+    },
     "unet": {"train_loss": 1.3075, "val_loss": 1.3323, "val_accuracy": 0.482, "seconds": 34.52},
 }
 DEFAULT_RUN_DIRS = (Path("reports/training"), Path("runs"))
@@ -50,16 +58,21 @@ def compare(
     include_reference: bool = True,
 ) -> pd.DataFrame:
     """Return one row per model and resolution (totals, ratios to the first model, accuracy)."""
-    analyses = [m if isinstance(m, Analysis) else analyse(m, _settings_for(m, settings), convention)
-                for m in models]
+    analyses = [
+        m if isinstance(m, Analysis) else analyse(m, _settings_for(m, settings), convention)
+        for m in models
+    ]
     rows = []
     first_totals = analyses[0].totals_at(resolutions)
     for analysis in analyses:
         totals = analysis.totals_at(resolutions)
         runs = find_runs(analysis.model, run_dirs)
         for j, resolution in enumerate(resolutions):
-            row = {"model": analysis.model, "resolution": resolution_label(*resolution),
-                   "source": "formula"}
+            row = {
+                "model": analysis.model,
+                "resolution": resolution_label(*resolution),
+                "source": "formula",
+            }
             for quantity in QUANTITIES:
                 row[quantity] = totals[quantity][j]
             for quantity in QUANTITIES:
@@ -68,31 +81,45 @@ def compare(
             run = _run_at(runs, resolution)
             if run is not None:
                 final = run["final"]
-                row.update({
-                    "val loss": round(final["val_loss"], 4),
-                    "val accuracy %": round(100 * final["val_accuracy"], 1),
-                    "train seconds": round(final.get("total_seconds", float("nan")), 1),
-                    "device": run.get("device", ""),
-                    "data": _data_text(run),
-                    "trained as": _trained_as(run),
-                    "trained-net connections": _trained_connections(analysis.model, run),
-                    "source": f"formula + run {run['_path']}",
-                })
+                row.update(
+                    {
+                        "val loss": round(final["val_loss"], 4),
+                        "val accuracy %": round(100 * final["val_accuracy"], 1),
+                        "train seconds": round(final.get("total_seconds", float("nan")), 1),
+                        "device": run.get("device", ""),
+                        "data": _data_text(run),
+                        "trained as": _trained_as(run),
+                        "trained-net connections": _trained_connections(analysis.model, run),
+                        "source": f"formula + run {run['_path']}",
+                    }
+                )
             rows.append(row)
         reference = WRITE_UP_RESULTS.get(analysis.model)
         if include_reference and reference:
-            rows.append({
-                "model": analysis.model, "resolution": "32",
-                "source": "write-up (reference, not run here)",
-                "val loss": reference["val_loss"],
-                "val accuracy %": round(100 * reference["val_accuracy"], 1),
-                "train seconds": reference["seconds"], "device": "course machine",
-                "data": "full CIFAR-10 horses (5000 train)",
-                "trained as": "K=3 NIC=1 NF=32 NC=24 epochs=25 batch=100",
-                "trained-net connections": _trained_connections(
-                    analysis.model, {"settings": {"kernel": 3, "num_in_channels": 1,
-                                                  "filters": 32, "num_colours": 24}}),
-            })
+            rows.append(
+                {
+                    "model": analysis.model,
+                    "resolution": "32",
+                    "source": "write-up (reference, not run here)",
+                    "val loss": reference["val_loss"],
+                    "val accuracy %": round(100 * reference["val_accuracy"], 1),
+                    "train seconds": reference["seconds"],
+                    "device": "course machine",
+                    "data": "full CIFAR-10 horses (5000 train)",
+                    "trained as": "K=3 NIC=1 NF=32 NC=24 epochs=25 batch=100",
+                    "trained-net connections": _trained_connections(
+                        analysis.model,
+                        {
+                            "settings": {
+                                "kernel": 3,
+                                "num_in_channels": 1,
+                                "filters": 32,
+                                "num_colours": 24,
+                            }
+                        },
+                    ),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -112,8 +139,10 @@ def _run_at(runs: list[dict], resolution: tuple[int, int]) -> dict | None:
 
 def _data_text(run: dict) -> str:
     data = run.get("data", {})
-    return (f"{data.get('train_images', '?')} train / {data.get('val_images', '?')} val images "
-            f"from {data.get('source', '?')}")
+    return (
+        f"{data.get('train_images', '?')} train / {data.get('val_images', '?')} val images "
+        f"from {data.get('source', '?')}"
+    )
 
 
 def _trained_connections(model: str, run: dict) -> int | None:
@@ -129,8 +158,14 @@ def _trained_connections(model: str, run: dict) -> int | None:
 
 def _trained_as(run: dict) -> str:
     settings = run.get("settings", {})
-    keys = (("kernel", "K"), ("num_in_channels", "NIC"), ("filters", "NF"),
-            ("num_colours", "NC"), ("epochs", "epochs"), ("batch_size", "batch"))
+    keys = (
+        ("kernel", "K"),
+        ("num_in_channels", "NIC"),
+        ("filters", "NF"),
+        ("num_colours", "NC"),
+        ("epochs", "epochs"),
+        ("batch_size", "batch"),
+    )
     return " ".join(f"{symbol}={settings[key]}" for key, symbol in keys if key in settings)
 
 
@@ -143,7 +178,7 @@ def render_comparison(frame: pd.DataFrame, fmt: str) -> str:
     shown = frame.copy()
     for quantity in QUANTITIES:
         shown[quantity] = shown[quantity].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
-    shown = shown.fillna("")
+    shown = shown.astype(object).where(shown.notna(), "")
     if fmt == "markdown":
         return shown.to_markdown(index=False) + "\n"
     if fmt == "latex":
@@ -152,8 +187,8 @@ def render_comparison(frame: pd.DataFrame, fmt: str) -> str:
         escaped = shown.map(lambda v: _escape_latex(str(v)))
         escaped.columns = [_escape_latex(c) for c in escaped.columns]
         return escaped.style.hide(axis="index").to_latex(
-            hrules=True, caption="Architecture comparison: totals per resolution",
-            position="htbp")
+            hrules=True, caption="Architecture comparison: totals per resolution", position="htbp"
+        )
     from tabulate import tabulate
 
     return tabulate(shown, headers="keys", tablefmt="simple", showindex=False) + "\n"

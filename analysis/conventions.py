@@ -56,8 +56,11 @@ class Convention:
 DEFAULT = Convention()
 
 
-def make_convention(bias_in_connections: bool = False, batchnorm_in_weights: bool = True,
-                    elementwise_in_connections: bool = True) -> Convention:
+def make_convention(
+    bias_in_connections: bool = False,
+    batchnorm_in_weights: bool = True,
+    elementwise_in_connections: bool = True,
+) -> Convention:
     """Return the default convention with the given switches, named 'custom' if any differ."""
     convention = replace(
         DEFAULT,

@@ -18,14 +18,17 @@ from analysis.io import atomic_save_figure  # noqa: E402
 
 def save(figure, stem: Path) -> list[Path]:
     """Save `figure` as stem.png and stem.pdf (atomically); return both paths."""
-    paths = [atomic_save_figure(figure, stem.with_suffix(suffix), bbox_inches="tight", dpi=150)
-             for suffix in (".png", ".pdf")]
+    paths = [
+        atomic_save_figure(figure, stem.with_suffix(suffix), bbox_inches="tight", dpi=150)
+        for suffix in (".png", ".pdf")
+    ]
     plt.close(figure)
     return paths
 
 
-def connections_vs_resolution(analyses: Sequence[Analysis], sizes: Sequence[int],
-                              stem: Path) -> list[Path]:
+def connections_vs_resolution(
+    analyses: Sequence[Analysis], sizes: Sequence[int], stem: Path
+) -> list[Path]:
     """Plot total connections against the side length (log-log), one line per model."""
     figure, axis = plt.subplots(figsize=(6, 4))
     for analysis in analyses:
@@ -42,8 +45,9 @@ def connections_vs_resolution(analyses: Sequence[Analysis], sizes: Sequence[int]
     return save(figure, stem)
 
 
-def per_layer_connections(analysis: Analysis, resolution: tuple[int, int],
-                          stem: Path) -> list[Path]:
+def per_layer_connections(
+    analysis: Analysis, resolution: tuple[int, int], stem: Path
+) -> list[Path]:
     """Bar chart of each layer's connections at one resolution."""
     values = analysis.evaluate([resolution])["connections"][:, 0]
     names = [layer.name for layer in analysis.layers]
@@ -52,8 +56,10 @@ def per_layer_connections(analysis: Analysis, resolution: tuple[int, int],
     axis.bar(range(len(names)), [int(v) for v in values], color=colours)
     axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     axis.set_ylabel("connections")
-    axis.set_title(f"{analysis.model}: connections per layer at {resolution_label(*resolution)}"
-                   " (blue: convolutions)")
+    axis.set_title(
+        f"{analysis.model}: connections per layer at {resolution_label(*resolution)}"
+        " (blue: convolutions)"
+    )
     axis.grid(True, axis="y", alpha=0.3)
     return save(figure, stem)
 
@@ -65,8 +71,10 @@ def accuracy_vs_connections(frame: pd.DataFrame, stem: Path) -> list[Path] | Non
         return None
     reference = frame[frame["source"].str.startswith("write-up")]
     figure, axis = plt.subplots(figsize=(6, 4))
-    for rows, marker, label in ((measured, "o", "measured here (CIFAR-10 subset)"),
-                                (reference, "x", "write-up (full CIFAR-10 horses)")):
+    for rows, marker, label in (
+        (measured, "o", "measured here (CIFAR-10 subset)"),
+        (reference, "x", "write-up (full CIFAR-10 horses)"),
+    ):
         if rows.empty:
             continue
         xs = rows["trained-net connections"] / 1e6

@@ -34,8 +34,11 @@ def order_in_hw(formula: sp.Expr) -> str:
     degree_w = sp.Poly(formula, W).degree()
     if degree_h == degree_w:
         return "O(H·W)" if degree_h == 1 else f"O((H·W)^{degree_h})"
-    parts = [f"{name}^{degree}" if degree > 1 else name
-             for name, degree in (("H", degree_h), ("W", degree_w)) if degree]
+    parts = [
+        f"{name}^{degree}" if degree > 1 else name
+        for name, degree in (("H", degree_h), ("W", degree_w))
+        if degree
+    ]
     return f"O({'·'.join(parts)})"
 
 
@@ -48,8 +51,9 @@ def growth_factors(totals: Sequence[int], resolutions: Sequence[tuple[int, int]]
     return notes
 
 
-def cost_frame(analysis: Analysis, resolutions: Sequence[tuple[int, int]],
-               latex: bool = False) -> pd.DataFrame:
+def cost_frame(
+    analysis: Analysis, resolutions: Sequence[tuple[int, int]], latex: bool = False
+) -> pd.DataFrame:
     """Return one row per layer plus a Total row: formula and value per resolution per quantity."""
     labels = [resolution_label(*r) for r in resolutions]
     values = analysis.evaluate(resolutions)
@@ -59,9 +63,13 @@ def cost_frame(analysis: Analysis, resolutions: Sequence[tuple[int, int]],
 
     rows = []
     for index, layer in enumerate(analysis.layers):
-        row = {"layer": layer.name, "type": layer.type,
-               "output shape": shape_text(layer.output_shape) if not latex else
-               "$(" + ", ".join(latex_formula(d) for d in layer.output_shape) + ")$"}
+        row = {
+            "layer": layer.name,
+            "type": layer.type,
+            "output shape": shape_text(layer.output_shape)
+            if not latex
+            else "$(" + ", ".join(latex_formula(d) for d in layer.output_shape) + ")$",
+        }
         for quantity in QUANTITIES:
             row[quantity] = show(layer.formula(quantity))
             for j, label in enumerate(labels):
@@ -87,15 +95,21 @@ def header_lines(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> 
     """Return the lines printed above a table: model, setting, convention, assumptions, growth."""
     lines = [f"model: {analysis.model}"]
     if analysis.hyperparameters:
-        lines.append("hyperparameters: " + ", ".join(
-            f"{s}={v} ({analysis.symbols[s]})" for s, v in analysis.hyperparameters.items()))
+        lines.append(
+            "hyperparameters: "
+            + ", ".join(
+                f"{s}={v} ({analysis.symbols[s]})" for s, v in analysis.hyperparameters.items()
+            )
+        )
     lines.append(analysis.convention.describe())
     lines.append("assumptions: " + ("; ".join(analysis.assumptions) or "none"))
     totals = analysis.totals_at(resolutions)
     for quantity in QUANTITIES:
         growth = growth_factors(totals[quantity], resolutions)
-        lines.append(f"total {quantity}: {order_in_hw(analysis.total(quantity))}"
-                     + (f", per doubling of H and W {', '.join(growth)}" if growth else ""))
+        lines.append(
+            f"total {quantity}: {order_in_hw(analysis.total(quantity))}"
+            + (f", per doubling of H and W {', '.join(growth)}" if growth else "")
+        )
     return lines
 
 
@@ -126,8 +140,14 @@ def render(analysis: Analysis, resolutions: Sequence[tuple[int, int]], fmt: str)
 def _text_table(frame: pd.DataFrame) -> str:
     from tabulate import tabulate
 
-    return tabulate(frame, headers="keys", tablefmt="simple", showindex=False, intfmt=",",
-                    disable_numparse=False)
+    return tabulate(
+        frame,
+        headers="keys",
+        tablefmt="simple",
+        showindex=False,
+        intfmt=",",
+        disable_numparse=False,
+    )
 
 
 def render_latex(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> str:
@@ -136,21 +156,40 @@ def render_latex(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> 
     frame["layer"] = frame["layer"].map(_escape_latex)
     frame["type"] = frame["type"].map(_escape_latex)
     frame.columns = pd.MultiIndex.from_tuples(
-        [(c.split(" @")[0].capitalize(), c.split(" @")[1]) if "@" in c
-         else ((c.capitalize(), "formula") if c in QUANTITIES else (c.capitalize(), ""))
-         for c in frame.columns])
+        [
+            (c.split(" @")[0].capitalize(), c.split(" @")[1])
+            if "@" in c
+            else ((c.capitalize(), "formula") if c in QUANTITIES else (c.capitalize(), ""))
+            for c in frame.columns
+        ]
+    )
     styler = frame.style.hide(axis="index").format(
-        "{:,}", subset=[c for c in frame.columns if c[1] not in ("formula", "")])
+        "{:,}", subset=[c for c in frame.columns if c[1] not in ("formula", "")]
+    )
     caption = _escape_latex(
         f"{analysis.model}: weights, outputs and connections per layer "
-        f"({'; '.join(analysis.assumptions) or 'no assumptions'}; {analysis.convention.describe()})")
-    body = styler.to_latex(hrules=True, column_format="ll" + "l" * (frame.shape[1] - 2),
-                           caption=caption, multicol_align="c", position="htbp")
+        f"({'; '.join(analysis.assumptions) or 'no assumptions'}; {analysis.convention.describe()})"
+    )
+    body = styler.to_latex(
+        hrules=True,
+        column_format="ll" + "l" * (frame.shape[1] - 2),
+        caption=caption,
+        multicol_align="c",
+        position="htbp",
+    )
     return "% " + "\n% ".join(header_lines(analysis, resolutions)) + "\n" + body
 
 
 def _escape_latex(text: str) -> str:
-    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"),
-                          ("#", r"\#"), ("$", r"\$"), ("{", r"\{"), ("}", r"\}")):
+    for char, escaped in (
+        ("\\", r"\textbackslash{}"),
+        ("_", r"\_"),
+        ("%", r"\%"),
+        ("&", r"\&"),
+        ("#", r"\#"),
+        ("$", r"\$"),
+        ("{", r"\{"),
+        ("}", r"\}"),
+    ):
         text = text.replace(char, escaped)
     return text

@@ -72,16 +72,22 @@ class TableCheck:
 
     def summary(self) -> str:
         """Return the one-line summary."""
-        return (f"checked {len(self.cells)} cells of {self.model} at "
-                f"{', '.join(self.resolutions)}: {len(self.wrong)} wrong, "
-                f"{len(self.cells) - len(self.wrong)} right")
+        return (
+            f"checked {len(self.cells)} cells of {self.model} at "
+            f"{', '.join(self.resolutions)}: {len(self.wrong)} wrong, "
+            f"{len(self.cells) - len(self.wrong)} right"
+        )
 
     def to_dict(self) -> dict:
         """Return JSON-ready data."""
-        return {"model": self.model, "resolutions": self.resolutions,
-                "convention": self.convention, "summary": self.summary(),
-                "unmatched_rows": self.unmatched_rows,
-                "cells": [{**asdict(c), "wrong": c.wrong} for c in self.cells]}
+        return {
+            "model": self.model,
+            "resolutions": self.resolutions,
+            "convention": self.convention,
+            "summary": self.summary(),
+            "unmatched_rows": self.unmatched_rows,
+            "cells": [{**asdict(c), "wrong": c.wrong} for c in self.cells],
+        }
 
 
 def read_hand_table(path: str | Path) -> dict[str | None, list[HandRow]]:
@@ -94,8 +100,10 @@ def read_hand_table(path: str | Path) -> dict[str | None, list[HandRow]]:
         columns = [c.strip().lower() for c in reader.fieldnames or []]
         missing = [c for c in REQUIRED if c not in columns]
         if missing:
-            raise ValueError(f"hand table {path} lacks column(s) {', '.join(missing)}; "
-                             f"expected {', '.join(REQUIRED)} (+ *_formula, resolution)")
+            raise ValueError(
+                f"hand table {path} lacks column(s) {', '.join(missing)}; "
+                f"expected {', '.join(REQUIRED)} (+ *_formula, resolution)"
+            )
         tables: dict[str | None, list[HandRow]] = {}
         for line, raw in enumerate(reader, start=2):
             row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
@@ -107,12 +115,14 @@ def read_hand_table(path: str | Path) -> dict[str | None, list[HandRow]]:
                 try:
                     values[quantity] = int(text) if text else None
                 except ValueError:
-                    raise ValueError(f"hand table {path} line {line}: {quantity} {text!r} is "
-                                     "not an integer") from None
+                    raise ValueError(
+                        f"hand table {path} line {line}: {quantity} {text!r} is not an integer"
+                    ) from None
             formulas = {q: row.get(f"{q}_formula", "") for q in QUANTITIES}
             resolution = row.get("resolution") or None
             tables.setdefault(resolution, []).append(
-                HandRow(line, row["layer"], row["type"], values, formulas))
+                HandRow(line, row["layer"], row["type"], values, formulas)
+            )
     if not tables:
         raise ValueError(f"hand table {path} has no rows")
     return tables
@@ -155,11 +165,14 @@ def check_table(
         tables = {labels[0]: tables[None]}
     unknown = [label for label in tables if label not in by_label]
     if unknown:
-        raise ValueError(f"the hand table has resolution(s) {', '.join(unknown)}; "
-                         f"pass them with --res (got {', '.join(labels) or 'none'})")
+        raise ValueError(
+            f"the hand table has resolution(s) {', '.join(unknown)}; "
+            f"pass them with --res (got {', '.join(labels) or 'none'})"
+        )
     symbols = {s.name: s for s in (H, W)}
-    symbols.update({name: sp.Symbol(name, integer=True, positive=True)
-                    for name in analysis.hyperparameters})
+    symbols.update(
+        {name: sp.Symbol(name, integer=True, positive=True) for name in analysis.hyperparameters}
+    )
     values = analysis.evaluate([by_label[label] for label in tables])
     alternatives = _alternative_values(analysis, [by_label[label] for label in tables])
     cells, unmatched = [], []
@@ -178,29 +191,40 @@ def check_table(
                 hand = row.values[quantity] if row.values[quantity] is not None else 0
                 hand_by_layer.setdefault((index, quantity), {})[label] = hand
                 cell = CellCheck(
-                    row=f"{row.label} {row.type}".strip(), layer=layer.name, quantity=quantity,
-                    resolution=label, hand=hand, exact=exact, formula=row.formulas[quantity])
+                    row=f"{row.label} {row.type}".strip(),
+                    layer=layer.name,
+                    quantity=quantity,
+                    resolution=label,
+                    hand=hand,
+                    exact=exact,
+                    formula=row.formulas[quantity],
+                )
                 formula = parse_formula(row.formulas[quantity], symbols)
                 exact_formula = layer.formula(quantity)
                 if formula is not None:
                     own = formula.subs(at)
                     if own != hand:
                         cell.diagnoses.append(
-                            f"the value does not follow from its own formula ({own})")
-                    difference = sp.simplify((formula - exact_formula).subs(
-                        analysis.substitutions()))
+                            f"the value does not follow from its own formula ({own})"
+                        )
+                    difference = sp.simplify(
+                        (formula - exact_formula).subs(analysis.substitutions())
+                    )
                     if difference != 0 and hand == exact:
                         other = _distinguishing_point(formula, exact_formula, analysis, at)
                         cell.formula_problem = (
                             f"formula {sp.sstr(formula)} gives the right value here but is not "
-                            f"{exact_formula}{other}")
+                            f"{exact_formula}{other}"
+                        )
                     if difference != 0 and order_in_hw(formula) != order_in_hw(exact_formula):
                         cell.diagnoses.append(
                             f"the formula grows as {order_in_hw(formula)} in the input size; "
-                            f"the layer's {quantity} grow as {order_in_hw(exact_formula)}")
+                            f"the layer's {quantity} grow as {order_in_hw(exact_formula)}"
+                        )
                 if hand != exact:
-                    cell.diagnoses.extend(_diagnose(layer, quantity, hand, exact, at,
-                                                    alternatives, index, j))
+                    cell.diagnoses.extend(
+                        _diagnose(layer, quantity, hand, exact, at, alternatives, index, j)
+                    )
                 cells.append(cell)
         totals = [r for r in rows if r.label.lower() == "total"]
         for row in totals:
@@ -208,15 +232,25 @@ def check_table(
                 if row.values[quantity] is None:
                     continue
                 exact = int(values[quantity][:, j].sum())
-                cell = CellCheck(row="Total", layer="(total)", quantity=quantity,
-                                 resolution=label, hand=row.values[quantity], exact=exact)
+                cell = CellCheck(
+                    row="Total",
+                    layer="(total)",
+                    quantity=quantity,
+                    resolution=label,
+                    hand=row.values[quantity],
+                    exact=exact,
+                )
                 if cell.hand != exact:
-                    cell.diagnoses.append(_explain_total(cells, quantity, label, exact,
-                                                         cell.hand))
+                    cell.diagnoses.append(_explain_total(cells, quantity, label, exact, cell.hand))
                 cells.append(cell)
     _diagnose_growth(cells, hand_by_layer, analysis, tables, values)
-    return TableCheck(model=analysis.model, resolutions=list(tables), cells=cells,
-                      unmatched_rows=unmatched, convention=analysis.convention.as_dict())
+    return TableCheck(
+        model=analysis.model,
+        resolutions=list(tables),
+        cells=cells,
+        unmatched_rows=unmatched,
+        convention=analysis.convention.as_dict(),
+    )
 
 
 def _distinguishing_point(formula, exact_formula, analysis, at) -> str:
@@ -234,12 +268,15 @@ def _alternative_values(analysis: Analysis, resolutions) -> dict[str, dict]:
 
     base = analysis.convention
     switches = {
-        "--bias-connections": make_convention(True, base.batchnorm_in_weights,
-                                              base.elementwise_in_connections),
-        "--no-batchnorm-weights": make_convention(base.bias_in_connections, False,
-                                                  base.elementwise_in_connections),
-        "--no-elementwise-connections": make_convention(base.bias_in_connections,
-                                                        base.batchnorm_in_weights, False),
+        "--bias-connections": make_convention(
+            True, base.batchnorm_in_weights, base.elementwise_in_connections
+        ),
+        "--no-batchnorm-weights": make_convention(
+            base.bias_in_connections, False, base.elementwise_in_connections
+        ),
+        "--no-elementwise-connections": make_convention(
+            base.bias_in_connections, base.batchnorm_in_weights, False
+        ),
     }
     results = {}
     for flag, convention in switches.items():
@@ -260,8 +297,7 @@ def _reconvene(analysis: Analysis, convention: Convention) -> Analysis:
     for layer in analysis.layers:
         clone = copy(layer)
         clone.weights = _simplified_like(layer.weights, convention.weights(layer.cost))
-        clone.connections = _simplified_like(layer.connections,
-                                             convention.connections(layer.cost))
+        clone.connections = _simplified_like(layer.connections, convention.connections(layer.cost))
         other.layers.append(clone)
     other._compiled = None
     return other
@@ -288,8 +324,7 @@ def _diagnose(layer, quantity, hand, exact, at, alternatives, index, j) -> list[
             meaning = {
                 "--bias-connections": "counts one bias connection per output",
                 "--no-batchnorm-weights": "leaves BatchNorm's parameters out of the weights",
-                "--no-elementwise-connections": "counts no connections for this element-wise "
-                                                "layer",
+                "--no-elementwise-connections": "counts no connections for this element-wise layer",
             }[flag]
             notes.append(f"{meaning} (matches the {flag} convention)")
     if not notes and exact and hand % exact == 0 and hand // exact > 1:
@@ -298,14 +333,18 @@ def _diagnose(layer, quantity, hand, exact, at, alternatives, index, j) -> list[
 
 
 def _explain_total(cells, quantity, label, exact, hand) -> str:
-    row_cells = [c for c in cells if c.quantity == quantity and c.resolution == label
-                 and c.hand != c.exact]
+    row_cells = [
+        c for c in cells if c.quantity == quantity and c.resolution == label and c.hand != c.exact
+    ]
     row_sum = sum(c.hand - c.exact for c in row_cells)
     if row_sum == hand - exact and row_cells:
         parts = ", ".join(f"{c.row} ({c.hand - c.exact:+d})" for c in row_cells)
         return f"off by {hand - exact:+d}, exactly the wrong rows: {parts}"
-    own_sum = sum(c.hand for c in cells if c.quantity == quantity and c.resolution == label
-                  and c.layer != "(total)")
+    own_sum = sum(
+        c.hand
+        for c in cells
+        if c.quantity == quantity and c.resolution == label and c.layer != "(total)"
+    )
     if own_sum == hand:
         return f"off by {hand - exact:+d}: the sum of the table's own rows"
     return f"off by {hand - exact:+d}; the table's rows add up to {own_sum}"
@@ -324,11 +363,17 @@ def _diagnose_growth(cells, hand_by_layer, analysis, tables, values) -> None:
             e1, e2 = int(values[quantity][index, j1]), int(values[quantity][index, j2])
             if not (a and e1) or b * e1 == e2 * a:
                 continue
-            note = (f"grows x{b / a:g} from {first} to {second}; the exact value grows "
-                    f"x{e2 / e1:g}: wrong power of the resolution")
+            note = (
+                f"grows x{b / a:g} from {first} to {second}; the exact value grows "
+                f"x{e2 / e1:g}: wrong power of the resolution"
+            )
             for cell in cells:
-                if (cell.layer == analysis.layers[index].name and cell.quantity == quantity
-                        and cell.resolution == second and note not in cell.diagnoses):
+                if (
+                    cell.layer == analysis.layers[index].name
+                    and cell.quantity == quantity
+                    and cell.resolution == second
+                    and note not in cell.diagnoses
+                ):
                     cell.diagnoses.append(note)
 
 
@@ -346,15 +391,19 @@ def render_check(result: TableCheck, fmt: str) -> str:
         lines.append("|---|---|---|---|---:|---:|---|")
         for c in wrong:
             why = "; ".join(([c.formula_problem] if c.formula_problem else []) + c.diagnoses)
-            lines.append(f"| {c.row} | {c.layer} | {c.quantity} | {c.resolution} | {c.hand} | "
-                         f"{c.exact} | {why or 'no single cause found'} |")
+            lines.append(
+                f"| {c.row} | {c.layer} | {c.quantity} | {c.resolution} | {c.hand} | "
+                f"{c.exact} | {why or 'no single cause found'} |"
+            )
         if result.unmatched_rows:
             lines.append(f"\nRows not matched to a layer: {', '.join(result.unmatched_rows)}")
         return "\n".join(lines) + "\n"
     for c in wrong:
         why = "; ".join(([c.formula_problem] if c.formula_problem else []) + c.diagnoses)
-        lines.append(f"WRONG {c.row:<14} {c.layer:<10} {c.quantity:<11} @{c.resolution:<6} "
-                     f"hand {c.hand:>10,}  exact {c.exact:>10,}  {why or 'no single cause found'}")
+        lines.append(
+            f"WRONG {c.row:<14} {c.layer:<10} {c.quantity:<11} @{c.resolution:<6} "
+            f"hand {c.hand:>10,}  exact {c.exact:>10,}  {why or 'no single cause found'}"
+        )
     for row in result.unmatched_rows:
         lines.append(f"UNMATCHED {row}")
     lines.append(result.summary())

@@ -18,8 +18,9 @@ from models.registry import ModelSpec
 
 def hyperparameter_symbols(spec: ModelSpec) -> dict[str, sp.Symbol]:
     """Return symbol name -> positive-integer sympy Symbol for the spec's hyperparameters."""
-    return {hp.symbol: sp.Symbol(hp.symbol, integer=True, positive=True)
-            for hp in spec.hyperparameters}
+    return {
+        hp.symbol: sp.Symbol(hp.symbol, integer=True, positive=True) for hp in spec.hyperparameters
+    }
 
 
 def integer_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -31,8 +32,9 @@ def integer_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
             if key.startswith("_") or isinstance(value, bool):
                 continue
             if isinstance(value, int) or (
-                isinstance(value, tuple) and value and all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in value)
+                isinstance(value, tuple)
+                and value
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
             ):
                 attributes[key] = value
         table[name] = attributes
@@ -72,7 +74,8 @@ def fit_attributes(spec: ModelSpec, settings: Mapping[str, int]) -> dict[str, di
         fitted[name] = {}
         for key, value in attributes.items():
             fitted[name][key] = _fit_one(
-                name, key, value, base, steps, probes, confirm_setting, confirm_table, symbols)
+                name, key, value, base, steps, probes, confirm_setting, confirm_table, symbols
+            )
     return fitted
 
 

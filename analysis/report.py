@@ -19,8 +19,11 @@ from tqdm import tqdm
 
 from analysis.accounting import analyse
 from analysis.compare import compare, find_runs, render_comparison
-from analysis.figures import accuracy_vs_connections, connections_vs_resolution, \
-    per_layer_connections
+from analysis.figures import (
+    accuracy_vs_connections,
+    connections_vs_resolution,
+    per_layer_connections,
+)
 from analysis.formatting import render
 from analysis.handcheck import check_table, read_hand_table, render_check
 from analysis.io import atomic_write_text
@@ -29,8 +32,10 @@ from analysis.verification import render_verification, verify
 SEED_MODELS = ("poolupsample", "convtranspose", "unet")
 GENERATED = ("costs", "comparison", "check", "figures", "verification")
 REPOSITORY = Path(__file__).resolve().parents[1]
-HAND_TABLES = (REPOSITORY / "tests/data/writeup_table_32.csv",
-               REPOSITORY / "tests/data/writeup_table_64.csv")
+HAND_TABLES = (
+    REPOSITORY / "tests/data/writeup_table_32.csv",
+    REPOSITORY / "tests/data/writeup_table_64.csv",
+)
 
 
 def build_report(out: Path = Path("reports"), segmentation: bool = True) -> list[str]:
@@ -43,8 +48,10 @@ def build_report(out: Path = Path("reports"), segmentation: bool = True) -> list
     index: list[str] = []
     steps = [
         ("cost tables", lambda: _costs(staging, index)),
-        ("DeepLabV3 fine-tune costs", lambda: _segmentation_costs(staging, index)
-         if segmentation else None),
+        (
+            "DeepLabV3 fine-tune costs",
+            lambda: _segmentation_costs(staging, index) if segmentation else None,
+        ),
         ("comparison", lambda: _comparison(staging, index, out)),
         ("hand-table check", lambda: _hand_check(staging, index)),
         ("verification", lambda: _verification(staging, index)),
@@ -67,20 +74,32 @@ def _costs(staging: Path, index: list[str]) -> None:
     for model in SEED_MODELS:
         analysis = analyse(model)
         analyses.append(analysis)
-        for fmt, suffix in (("csv", "csv"), ("markdown", "md"), ("latex", "tex"),
-                            ("json", "json"), ("text", "txt")):
-            atomic_write_text(staging / "costs" / f"{model}.{suffix}",
-                              render(analysis, resolutions, fmt))
-        per_layer_connections(analysis, (32, 32),
-                              staging / "figures" / f"per_layer_connections_{model}")
-        index.append(f"- `costs/{model}.{{csv,md,tex,json,txt}}`: per-layer weights, outputs and "
-                     f"connections with formulas at 32x32 and 64x64 "
-                     f"(`convtally table {model} --res 32 64 --format FMT`); "
-                     f"`figures/per_layer_connections_{model}.{{png,pdf}}`")
-    connections_vs_resolution(analyses, [32, 64, 128, 256],
-                              staging / "figures" / "connections_vs_resolution")
-    index.append("- `figures/connections_vs_resolution.{png,pdf}`: total connections of the "
-                 "three networks, 32 to 256 pixels, log-log")
+        for fmt, suffix in (
+            ("csv", "csv"),
+            ("markdown", "md"),
+            ("latex", "tex"),
+            ("json", "json"),
+            ("text", "txt"),
+        ):
+            atomic_write_text(
+                staging / "costs" / f"{model}.{suffix}", render(analysis, resolutions, fmt)
+            )
+        per_layer_connections(
+            analysis, (32, 32), staging / "figures" / f"per_layer_connections_{model}"
+        )
+        index.append(
+            f"- `costs/{model}.{{csv,md,tex,json,txt}}`: per-layer weights, outputs and "
+            f"connections with formulas at 32x32 and 64x64 "
+            f"(`convtally table {model} --res 32 64 --format FMT`); "
+            f"`figures/per_layer_connections_{model}.{{png,pdf}}`"
+        )
+    connections_vs_resolution(
+        analyses, [32, 64, 128, 256], staging / "figures" / "connections_vs_resolution"
+    )
+    index.append(
+        "- `figures/connections_vs_resolution.{png,pdf}`: total connections of the "
+        "three networks, 32 to 256 pixels, log-log"
+    )
 
 
 def _segmentation_costs(staging: Path, index: list[str]) -> None:
@@ -88,36 +107,47 @@ def _segmentation_costs(staging: Path, index: list[str]) -> None:
     learned = sum(p.numel() for p in analysis.network.parameters() if p.requires_grad)
     total = sum(p.numel() for p in analysis.network.parameters())
     resolutions = [(224, 224), (520, 520)]
-    note = (f"learned weights (classifier.4, the 2-class head): {learned:,} of {total:,} "
-            f"({100 * learned / total:.4f} %); everything else is frozen\n\n")
-    atomic_write_text(staging / "costs" / "deeplabv3_flowers.md",
-                      note + render(analysis, resolutions, "markdown"))
+    note = (
+        f"learned weights (classifier.4, the 2-class head): {learned:,} of {total:,} "
+        f"({100 * learned / total:.4f} %); everything else is frozen\n\n"
+    )
+    atomic_write_text(
+        staging / "costs" / "deeplabv3_flowers.md", note + render(analysis, resolutions, "markdown")
+    )
     for fmt, suffix in (("csv", "csv"), ("json", "json"), ("latex", "tex")):
-        atomic_write_text(staging / "costs" / f"deeplabv3_flowers.{suffix}",
-                          render(analysis, resolutions, fmt))
-    index.append(f"- `costs/deeplabv3_flowers.{{csv,md,tex,json}}`: the write-up's DeepLabV3-"
-                 f"ResNet101 fine-tune at 224x224 and 520x520 ({len(analysis.layers)} layers; "
-                 f"{total:,} weights of which {learned:,} learned) "
-                 "(`convtally table deeplabv3_flowers --res 224 520`)")
+        atomic_write_text(
+            staging / "costs" / f"deeplabv3_flowers.{suffix}", render(analysis, resolutions, fmt)
+        )
+    index.append(
+        f"- `costs/deeplabv3_flowers.{{csv,md,tex,json}}`: the write-up's DeepLabV3-"
+        f"ResNet101 fine-tune at 224x224 and 520x520 ({len(analysis.layers)} layers; "
+        f"{total:,} weights of which {learned:,} learned) "
+        "(`convtally table deeplabv3_flowers --res 224 520`)"
+    )
 
 
 def _comparison(staging: Path, index: list[str], out: Path) -> None:
     run_dirs = (out / "training", Path("runs"))
     frame = compare(SEED_MODELS, [(s, s) for s in (32, 64, 128, 256)], run_dirs=run_dirs)
     for fmt, suffix in (("csv", "csv"), ("markdown", "md"), ("latex", "tex")):
-        atomic_write_text(staging / "comparison" / f"seed_networks.{suffix}",
-                          render_comparison(frame, fmt))
+        atomic_write_text(
+            staging / "comparison" / f"seed_networks.{suffix}", render_comparison(frame, fmt)
+        )
     runs = {m: find_runs(m, run_dirs) for m in SEED_MODELS}
     figure = accuracy_vs_connections(frame, staging / "figures" / "accuracy_vs_connections")
-    line = ("- `comparison/seed_networks.{csv,md,tex}`: totals at 32-256 with ratios to "
-            "PoolUpsampleNet (`convtally compare poolupsample convtranspose unet --res 32 64 128 "
-            "256`), the write-up's accuracy as reference rows")
+    line = (
+        "- `comparison/seed_networks.{csv,md,tex}`: totals at 32-256 with ratios to "
+        "PoolUpsampleNet (`convtally compare poolupsample convtranspose unet --res 32 64 128 "
+        "256`), the write-up's accuracy as reference rows"
+    )
     if any(runs.values()):
         line += ", and the accuracy measured in `training/`"
         if figure:
             index.append(line)
-            index.append("- `figures/accuracy_vs_connections.{png,pdf}`: validation accuracy "
-                         "against total connections at 32x32")
+            index.append(
+                "- `figures/accuracy_vs_connections.{png,pdf}`: validation accuracy "
+                "against total connections at 32x32"
+            )
             return
     else:
         line += "; no training runs yet: accuracy needs `convtally train colour --model NAME`"
@@ -126,32 +156,40 @@ def _comparison(staging: Path, index: list[str], out: Path) -> None:
 
 def _hand_check(staging: Path, index: list[str]) -> None:
     analysis = analyse("poolupsample")
-    tables = {"32": read_hand_table(HAND_TABLES[0])[None],
-              "64": read_hand_table(HAND_TABLES[1])[None]}
+    tables = {
+        "32": read_hand_table(HAND_TABLES[0])[None],
+        "64": read_hand_table(HAND_TABLES[1])[None],
+    }
     result = check_table(analysis, tables, [(32, 32), (64, 64)])
     for fmt, suffix in (("markdown", "md"), ("text", "txt"), ("json", "json")):
-        atomic_write_text(staging / "check" / f"writeup_table.{suffix}",
-                          render_check(result, fmt))
-    index.append(f"- `check/writeup_table.{{md,txt,json}}`: the write-up's hand-derived "
-                 f"PoolUpsampleNet tables checked cell by cell: {result.summary()} "
-                 "(`convtally check-table tests/data/writeup_table_32.csv "
-                 "tests/data/writeup_table_64.csv --model poolupsample --res 32 64`)")
+        atomic_write_text(staging / "check" / f"writeup_table.{suffix}", render_check(result, fmt))
+    index.append(
+        f"- `check/writeup_table.{{md,txt,json}}`: the write-up's hand-derived "
+        f"PoolUpsampleNet tables checked cell by cell: {result.summary()} "
+        "(`convtally check-table tests/data/writeup_table_32.csv "
+        "tests/data/writeup_table_64.csv --model poolupsample --res 32 64`)"
+    )
 
 
 def _verification(staging: Path, index: list[str]) -> None:
     summaries = []
     for model in SEED_MODELS:
         result = verify(model, [(32, 32), (64, 64)], device="cpu")
-        atomic_write_text(staging / "verification" / f"{model}.txt",
-                          render_verification(result, "text"))
+        atomic_write_text(
+            staging / "verification" / f"{model}.txt", render_verification(result, "text")
+        )
         summaries.append(result.summary())
         if result.mismatches:
             raise RuntimeError(f"verification failed: {result.summary()}")
-    index.append("- `verification/{poolupsample,convtranspose,unet}.txt`: every formula against "
-                 "forward hooks, fvcore and FlopCounterMode on the CPU at 32 and 64 "
-                 f"(`convtally verify MODEL --res 32 64 --device cpu`): "
-                 + "; ".join(s.split(" on ")[0].replace("verified ", "") + ": "
-                             + s.rsplit(": ", 1)[1] for s in summaries))
+    index.append(
+        "- `verification/{poolupsample,convtranspose,unet}.txt`: every formula against "
+        "forward hooks, fvcore and FlopCounterMode on the CPU at 32 and 64 "
+        "(`convtally verify MODEL --res 32 64 --device cpu`): "
+        + "; ".join(
+            s.split(" on ")[0].replace("verified ", "") + ": " + s.rsplit(": ", 1)[1]
+            for s in summaries
+        )
+    )
 
 
 def _swap_in(staging: Path, out: Path) -> None:
@@ -195,13 +233,17 @@ def _readme(out: Path, index: list[str], today: str, machine: str) -> list[str]:
             f"{data.get('data', {}).get('train_images')} training images "
             f"({data.get('data', {}).get('description', '')}), {data.get('device')}, finished "
             f"{data.get('finished_at', '?')}: val loss {final.get('val_loss', float('nan')):.4f},"
-            f" val accuracy {100 * final.get('val_accuracy', float('nan')):.1f} %")
+            f" val accuracy {100 * final.get('val_accuracy', float('nan')):.1f} %"
+        )
     benchmarks = out / "benchmarks"
     for path in sorted(benchmarks.glob("*.md")) if benchmarks.is_dir() else []:
-        first = next((ln for ln in path.read_text(encoding="utf-8").splitlines()
-                      if ln.strip()), path.stem).lstrip("# ")
+        first = next(
+            (ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), path.stem
+        ).lstrip("# ")
         extra.append(f"- `benchmarks/{path.name}`: {first}")
     if not extra:
-        extra.append("- none yet: accuracy needs `convtally train colour --model NAME`, "
-                     "benchmarks `python benchmarks/*.py`")
+        extra.append(
+            "- none yet: accuracy needs `convtally train colour --model NAME`, "
+            "benchmarks `python benchmarks/*.py`"
+        )
     return lines + extra

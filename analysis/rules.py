@@ -98,8 +98,9 @@ def conv2d(module: nn.Conv2d, attrs: Attributes, x: SymTensor) -> LayerCost:
         padding = (0, 0) if module.padding == "valid" else module.padding
         sizes = tuple(
             shapes.conv_output_size(size, k, s, p, d)
-            for size, k, s, p, d in zip((height, width), (kh, kw), module.stride, padding,
-                                        module.dilation, strict=True)
+            for size, k, s, p, d in zip(
+                (height, width), (kh, kw), module.stride, padding, module.dilation, strict=True
+            )
         )
     c_out, c_in, groups = attrs["out_channels"], attrs["in_channels"], attrs["groups"]
     sym_kh, sym_kw = _pair(attrs["kernel_size"])
@@ -107,7 +108,8 @@ def conv2d(module: nn.Conv2d, attrs: Attributes, x: SymTensor) -> LayerCost:
     per_output = c_in / groups * sym_kh * sym_kw
     bias = module.bias is not None
     return LayerCost(
-        "conv", output,
+        "conv",
+        output,
         weights=c_out * per_output + (c_out if bias else 0),
         connections=output.per_example * per_output,
         bias_connections=output.per_example if bias else sp.Integer(0),
@@ -119,16 +121,23 @@ def conv_transpose2d(module: nn.ConvTranspose2d, attrs: Attributes, x: SymTensor
     height, width = _spatial(x)
     sizes = tuple(
         shapes.transposed_output_size(size, k, s, p, op, d)
-        for size, k, s, p, op, d in zip((height, width), module.kernel_size, module.stride,
-                                        module.padding, module.output_padding, module.dilation,
-                                        strict=True)
+        for size, k, s, p, op, d in zip(
+            (height, width),
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.output_padding,
+            module.dilation,
+            strict=True,
+        )
     )
     c_out, c_in, groups = attrs["out_channels"], attrs["in_channels"], attrs["groups"]
     sym_kh, sym_kw = _pair(attrs["kernel_size"])
     output = _with_spatial(x, c_out, *sizes)
     bias = module.bias is not None
     return LayerCost(
-        "conv", output,
+        "conv",
+        output,
         weights=c_in * c_out / groups * sym_kh * sym_kw + (c_out if bias else 0),
         connections=x.per_example * c_out / groups * sym_kh * sym_kw,
         bias_connections=output.per_example if bias else sp.Integer(0),
@@ -142,7 +151,8 @@ def linear(module: nn.Linear, attrs: Attributes, x: SymTensor) -> LayerCost:
     rows = x.per_example / x.shape[-1]
     bias = module.bias is not None
     return LayerCost(
-        "linear", output,
+        "linear",
+        output,
         weights=n_in * n_out + (n_out if bias else 0),
         connections=rows * n_in * n_out,
         bias_connections=output.per_example if bias else sp.Integer(0),
@@ -163,8 +173,9 @@ def _pool(x: SymTensor, kernel, stride, padding, dilation, ceil_mode) -> LayerCo
 
 def max_pool2d(module: nn.MaxPool2d, attrs: Attributes, x: SymTensor) -> LayerCost:
     """MaxPool2d: connections = outputs * window size."""
-    return _pool(x, module.kernel_size, module.stride, module.padding, module.dilation,
-                 module.ceil_mode)
+    return _pool(
+        x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode
+    )
 
 
 def avg_pool2d(module: nn.AvgPool2d, attrs: Attributes, x: SymTensor) -> LayerCost:
@@ -199,8 +210,9 @@ def layer_norm(module: nn.LayerNorm, attrs: Attributes, x: SymTensor) -> LayerCo
     """LayerNorm: weights 2*normalized size when affine, 1 connection per output."""
     size = math.prod(module.normalized_shape)
     count = (module.weight is not None) + (module.bias is not None)
-    return LayerCost("norm", SymTensor(x.shape), weights=sp.Integer(count * size),
-                     connections=x.per_example)
+    return LayerCost(
+        "norm", SymTensor(x.shape), weights=sp.Integer(count * size), connections=x.per_example
+    )
 
 
 def group_norm(module: nn.GroupNorm, attrs: Attributes, x: SymTensor) -> LayerCost:
@@ -212,8 +224,9 @@ def group_norm(module: nn.GroupNorm, attrs: Attributes, x: SymTensor) -> LayerCo
 def activation(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
     """Element-wise activation (ReLU, Sigmoid, ...): 1 connection per output."""
     weights = sum((p.numel() for p in module.parameters(recurse=False)), 0)
-    return LayerCost("activation", SymTensor(x.shape), weights=sp.Integer(weights),
-                     connections=x.per_example)
+    return LayerCost(
+        "activation", SymTensor(x.shape), weights=sp.Integer(weights), connections=x.per_example
+    )
 
 
 def dropout(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
@@ -274,8 +287,8 @@ MODULE_RULES: dict[type, Callable[..., LayerCost]] = {
 def _flatten(x: SymTensor, start_dim: int = 0, end_dim: int = -1) -> SymTensor:
     dims = list(x.shape)
     start, end = start_dim % len(dims), end_dim % len(dims)
-    merged = sp.Mul(*dims[start:end + 1])
-    return SymTensor(tuple(dims[:start] + [merged] + dims[end + 1:]))
+    merged = sp.Mul(*dims[start : end + 1])
+    return SymTensor(tuple(dims[:start] + [merged] + dims[end + 1 :]))
 
 
 def _interpolate(x: SymTensor, size: Any, scale_factor: Any, mode: str) -> LayerCost:
@@ -292,8 +305,15 @@ def _interpolate(x: SymTensor, size: Any, scale_factor: Any, mode: str) -> Layer
     return LayerCost("upsample", output, connections=output.per_example * per_output[mode])
 
 
-def interpolate(x: SymTensor, size=None, scale_factor=None, mode="nearest", align_corners=None,
-                recompute_scale_factor=None, antialias=False) -> LayerCost:
+def interpolate(
+    x: SymTensor,
+    size=None,
+    scale_factor=None,
+    mode="nearest",
+    align_corners=None,
+    recompute_scale_factor=None,
+    antialias=False,
+) -> LayerCost:
     """F.interpolate: nearest 1 connection per output, bilinear 4, bicubic 16."""
     return _interpolate(x, size, scale_factor, mode)
 
@@ -343,8 +363,10 @@ def view(x: SymTensor, *shape) -> LayerCost:
         shape = tuple(shape[0])
     total = sp.Mul(*x.shape)
     known = sp.Mul(*(sp.sympify(s) for s in shape if s != -1))
-    return LayerCost("routing", SymTensor(tuple(
-        sp.simplify(total / known) if s == -1 else sp.sympify(s) for s in shape)))
+    return LayerCost(
+        "routing",
+        SymTensor(tuple(sp.simplify(total / known) if s == -1 else sp.sympify(s) for s in shape)),
+    )
 
 
 def permute(x: SymTensor, *dims) -> LayerCost:
@@ -387,8 +409,16 @@ def functional_adaptive_avg_pool2d(x: SymTensor, output_size: Any) -> LayerCost:
     return _adaptive_pool(x, output_size)
 
 
-def functional_pool2d(x: SymTensor, kernel_size, stride=None, padding=0, *args,
-                      ceil_mode: bool = False, dilation=1, **kwargs) -> LayerCost:
+def functional_pool2d(
+    x: SymTensor,
+    kernel_size,
+    stride=None,
+    padding=0,
+    *args,
+    ceil_mode: bool = False,
+    dilation=1,
+    **kwargs,
+) -> LayerCost:
     """F.max_pool2d / F.avg_pool2d: as the modules."""
     return _pool(x, kernel_size, stride, padding, dilation, ceil_mode)
 
@@ -445,35 +475,77 @@ def _stochastic_depth_target() -> Any:
     return function
 
 
-UNARY_FUNCTIONS = (F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.sigmoid,
-                   F.leaky_relu, F.tanh, F.elu, torch.relu, torch.sigmoid, torch.tanh,
-                   F.softmax, torch.softmax)
-BINARY_FUNCTIONS = (operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
-                    operator.truediv, torch.add, torch.mul, torch.sub, torch.div)
+UNARY_FUNCTIONS = (
+    F.relu,
+    F.relu6,
+    F.hardswish,
+    F.hardsigmoid,
+    F.silu,
+    F.gelu,
+    F.sigmoid,
+    F.leaky_relu,
+    F.tanh,
+    F.elu,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    F.softmax,
+    torch.softmax,
+)
+BINARY_FUNCTIONS = (
+    operator.add,
+    operator.iadd,
+    operator.mul,
+    operator.imul,
+    operator.sub,
+    operator.truediv,
+    torch.add,
+    torch.mul,
+    torch.sub,
+    torch.div,
+)
 
 # Keys: the callable for call_function nodes, the method name for call_method nodes.
 FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     **{function: unary_elementwise for function in UNARY_FUNCTIONS},
     **{function: binary_elementwise for function in BINARY_FUNCTIONS},
-    "add": binary_elementwise, "add_": binary_elementwise, "mul": binary_elementwise,
-    "mul_": binary_elementwise, "sub": binary_elementwise, "div": binary_elementwise,
-    "relu": unary_elementwise, "relu_": unary_elementwise, "sigmoid": unary_elementwise,
-    "sigmoid_": unary_elementwise, "tanh": unary_elementwise,
+    "add": binary_elementwise,
+    "add_": binary_elementwise,
+    "mul": binary_elementwise,
+    "mul_": binary_elementwise,
+    "sub": binary_elementwise,
+    "div": binary_elementwise,
+    "relu": unary_elementwise,
+    "relu_": unary_elementwise,
+    "sigmoid": unary_elementwise,
+    "sigmoid_": unary_elementwise,
+    "tanh": unary_elementwise,
     torch.cat: cat,
-    torch.flatten: flatten, "flatten": flatten,
-    "view": view, "reshape": view, torch.reshape: view,
-    "permute": permute, torch.permute: permute,
-    "transpose": transpose, torch.transpose: transpose,
-    "contiguous": contiguous, "clone": contiguous, "detach": contiguous,
-    "chunk": chunk, torch.chunk: chunk,
-    "mean": mean, torch.mean: mean,
+    torch.flatten: flatten,
+    "flatten": flatten,
+    "view": view,
+    "reshape": view,
+    torch.reshape: view,
+    "permute": permute,
+    torch.permute: permute,
+    "transpose": transpose,
+    torch.transpose: transpose,
+    "contiguous": contiguous,
+    "clone": contiguous,
+    "detach": contiguous,
+    "chunk": chunk,
+    torch.chunk: chunk,
+    "mean": mean,
+    torch.mean: mean,
     F.interpolate: interpolate,
     F.adaptive_avg_pool2d: functional_adaptive_avg_pool2d,
     F.adaptive_max_pool2d: functional_adaptive_avg_pool2d,
-    F.max_pool2d: functional_pool2d, F.avg_pool2d: functional_pool2d,
+    F.max_pool2d: functional_pool2d,
+    F.avg_pool2d: functional_pool2d,
     operator.getitem: getitem,
     getattr: _getattr,
-    "size": size, "dim": dim,
+    "size": size,
+    "dim": dim,
 }
 if _stochastic_depth_target() is not None:
     FUNCTION_RULES[_stochastic_depth_target()] = stochastic_depth

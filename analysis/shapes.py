@@ -7,14 +7,21 @@ import sympy as sp
 Size = sp.Expr | int
 
 
-def conv_output_size(size: Size, kernel: int, stride: int = 1, padding: int = 0,
-                     dilation: int = 1) -> sp.Expr:
+def conv_output_size(
+    size: Size, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1
+) -> sp.Expr:
     """Return Conv2d/MaxPool2d's output length: floor((I + 2p - d(k-1) - 1) / s) + 1."""
     return sp.floor(sp.Rational(1, stride) * (size + 2 * padding - dilation * (kernel - 1) - 1)) + 1
 
 
-def pool_output_size(size: Size, kernel: int, stride: int, padding: int = 0, dilation: int = 1,
-                     ceil_mode: bool = False) -> sp.Expr:
+def pool_output_size(
+    size: Size,
+    kernel: int,
+    stride: int,
+    padding: int = 0,
+    dilation: int = 1,
+    ceil_mode: bool = False,
+) -> sp.Expr:
     """Return MaxPool2d/AvgPool2d's output length, including ceil_mode's last-window rule."""
     if not ceil_mode:
         return conv_output_size(size, kernel, stride, padding, dilation)
@@ -25,11 +32,19 @@ def pool_output_size(size: Size, kernel: int, stride: int, padding: int = 0, dil
             f"ceil_mode pooling with kernel {kernel}, stride {stride}, padding {padding} needs "
             "PyTorch's last-window correction, which has no closed form here"
         )
-    return sp.ceiling(sp.Rational(1, stride) * (size + 2 * padding - dilation * (kernel - 1) - 1)) + 1
+    return (
+        sp.ceiling(sp.Rational(1, stride) * (size + 2 * padding - dilation * (kernel - 1) - 1)) + 1
+    )
 
 
-def transposed_output_size(size: Size, kernel: int, stride: int = 1, padding: int = 0,
-                           output_padding: int = 0, dilation: int = 1) -> sp.Expr:
+def transposed_output_size(
+    size: Size,
+    kernel: int,
+    stride: int = 1,
+    padding: int = 0,
+    output_padding: int = 0,
+    dilation: int = 1,
+) -> sp.Expr:
     """Return ConvTranspose2d's output length: (I-1)s - 2p + d(k-1) + output_padding + 1."""
     return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
 
@@ -50,7 +65,9 @@ def halving_and_doubling_padding(kernel: int, stride: int = 2) -> tuple[int, int
     for padding in range(kernel + 1):
         halved = conv_output_size(stride * n, kernel, stride, padding)
         if sp.simplify(halved - n) == 0:
-            output_padding = sp.simplify(stride * n - transposed_output_size(n, kernel, stride, padding))
+            output_padding = sp.simplify(
+                stride * n - transposed_output_size(n, kernel, stride, padding)
+            )
             if output_padding.is_integer and 0 <= output_padding < max(stride, 1):
                 return padding, int(output_padding)
     raise ValueError(
@@ -65,7 +82,10 @@ def adaptive_window_total(size: Size, output_size: int) -> sp.Expr:
     Cell i pools [floor(i*I/O), ceil((i+1)*I/O)), as in PyTorch's adaptive pooling kernels.
     """
     return sum(
-        (sp.ceiling(sp.Rational(i + 1, output_size) * size) - sp.floor(sp.Rational(i, output_size) * size)
-         for i in range(output_size)),
+        (
+            sp.ceiling(sp.Rational(i + 1, output_size) * size)
+            - sp.floor(sp.Rational(i, output_size) * size)
+            for i in range(output_size)
+        ),
         sp.Integer(0),
     )

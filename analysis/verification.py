@@ -91,18 +91,24 @@ class Verification:
     def summary(self) -> str:
         """Return the one-line summary."""
         layers = len({c.layer for c in self.checks})
-        return (f"verified {layers} layers of {self.model} at {len(self.resolutions)} "
-                f"resolution(s) ({', '.join(self.resolutions)}) on {self.device}: "
-                f"{len(self.mismatches)} mismatch(es)")
+        return (
+            f"verified {layers} layers of {self.model} at {len(self.resolutions)} "
+            f"resolution(s) ({', '.join(self.resolutions)}) on {self.device}: "
+            f"{len(self.mismatches)} mismatch(es)"
+        )
 
     def to_dict(self) -> dict:
         """Return JSON-ready data."""
         return {
-            "model": self.model, "device": self.device, "resolutions": self.resolutions,
-            "checkpoint": self.checkpoint, "convention": self.convention,
+            "model": self.model,
+            "device": self.device,
+            "resolutions": self.resolutions,
+            "checkpoint": self.checkpoint,
+            "convention": self.convention,
             "torch_flops_note": "PyTorch's FlopCounterMode counts 2 FLOPs per multiply-add",
             "checks": [{**asdict(c), "verdict": c.verdict} for c in self.checks],
-            "mismatches": len(self.mismatches), "summary": self.summary(),
+            "mismatches": len(self.mismatches),
+            "summary": self.summary(),
         }
 
 
@@ -116,15 +122,21 @@ def load_checkpoint(network: nn.Module, path: str | Path) -> None:
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(
             f"checkpoint {path} is truncated or not a torch file ({type(error).__name__}); "
-            "save it with torch.save(model.state_dict(), PATH)") from None
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(
-            state["state_dict"], Mapping):
+            "save it with torch.save(model.state_dict(), PATH)"
+        ) from None
+    if (
+        isinstance(state, Mapping)
+        and "state_dict" in state
+        and isinstance(state["state_dict"], Mapping)
+    ):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise CheckpointError(
             f"checkpoint {path} is not a state_dict (got {type(state).__name__}); save "
-            "model.state_dict()")
+            "model.state_dict()"
+        )
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -140,7 +152,8 @@ def load_checkpoint(network: nn.Module, path: str | Path) -> None:
             raise CheckpointError(
                 f"checkpoint {path} does not fit the network: shape mismatch at {key}: "
                 f"checkpoint {tuple(state[key].shape)}, network {tuple(value.shape)} "
-                "(built with other hyperparameters? use --set)")
+                "(built with other hyperparameters? use --set)"
+            )
     network.load_state_dict(state)
 
 
@@ -177,8 +190,7 @@ def measure(analysis: Analysis, height: int, width: int, device: torch.device):
     calls: dict[str, list] = defaultdict(list)
     names = {module: name for name, module in network.named_modules()}
     handles = [
-        module.register_forward_hook(
-            lambda m, i, o: calls[names[m]].append(_shape_of(o)))
+        module.register_forward_hook(lambda m, i, o: calls[names[m]].append(_shape_of(o)))
         for module in network.modules()
     ]
     try:
@@ -205,7 +217,7 @@ def measure(analysis: Analysis, height: int, width: int, device: torch.device):
     root = type(network).__name__
     torch_counts = {}
     for key, per_op in flop_counter.get_flop_counts().items():
-        name = key[len(root) + 1:] if key.startswith(root + ".") else ("" if key == root else None)
+        name = key[len(root) + 1 :] if key.startswith(root + ".") else ("" if key == root else None)
         if name is not None:
             torch_counts[name] = int(sum(per_op.values()))
     return measured, fvcore, torch_counts
@@ -241,7 +253,9 @@ def verify(
             shapes = measured.get(layer.node)
             shape_measured = list(shapes[0][1:]) if shapes else []
             outputs_measured = sum(int(torch.Size(s[1:]).numel()) for s in shapes or [])
-            module_name = layer.name.split(":")[0] if layer.node in _module_nodes(analysis) else None
+            module_name = (
+                layer.name.split(":")[0] if layer.node in _module_nodes(analysis) else None
+            )
             weights_measured = 0
             if module_name is not None and module_name not in owners:
                 owners.add(module_name)
@@ -251,8 +265,12 @@ def verify(
             raw_connections = int(sp.sympify(layer.cost.connections).subs(at))
             shape_formula = [int(sp.sympify(d).subs(at)) for d in layer.output_shape]
             check = LayerCheck(
-                layer=layer.name, type=layer.type, kind=layer.kind, resolution=label,
-                shape_formula=shape_formula, shape_measured=shape_measured,
+                layer=layer.name,
+                type=layer.type,
+                kind=layer.kind,
+                resolution=label,
+                shape_formula=shape_formula,
+                shape_measured=shape_measured,
                 weights_formula=int(values["weights"][index, j]),
                 weights_measured=weights_measured,
                 outputs_formula=int(values["outputs"][index, j]),
@@ -265,30 +283,37 @@ def verify(
                 check.problems.append(f"shape {shape_formula} != measured {shape_measured}")
             if int(values["outputs"][index, j]) != outputs_measured:
                 check.problems.append(
-                    f"outputs {check.outputs_formula} != measured {outputs_measured}")
+                    f"outputs {check.outputs_formula} != measured {outputs_measured}"
+                )
             if raw_weights != weights_measured and layer.known:
                 check.problems.append(f"weights {raw_weights} != parameters {weights_measured}")
             if _fvcore_blind(analysis, module_name, check.fvcore):
-                check.note = ("fvcore does not see convolutions with padding='same' "
-                              "(aten::_convolution_mode); PyTorch's counter is the witness")
+                check.note = (
+                    "fvcore does not see convolutions with padding='same' "
+                    "(aten::_convolution_mode); PyTorch's counter is the witness"
+                )
                 if 2 * raw_connections != check.torch_flops:
                     check.problems.append(
-                        f"2 x connections {2 * raw_connections} != torch {check.torch_flops}")
+                        f"2 x connections {2 * raw_connections} != torch {check.torch_flops}"
+                    )
             elif layer.kind in MUST_MATCH_FVCORE and check.fvcore is not None:
                 if raw_connections != check.fvcore:
                     check.problems.append(f"connections {raw_connections} != fvcore {check.fvcore}")
                 if check.torch_flops is not None and 2 * raw_connections != check.torch_flops:
                     check.problems.append(
-                        f"2 x connections {2 * raw_connections} != torch {check.torch_flops}")
+                        f"2 x connections {2 * raw_connections} != torch {check.torch_flops}"
+                    )
             elif layer.kind not in MUST_MATCH_FVCORE:
                 fv = check.fvcore or 0
                 if fv != check.connections_formula:
                     check.note = FVCORE_CONVENTION.get(layer.kind, "conventions differ")
             checks.append(check)
     return Verification(
-        model=analysis.model, device=device_description(device),
+        model=analysis.model,
+        device=device_description(device),
         resolutions=[resolution_label(*r) for r in resolutions],
-        convention=analysis.convention.as_dict(), checks=checks,
+        convention=analysis.convention.as_dict(),
+        checks=checks,
         checkpoint=str(checkpoint) if checkpoint else None,
     )
 
@@ -302,8 +327,9 @@ def _fvcore_blind(analysis: Analysis, module_name: str | None, count: int | None
 
 def _module_nodes(analysis: Analysis) -> set[str]:
     if not hasattr(analysis, "_module_nodes"):
-        analysis._module_nodes = {n.name for n in analysis.graph_module.graph.nodes
-                                  if n.op == "call_module"}
+        analysis._module_nodes = {
+            n.name for n in analysis.graph_module.graph.nodes if n.op == "call_module"
+        }
     return analysis._module_nodes
 
 
@@ -313,16 +339,23 @@ def render_verification(result: Verification, fmt: str) -> str:
         return json.dumps(result.to_dict(), indent=2) + "\n"
     import pandas as pd
 
-    rows = [{
-        "layer": c.layer, "type": c.type, "res": c.resolution,
-        "shape": "x".join(map(str, c.shape_formula)),
-        "weights": c.weights_formula, "params (hook)": c.weights_measured,
-        "outputs": c.outputs_formula, "outputs (hook)": c.outputs_measured,
-        "connections": c.connections_formula,
-        "fvcore": "" if c.fvcore is None else c.fvcore,
-        "torch (2/MAC)": "" if c.torch_flops is None else c.torch_flops,
-        "verdict": c.verdict + (f" [{c.note}]" if c.note and fmt == "csv" else ""),
-    } for c in result.checks]
+    rows = [
+        {
+            "layer": c.layer,
+            "type": c.type,
+            "res": c.resolution,
+            "shape": "x".join(map(str, c.shape_formula)),
+            "weights": c.weights_formula,
+            "params (hook)": c.weights_measured,
+            "outputs": c.outputs_formula,
+            "outputs (hook)": c.outputs_measured,
+            "connections": c.connections_formula,
+            "fvcore": "" if c.fvcore is None else c.fvcore,
+            "torch (2/MAC)": "" if c.torch_flops is None else c.torch_flops,
+            "verdict": c.verdict + (f" [{c.note}]" if c.note and fmt == "csv" else ""),
+        }
+        for c in result.checks
+    ]
     frame = pd.DataFrame(rows)
     if fmt == "csv":
         return frame.to_csv(index=False)
@@ -341,4 +374,3 @@ def render_verification(result: Verification, fmt: str) -> str:
     buffer = io.StringIO()
     buffer.write("\n".join(header) + "\n\n" + body + "\n\n" + result.summary() + "\n")
     return buffer.getvalue()
-

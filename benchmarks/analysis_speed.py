@@ -12,7 +12,6 @@ such.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -86,11 +85,14 @@ def main() -> int:
         "evaluate_1000_resolutions_seconds": round(evaluation_seconds, 4),
         "fvcore_one_resolution_seconds": round(fvcore_one, 3),
         "fvcore_1000_resolutions_seconds_projected": round(1000 * fvcore_one, 1),
-        "fvcore_samples": [{"resolution": f"{h}x{w}", "seconds": round(t, 3)}
-                           for (h, w), t in zip(sample, fvcore_times, strict=True)],
+        "fvcore_samples": [
+            {"resolution": f"{h}x{w}", "seconds": round(t, 3)}
+            for (h, w), t in zip(sample, fvcore_times, strict=True)
+        ],
         "resolution_range": f"{resolutions[0]} to {resolutions[-1]}",
-        "example_total_connections": {f"{h}x{w}": totals["connections"][i]
-                                      for i, (h, w) in enumerate(resolutions[:3])},
+        "example_total_connections": {
+            f"{h}x{w}": totals["connections"][i] for i, (h, w) in enumerate(resolutions[:3])
+        },
     }
     lines = [
         f"# Analysis speed: {args.model}",

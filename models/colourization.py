@@ -80,16 +80,24 @@ class ConvTransposeNet(nn.Module):
         )
         self.block2 = nn.Sequential(
             nn.ConvTranspose2d(
-                2 * num_filters, num_filters, kernel,
-                stride=stride, padding=padding, output_padding=output_padding,
+                2 * num_filters,
+                num_filters,
+                kernel,
+                stride=stride,
+                padding=padding,
+                output_padding=output_padding,
             ),
             nn.BatchNorm2d(num_filters),
             nn.ReLU(),
         )
         self.block3 = nn.Sequential(
             nn.ConvTranspose2d(
-                num_filters, num_colours, kernel,
-                stride=stride, padding=padding, output_padding=output_padding,
+                num_filters,
+                num_colours,
+                kernel,
+                stride=stride,
+                padding=padding,
+                output_padding=output_padding,
             ),
             nn.BatchNorm2d(num_colours),
             nn.ReLU(),
@@ -136,8 +144,9 @@ class UNet(nn.Module):
             nn.ReLU(),
         )
         self.block4 = nn.Sequential(
-            nn.Conv2d(num_colours + num_in_channels, num_colours, kernel_size=kernel,
-                      padding=padding),
+            nn.Conv2d(
+                num_colours + num_in_channels, num_colours, kernel_size=kernel, padding=padding
+            ),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available; use cpu or auto")
+        raise ValueError(
+            f"--device {name} asked for, but no CUDA GPU is available; use cpu or auto"
+        )
     try:
         return torch.device(name)
     except RuntimeError:

@@ -34,7 +34,7 @@ class ModelSpec:
     defaults_override: Mapping[str, int] = field(default_factory=dict)
 
     def settings(self, overrides: Mapping[str, int] | None = None) -> dict[str, int]:
-        """Return the symbol->value settings: defaults with `overrides` (by symbol or name) applied."""
+        """Return symbol -> value: the defaults with `overrides` (by symbol or name) applied."""
         values = {hp.symbol: hp.default for hp in self.hyperparameters}
         by_name = {hp.name: hp.symbol for hp in self.hyperparameters}
         for key, value in (overrides or {}).items():
@@ -70,15 +70,24 @@ COLOURIZATION_HYPERPARAMETERS = (
 
 REGISTRY: dict[str, ModelSpec] = {
     "poolupsample": ModelSpec(
-        "poolupsample", PoolUpsampleNet, COLOURIZATION_HYPERPARAMETERS, "NIC",
+        "poolupsample",
+        PoolUpsampleNet,
+        COLOURIZATION_HYPERPARAMETERS,
+        "NIC",
         "PoolUpsampleNet (write-up Part A): max-pooling and nearest upsampling",
     ),
     "convtranspose": ModelSpec(
-        "convtranspose", ConvTransposeNet, COLOURIZATION_HYPERPARAMETERS, "NIC",
+        "convtranspose",
+        ConvTransposeNet,
+        COLOURIZATION_HYPERPARAMETERS,
+        "NIC",
         "ConvTransposeNet (write-up Part B): strided and transposed convolutions",
     ),
     "unet": ModelSpec(
-        "unet", UNet, COLOURIZATION_HYPERPARAMETERS, "NIC",
+        "unet",
+        UNet,
+        COLOURIZATION_HYPERPARAMETERS,
+        "NIC",
         "UNet (write-up Part C): PoolUpsampleNet with two concatenation skips",
     ),
     "deeplabv3_flowers": ModelSpec(
@@ -139,8 +148,23 @@ def _callable_spec(reference: str) -> ModelSpec:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"cannot import {module_name!r} for model {reference!r}: {error}") from None
+        raise ValueError(
+            f"cannot import {module_name!r} for model {reference!r}: {error}"
+        ) from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ValueError(f"{module_name!r} has no callable {attribute!r} (model {reference!r})")
-    return ModelSpec(reference, factory, (), 3, f"{reference}()")
+
+    def build() -> nn.Module:
+        try:
+            network = factory()
+        except TypeError as error:
+            raise ValueError(
+                f"cannot call {reference}() without arguments ({error}); point MODEL at a "
+                "function that builds the network, or register it in models/registry.py"
+            ) from None
+        if not isinstance(network, nn.Module):
+            raise ValueError(f"{reference}() returned {type(network).__name__}, not an nn.Module")
+        return network
+
+    return ModelSpec(reference, build, (), 3, f"{reference}()")

@@ -12,9 +12,9 @@ from torch import nn
 
 from analysis.accounting import (
     H,
-    W,
     IntegerEvaluator,
     ResolutionError,
+    W,
     analyse,
     parse_resolution,
     parse_settings,
@@ -34,9 +34,11 @@ def running_network_counts(network: nn.Module, channels: int, height: int, width
     """Measure each leaf module call (output size, parameters) and fvcore's per-module count."""
     calls: dict[str, list[int]] = {}
     names = {m: n for n, m in network.named_modules()}
-    handles = [m.register_forward_hook(
-        lambda m, i, o: calls.setdefault(names[m], []).append(o[0].numel()))
-        for m in network.modules() if not list(m.children())]
+    handles = [
+        m.register_forward_hook(lambda m, i, o: calls.setdefault(names[m], []).append(o[0].numel()))
+        for m in network.modules()
+        if not list(m.children())
+    ]
     x = torch.zeros(1, channels, height, width)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -63,28 +65,32 @@ def assert_matches_running_network(analysis, network, channels, resolutions):
             call = seen_calls.get(module_name, 0)
             seen_calls[module_name] = call + 1
             assert int(values["outputs"][index, j]) == calls[module_name][call], (
-                f"{layer.name} outputs at {height}x{width}")
+                f"{layer.name} outputs at {height}x{width}"
+            )
             if call == 0:
                 params = sum(p.numel() for p in network.get_submodule(module_name).parameters())
                 assert int(values["weights"][index, j]) == params, f"{layer.name} weights"
             if layer.kind in ("conv", "linear") and fvcore.get(module_name):
                 assert int(values["connections"][index, j]) == fvcore[module_name], (
-                    f"{layer.name} connections at {height}x{width}")
+                    f"{layer.name} connections at {height}x{width}"
+                )
                 checked_conv += 1
         assert checked_conv > 0
         total_params = sum(p.numel() for p in network.parameters())
         assert int(values["weights"][:, j].sum()) == total_params - analysis.unused_weights
 
 
-@pytest.mark.parametrize("settings", SEED_SETTINGS, ids=lambda s: "-".join(
-    f"{k}{v}" for k, v in s.items()) or "defaults")
+@pytest.mark.parametrize(
+    "settings", SEED_SETTINGS, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()) or "defaults"
+)
 @pytest.mark.parametrize("name", SEED_MODELS)
 def test_seed_networks_match_hooks_and_fvcore(name, settings):
     spec = REGISTRY[name]
     analysis = analyse(name, settings)
     network = spec.build(settings)
-    assert_matches_running_network(analysis, network, spec.input_channel_count(settings),
-                                   SEED_RESOLUTIONS)
+    assert_matches_running_network(
+        analysis, network, spec.input_channel_count(settings), SEED_RESOLUTIONS
+    )
 
 
 @pytest.mark.parametrize("name", SEED_MODELS)
@@ -161,8 +167,11 @@ def test_divisibility_is_derived_per_layer():
 
 def test_resolution_breaking_divisibility_names_the_layer():
     analysis = analyse("poolupsample")
-    with pytest.raises(ResolutionError, match=r"expected H divisible by 4 for block1\.1 "
-                       r"\(MaxPool2d\), got H=30.*try 28 or 32"):
+    with pytest.raises(
+        ResolutionError,
+        match=r"expected H divisible by 4 for block1\.1 "
+        r"\(MaxPool2d\), got H=30.*try 28 or 32",
+    ):
         analysis.evaluate([(30, 32)])
     with pytest.raises(ResolutionError, match=r"W divisible by 2 for block0\.1.*got W=33"):
         analysis.evaluate([(32, 33)])
@@ -215,19 +224,26 @@ def test_conventions_switch_terms():
     with_bias = analyse("poolupsample", convention=make_convention(bias_in_connections=True))
     no_bn = analyse("poolupsample", convention=make_convention(batchnorm_in_weights=False))
     no_elementwise = analyse(
-        "poolupsample", convention=make_convention(elementwise_in_connections=False))
+        "poolupsample", convention=make_convention(elementwise_in_connections=False)
+    )
     at = [(32, 32)]
     base = default.evaluate(at)
     # bias edges: one per conv output
-    conv_outputs = sum(int(base["outputs"][i, 0]) for i, layer in enumerate(default.layers)
-                       if layer.kind == "conv")
+    conv_outputs = sum(
+        int(base["outputs"][i, 0]) for i, layer in enumerate(default.layers) if layer.kind == "conv"
+    )
     assert with_bias.totals_at(at)["connections"][0] == (
-        default.totals_at(at)["connections"][0] + conv_outputs)
+        default.totals_at(at)["connections"][0] + conv_outputs
+    )
     assert no_bn.totals_at(at)["weights"][0] == 50304 - 2 * (32 + 64 + 32 + 24)
-    elementwise = sum(int(base["connections"][i, 0]) for i, layer in enumerate(default.layers)
-                      if layer.kind in ("norm", "activation"))
+    elementwise = sum(
+        int(base["connections"][i, 0])
+        for i, layer in enumerate(default.layers)
+        if layer.kind in ("norm", "activation")
+    )
     assert no_elementwise.totals_at(at)["connections"][0] == (
-        default.totals_at(at)["connections"][0] - elementwise)
+        default.totals_at(at)["connections"][0] - elementwise
+    )
     assert with_bias.convention.name == "custom"
 
 
@@ -237,11 +253,14 @@ def test_write_up_table_totals_corrected():
     assert totals["outputs"] == [217088, 868352]  # as in the write-up
 
 
-@pytest.mark.parametrize("formula", [
-    sp.floor((H - 1) / 2) + 1,
-    sp.ceiling(H / 3) * sp.floor(W / 5) + H * (H + 1) / 2,
-    sp.floor(sp.floor(H / 2 - sp.Rational(1, 2)) / 2) * 7,
-])
+@pytest.mark.parametrize(
+    "formula",
+    [
+        sp.floor((H - 1) / 2) + 1,
+        sp.ceiling(H / 3) * sp.floor(W / 5) + H * (H + 1) / 2,
+        sp.floor(sp.floor(H / 2 - sp.Rational(1, 2)) / 2) * 7,
+    ],
+)
 def test_integer_evaluator_is_exact(formula):
     import numpy as np
 
@@ -252,8 +271,9 @@ def test_integer_evaluator_is_exact(formula):
         assert value == formula.subs({H: int(h), W: int(w)})
 
 
-@pytest.mark.parametrize("text,expected", [("32", (32, 32)), ("32x48", (32, 48)),
-                                           ("64X64", (64, 64))])
+@pytest.mark.parametrize(
+    "text,expected", [("32", (32, 32)), ("32x48", (32, 48)), ("64X64", (64, 64))]
+)
 def test_parse_resolution(text, expected):
     assert parse_resolution(text) == expected
 

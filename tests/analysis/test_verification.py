@@ -13,9 +13,11 @@ from analysis.verification import CheckpointError, load_checkpoint, verify
 from models.registry import REGISTRY
 
 
-@pytest.mark.parametrize("settings", [{}, {"K": 5, "NF": 8, "NC": 6, "NIC": 1},
-                                      {"K": 4, "NF": 4, "NC": 3, "NIC": 2}],
-                         ids=["defaults", "K5", "K4"])
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"K": 5, "NF": 8, "NC": 6, "NIC": 1}, {"K": 4, "NF": 4, "NC": 3, "NIC": 2}],
+    ids=["defaults", "K5", "K4"],
+)
 @pytest.mark.parametrize("name", ["poolupsample", "convtranspose", "unet"])
 def test_seed_networks_verify(name, settings):
     if settings.get("K") == 4 and name == "unet":
@@ -28,9 +30,14 @@ def test_seed_networks_verify(name, settings):
     assert conv.torch_flops == 2 * conv.fvcore
 
 
-@pytest.mark.parametrize("name,resolution", [("torchvision:resnet18", (64, 64)),
-                                             ("torchvision:mobilenet_v3_large", (96, 96)),
-                                             ("torchvision:deeplabv3_resnet50", (64, 64))])
+@pytest.mark.parametrize(
+    "name,resolution",
+    [
+        ("torchvision:resnet18", (64, 64)),
+        ("torchvision:mobilenet_v3_large", (96, 96)),
+        ("torchvision:deeplabv3_resnet50", (64, 64)),
+    ],
+)
 def test_torchvision_models_verify(name, resolution):
     result = verify(name, [resolution])
     assert result.mismatches == []
@@ -49,8 +56,9 @@ def test_broken_rule_is_caught(monkeypatch, capsys):
 
     def off_by_one(module, attrs, x):
         cost = original(module, attrs, x)
-        return LayerCost(cost.kind, cost.output, cost.weights, cost.connections + 1,
-                         cost.bias_connections)
+        return LayerCost(
+            cost.kind, cost.output, cost.weights, cost.connections + 1, cost.bias_connections
+        )
 
     monkeypatch.setitem(rules.MODULE_RULES, nn.Conv2d, off_by_one)
     assert main(["verify", "poolupsample", "--res", "32", "--device", "cpu"]) == 1
@@ -68,8 +76,7 @@ def test_broken_weights_rule_is_caught(monkeypatch):
 
     monkeypatch.setitem(rules.MODULE_RULES, nn.BatchNorm2d, no_weights)
     result = verify("unet", [(32, 32)])
-    assert {c.layer for c in result.mismatches} == {"block0.2", "block1.2", "block2.2",
-                                                    "block3.2"}
+    assert {c.layer for c in result.mismatches} == {"block0.2", "block1.2", "block2.2", "block3.2"}
 
 
 def test_checkpoint_round_trip(tmp_path, capsys):
@@ -82,8 +89,25 @@ def test_checkpoint_round_trip(tmp_path, capsys):
     load_checkpoint(fresh, path)
     for key, value in network.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value)
-    assert main(["verify", "unet", "--set", "NF=8", "--checkpoint", str(path), "--res", "32",
-                 "--format", "json", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                "unet",
+                "--set",
+                "NF=8",
+                "--checkpoint",
+                str(path),
+                "--res",
+                "32",
+                "--format",
+                "json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert '"mismatches": 0' in capsys.readouterr().out
 
 
@@ -103,14 +127,19 @@ def test_checkpoints_load_onto_the_cpu_without_code_execution(tmp_path, monkeypa
     assert calls == [{"map_location": "cpu", "weights_only": True}]
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda p: p.write_bytes(b"not a checkpoint"), "truncated or not a torch file"),
-    (lambda p: p.write_bytes(_truncated()), "truncated or not a torch file"),
-    (lambda p: torch.save([1, 2, 3], p), "is not a state_dict"),
-    (lambda p: torch.save(REGISTRY["poolupsample"].build().state_dict(), p),
-     "shape mismatch at block3.0.weight"),
-    (lambda p: torch.save({"block0.0.weight": torch.zeros(1)}, p), "missing keys"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: p.write_bytes(b"not a checkpoint"), "truncated or not a torch file"),
+        (lambda p: p.write_bytes(_truncated()), "truncated or not a torch file"),
+        (lambda p: torch.save([1, 2, 3], p), "is not a state_dict"),
+        (
+            lambda p: torch.save(REGISTRY["poolupsample"].build().state_dict(), p),
+            "shape mismatch at block3.0.weight",
+        ),
+        (lambda p: torch.save({"block0.0.weight": torch.zeros(1)}, p), "missing keys"),
+    ],
+)
 def test_bad_checkpoints_exit_2(tmp_path, capsys, make, message):
     path = tmp_path / "bad.pt"
     make(path)

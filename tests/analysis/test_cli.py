@@ -1,0 +1,109 @@
+"""The command line: outputs, files, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from torch import nn
+
+from analysis.cli import main
+from analysis.shapes import halving_and_doubling_padding
+
+
+def test_table_json_to_file(tmp_path, capsys):
+    out = tmp_path / "sub" / "unet.json"
+    assert (
+        main(
+            [
+                "table",
+                "unet",
+                "--res",
+                "32",
+                "32x64",
+                "--set",
+                "NF=8",
+                "--format",
+                "json",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    data = json.loads(out.read_text())
+    assert data["hyperparameters"]["NF"]["value"] == 8
+    assert set(data["totals"]["weights"]["values"]) == {"32", "32x64"}
+    assert list(tmp_path.joinpath("sub").iterdir()) == [out]
+
+
+def test_table_torchvision_and_callable(capsys):
+    assert main(["table", "torchvision:resnet18", "--res", "224", "--format", "csv"]) == 0
+    assert "fc,Linear" in capsys.readouterr().out
+    assert main(["table", "models.colourization:PoolUpsampleNet", "--res", "32"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_table_convention_switches(capsys):
+    main(["table", "poolupsample", "--res", "32", "--format", "json", "--bias-connections"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["convention"]["bias_in_connections"] is True
+    assert data["layers"][0]["connections"]["values"]["32"] == 884736 + 32768
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["table", "nosuchnet"], "unknown model 'nosuchnet'"),
+        (["table", "torchvision:nosuch"], "unknown torchvision model 'nosuch'"),
+        (["table", "unet", "--set", "QQ=3"], "unknown hyperparameter 'QQ'"),
+        (["table", "unet", "--set", "NF=x"], "bad --set 'NF=x'"),
+        (["table", "unet", "--res", "30"], "expected H divisible by 4 for block1.1 (MaxPool2d)"),
+        (["table", "unet", "--res", "abc"], "bad resolution 'abc'"),
+        (["verify", "unet", "--device", "cuda:7"], "no CUDA GPU is available"),
+        (["padding", "--kernel", "4", "--stride", "1"], "no padding makes a kernel-4, stride-1"),
+        (["padding", "--kernel", "0"], "--kernel and --stride must be positive"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_unknown_layer_cli(capsys, monkeypatch, tmp_path):
+    module = tmp_path / "oddnet.py"
+    module.write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["table", "oddnet:build", "--res", "16"]) == 2
+    assert "no rule for 1 (Softplus)" in capsys.readouterr().err
+    assert main(["table", "oddnet:build", "--res", "16", "--allow-unknown"]) == 0
+    assert "Softplus" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kernel", range(1, 10))
+@pytest.mark.parametrize("stride", [2, 3])
+def test_padding_halves_and_doubles_real_layers(kernel, stride):
+    import torch
+
+    padding, output_padding = halving_and_doubling_padding(kernel, stride)
+    for size in (stride * 4, stride * 7):
+        x = torch.zeros(1, 1, size, size)
+        down = nn.Conv2d(1, 1, kernel, stride=stride, padding=padding)(x)
+        assert down.shape[-1] == size // stride
+        up = nn.ConvTranspose2d(
+            1, 1, kernel, stride=stride, padding=padding, output_padding=output_padding
+        )(down)
+        assert up.shape[-1] == size
+
+
+def test_padding_cli_matches_write_up_part_b4(capsys):
+    assert main(["padding", "--kernel", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "padding=1)" in out and "padding=1, output_padding=0" in out
+    main(["padding", "--kernel", "5"])
+    assert "padding=2, output_padding=1" in capsys.readouterr().out

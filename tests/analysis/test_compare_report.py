@@ -1,0 +1,110 @@
+"""compare: totals, ratios, runs and reference rows; report: every file, atomic on failure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis import report
+from analysis.accounting import analyse
+from analysis.cli import main
+from analysis.compare import WRITE_UP_RESULTS, compare
+
+
+def write_run(directory, model, val_accuracy=0.5):
+    run = directory / model
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(
+        json.dumps(
+            {
+                "task": "colour",
+                "model": model,
+                "device": "cpu (test)",
+                "settings": {"kernel": 3, "num_in_channels": 1, "filters": 32, "num_colours": 24},
+                "data": {"source": "generated", "train_images": 10, "val_images": 5},
+                "final": {"val_loss": 1.25, "val_accuracy": val_accuracy, "total_seconds": 3.0},
+                "finished_at": "2026-01-01T00:00:00Z",
+            }
+        )
+    )
+
+
+def test_compare_totals_and_ratios(tmp_path):
+    frame = compare(["poolupsample", "unet"], [(32, 32), (64, 64)], run_dirs=[tmp_path])
+    formula_rows = frame[frame["source"] == "formula"].set_index(["model", "resolution"])
+    unet = analyse("unet").totals_at([(64, 64)])
+    assert formula_rows.loc[("unet", "64"), "connections"] == unet["connections"][0]
+    assert formula_rows.loc[("unet", "32"), "weights ratio"] == round(57864 / 50304, 3)
+    assert formula_rows.loc[("poolupsample", "64"), "connections ratio"] == 1
+    reference = frame[frame["source"].str.startswith("write-up")]
+    assert list(reference["model"]) == ["poolupsample", "unet"]
+    assert reference["val loss"].tolist() == [
+        WRITE_UP_RESULTS["poolupsample"]["val_loss"],
+        WRITE_UP_RESULTS["unet"]["val_loss"],
+    ]
+
+
+def test_compare_picks_up_runs(tmp_path):
+    write_run(tmp_path, "unet", 0.375)
+    frame = compare(["unet"], [(32, 32), (64, 64)], run_dirs=[tmp_path])
+    measured = frame[frame["source"].str.startswith("formula + run")]
+    assert len(measured) == 1 and measured.iloc[0]["resolution"] == "32"
+    assert measured.iloc[0]["val accuracy %"] == 37.5
+    assert (
+        measured.iloc[0]["trained-net connections"]
+        == analyse("unet", {"NIC": 1}).totals_at([(32, 32)])["connections"][0]
+    )
+
+
+def test_compare_cli_mixes_registry_and_torchvision(capsys):
+    assert (
+        main(["compare", "poolupsample", "torchvision:resnet18", "--res", "64", "--format", "csv"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "torchvision:resnet18,64,formula" in out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports")
+    write_run(out / "training", "poolupsample")
+    lines = report.build_report(out, segmentation=False)
+    return out, lines
+
+
+def test_report_writes_every_part(built):
+    out, lines = built
+    for model in report.SEED_MODELS:
+        for suffix in ("csv", "md", "tex", "json", "txt"):
+            assert (out / "costs" / f"{model}.{suffix}").stat().st_size > 100
+        assert (out / "verification" / f"{model}.txt").read_text().count("0 mismatch(es)") == 1
+        for suffix in ("png", "pdf"):
+            assert (out / "figures" / f"per_layer_connections_{model}.{suffix}").exists()
+    assert (out / "figures" / "connections_vs_resolution.png").exists()
+    assert (out / "figures" / "accuracy_vs_connections.pdf").exists()
+    assert "32 wrong, 76 right" in (out / "check" / "writeup_table.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "convtally report" in readme and "training/poolupsample/" in readme
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_report_without_runs_says_accuracy_needs_training(tmp_path):
+    lines = report.build_report(tmp_path, segmentation=False)
+    assert any("accuracy needs `convtally train colour" in line for line in lines)
+
+
+def test_failed_report_leaves_previous_reports(built, monkeypatch):
+    out, _ = built
+    before = (out / "costs" / "unet.md").read_text()
+    (out / "costs" / "unet.md").write_text(before + "marker")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "_hand_check", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        report.build_report(out, segmentation=False)
+    assert (out / "costs" / "unet.md").read_text().endswith("marker")
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
