@@ -181,7 +181,9 @@ def _shape_of(value: Any) -> Any:
 
 def measure(analysis: Analysis, height: int, width: int, device: torch.device):
     """Return (per-node measured output shapes, fvcore by module, torch FLOPs by module)."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore's import scripts a function with torch.jit
+        from fvcore.nn import FlopCountAnalysis
     from torch.utils.flop_counter import FlopCounterMode
 
     network = analysis.network
