@@ -1,0 +1,65 @@
+"""Layer rules on unusual settings, each checked against the running layer and fvcore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from analysis.accounting import analyse
+from tests.analysis.test_accounting import assert_matches_running_network
+
+
+class Zoo(nn.Module):
+    """Strides, dilation, groups, 'same'/'valid' padding, ceil_mode, transposed convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = nn.Conv2d(3, 8, 4, padding="same", dilation=1)
+        self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4, bias=False)
+        self.strided = nn.Conv2d(8, 16, 5, stride=3, padding=1)
+        self.valid = nn.Conv2d(16, 16, 3, padding="valid", groups=16)
+        self.pool = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.avg = nn.AvgPool2d(2, stride=1, padding=1)
+        self.up = nn.ConvTranspose2d(16, 6, 4, stride=2, padding=1, output_padding=1, groups=2,
+                                     dilation=1)
+        self.up2 = nn.ConvTranspose2d(6, 6, 3, stride=3, dilation=2)
+        self.bilinear = nn.Upsample(size=(40, 30), mode="bilinear", align_corners=False)
+        self.norm = nn.BatchNorm2d(6, affine=False)
+        self.act = nn.LeakyReLU(0.1)
+        self.squeeze = nn.AdaptiveAvgPool2d((3, 5))
+        self.head = nn.Linear(6 * 15, 10)
+
+    def forward(self, x):
+        x = self.valid(self.strided(self.dilated(self.same(x))))
+        x = self.avg(self.pool(x))
+        x = self.up2(self.up(x))
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = self.act(self.norm(self.bilinear(x)))
+        x = x * torch.sigmoid(x) + x
+        return self.head(torch.flatten(self.squeeze(x), 1))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_zoo_matches_running_layers(exact):
+    analysis = analyse(Zoo(), exact=exact)
+    sizes = [(96, 96), (60, 120)] if not exact else [(61, 77), (96, 96), (50, 101)]
+    assert_matches_running_network(analysis, analysis.network, 3, sizes)
+
+
+def test_zoo_adaptive_windows_and_bilinear_connections():
+    analysis = analyse(Zoo(), exact=True)
+    layers = {layer.name: layer for layer in analysis.layers}
+    values = analysis.evaluate([(61, 77)])
+    index = {layer.name: i for i, layer in enumerate(analysis.layers)}
+    # bilinear to a fixed 40x30: 4 connections per output value
+    assert values["connections"][index["bilinear"], 0] == 4 * 6 * 40 * 30
+    # adaptive pooling of 40x30 to 3x5: windows [0,14),[13,27),[26,40) and 6 of width 6
+    assert values["connections"][index["squeeze"], 0] == 6 * (14 + 14 + 14) * (6 * 5)
+    assert layers["norm"].weights == 0  # affine=False
+
+
+def test_registered_model_with_cat_keeps_symbolic_channels():
+    analysis = analyse("unet", {"NF": 5, "NC": 3, "NIC": 2, "K": 5})
+    assert_matches_running_network(analysis, analysis.network, 2, [(32, 32), (28, 44)])
