@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from copy import copy
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from models.registry import ModelSpec, resolve
 H = sp.Symbol("H", integer=True, positive=True)
 W = sp.Symbol("W", integer=True, positive=True)
 QUANTITIES = ("weights", "outputs", "connections")
+FLOORS_KEPT = "some sizes keep floor(): no divisibility of H and W removes it"
 
 
 class ResolutionError(ValueError):
@@ -141,6 +143,26 @@ class Analysis:
                         self._size_owner.append(index)
             self._compiled = IntegerEvaluator(formulas)
         return self._compiled
+
+    def with_convention(self, convention: Convention) -> Analysis:
+        """Return this analysis counted under another convention (same layers, no re-tracing)."""
+        other = copy(self)
+        other.convention = convention
+        other._compiled = None
+        other.layers = []
+        raw = self.exact or FLOORS_KEPT in self.assumptions
+
+        def simplify(expression: sp.Expr) -> sp.Expr:
+            return sp.sympify(expression) if raw else _simplify(expression, self.divisor)
+
+        for layer in self.layers:
+            clone = copy(layer)
+            clone.weights = simplify(convention.weights(layer.cost))
+            clone.connections = (
+                simplify(convention.connections(layer.cost)) if layer.known else sp.Integer(0)
+            )
+            other.layers.append(clone)
+        return other
 
     def totals_at(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, list[int]]:
         """Return quantity -> list of totals, one per resolution."""
@@ -448,10 +470,14 @@ def _interpret(
                 except UnsupportedLayer as error:
                     raise UnsupportedLayer(f"{node.target} ({type_name}): {error}") from None
                 known = True
+            cost = replace(
+                cost,
+                via=cost.via or rules.module_via(module),
+                inputs=_first_input(args, kwargs) if cost.inputs is None else cost.inputs,
+                parameters=cost.weights if cost.parameters is None else cost.parameters,
+            )
             if id(module) in counted_modules:  # a module called twice owns its weights once
-                cost = LayerCost(
-                    cost.kind, cost.output, sp.Integer(0), cost.connections, cost.bias_connections
-                )
+                cost = replace(cost, weights=sp.Integer(0))
             counted_modules.add(id(module))
         else:
             key = node.target
@@ -473,7 +499,13 @@ def _interpret(
             if isinstance(result, PlainValue):
                 env[node.name] = result.value
                 continue
-            cost, known = result, True
+            cost = replace(
+                result,
+                op=result.op or rules.function_op(node.op, node.target),
+                via=result.via or rules.call_via(node.op, node.target),
+                inputs=_first_input(args, kwargs) if result.inputs is None else result.inputs,
+            )
+            known = True
         env[node.name] = cost.output
         shape = cost.output.shape[1:] if isinstance(cost.output, SymTensor) else ()
         layers.append(
@@ -491,6 +523,12 @@ def _interpret(
             )
         )
     return layers
+
+
+def _first_input(args, kwargs) -> sp.Expr | None:
+    found: list[SymTensor] = []
+    _map((args, kwargs), lambda v: found.append(v) if isinstance(v, SymTensor) else None)
+    return found[0].per_example if found else None
 
 
 def _python_call(node, args, kwargs):
@@ -548,18 +586,13 @@ def _apply_divisibility(layers: list[Layer], exact: bool) -> tuple[tuple[int, in
         for layer in layers:
             layer.divisor = (1, 1)
         if unresolved and not exact:
-            assumptions.append("some sizes keep floor(): no divisibility of H and W removes it")
+            assumptions.append(FLOORS_KEPT)
         assumptions.append("formulas are exact for every H, W (PyTorch's floor arithmetic kept)")
         return (1, 1), assumptions
-    t_h, t_w = sp.symbols("t_h t_w", integer=True, positive=True)
-    forward = {H: multiples[0] * t_h, W: multiples[1] * t_w}
-    back = {t_h: H / multiples[0], t_w: W / multiples[1]}
+    divisor = (multiples[0], multiples[1])
 
     def simplify(expression: sp.Expr) -> sp.Expr:
-        expression = sp.sympify(expression)
-        if not expression.has(H, W):
-            return sp.expand(expression)
-        return sp.expand(expression.subs(forward).subs(back))
+        return _simplify(expression, divisor)
 
     for layer in layers:
         layer.output_shape = tuple(simplify(d) for d in layer.output_shape)
@@ -570,6 +603,17 @@ def _apply_divisibility(layers: list[Layer], exact: bool) -> tuple[tuple[int, in
         if multiple > 1:
             assumptions.append(f"{symbol} divisible by {multiple}")
     return (multiples[0], multiples[1]), assumptions
+
+
+def _simplify(expression: sp.Expr, divisor: tuple[int, int]) -> sp.Expr:
+    """Return `expression` with H, W divisible by `divisor` assumed (floors removed), expanded."""
+    expression = sp.sympify(expression)
+    if not expression.has(H, W):
+        return sp.expand(expression)
+    t_h, t_w = sp.symbols("t_h t_w", integer=True, positive=True)
+    forward = {H: divisor[0] * t_h, W: divisor[1] * t_w}
+    back = {t_h: H / divisor[0], t_w: W / divisor[1]}
+    return sp.expand(expression.subs(forward).subs(back))
 
 
 def parse_resolution(text: str) -> tuple[int, int]:

@@ -1,8 +1,24 @@
-"""Counting conventions: which terms go into weights and connections (DESIGN.md's defaults)."""
+"""Counting conventions as data: which terms go into weights and connections.
+
+A convention is a table of rules. Each rule says how one kind of layer is counted, as a sum of
+coefficient x quantity (the quantities a `LayerCost` exposes: macs, outputs, inputs, ...), plus
+bias terms that count only when the convention counts biases. Rules are looked up by the most
+specific key first:
+
+    "op@via", "kind@via", "*@via", "op", "kind", "*"
+
+where `op` is the operation (relu, max_pool2d, upsample_bilinear, add, ...), `kind` the layer
+kind (conv, norm, activation, ...) and `via` how it was called (module, F, torch, Tensor,
+operator, ...). The presets reproduce what fvcore, ptflops, thop, torchinfo and PyTorch's
+FlopCounterMode count; each rule names the source file that says so. The three switches of
+DESIGN.md (biases, BatchNorm weights, element-wise layers) still apply on top of any preset.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 import sympy as sp
 
@@ -10,34 +26,392 @@ from analysis.rules import LayerCost
 
 ELEMENTWISE_KINDS = frozenset({"norm", "activation", "elementwise"})
 
+Terms = tuple[tuple[str, sp.Rational], ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one kind of layer is counted: sum of coefficient x quantity, bias terms apart."""
+
+    terms: Terms = ()
+    bias: Terms = (("bias", sp.Integer(1)),)  # counted only when biases are in connections
+    source: str = ""  # the file (and function) of the tool that counts this way
+
+    def count(self, cost: LayerCost, with_bias: bool) -> sp.Expr:
+        """Return the count for `cost`, with the bias terms when `with_bias`."""
+        main, bias = self.parts(cost)
+        return main + bias if with_bias else main
+
+    def parts(self, cost: LayerCost) -> tuple[sp.Expr, sp.Expr]:
+        """Return (count without bias terms, bias terms) for `cost`."""
+        main = sp.Add(*(c * cost.quantity(q) for q, c in self.terms))
+        bias = sp.Add(*(c * cost.quantity(q) for q, c in self.bias))
+        return sp.sympify(main), sp.sympify(bias)
+
+    def formula(self) -> str:
+        """Return the rule as text, e.g. '2*outputs' or 'macs [+ bias]'."""
+        main = _terms_text(self.terms) or "0"
+        return f"{main} [+ {_terms_text(self.bias)}]" if self.bias else main
+
+
+def _terms_text(terms: Terms) -> str:
+    text = ""
+    for quantity, coefficient in terms:
+        sign = "-" if coefficient < 0 else "+"
+        magnitude = abs(coefficient)
+        term = quantity if magnitude == 1 else f"{magnitude}*{quantity}"
+        text += f" {sign} {term}" if text else ("-" if sign == "-" else "") + term
+    return text
+
+
+def count(source: str = "", bias: Mapping[str, int] | None = None, **terms: int) -> Rule:
+    """Return a Rule counting sum(terms[q] * q) (+ the bias terms, default 1*bias)."""
+    bias = {"bias": 1} if bias is None else bias
+    return Rule(
+        tuple((q, sp.Rational(c)) for q, c in terms.items()),
+        tuple((q, sp.Rational(c)) for q, c in bias.items()),
+        source,
+    )
+
+
+def zero(source: str = "") -> Rule:
+    """Return a Rule that counts nothing, bias included."""
+    return Rule((), (), source)
+
+
+def _table(rules: Mapping[str, Rule]) -> Mapping[str, Rule]:
+    return MappingProxyType(dict(rules))
+
+
+# --- the tables ----------------------------------------------------------------------------
+
+DESIGN = "DESIGN.md (counting conventions)"
+FVCORE = "https://github.com/facebookresearch/fvcore/blob/main/fvcore/nn/"
+PTFLOPS = "https://github.com/sovrasov/flops-counter.pytorch/blob/master/ptflops/"
+THOP = "https://github.com/Lyken17/pytorch-OpCounter/blob/master/thop/"
+TORCHINFO = "https://github.com/TylerYep/torchinfo/blob/main/torchinfo/"
+TORCH = "https://github.com/pytorch/pytorch/blob/main/torch/"
+
+ALL_WEIGHTS = _table({"*": Rule((("weights", sp.Integer(1)),), (), "every learnable parameter")})
+
+DEFAULT_RULES = _table({"*": count(DESIGN, macs=1)})
+
+# fvcore 0.1.5: FlopCountAnalysis traces with torch.jit and counts only the aten ops that have
+# a handle in flop_count.py _DEFAULT_SUPPORTED_OPS (one "flop" per multiply-add); every other
+# op (max/avg pooling, activations, add/mul, mean, cat, dropout, ...) counts 0.
+FVCORE_RULES = _table(
+    {
+        "conv2d": count(
+            FVCORE + "jit_handles.py conv_flop_count: batch * prod(w) * prod(out[2:])", macs=1
+        ),
+        "conv_transpose2d": count(
+            FVCORE + "jit_handles.py conv_flop_count (transposed): prod(w) * prod(x[2:])", macs=1
+        ),
+        "conv2d_mode": zero(
+            FVCORE + "flop_count.py: padding='same'/'valid' runs aten::_convolution_mode, "
+            "which has no handle"
+        ),
+        "linear": count(FVCORE + "jit_handles.py linear_flop_jit: prod(x) * out", macs=1),
+        "batch_norm": count(
+            FVCORE + "jit_handles.py batchnorm_flop_jit (eval): 1 per input, 2 when affine",
+            inputs=1,
+            affine_inputs=1,
+        ),
+        "group_norm": count(
+            FVCORE + "jit_handles.py norm_flop_counter: 4 per input, 5 when affine",
+            inputs=4,
+            affine_inputs=1,
+        ),
+        "layer_norm": count(
+            FVCORE + "jit_handles.py norm_flop_counter: 4 per input, 5 when affine",
+            inputs=4,
+            affine_inputs=1,
+        ),
+        "upsample_nearest": count(
+            FVCORE + "flop_count.py aten::upsample_nearest2d: elementwise_flop_counter(0, 1)",
+            outputs=1,
+        ),
+        "upsample_bilinear": count(
+            FVCORE + "flop_count.py aten::upsample_bilinear2d: elementwise_flop_counter(0, 4)",
+            outputs=4,
+        ),
+        "adaptive_avg_pool2d": count(
+            FVCORE + "flop_count.py aten::adaptive_avg_pool2d: elementwise_flop_counter(1, 0)",
+            inputs=1,
+        ),
+        "*": zero(FVCORE + "flop_count.py _DEFAULT_SUPPORTED_OPS: no handle, not counted"),
+    }
+)
+
+# ptflops 0.7.5, pytorch backend: forward hooks on modules whose exact class is in
+# pytorch_ops.py MODULES_MAPPING, plus (count_functional=True) patched torch.nn.functional
+# functions (pytorch_engine.py patch_functional) and torch/Tensor add, mul, matmul
+# (patch_tensor_ops). A module whose forward calls a patched F function is counted twice:
+# nn.ReLU.forward calls F.relu, nn.MaxPool2d.forward F.max_pool2d, nn.Upsample.forward
+# F.interpolate (torch/nn/modules/*.py). Python operators (x + y, x * y) are not patched.
+_PT_OPS = PTFLOPS + "pytorch_ops.py "
+_PT_PATCH = " + " + PTFLOPS + "pytorch_engine.py patch_functional (forward calls F.{})"
+PTFLOPS_RULES = _table(
+    {
+        "conv2d@module": count(_PT_OPS + "conv_flops_counter_hook: + bias per output", macs=1),
+        "conv2d_mode@module": count(_PT_OPS + "conv_flops_counter_hook", macs=1),
+        "conv_transpose2d@module": count(
+            _PT_OPS + "conv_flops_counter_hook(transpose=True): input positions", macs=1
+        ),
+        "linear@module": count(
+            _PT_OPS + "linear_flops_counter_hook: (in*out + out) per row", macs=1
+        ),
+        "batch_norm@module": count(
+            _PT_OPS + "bn_flops_counter_hook: input numel, x2 when affine",
+            inputs=1,
+            affine_inputs=1,
+        ),
+        "group_norm@module": count(
+            _PT_OPS + "bn_flops_counter_hook: input numel, x2 when affine",
+            inputs=1,
+            affine_inputs=1,
+        ),
+        "layer_norm@module": count(
+            _PT_OPS + "bn_flops_counter_hook: LayerNorm has no .affine, so input numel", inputs=1
+        ),
+        "relu@module": count(
+            _PT_OPS + "relu_flops_counter_hook" + _PT_PATCH.format("relu"), outputs=1, inputs=1
+        ),
+        "prelu@module": count(
+            _PT_OPS + "relu_flops_counter_hook" + _PT_PATCH.format("prelu"), outputs=1, inputs=1
+        ),
+        "elu@module": count(
+            _PT_OPS + "relu_flops_counter_hook" + _PT_PATCH.format("elu"), outputs=1, inputs=1
+        ),
+        "gelu@module": count(
+            _PT_OPS + "relu_flops_counter_hook" + _PT_PATCH.format("gelu"), outputs=1, inputs=1
+        ),
+        "relu6@module": count(
+            _PT_OPS + "relu_flops_counter_hook (ReLU6.forward calls F.hardtanh: not patched)",
+            outputs=1,
+        ),
+        "leaky_relu@module": count(
+            _PT_OPS + "relu_flops_counter_hook (F.leaky_relu is not patched)", outputs=1
+        ),
+        "silu@module": count(
+            PTFLOPS + "pytorch_engine.py patch_functional: F.silu (nn.SiLU has no hook)", inputs=1
+        ),
+        "softmax@module": count(
+            PTFLOPS + "pytorch_engine.py patch_functional: F.softmax (nn.Softmax has no hook)",
+            inputs=1,
+        ),
+        "max_pool2d@module": count(
+            _PT_OPS + "pool_flops_counter_hook: input numel" + _PT_PATCH.format("max_pool2d"),
+            inputs=2,
+        ),
+        "avg_pool2d@module": count(
+            _PT_OPS + "pool_flops_counter_hook: input numel" + _PT_PATCH.format("avg_pool2d"),
+            inputs=2,
+        ),
+        "adaptive_avg_pool2d@module": count(
+            _PT_OPS
+            + "pool_flops_counter_hook: input numel"
+            + _PT_PATCH.format("adaptive_avg_pool2d"),
+            inputs=2,
+        ),
+        "adaptive_max_pool2d@module": count(
+            _PT_OPS
+            + "pool_flops_counter_hook: input numel"
+            + _PT_PATCH.format("adaptive_max_pool2d"),
+            inputs=2,
+        ),
+        "upsample@module": count(
+            _PT_OPS + "upsample_flops_counter_hook: output numel" + _PT_PATCH.format("interpolate"),
+            outputs=2,
+        ),
+        **{
+            f"{op}@F": count(_PT_OPS + "FUNCTIONAL_MAPPING _numel_functional_flops_hook", inputs=1)
+            for op in (
+                "relu",
+                "prelu",
+                "elu",
+                "relu6",
+                "gelu",
+                "silu",
+                "softmax",
+                "max_pool2d",
+                "avg_pool2d",
+                "adaptive_avg_pool2d",
+                "adaptive_max_pool2d",
+            )
+        },
+        "upsample@F": count(
+            _PT_OPS + "_interpolate_functional_flops_hook: output size (or input * scale^2)",
+            outputs=1,
+        ),
+        **{
+            f"{op}@{via}": count(
+                _PT_OPS + "TENSOR_OPS_MAPPING _elementwise_tensor_flops_hook: broadcast numel",
+                outputs=1,
+            )
+            for op in ("add", "mul")
+            for via in ("torch", "Tensor")
+        },
+        "*": zero(
+            _PT_OPS + "MODULES_MAPPING / FUNCTIONAL_MAPPING / TENSOR_OPS_MAPPING: not listed "
+            "(x + y, x * y, torch.cat, sigmoid, hardswish, dropout, mean ...)"
+        ),
+    }
+)
+
+# thop 0.1.1: forward hooks on modules whose exact class is in profile.py register_hooks;
+# functional calls and Python operators are not seen at all.
+_TH_HOOKS = THOP + "vision/basic_hooks.py "
+THOP_RULES = _table(
+    {
+        **{
+            f"{op}@module": count(
+                _TH_HOOKS + "count_convNd -> calc_func.py calculate_conv2d_flops: "
+                "output numel * C_in/groups * Kh*Kw, no bias",
+                bias={},
+                output_macs=1,
+            )
+            for op in ("conv2d", "conv2d_mode", "conv_transpose2d")
+        },
+        "linear@module": count(
+            _TH_HOOKS + "count_linear: in_features * output numel, no bias", bias={}, macs=1
+        ),
+        "batch_norm@module": count(
+            _TH_HOOKS + "count_normalization: calculate_norm = 2 * numel, x2 when affine",
+            inputs=2,
+            affine_inputs=2,
+        ),
+        "layer_norm@module": count(
+            _TH_HOOKS + "count_normalization: calculate_norm = 2 * numel, x2 when affine",
+            inputs=2,
+            affine_inputs=2,
+        ),
+        "prelu@module": count(_TH_HOOKS + "count_prelu (eval): input numel", inputs=1),
+        "softmax@module": count(
+            _TH_HOOKS + "count_softmax: rows * (3 * features - 1)", inputs=3, rows=-1
+        ),
+        "avg_pool2d@module": count(_TH_HOOKS + "count_avgpool: output numel", outputs=1),
+        "adaptive_avg_pool2d@module": count(
+            _TH_HOOKS + "count_adap_avgpool: (input/output window + 1) * output numel",
+            inputs=1,
+            outputs=1,
+        ),
+        "upsample_nearest@module": count(
+            THOP + "vision/calc_func.py calculate_upsample: output numel", outputs=1
+        ),
+        "upsample_bilinear@module": count(
+            THOP + "vision/calc_func.py calculate_upsample: 11 * output numel", outputs=11
+        ),
+        "upsample_bicubic@module": count(
+            THOP + "vision/calc_func.py calculate_upsample: (224 + 35) * output numel",
+            outputs=259,
+        ),
+        "*": zero(
+            THOP + "profile.py register_hooks: zero_ops (ReLU, ReLU6, MaxPool, Dropout), "
+            "count_relu = 0 (LeakyReLU), or no hook (functional calls, operators, GroupNorm, "
+            "SiLU, Hardswish, Sigmoid, ...)"
+        ),
+    }
+)
+THOP_WEIGHTS = _table(
+    {
+        "group_norm": zero(THOP + "profile.py register_hooks: GroupNorm has no hook"),
+        "*@module_subclass": zero(THOP + "profile.py: hooks are looked up by exact class"),
+        "*": Rule(
+            (("weights", sp.Integer(1)),),
+            (),
+            _TH_HOOKS + "count_parameters: parameters of hooked modules",
+        ),
+    }
+)
+
+# torchinfo 1.8.0: LayerInfo.calculate_macs on every leaf module call, from the parameters
+# named weight and bias only; total_mult_adds sums leaf layers (model_statistics.py).
+_TI = TORCHINFO + "layer_info.py calculate_macs: "
+TORCHINFO_RULES = _table(
+    {
+        "conv": count(
+            _TI + "'Conv' in class name: param numel * output H*W "
+            "(weight: outputs * C_in/groups * Kh*Kw; bias: outputs)",
+            output_macs=1,
+        ),
+        "linear": count(
+            _TI + "param numel * batch: in*out + out, whatever the number of rows",
+            bias={"bias_params": 1},
+            params=1,
+            bias_params=-1,
+        ),
+        "norm": count(_TI + "param numel (2 * C for affine BatchNorm)", bias={}, params=1),
+        "activation": count(_TI + "param numel (PReLU's weight; 0 otherwise)", bias={}, params=1),
+        "*": zero(_TI + "no weight or bias parameter, or not a module"),
+    }
+)
+
+# PyTorch's FlopCounterMode: aten mm/addmm/bmm/convolution formulas only, 2 FLOPs per
+# multiply-add, no bias; every other op counts 0.
+TORCH_RULES = _table(
+    {
+        "conv": count(
+            TORCH + "utils/flop_counter.py conv_flop_count: 2 * prod(out or x spatial) * prod(w)",
+            macs=2,
+        ),
+        "linear": count(
+            TORCH + "utils/flop_counter.py mm_flop / addmm_flop: 2 * m * n * k", macs=2
+        ),
+        "*": zero(TORCH + "utils/flop_counter.py flop_registry: no formula"),
+    }
+)
+
 
 @dataclass(frozen=True)
 class Convention:
-    """The switches that decide what counts; every table prints the one it used."""
+    """What counts: a table of rules per layer kind/op, and the three switches on top."""
 
     name: str = "default"
     bias_in_connections: bool = False
     batchnorm_in_weights: bool = True
     elementwise_in_connections: bool = True
+    connection_rules: Mapping[str, Rule] = field(
+        default_factory=lambda: DEFAULT_RULES, hash=False, repr=False
+    )
+    weight_rules: Mapping[str, Rule] = field(
+        default_factory=lambda: ALL_WEIGHTS, hash=False, repr=False
+    )
+    counts: str = ""  # the tool call whose numbers the preset reproduces
+    unit: str = "connections"
+
+    def connection_rule(self, cost: LayerCost) -> tuple[str, Rule]:
+        """Return (matching key, rule) for counting `cost`'s connections."""
+        return _lookup(self.connection_rules, cost)
+
+    def weight_rule(self, cost: LayerCost) -> tuple[str, Rule]:
+        """Return (matching key, rule) for counting `cost`'s weights."""
+        return _lookup(self.weight_rules, cost)
 
     def weights(self, cost: LayerCost) -> sp.Expr:
         """Return the layer's weights under this convention."""
         if cost.kind == "norm" and not self.batchnorm_in_weights:
             return sp.Integer(0)
-        return cost.weights
+        return self.weight_rule(cost)[1].count(cost, with_bias=False)
+
+    def connection_parts(self, cost: LayerCost) -> tuple[sp.Expr, sp.Expr]:
+        """Return (connections without bias terms, bias terms counted) under this convention."""
+        if cost.kind in ELEMENTWISE_KINDS and not self.elementwise_in_connections:
+            return sp.Integer(0), sp.Integer(0)
+        main, bias = self.connection_rule(cost)[1].parts(cost)
+        return main, (bias if self.bias_in_connections else sp.Integer(0))
 
     def connections(self, cost: LayerCost) -> sp.Expr:
         """Return the layer's connections under this convention."""
-        if cost.kind in ELEMENTWISE_KINDS and not self.elementwise_in_connections:
-            return sp.Integer(0)
-        if self.bias_in_connections:
-            return cost.connections + cost.bias_connections
-        return cost.connections
+        main, bias = self.connection_parts(cost)
+        return main + bias
 
     def describe(self) -> str:
         """Return a one-line statement of the switches, printed with every table."""
+        counted = f" layers counted as {self.counts} counts them;" if self.counts else ""
         return (
-            f"convention {self.name}: biases {'in' if self.bias_in_connections else 'not in'} "
+            f"convention {self.name}:{counted} biases "
+            f"{'in' if self.bias_in_connections else 'not in'} "
             f"connections; BatchNorm parameters {'in' if self.batchnorm_in_weights else 'not in'} "
             f"weights; element-wise layers {'in' if self.elementwise_in_connections else 'not in'} "
             "connections"
@@ -50,22 +424,90 @@ class Convention:
             "bias_in_connections": self.bias_in_connections,
             "batchnorm_in_weights": self.batchnorm_in_weights,
             "elementwise_in_connections": self.elementwise_in_connections,
+            "counts": self.counts or "DESIGN.md",
+            "unit": self.unit,
+            "connection_rules": {k: r.formula() for k, r in self.connection_rules.items()},
+            "weight_rules": {k: r.formula() for k, r in self.weight_rules.items()},
         }
+
+
+def lookup_keys(cost: LayerCost) -> tuple[str, ...]:
+    """Return the rule keys tried for `cost`, most specific first."""
+    op, kind, via = cost.op or cost.kind, cost.kind, cost.via or "module"
+    return (f"{op}@{via}", f"{kind}@{via}", f"*@{via}", op, kind, "*")
+
+
+def _lookup(table: Mapping[str, Rule], cost: LayerCost) -> tuple[str, Rule]:
+    for key in lookup_keys(cost):
+        if key in table:
+            return key, table[key]
+    raise ValueError(f"no rule for {cost.op or cost.kind} and no '*' rule in the convention")
 
 
 DEFAULT = Convention()
 
+PRESETS: dict[str, Convention] = {
+    "default": DEFAULT,
+    "fvcore": Convention(
+        "fvcore",
+        connection_rules=FVCORE_RULES,
+        counts="fvcore FlopCountAnalysis(model, x).total()",
+        unit="fvcore flops (multiply-adds)",
+    ),
+    "ptflops": Convention(
+        "ptflops",
+        bias_in_connections=True,
+        connection_rules=PTFLOPS_RULES,
+        counts="ptflops get_model_complexity_info(model, (C, H, W), as_strings=False)[0]",
+        unit="ptflops MACs",
+    ),
+    "thop": Convention(
+        "thop",
+        connection_rules=THOP_RULES,
+        weight_rules=THOP_WEIGHTS,
+        counts="thop profile(model, inputs=(x,))[0]",
+        unit="thop MACs",
+    ),
+    "torchinfo": Convention(
+        "torchinfo",
+        bias_in_connections=True,
+        connection_rules=TORCHINFO_RULES,
+        counts="torchinfo summary(model, input_size=(1, C, H, W)).total_mult_adds",
+        unit="torchinfo mult-adds",
+    ),
+    "torch": Convention(
+        "torch",
+        connection_rules=TORCH_RULES,
+        counts="torch.utils.flop_counter.FlopCounterMode total",
+        unit="FLOPs (2 per multiply-add)",
+    ),
+}
+
+
+def preset(name: str) -> Convention:
+    """Return the named preset convention (PRESETS), or raise a one-line ValueError."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown convention {name!r}; use one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
 
 def make_convention(
-    bias_in_connections: bool = False,
-    batchnorm_in_weights: bool = True,
-    elementwise_in_connections: bool = True,
+    bias_in_connections: bool | None = None,
+    batchnorm_in_weights: bool | None = None,
+    elementwise_in_connections: bool | None = None,
+    base: Convention | str = DEFAULT,
 ) -> Convention:
-    """Return the default convention with the given switches, named 'custom' if any differ."""
-    convention = replace(
-        DEFAULT,
-        bias_in_connections=bias_in_connections,
-        batchnorm_in_weights=batchnorm_in_weights,
-        elementwise_in_connections=elementwise_in_connections,
-    )
-    return convention if convention == DEFAULT else replace(convention, name="custom")
+    """Return `base` (a preset or its name) with the given switches (None keeps the base's).
+
+    The result is named 'custom' (or 'NAME+custom' on a preset) when a switch changed it.
+    """
+    base = preset(base) if isinstance(base, str) else base
+    switches = {
+        "bias_in_connections": bias_in_connections,
+        "batchnorm_in_weights": batchnorm_in_weights,
+        "elementwise_in_connections": elementwise_in_connections,
+    }
+    convention = replace(base, **{k: v for k, v in switches.items() if v is not None})
+    if convention == base:
+        return base
+    return replace(convention, name="custom" if base.name == "default" else f"{base.name}+custom")

@@ -39,13 +39,26 @@ class SymTensor:
 
 @dataclass(frozen=True)
 class LayerCost:
-    """What one layer call costs, before a counting convention is applied."""
+    """What one layer call costs, before a counting convention is applied.
+
+    Besides the default count (`connections`, the multiply-adds of conv/linear), it carries the
+    facts other tools' conventions need: the operation (`op`), how it was called (`via`), the
+    input size, the per-output multiply-adds of a convolution, the parameter count of the call.
+    """
 
     kind: str  # conv, linear, pool, adaptive_pool, upsample, norm, activation, elementwise, routing
     output: Any  # SymTensor, or a tuple/list of them (chunk)
     weights: sp.Expr = sp.Integer(0)
     connections: sp.Expr = sp.Integer(0)
     bias_connections: sp.Expr = sp.Integer(0)  # added when the convention counts bias edges
+    op: str = ""  # relu, max_pool2d, upsample_bilinear, add, ...; the interpreter fills it if empty
+    via: str = ""  # module, module_subclass, F, torch, Tensor, operator, function (see call_via)
+    inputs: sp.Expr | None = None  # values of the first input tensor per example
+    macs_per_output: sp.Expr = sp.Integer(0)  # conv: C_in/groups * Kh * Kw
+    parameters: sp.Expr | None = None  # parameters of this call (weights before de-duplication)
+    bias_weights: sp.Expr = sp.Integer(0)  # the bias parameters among them
+    affine: bool = False  # a normalisation with a learnt scale
+    extra: tuple[tuple[str, sp.Expr], ...] = ()  # rule-specific quantities, e.g. softmax rows
 
     @property
     def outputs(self) -> sp.Expr:
@@ -53,6 +66,43 @@ class LayerCost:
         if isinstance(self.output, SymTensor):
             return self.output.per_example
         return sp.Add(*(t.per_example for t in self.output))
+
+    def quantity(self, name: str) -> sp.Expr:
+        """Return one named per-example quantity (QUANTITY_NAMES) that conventions count with."""
+        extra = dict(self.extra)
+        if name in extra:
+            return extra[name]
+        inputs = self.outputs if self.inputs is None else self.inputs
+        values = {
+            "macs": lambda: self.connections,
+            "bias": lambda: self.bias_connections,
+            "outputs": lambda: self.outputs,
+            "inputs": lambda: inputs,
+            "output_macs": lambda: self.outputs * self.macs_per_output,
+            "weights": lambda: self.weights,
+            "params": lambda: self.weights if self.parameters is None else self.parameters,
+            "bias_params": lambda: self.bias_weights,
+            "affine_inputs": lambda: inputs if self.affine else sp.Integer(0),
+        }
+        if name not in values:
+            raise ValueError(
+                f"unknown quantity {name!r} for {self.op or self.kind}; "
+                f"use one of {', '.join(QUANTITY_NAMES)}"
+            )
+        return sp.sympify(values[name]())
+
+
+QUANTITY_NAMES = (
+    "macs",  # the default count: multiply-adds of conv/linear, windows of pools, ...
+    "bias",  # one per output of a layer with a bias
+    "outputs",  # values produced
+    "inputs",  # values of the first input
+    "output_macs",  # outputs * C_in/groups * Kh*Kw (differs from macs for transposed convs)
+    "weights",  # parameters owned by this row (0 on a module's second call)
+    "params",  # parameters of the module, on every call
+    "bias_params",  # bias parameters of the module
+    "affine_inputs",  # inputs when the normalisation is affine, else 0
+)
 
 
 @dataclass(frozen=True)
@@ -113,6 +163,10 @@ def conv2d(module: nn.Conv2d, attrs: Attributes, x: SymTensor) -> LayerCost:
         weights=c_out * per_output + (c_out if bias else 0),
         connections=output.per_example * per_output,
         bias_connections=output.per_example if bias else sp.Integer(0),
+        # string padding runs as aten::_convolution_mode, which some tools do not see
+        op="conv2d_mode" if isinstance(module.padding, str) else "conv2d",
+        macs_per_output=per_output,
+        bias_weights=sp.sympify(c_out if bias else 0),
     )
 
 
@@ -141,6 +195,9 @@ def conv_transpose2d(module: nn.ConvTranspose2d, attrs: Attributes, x: SymTensor
         weights=c_in * c_out / groups * sym_kh * sym_kw + (c_out if bias else 0),
         connections=x.per_example * c_out / groups * sym_kh * sym_kw,
         bias_connections=output.per_example if bias else sp.Integer(0),
+        op="conv_transpose2d",
+        macs_per_output=c_in / groups * sym_kh * sym_kw,
+        bias_weights=sp.sympify(c_out if bias else 0),
     )
 
 
@@ -156,10 +213,13 @@ def linear(module: nn.Linear, attrs: Attributes, x: SymTensor) -> LayerCost:
         weights=n_in * n_out + (n_out if bias else 0),
         connections=rows * n_in * n_out,
         bias_connections=output.per_example if bias else sp.Integer(0),
+        op="linear",
+        macs_per_output=sp.sympify(n_in),
+        bias_weights=sp.sympify(n_out if bias else 0),
     )
 
 
-def _pool(x: SymTensor, kernel, stride, padding, dilation, ceil_mode) -> LayerCost:
+def _pool(x: SymTensor, kernel, stride, padding, dilation, ceil_mode, op: str = "") -> LayerCost:
     height, width = _spatial(x)
     kernel, padding, dilation = _pair(kernel), _pair(padding), _pair(dilation)
     stride = _pair(stride if stride not in (None, ()) else kernel)
@@ -168,22 +228,30 @@ def _pool(x: SymTensor, kernel, stride, padding, dilation, ceil_mode) -> LayerCo
         for size, k, s, p, d in zip((height, width), kernel, stride, padding, dilation, strict=True)
     )
     output = _with_spatial(x, x.shape[1], *sizes)
-    return LayerCost("pool", output, connections=output.per_example * kernel[0] * kernel[1])
+    return LayerCost("pool", output, connections=output.per_example * kernel[0] * kernel[1], op=op)
 
 
 def max_pool2d(module: nn.MaxPool2d, attrs: Attributes, x: SymTensor) -> LayerCost:
     """MaxPool2d: connections = outputs * window size."""
     return _pool(
-        x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode
+        x,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.ceil_mode,
+        "max_pool2d",
     )
 
 
 def avg_pool2d(module: nn.AvgPool2d, attrs: Attributes, x: SymTensor) -> LayerCost:
     """AvgPool2d: connections = outputs * window size."""
-    return _pool(x, module.kernel_size, module.stride, module.padding, 1, module.ceil_mode)
+    return _pool(
+        x, module.kernel_size, module.stride, module.padding, 1, module.ceil_mode, "avg_pool2d"
+    )
 
 
-def _adaptive_pool(x: SymTensor, output_size: Any) -> LayerCost:
+def _adaptive_pool(x: SymTensor, output_size: Any, op: str = "") -> LayerCost:
     height, width = _spatial(x)
     out_h, out_w = _pair(output_size)
     out_h = height if out_h is None else sp.Integer(out_h)
@@ -191,19 +259,29 @@ def _adaptive_pool(x: SymTensor, output_size: Any) -> LayerCost:
     output = _with_spatial(x, x.shape[1], out_h, out_w)
     window_h = height if out_h == height else shapes.adaptive_window_total(height, int(out_h))
     window_w = width if out_w == width else shapes.adaptive_window_total(width, int(out_w))
-    return LayerCost("adaptive_pool", output, connections=x.shape[1] * window_h * window_w)
+    return LayerCost("adaptive_pool", output, connections=x.shape[1] * window_h * window_w, op=op)
 
 
 def adaptive_pool2d(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
     """AdaptiveAvg/MaxPool2d: connections = channels * sum of the (input/output) windows."""
-    return _adaptive_pool(x, module.output_size)
+    op = (
+        "adaptive_max_pool2d" if isinstance(module, nn.AdaptiveMaxPool2d) else "adaptive_avg_pool2d"
+    )
+    return _adaptive_pool(x, module.output_size, op)
 
 
 def batch_norm2d(module: nn.BatchNorm2d, attrs: Attributes, x: SymTensor) -> LayerCost:
     """BatchNorm2d: weights 2*C when affine, 1 connection per output."""
     output = SymTensor(x.shape)
     weights = 2 * attrs["num_features"] if module.affine else sp.Integer(0)
-    return LayerCost("norm", output, weights=weights, connections=output.per_example)
+    return LayerCost(
+        "norm",
+        output,
+        weights=weights,
+        connections=output.per_example,
+        op="batch_norm",
+        affine=module.affine,
+    )
 
 
 def layer_norm(module: nn.LayerNorm, attrs: Attributes, x: SymTensor) -> LayerCost:
@@ -211,37 +289,76 @@ def layer_norm(module: nn.LayerNorm, attrs: Attributes, x: SymTensor) -> LayerCo
     size = math.prod(module.normalized_shape)
     count = (module.weight is not None) + (module.bias is not None)
     return LayerCost(
-        "norm", SymTensor(x.shape), weights=sp.Integer(count * size), connections=x.per_example
+        "norm",
+        SymTensor(x.shape),
+        weights=sp.Integer(count * size),
+        connections=x.per_example,
+        op="layer_norm",
+        affine=module.weight is not None,
     )
 
 
 def group_norm(module: nn.GroupNorm, attrs: Attributes, x: SymTensor) -> LayerCost:
     """GroupNorm: weights 2*C when affine, 1 connection per output."""
     weights = 2 * attrs["num_channels"] if module.affine else sp.Integer(0)
-    return LayerCost("norm", SymTensor(x.shape), weights=weights, connections=x.per_example)
+    return LayerCost(
+        "norm",
+        SymTensor(x.shape),
+        weights=weights,
+        connections=x.per_example,
+        op="group_norm",
+        affine=module.affine,
+    )
 
 
 def activation(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
     """Element-wise activation (ReLU, Sigmoid, ...): 1 connection per output."""
     weights = sum((p.numel() for p in module.parameters(recurse=False)), 0)
+    op = next((ACTIVATION_OPS[c] for c in type(module).__mro__ if c in ACTIVATION_OPS), "")
+    extra = ()
+    if isinstance(module, nn.Softmax) and module.dim is not None:
+        # rows = values / size along the softmax dimension (thop counts per row)
+        extra = (("rows", x.per_example / x.shape[module.dim]),)
     return LayerCost(
-        "activation", SymTensor(x.shape), weights=sp.Integer(weights), connections=x.per_example
+        "activation",
+        SymTensor(x.shape),
+        weights=sp.Integer(weights),
+        connections=x.per_example,
+        op=op,
+        extra=extra,
     )
+
+
+ACTIVATION_OPS: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu",
+    nn.ELU: "elu",
+    nn.GELU: "gelu",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.SiLU: "silu",
+    nn.Mish: "mish",
+    nn.Softmax: "softmax",
+}
 
 
 def dropout(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
     """Dropout: an element-wise mask, 1 connection per output."""
-    return LayerCost("elementwise", SymTensor(x.shape), connections=x.per_example)
+    return LayerCost("elementwise", SymTensor(x.shape), connections=x.per_example, op="dropout")
 
 
 def identity(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
     """Identity: routing only, no connections."""
-    return LayerCost("routing", SymTensor(x.shape))
+    return LayerCost("routing", SymTensor(x.shape), op="identity")
 
 
 def flatten_module(module: nn.Flatten, attrs: Attributes, x: SymTensor) -> LayerCost:
     """Flatten: routing only."""
-    return LayerCost("routing", _flatten(x, module.start_dim, module.end_dim))
+    return LayerCost("routing", _flatten(x, module.start_dim, module.end_dim), op="flatten")
 
 
 def upsample(module: nn.Upsample, attrs: Attributes, x: SymTensor) -> LayerCost:
@@ -302,7 +419,9 @@ def _interpolate(x: SymTensor, size: Any, scale_factor: Any, mode: str) -> Layer
     per_output = {"nearest": 1, "nearest-exact": 1, "bilinear": 4, "bicubic": 16, "area": None}
     if per_output.get(mode) is None:
         raise UnsupportedLayer(f"interpolation mode {mode!r} has no connection rule")
-    return LayerCost("upsample", output, connections=output.per_example * per_output[mode])
+    return LayerCost(
+        "upsample", output, connections=output.per_example * per_output[mode], op=f"upsample_{mode}"
+    )
 
 
 def interpolate(
@@ -549,6 +668,34 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
 }
 if _stochastic_depth_target() is not None:
     FUNCTION_RULES[_stochastic_depth_target()] = stochastic_depth
+
+
+def call_via(node_op: str, target: Any) -> str:
+    """Return how a torch.fx call reached its op: F, torch, Tensor, operator or function.
+
+    Hook-based tools see modules only, and some patch a few `torch.nn.functional` or `torch`
+    functions (but not Python operators such as `+`), so this fact decides what they count.
+    """
+    if node_op == "call_method":
+        return "Tensor"
+    name = getattr(target, "__name__", "")
+    for via, namespace in (("operator", operator), ("F", F), ("torch", torch)):
+        if name and getattr(namespace, name, None) is target:
+            return via
+    return "function"
+
+
+def function_op(node_op: str, target: Any) -> str:
+    """Return the op name of a function or method call: its name ('relu', 'iadd', 'add_')."""
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def module_via(module: nn.Module) -> str:
+    """Return 'module' when the module's own class has a rule, 'module_subclass' otherwise.
+
+    Tools that hook modules look their classes up exactly, so a subclass escapes them.
+    """
+    return "module" if type(module) in MODULE_RULES else "module_subclass"
 
 
 def module_rule(module: nn.Module) -> Callable[..., LayerCost] | None:
