@@ -32,6 +32,7 @@ H = sp.Symbol("H", integer=True, positive=True)
 W = sp.Symbol("W", integer=True, positive=True)
 QUANTITIES = ("weights", "outputs", "connections")
 FLOORS_KEPT = "some sizes keep floor(): no divisibility of H and W removes it"
+UNUSED_ROW = "(unused parameters)"
 
 
 class ResolutionError(ValueError):
@@ -73,6 +74,7 @@ class Analysis:
     exact: bool
     assumptions: list[str]
     unused_weights: int = 0
+    unused_trainable_weights: int = 0
     network: nn.Module | None = field(default=None, repr=False)
     graph_module: torch.fx.GraphModule | None = field(default=None, repr=False)
 
@@ -156,12 +158,30 @@ class Analysis:
             return sp.sympify(expression) if raw else _simplify(expression, self.divisor)
 
         for layer in self.layers:
+            if layer.kind == "unused":
+                continue
             clone = copy(layer)
             clone.weights = simplify(convention.weights(layer.cost))
             clone.connections = (
                 simplify(convention.connections(layer.cost)) if layer.known else sp.Integer(0)
             )
             other.layers.append(clone)
+        if self.unused_weights:
+            other.assumptions = [
+                _unused_note(self.unused_weights, convention.unused_weights)
+                if a == _unused_note(self.unused_weights, self.convention.unused_weights)
+                else a
+                for a in self.assumptions
+            ]
+            if convention.unused_weights:
+                other.layers.append(
+                    _unused_row(
+                        convention,
+                        self.unused_weights,
+                        self.unused_trainable_weights,
+                        self.divisor,
+                    )
+                )
         return other
 
     def totals_at(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, list[int]]:
@@ -380,19 +400,20 @@ def analyse(
     )
     called = {node.target for node in graph_module.graph.nodes if node.op == "call_module"}
     used = {id(p) for target in called for p in graph_module.get_submodule(target).parameters()}
-    unused_weights = sum(p.numel() for p in network.parameters() if id(p) not in used)
+    unused = [p for p in network.parameters() if id(p) not in used]
+    unused_weights = sum(p.numel() for p in unused)
+    unused_trainable = sum(p.numel() for p in unused if p.requires_grad)
     divisor, assumptions = _apply_divisibility(layers, exact)
     if unused_weights:
-        assumptions.append(
-            f"{unused_weights} parameters belong to modules forward never calls; "
-            "they are not in the totals"
-        )
+        assumptions.append(_unused_note(unused_weights, convention.unused_weights))
     if any(not layer.known for layer in layers):
         unknown = ", ".join(layer.name for layer in layers if not layer.known)
         assumptions.append(
             f"no rule for {unknown}: counted from the running network, "
             "connections unknown (0 in totals)"
         )
+    if unused_weights and convention.unused_weights:
+        layers.append(_unused_row(convention, unused_weights, unused_trainable, divisor))
     return Analysis(
         model=name,
         hyperparameters=dict(values),
@@ -404,6 +425,7 @@ def analyse(
         exact=exact,
         assumptions=assumptions,
         unused_weights=unused_weights,
+        unused_trainable_weights=unused_trainable,
         network=network,
         graph_module=graph_module,
     )
@@ -475,9 +497,10 @@ def _interpret(
                 via=cost.via or rules.module_via(module),
                 inputs=_first_input(args, kwargs) if cost.inputs is None else cost.inputs,
                 parameters=cost.weights if cost.parameters is None else cost.parameters,
+                trainable_weights=_trainable(module, cost.weights),
             )
             if id(module) in counted_modules:  # a module called twice owns its weights once
-                cost = replace(cost, weights=sp.Integer(0))
+                cost = replace(cost, weights=sp.Integer(0), trainable_weights=sp.Integer(0))
             counted_modules.add(id(module))
         else:
             key = node.target
@@ -523,6 +546,50 @@ def _interpret(
             )
         )
     return layers
+
+
+def _trainable(module: nn.Module, weights: sp.Expr) -> sp.Expr:
+    parameters = list(module.parameters())
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    if trainable == sum(p.numel() for p in parameters):
+        return weights
+    return sp.Integer(trainable)
+
+
+def _unused_row(
+    convention: Convention, weights: int, trainable: int, divisor: tuple[int, int]
+) -> Layer:
+    cost = LayerCost(
+        "unused",
+        (),
+        weights=sp.Integer(weights),
+        op="unused",
+        via="module",
+        parameters=sp.Integer(weights),
+        trainable_weights=sp.Integer(trainable),
+    )
+    return Layer(
+        name=UNUSED_ROW,
+        type="unused",
+        kind="unused",
+        node="",
+        output_shape=(),
+        weights=sp.sympify(convention.weights(cost)),
+        outputs=sp.Integer(0),
+        connections=sp.Integer(0),
+        cost=cost,
+        divisor=divisor,
+        known=False,  # no running layer to measure it against
+    )
+
+
+def _unused_note(count: int, counted: bool) -> str:
+    if counted:
+        return (
+            f"{count} parameters belong to modules forward never calls; in the weights "
+            f"as the tool counts them (row {UNUSED_ROW})"
+        )
+    return f"{count} parameters belong to modules forward never calls; they are not in the totals"
 
 
 def _first_input(args, kwargs) -> sp.Expr | None:

@@ -13,8 +13,15 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+def preset_names() -> list[str]:
+    """Return the names of the convention presets, for --convention."""
+    from analysis.conventions import PRESETS
+
+    return list(PRESETS)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
-    """Add MODEL, --res, --set, the convention switches, --exact and --allow-unknown."""
+    """Add MODEL, --res, --set, --convention, the switches, --exact and --allow-unknown."""
     parser.add_argument(
         "model",
         nargs="+" if many else None,
@@ -33,9 +40,21 @@ def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> 
         "--set", nargs="+", default=[], metavar="NAME=VALUE", help="hyperparameters, e.g. NF=64 K=5"
     )
     parser.add_argument(
+        "--convention",
+        choices=preset_names(),
+        default="default",
+        help="count as DESIGN.md (default) or as fvcore, ptflops, thop, torchinfo or PyTorch's "
+        "FlopCounterMode (torch) do; the switches below apply on top",
+    )
+    parser.add_argument(
         "--bias-connections",
         action="store_true",
         help="count one connection per output for each bias",
+    )
+    parser.add_argument(
+        "--no-bias-connections",
+        action="store_true",
+        help="count no bias connections (the ptflops and torchinfo presets count them)",
     )
     parser.add_argument(
         "--no-batchnorm-weights",
@@ -82,13 +101,19 @@ def emit(text: str, output: Path | None) -> None:
 
 
 def convention_from(args: argparse.Namespace):
-    """Return the Convention the command-line switches ask for."""
-    from analysis.conventions import make_convention
+    """Return the Convention of --convention (a preset) with the switches applied on top."""
+    from analysis.conventions import make_convention, preset
 
+    if args.bias_connections and getattr(args, "no_bias_connections", False):
+        raise UsageError("--bias-connections and --no-bias-connections contradict; give one")
+    bias = True if args.bias_connections else None
+    if getattr(args, "no_bias_connections", False):
+        bias = False
     return make_convention(
-        bias_in_connections=args.bias_connections,
-        batchnorm_in_weights=not args.no_batchnorm_weights,
-        elementwise_in_connections=not args.no_elementwise_connections,
+        bias_in_connections=bias,
+        batchnorm_in_weights=False if args.no_batchnorm_weights else None,
+        elementwise_in_connections=False if args.no_elementwise_connections else None,
+        base=preset(getattr(args, "convention", "default")),
     )
 
 
@@ -206,6 +231,25 @@ def run_check_table(args: argparse.Namespace) -> int:
     return 1 if result.wrong else 0
 
 
+def run_crosscheck(args: argparse.Namespace) -> int:
+    """`convtally crosscheck`: each FLOP counter next to our preset for it; 1 if any differs."""
+    from analysis.accounting import parse_settings
+    from analysis.crosscheck import crosscheck, render_crosscheck
+
+    result = crosscheck(
+        args.model,
+        resolutions_from(args, ("224",)),
+        parse_settings(args.set) or None,
+        tools=args.tools,
+    )
+    for note in result.skipped:
+        print(note, file=sys.stderr)
+    emit(render_crosscheck(result, args.format, layers=args.layers), args.output)
+    if args.output is not None:
+        print(f"{len(result.mismatches)} preset(s) differ from their tool")
+    return 1 if result.mismatches else 0
+
+
 def run_report(args: argparse.Namespace) -> int:
     """`convtally report`: regenerate reports/."""
     from analysis.report import build_report
@@ -253,6 +297,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="also plot total connections vs resolution to STEM.png/.pdf",
     )
     compare.set_defaults(handler=run_compare)
+
+    from analysis.crosscheck import TOOLS
+
+    cross = commands.add_parser(
+        "crosscheck",
+        help="run fvcore, ptflops, thop, torchinfo and FlopCounterMode and match each with "
+        "our preset for it, and break down their differences",
+    )
+    cross.add_argument("model", metavar="MODEL", help="as for table")
+    cross.add_argument(
+        "--res", nargs="+", default=None, metavar="RES", help="resolutions (default: 224)"
+    )
+    cross.add_argument(
+        "--set", nargs="+", default=[], metavar="NAME=VALUE", help="hyperparameters, e.g. NF=64"
+    )
+    cross.add_argument(
+        "--tools",
+        nargs="+",
+        choices=TOOLS,
+        default=list(TOOLS),
+        metavar="TOOL",
+        help=f"which tools ({', '.join(TOOLS)}; default: all installed)",
+    )
+    cross.add_argument(
+        "--layers", action="store_true", help="also list every tool's count per layer"
+    )
+    add_output_arguments(cross, ("text", "json", "csv", "markdown"))
+    cross.set_defaults(handler=run_crosscheck)
 
     check = commands.add_parser("check-table", help="check a hand-derived cost table (CSV)")
     check.add_argument(

@@ -259,6 +259,17 @@ PTFLOPS_RULES = _table(
     }
 )
 
+PTFLOPS_WEIGHTS = _table(
+    {
+        "*": Rule(
+            (("trainable_weights", sp.Integer(1)),),
+            (),
+            PTFLOPS + "pytorch_engine.py get_model_parameters_number: parameters with "
+            "requires_grad, called or not",
+        )
+    }
+)
+
 # thop 0.1.1: forward hooks on modules whose exact class is in profile.py register_hooks;
 # functional calls and Python operators are not seen at all.
 _TH_HOOKS = THOP + "vision/basic_hooks.py "
@@ -379,6 +390,7 @@ class Convention:
     )
     counts: str = ""  # the tool call whose numbers the preset reproduces
     unit: str = "connections"
+    unused_weights: bool = False  # count parameters of modules forward never calls (a row)
 
     def connection_rule(self, cost: LayerCost) -> tuple[str, Rule]:
         """Return (matching key, rule) for counting `cost`'s connections."""
@@ -428,6 +440,7 @@ class Convention:
             "unit": self.unit,
             "connection_rules": {k: r.formula() for k, r in self.connection_rules.items()},
             "weight_rules": {k: r.formula() for k, r in self.weight_rules.items()},
+            "unused_weights": self.unused_weights,
         }
 
 
@@ -453,13 +466,16 @@ PRESETS: dict[str, Convention] = {
         connection_rules=FVCORE_RULES,
         counts="fvcore FlopCountAnalysis(model, x).total()",
         unit="fvcore flops (multiply-adds)",
+        unused_weights=True,  # parameter_count.py: every named parameter
     ),
     "ptflops": Convention(
         "ptflops",
         bias_in_connections=True,
         connection_rules=PTFLOPS_RULES,
+        weight_rules=PTFLOPS_WEIGHTS,
         counts="ptflops get_model_complexity_info(model, (C, H, W), as_strings=False)[0]",
         unit="ptflops MACs",
+        unused_weights=True,
     ),
     "thop": Convention(
         "thop",
@@ -474,6 +490,7 @@ PRESETS: dict[str, Convention] = {
         connection_rules=TORCHINFO_RULES,
         counts="torchinfo summary(model, input_size=(1, C, H, W)).total_mult_adds",
         unit="torchinfo mult-adds",
+        unused_weights=True,  # model_statistics.py: the root's leftover parameters
     ),
     "torch": Convention(
         "torch",

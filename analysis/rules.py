@@ -57,6 +57,7 @@ class LayerCost:
     macs_per_output: sp.Expr = sp.Integer(0)  # conv: C_in/groups * Kh * Kw
     parameters: sp.Expr | None = None  # parameters of this call (weights before de-duplication)
     bias_weights: sp.Expr = sp.Integer(0)  # the bias parameters among them
+    trainable_weights: sp.Expr | None = None  # weights with requires_grad (None: all of them)
     affine: bool = False  # a normalisation with a learnt scale
     extra: tuple[tuple[str, sp.Expr], ...] = ()  # rule-specific quantities, e.g. softmax rows
 
@@ -81,6 +82,9 @@ class LayerCost:
             "output_macs": lambda: self.outputs * self.macs_per_output,
             "weights": lambda: self.weights,
             "params": lambda: self.weights if self.parameters is None else self.parameters,
+            "trainable_weights": lambda: (
+                self.weights if self.trainable_weights is None else self.trainable_weights
+            ),
             "bias_params": lambda: self.bias_weights,
             "affine_inputs": lambda: inputs if self.affine else sp.Integer(0),
         }
@@ -100,6 +104,7 @@ QUANTITY_NAMES = (
     "output_macs",  # outputs * C_in/groups * Kh*Kw (differs from macs for transposed convs)
     "weights",  # parameters owned by this row (0 on a module's second call)
     "params",  # parameters of the module, on every call
+    "trainable_weights",  # weights with requires_grad
     "bias_params",  # bias parameters of the module
     "affine_inputs",  # inputs when the normalisation is affine, else 0
 )

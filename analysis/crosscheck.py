@@ -1,0 +1,598 @@
+"""`convtally crosscheck`: each FLOP counter's number next to our formula under its convention.
+
+For every installed tool (fvcore, ptflops, thop, torchinfo, PyTorch's FlopCounterMode) the tool
+runs on the network, our formulas are evaluated under the tool's preset (analysis.conventions),
+and the two numbers must be equal. The difference between each tool and our default convention
+is then broken down by cause (bias terms, normalisation, activations, pooling, upsampling,
+element-wise ops, ops the tool does not see), each with its count and its layers. The tools
+are witnesses only: the presets never call them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.metadata
+import importlib.util
+import io
+import json
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from analysis.accounting import Analysis, analyse
+from analysis.conventions import DEFAULT, make_convention, preset
+from analysis.formatting import resolution_label
+from models.registry import ModelSpec, resolve
+
+TOOLS = ("fvcore", "ptflops", "thop", "torchinfo", "torch")
+PACKAGES = {
+    "fvcore": "fvcore",
+    "ptflops": "ptflops",
+    "thop": "thop",
+    "torchinfo": "torchinfo",
+    "torch": "torch",
+}
+CAUSES = {
+    "bias": "bias terms",
+    "macs": "conv/linear multiply-adds (unit or formula)",
+    "norm": "normalisation",
+    "activation": "activations",
+    "pool": "pooling",
+    "upsample": "upsampling",
+    "elementwise": "element-wise ops",
+    "unseen": "ops the tool does not see or counts as zero",
+}
+KIND_CAUSE = {
+    "conv": "macs",
+    "linear": "macs",
+    "norm": "norm",
+    "activation": "activation",
+    "pool": "pool",
+    "adaptive_pool": "pool",
+    "upsample": "upsample",
+    "elementwise": "elementwise",
+    "routing": "elementwise",
+    "unknown": "unseen",
+}
+
+
+@dataclass
+class ToolResult:
+    """What one tool reported for one input: its headline number, parameters, per-module counts."""
+
+    total: int
+    parameters: int | None
+    per_module: dict[str, int] | None
+
+
+@dataclass
+class Cause:
+    """One cause of a tool's difference from the default: the count and the layers it comes from."""
+
+    cause: str
+    difference: int
+    layers: list[str]
+
+
+@dataclass
+class ToolCheck:
+    """One tool at one resolution: its number, our preset's number, and the breakdown."""
+
+    tool: str
+    package: str
+    counts: str
+    number: int
+    preset: int
+    parameters: int | None
+    preset_weights: int
+    causes: list[Cause]
+    per_module: dict[str, int] | None = field(default=None, repr=False)
+
+    @property
+    def equal(self) -> bool:
+        """Return True when the number (and the parameters, where reported) equal the preset."""
+        return self.number == self.preset and (
+            self.parameters is None or self.parameters == self.preset_weights
+        )
+
+    @property
+    def difference(self) -> int:
+        """Return the preset's difference from the default convention (the causes' sum)."""
+        return sum(c.difference for c in self.causes)
+
+
+@dataclass
+class LayerRow:
+    """One layer (a module's calls summed) with the default count and each tool's and preset's."""
+
+    layer: str
+    type: str
+    default: int
+    presets: dict[str, int]
+    tools: dict[str, int | None]
+
+
+@dataclass
+class ResolutionCheck:
+    """All tools at one resolution."""
+
+    resolution: str
+    default: int
+    default_weights: int
+    tools: list[ToolCheck]
+    layers: list[LayerRow]
+
+
+@dataclass
+class CrossCheck:
+    """The cross-check of one model over its resolutions."""
+
+    model: str
+    input_shape: list[int]
+    resolutions: list[ResolutionCheck]
+    skipped: list[str]
+
+    @property
+    def mismatches(self) -> list[tuple[str, str]]:
+        """Return (resolution, tool) for every preset that differs from its tool."""
+        return [(r.resolution, t.tool) for r in self.resolutions for t in r.tools if not t.equal]
+
+    def to_dict(self) -> dict:
+        """Return JSON-ready data."""
+        return {
+            "model": self.model,
+            "input_shape": self.input_shape,
+            "skipped": self.skipped,
+            "resolutions": [
+                {
+                    "resolution": r.resolution,
+                    "default": r.default,
+                    "default_weights": r.default_weights,
+                    "tools": [
+                        {
+                            **{k: v for k, v in asdict(t).items() if k != "per_module"},
+                            "equal": t.equal,
+                            "difference_from_default": t.difference,
+                        }
+                        for t in r.tools
+                    ],
+                    "layers": [asdict(row) for row in r.layers],
+                }
+                for r in self.resolutions
+            ],
+            "mismatches": [list(m) for m in self.mismatches],
+        }
+
+
+# --- running the tools ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # The tools print (thop's [INFO] lines, ptflops' tables) and warn (jit tracing); their
+    # counts do not depend on threads, and batch-1 passes run fastest on one thread where
+    # cores are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_fvcore(network: nn.Module, x: torch.Tensor) -> ToolResult:
+    """Return fvcore's FlopCountAnalysis(network, x).total() and parameter_count."""
+    from fvcore.nn import FlopCountAnalysis, parameter_count
+
+    counter = FlopCountAnalysis(network, x)
+    counter.unsupported_ops_warnings(False)
+    counter.uncalled_modules_warnings(False)
+    total = int(counter.total())
+    per_module = {k: int(v) for k, v in counter.by_module().items() if k}
+    return ToolResult(total, int(parameter_count(network)[""]), per_module)
+
+
+def run_ptflops(network: nn.Module, x: torch.Tensor) -> ToolResult:
+    """Return ptflops' get_model_complexity_info (pytorch backend) MACs and parameters."""
+    from ptflops import get_model_complexity_info
+
+    names = {module: name for name, module in network.named_modules()}
+    per_module: dict[str, int] = {}
+
+    def snapshot(module, inputs, output) -> None:  # the root's hook runs after every child's
+        per_module.update(
+            {names[m]: int(m.__flops__) for m in network.modules() if hasattr(m, "__flops__")}
+        )
+
+    handle = network.register_forward_hook(snapshot)
+    try:
+        macs, params = get_model_complexity_info(
+            network,
+            tuple(x.shape[1:]),
+            as_strings=False,
+            print_per_layer_stat=False,
+            ost=io.StringIO(),
+        )
+    finally:
+        handle.remove()
+    if macs is None:
+        raise RuntimeError("ptflops failed on this network (it printed the traceback)")
+    per_module.pop("", None)
+    return ToolResult(int(macs), int(params), per_module)
+
+
+def run_thop(network: nn.Module, x: torch.Tensor) -> ToolResult:
+    """Return thop's profile(network, inputs=(x,)) operations and parameters."""
+    from thop import profile
+
+    ops, params, layers = profile(network, inputs=(x,), ret_layer_info=True)
+    per_module: dict[str, int] = {}
+
+    def flatten(info: Mapping, prefix: str) -> None:
+        for name, (module_ops, _, children) in info.items():
+            per_module[prefix + name] = int(module_ops)
+            flatten(children, prefix + name + ".")
+
+    flatten(layers, "")
+    return ToolResult(int(ops), int(params), per_module)
+
+
+def run_torchinfo(network: nn.Module, x: torch.Tensor) -> ToolResult:
+    """Return torchinfo's summary(network, input_size=x.shape).total_mult_adds and parameters."""
+    from torchinfo import summary
+
+    statistics = summary(network, input_size=tuple(x.shape), verbose=0)
+    per_module: dict[str, int] = defaultdict(int)
+    for info in statistics.summary_list:
+        if info.is_leaf_layer:
+            parts, node = [], info
+            while node is not None and node.depth > 0:
+                parts.append(node.var_name)
+                node = node.parent_info
+            per_module[".".join(reversed(parts))] += int(info.macs)
+    return ToolResult(
+        int(statistics.total_mult_adds), int(statistics.total_params), dict(per_module)
+    )
+
+
+def run_torch(network: nn.Module, x: torch.Tensor) -> ToolResult:
+    """Return FlopCounterMode's total FLOPs (it reports no parameters)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        network(x)
+    root = type(network).__name__ + "."
+    per_module = {
+        key[len(root) :]: int(sum(counts.values()))
+        for key, counts in counter.get_flop_counts().items()
+        if key.startswith(root)
+    }
+    return ToolResult(int(counter.get_total_flops()), None, per_module)
+
+
+RUNNERS: dict[str, Callable[[nn.Module, torch.Tensor], ToolResult]] = {
+    "fvcore": run_fvcore,
+    "ptflops": run_ptflops,
+    "thop": run_thop,
+    "torchinfo": run_torchinfo,
+    "torch": run_torch,
+}
+
+
+def tool_package(tool: str) -> str:
+    """Return 'package version' for a tool, or raise ImportError naming the package."""
+    package = PACKAGES[tool]
+    if importlib.util.find_spec(package) is None:
+        raise ImportError(package)
+    try:
+        return f"{package} {importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        return package
+
+
+def run_tool(tool: str, network: nn.Module, x: torch.Tensor) -> ToolResult:
+    """Return what `tool` reports for a copy of `network` (eval mode) on input `x`."""
+    with _quiet():
+        return RUNNERS[tool](network, x)
+
+
+# --- our side ------------------------------------------------------------------------------
+
+
+def _layer_values(analysis: Analysis, resolution: tuple[int, int]) -> np.ndarray:
+    return analysis.evaluate([resolution])["connections"][:, 0]
+
+
+def breakdown(
+    analysis: Analysis, tool: str, resolution: tuple[int, int]
+) -> tuple[list[Cause], np.ndarray]:
+    """Return the causes of the preset's difference from the default, and the preset's layers."""
+    convention = preset(tool)
+    default = _layer_values(analysis.with_convention(DEFAULT), resolution)
+    counted = _layer_values(analysis.with_convention(convention), resolution)
+    unbiased = _layer_values(
+        analysis.with_convention(make_convention(bias_in_connections=False, base=convention)),
+        resolution,
+    )
+    causes: dict[str, Cause] = {}
+
+    def add(cause: str, amount: int, layer: str) -> None:
+        if amount:
+            entry = causes.setdefault(cause, Cause(CAUSES[cause], 0, []))
+            entry.difference += int(amount)
+            entry.layers.append(layer)
+
+    for index, layer in enumerate(analysis.layers):
+        ours, theirs = int(default[index]), int(counted[index])
+        if theirs == 0 and ours != 0:
+            add("unseen", -ours, layer.name)
+            continue
+        add("bias", theirs - int(unbiased[index]), layer.name)
+        add(KIND_CAUSE.get(layer.kind, "unseen"), int(unbiased[index]) - ours, layer.name)
+    ordered = [causes[key] for key in CAUSES if key in causes]
+    return ordered, counted
+
+
+def _module_of(analysis: Analysis, index: int) -> str | None:
+    layer = analysis.layers[index]
+    if layer.cost.via in ("module", "module_subclass"):
+        return layer.name.split(":")[0]
+    return None
+
+
+def _layer_rows(
+    analysis: Analysis,
+    default: np.ndarray,
+    presets: Mapping[str, np.ndarray],
+    results: Mapping[str, ToolResult],
+) -> list[LayerRow]:
+    rows: dict[str, LayerRow] = {}
+    for index, layer in enumerate(analysis.layers):
+        module = _module_of(analysis, index)
+        key = module or layer.name
+        if key not in rows:
+            tools = {}
+            for tool, result in results.items():
+                per_module = result.per_module or {}
+                tools[tool] = per_module.get(module) if module is not None else None
+            rows[key] = LayerRow(key, layer.type, 0, dict.fromkeys(presets, 0), tools)
+        rows[key].default += int(default[index])
+        for tool, values in presets.items():
+            rows[key].presets[tool] += int(values[index])
+    return list(rows.values())
+
+
+def _builder(
+    model: str | ModelSpec | nn.Module, settings: Mapping[str, int] | None
+) -> Callable[[], nn.Module]:
+    # Each tool gets a fresh network: they add hooks, buffers and attributes while counting.
+    if isinstance(model, str):
+        model = resolve(model)
+    if isinstance(model, ModelSpec):
+        spec, values = model, model.settings(settings)
+        return lambda: spec.build(values).eval()
+    return lambda: copy.deepcopy(model).eval()
+
+
+def crosscheck(
+    model: str | ModelSpec | nn.Module,
+    resolutions: Sequence[tuple[int, int]] = ((224, 224),),
+    settings: Mapping[str, int] | None = None,
+    tools: Sequence[str] = TOOLS,
+) -> CrossCheck:
+    """Return each installed tool's number next to our preset for it, with the breakdown."""
+    unknown = [t for t in tools if t not in TOOLS]
+    if unknown:
+        raise ValueError(f"unknown tool {unknown[0]!r}; use some of {', '.join(TOOLS)}")
+    analysis = analyse(model, settings)
+    build = _builder(model, settings)
+    channels = int(analysis.input_channels.subs(analysis.substitutions()))
+    skipped, packages = [], {}
+    for tool in tools:
+        try:
+            packages[tool] = tool_package(tool)
+        except ImportError:
+            skipped.append(
+                f"{tool}: skipped, package {PACKAGES[tool]!r} is not installed "
+                "(pip install 'convtally[peers]')"
+            )
+    checks = []
+    for resolution in resolutions:
+        analysis.check_resolution(*resolution)
+        x = torch.zeros(1, channels, *resolution)
+        default = _layer_values(analysis, resolution)
+        totals = analysis.totals_at([resolution])
+        tool_checks, presets, results = [], {}, {}
+        for tool, package in packages.items():
+            result = run_tool(tool, build(), x)
+            causes, counted = breakdown(analysis, tool, resolution)
+            weights = analysis.with_convention(preset(tool)).totals_at([resolution])["weights"][0]
+            tool_checks.append(
+                ToolCheck(
+                    tool=tool,
+                    package=package,
+                    counts=preset(tool).counts,
+                    number=result.total,
+                    preset=int(counted.sum()),
+                    parameters=result.parameters,
+                    preset_weights=int(weights),
+                    causes=causes,
+                    per_module=result.per_module,
+                )
+            )
+            presets[tool], results[tool] = counted, result
+        checks.append(
+            ResolutionCheck(
+                resolution=resolution_label(*resolution),
+                default=int(totals["connections"][0]),
+                default_weights=int(totals["weights"][0]),
+                tools=tool_checks,
+                layers=_layer_rows(analysis, default, presets, results),
+            )
+        )
+    return CrossCheck(analysis.model, [channels], checks, skipped)
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def _layers_text(layers: list[str], limit: int = 6) -> str:
+    shown = ", ".join(layers[:limit])
+    more = f", ... (+{len(layers) - limit} more)" if len(layers) > limit else ""
+    return f"{len(layers)} layer{'s' if len(layers) != 1 else ''}: {shown}{more}"
+
+
+def _summary_rows(check: ResolutionCheck) -> list[dict]:
+    rows = []
+    for t in check.tools:
+        rows.append(
+            {
+                "tool": t.tool,
+                "package": t.package,
+                "tool's number": t.number,
+                "our preset": t.preset,
+                "equal": "yes" if t.number == t.preset else "NO",
+                "params (tool)": "-" if t.parameters is None else t.parameters,
+                "weights (preset)": t.preset_weights,
+                "params equal": "-"
+                if t.parameters is None
+                else ("yes" if t.parameters == t.preset_weights else "NO"),
+            }
+        )
+    return rows
+
+
+def _cause_rows(check: ResolutionCheck, full: bool) -> list[dict]:
+    rows = []
+    for t in check.tools:
+        for cause in t.causes:
+            rows.append(
+                {
+                    "tool": t.tool,
+                    "cause": cause.cause,
+                    "difference": cause.difference,
+                    "layers": "; ".join(cause.layers) if full else _layers_text(cause.layers),
+                }
+            )
+        if t.number != t.preset:
+            rows.append(
+                {
+                    "tool": t.tool,
+                    "cause": "unexplained (tool - our preset)",
+                    "difference": t.number - t.preset,
+                    "layers": "",
+                }
+            )
+    return rows
+
+
+def _layer_table(check: ResolutionCheck) -> list[dict]:
+    rows = []
+    for row in check.layers:
+        entry = {"layer": row.layer, "type": row.type, "default": row.default}
+        for tool, theirs in row.tools.items():
+            ours = row.presets[tool]
+            if theirs is None:
+                entry[tool] = f"({ours:,})" if ours else ""
+            else:
+                entry[tool] = f"{theirs:,}" + ("" if theirs == ours else f" *{ours:,}")
+        rows.append(entry)
+    return rows
+
+
+LAYER_NOTE = (
+    "per module as each tool reports it; (N): our preset for a call the tool reports in its "
+    "total only; 'T *N': the tool's module shows T, our preset's row N (ptflops counts F.relu "
+    "and other patched functional calls made inside a module's forward in its total only, "
+    "fvcore and torch include a module's children)"
+)
+
+
+def render_crosscheck(result: CrossCheck, fmt: str = "text", layers: bool = False) -> str:
+    """Return the cross-check as 'text', 'json', 'csv' or 'markdown'."""
+    if fmt == "json":
+        return json.dumps(result.to_dict(), indent=2) + "\n"
+    import pandas as pd
+    from tabulate import tabulate
+
+    if fmt == "csv":
+        frames = []
+        for check in result.resolutions:
+            summary = pd.DataFrame(_summary_rows(check)).assign(resolution=check.resolution)
+            causes = pd.DataFrame(_cause_rows(check, full=True)).assign(resolution=check.resolution)
+            frames.append(summary.merge(causes, on=["tool", "resolution"], how="left"))
+        frame = pd.concat(frames) if frames else pd.DataFrame()
+        columns = ["resolution", *[c for c in frame.columns if c != "resolution"]]
+        return frame[columns].to_csv(index=False) if len(frame) else ""
+    table_format = "github" if fmt == "markdown" else "simple"
+    lines = [
+        f"crosscheck {result.model}: each tool on a 1x{result.input_shape[0]}xHxW input, "
+        "our formulas under its preset (--convention NAME; docs/conventions.md)",
+        *result.skipped,
+    ]
+    for check in result.resolutions:
+        lines += ["", f"## {check.resolution}" if fmt == "markdown" else f"at {check.resolution}:"]
+        lines.append("")
+        lines.append(
+            tabulate(
+                pd.DataFrame(_summary_rows(check)),
+                headers="keys",
+                tablefmt=table_format,
+                showindex=False,
+                intfmt=",",
+            )
+        )
+        lines += [
+            "",
+            f"default convention (DESIGN.md): {check.default:,} connections, "
+            f"{check.default_weights:,} weights; each tool's difference from it, by cause:",
+            "",
+        ]
+        rows = []
+        for t in check.tools:
+            rows.append(
+                {
+                    "tool": t.tool,
+                    "cause": "total difference",
+                    "difference": f"{t.number - check.default:+,}",
+                    "layers": "",
+                }
+            )
+            rows += [
+                {**row, "tool": "", "difference": f"{row['difference']:+,}"}
+                for row in _cause_rows(check, full=False)
+                if row["tool"] == t.tool
+            ]
+        lines.append(
+            tabulate(pd.DataFrame(rows), headers="keys", tablefmt=table_format, showindex=False)
+        )
+        if layers:
+            lines += ["", LAYER_NOTE, ""]
+            lines.append(
+                tabulate(
+                    pd.DataFrame(_layer_table(check)),
+                    headers="keys",
+                    tablefmt=table_format,
+                    showindex=False,
+                    intfmt=",",
+                )
+            )
+    mismatches = result.mismatches
+    lines += [
+        "",
+        f"{len(mismatches)} preset(s) differ from their tool"
+        + (": " + ", ".join(f"{t} at {r}" for r, t in mismatches) if mismatches else ""),
+    ]
+    return "\n".join(lines) + "\n"
