@@ -148,24 +148,25 @@ def load_image(path: Path, size: int) -> np.ndarray:
             f"image {path} is missing but its trimap exists; extract 17flowers.tgz into "
             f"{path.parent.parent}"
         )
-    try:
-        with Image.open(path) as image:
-            resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    except OSError as error:
-        raise ValueError(f"cannot read image {path} ({type(error).__name__}); "
-                         "extract 17flowers.tgz again") from None
+    resized = _resized_rgb(path, size, Image.Resampling.BILINEAR, "image", "17flowers.tgz")
     return np.asarray(resized, dtype=np.uint8)
 
 
 def load_mask(path: Path, size: int) -> np.ndarray:
     """Return the (size, size) boolean foreground of the trimap at `path` (nearest resize)."""
+    return foreground_mask(
+        _resized_rgb(path, size, Image.Resampling.NEAREST, "trimap", "trimaps.tgz")
+    )
+
+
+def _resized_rgb(path: Path, size: int, resample: Image.Resampling, what: str,
+                 archive: str) -> Image.Image:
     try:
-        with Image.open(path) as trimap:
-            resized = trimap.convert("RGB").resize((size, size), Image.Resampling.NEAREST)
+        with Image.open(path) as image:
+            return image.convert("RGB").resize((size, size), resample)
     except OSError as error:
-        raise ValueError(f"cannot read trimap {path} as an image ({type(error).__name__}); "
-                         "extract trimaps.tgz again") from None
-    return foreground_mask(resized)
+        raise ValueError(f"cannot read {what} {path} as an image ({type(error).__name__}); "
+                         f"extract {archive} again") from None
 
 
 @dataclass
