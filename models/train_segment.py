@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from analysis.io import atomic_save_figure, atomic_torch_save, atomic_write_json
+from analysis.io import atomic_save_figure, atomic_torch_save
 from models.device import device_description, resolve_device
 from models.flowers import (
     FLOWERS_PAGE,
@@ -40,6 +38,7 @@ from models.flowers import (
     load_flower_split,
     normalize_images,
 )
+from models.runs import software_versions, utc_timestamp, write_metrics
 from models.segmentation import (
     BACKBONES,
     LOSSES,
@@ -210,7 +209,7 @@ def path_logits(config: SegmentConfig, model: nn.Module, train_set: FlowerSplit,
 def train_segmentation(config: SegmentConfig) -> dict:
     """Fine-tune as `config` says, write the run folder, and return the metrics dict."""
     validate_config(config)
-    started_at = _now()
+    started_at = utc_timestamp()
     device = resolve_device(config.device)
     downloaded = ensure_flowers(config.data, download=config.download)
     train_set = load_flower_split(config.data, "train", config.size)
@@ -266,10 +265,9 @@ def train_segmentation(config: SegmentConfig) -> dict:
         "epochs": history,
         "final": final,
         "metric_definitions": METRIC_DEFINITIONS,
-        "software": {"python": platform.python_version(), "torch": torch.__version__,
-                     "torchvision": torchvision.__version__},
+        "software": {**software_versions(), "torchvision": torchvision.__version__},
         "started_at": started_at,
-        "finished_at": _now(),
+        "finished_at": utc_timestamp(),
     }
     write_run_folder(config.run_dir(), metrics, model, val_set, device, config.grid_images)
     _say(f"wrote {config.run_dir()}")
@@ -318,7 +316,7 @@ def write_run_folder(run_dir: Path, metrics: dict, model: nn.Module, val_set: Fl
             predicted = predicted_foreground(full_forward(model, val_set.images, device)(idx))
         figure = prediction_grid(val_set.images[:count], val_set.masks[:count], predicted.cpu())
         atomic_save_figure(figure, run_dir / "predictions.png", dpi=120)
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    write_metrics(run_dir, metrics)
 
 
 def curves_figure(history: list[dict]) -> Figure:
@@ -354,10 +352,6 @@ def prediction_grid(images: Tensor, truth: Tensor, predicted: Tensor) -> Figure:
             axes[row, column].axis("off")
     figure.tight_layout()
     return figure
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _say(message: str) -> None:
