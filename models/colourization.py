@@ -21,38 +21,37 @@ def halving_padding(kernel: int) -> tuple[int, int]:
     return padding, output_padding
 
 
+def conv_pool_block(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
+    """Return the write-up's down block: 'same' conv, 2x2 max-pool, BatchNorm, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=kernel, padding=same_padding(kernel)),
+        nn.MaxPool2d(kernel_size=2),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    )
+
+
+def conv_upsample_block(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
+    """Return the write-up's up block: 'same' conv, 2x nearest upsampling, BatchNorm, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=kernel, padding=same_padding(kernel)),
+        nn.Upsample(scale_factor=2),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    )
+
+
 class PoolUpsampleNet(nn.Module):
     """Part A: max-pooling down to H/4, nearest upsampling back to H."""
 
     def __init__(self, kernel: int, num_filters: int, num_colours: int, num_in_channels: int):
         super().__init__()
-        padding = same_padding(kernel)
-        self.block0 = nn.Sequential(
-            nn.Conv2d(num_in_channels, num_filters, kernel_size=kernel, padding=padding),
-            nn.MaxPool2d(kernel_size=2),
-            nn.BatchNorm2d(num_filters),
-            nn.ReLU(),
-        )
-        self.block1 = nn.Sequential(
-            nn.Conv2d(num_filters, 2 * num_filters, kernel_size=kernel, padding=padding),
-            nn.MaxPool2d(kernel_size=2),
-            nn.BatchNorm2d(2 * num_filters),
-            nn.ReLU(),
-        )
-        self.block2 = nn.Sequential(
-            nn.Conv2d(2 * num_filters, num_filters, kernel_size=kernel, padding=padding),
-            nn.Upsample(scale_factor=2),
-            nn.BatchNorm2d(num_filters),
-            nn.ReLU(),
-        )
-        self.block3 = nn.Sequential(
-            nn.Conv2d(num_filters, num_colours, kernel_size=kernel, padding=padding),
-            nn.Upsample(scale_factor=2),
-            nn.BatchNorm2d(num_colours),
-            nn.ReLU(),
-        )
+        self.block0 = conv_pool_block(num_in_channels, num_filters, kernel)
+        self.block1 = conv_pool_block(num_filters, 2 * num_filters, kernel)
+        self.block2 = conv_upsample_block(2 * num_filters, num_filters, kernel)
+        self.block3 = conv_upsample_block(num_filters, num_colours, kernel)
         self.block4 = nn.Sequential(
-            nn.Conv2d(num_colours, num_colours, kernel_size=kernel, padding=padding),
+            nn.Conv2d(num_colours, num_colours, kernel_size=kernel, padding=same_padding(kernel)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,35 +117,13 @@ class UNet(nn.Module):
 
     def __init__(self, kernel: int, num_filters: int, num_colours: int, num_in_channels: int):
         super().__init__()
-        padding = same_padding(kernel)
-        self.block0 = nn.Sequential(
-            nn.Conv2d(num_in_channels, num_filters, kernel_size=kernel, padding=padding),
-            nn.MaxPool2d(kernel_size=2),
-            nn.BatchNorm2d(num_filters),
-            nn.ReLU(),
-        )
-        self.block1 = nn.Sequential(
-            nn.Conv2d(num_filters, 2 * num_filters, kernel_size=kernel, padding=padding),
-            nn.MaxPool2d(kernel_size=2),
-            nn.BatchNorm2d(2 * num_filters),
-            nn.ReLU(),
-        )
-        self.block2 = nn.Sequential(
-            nn.Conv2d(2 * num_filters, num_filters, kernel_size=kernel, padding=padding),
-            nn.Upsample(scale_factor=2),
-            nn.BatchNorm2d(num_filters),
-            nn.ReLU(),
-        )
-        self.block3 = nn.Sequential(
-            nn.Conv2d(num_filters + num_filters, num_colours, kernel_size=kernel, padding=padding),
-            nn.Upsample(scale_factor=2),
-            nn.BatchNorm2d(num_colours),
-            nn.ReLU(),
-        )
+        self.block0 = conv_pool_block(num_in_channels, num_filters, kernel)
+        self.block1 = conv_pool_block(num_filters, 2 * num_filters, kernel)
+        self.block2 = conv_upsample_block(2 * num_filters, num_filters, kernel)
+        self.block3 = conv_upsample_block(num_filters + num_filters, num_colours, kernel)
         self.block4 = nn.Sequential(
-            nn.Conv2d(
-                num_colours + num_in_channels, num_colours, kernel_size=kernel, padding=padding
-            ),
+            nn.Conv2d(num_colours + num_in_channels, num_colours, kernel_size=kernel,
+                      padding=same_padding(kernel)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
