@@ -454,7 +454,12 @@ def _layers_text(layers: list[str], limit: int = 6) -> str:
     return f"{len(layers)} layer{'s' if len(layers) != 1 else ''}: {shown}{more}"
 
 
-def _summary_rows(check: ResolutionCheck) -> list[dict]:
+def _summary_rows(check: ResolutionCheck, text: bool = True) -> list[dict]:
+    def number(value: int | None) -> int | str:
+        if value is None:
+            return "-" if text else ""
+        return f"{value:,}" if text else value
+
     rows = []
     for t in check.tools:
         rows.append(
@@ -464,8 +469,8 @@ def _summary_rows(check: ResolutionCheck) -> list[dict]:
                 "tool's number": t.number,
                 "our preset": t.preset,
                 "equal": "yes" if t.number == t.preset else "NO",
-                "params (tool)": "-" if t.parameters is None else t.parameters,
-                "weights (preset)": t.preset_weights,
+                "params (tool)": number(t.parameters),
+                "weights (preset)": number(t.preset_weights),
                 "params equal": "-"
                 if t.parameters is None
                 else ("yes" if t.parameters == t.preset_weights else "NO"),
@@ -530,7 +535,9 @@ def render_crosscheck(result: CrossCheck, fmt: str = "text", layers: bool = Fals
     if fmt == "csv":
         frames = []
         for check in result.resolutions:
-            summary = pd.DataFrame(_summary_rows(check)).assign(resolution=check.resolution)
+            summary = pd.DataFrame(_summary_rows(check, text=False)).assign(
+                resolution=check.resolution
+            )
             causes = pd.DataFrame(_cause_rows(check, full=True)).assign(resolution=check.resolution)
             frames.append(summary.merge(causes, on=["tool", "resolution"], how="left"))
         frame = pd.concat(frames) if frames else pd.DataFrame()

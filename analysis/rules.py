@@ -528,8 +528,12 @@ def mean(x: SymTensor, dim=None, keepdim: bool = False, **kwargs) -> LayerCost:
     return LayerCost("adaptive_pool", SymTensor(tuple(shape)), connections=x.per_example)
 
 
-def functional_adaptive_avg_pool2d(x: SymTensor, output_size: Any) -> LayerCost:
-    """F.adaptive_avg_pool2d: as the module."""
+def functional_adaptive_avg_pool2d(
+    x: SymTensor, output_size: Any, return_indices: bool = False
+) -> LayerCost:
+    """F.adaptive_avg_pool2d / F.adaptive_max_pool2d: as the modules."""
+    if return_indices:
+        raise UnsupportedLayer("adaptive_max_pool2d with return_indices=True")
     return _adaptive_pool(x, output_size)
 
 
