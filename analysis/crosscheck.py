@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from analysis.accounting import Analysis, analyse
-from analysis.conventions import DEFAULT, make_convention, preset
+from analysis.conventions import make_convention, preset
 from analysis.formatting import resolution_label
 from models.registry import ModelSpec, resolve
 
@@ -311,21 +311,14 @@ def run_tool(tool: str, network: nn.Module, x: torch.Tensor) -> ToolResult:
 # --- our side ------------------------------------------------------------------------------
 
 
-def _layer_values(analysis: Analysis, resolution: tuple[int, int]) -> np.ndarray:
-    return analysis.evaluate([resolution])["connections"][:, 0]
+def causes_of(
+    analysis: Analysis, default: np.ndarray, counted: np.ndarray, unbiased: np.ndarray
+) -> list[Cause]:
+    """Return the causes of a preset's difference from the default, from per-layer counts.
 
-
-def breakdown(
-    analysis: Analysis, tool: str, resolution: tuple[int, int]
-) -> tuple[list[Cause], np.ndarray]:
-    """Return the causes of the preset's difference from the default, and the preset's layers."""
-    convention = preset(tool)
-    default = _layer_values(analysis.with_convention(DEFAULT), resolution)
-    counted = _layer_values(analysis.with_convention(convention), resolution)
-    unbiased = _layer_values(
-        analysis.with_convention(make_convention(bias_in_connections=False, base=convention)),
-        resolution,
-    )
+    `default`, `counted` and `unbiased` hold each layer's connections under the default
+    convention, the preset, and the preset without its bias terms.
+    """
     causes: dict[str, Cause] = {}
 
     def add(cause: str, amount: int, layer: str) -> None:
@@ -341,8 +334,7 @@ def breakdown(
             continue
         add("bias", theirs - int(unbiased[index]), layer.name)
         add(KIND_CAUSE.get(layer.kind, "unseen"), int(unbiased[index]) - ours, layer.name)
-    ordered = [causes[key] for key in CAUSES if key in causes]
-    return ordered, counted
+    return [causes[key] for key in CAUSES if key in causes]
 
 
 def _module_of(analysis: Analysis, index: int) -> str | None:
@@ -408,38 +400,47 @@ def crosscheck(
                 f"{tool}: skipped, package {PACKAGES[tool]!r} is not installed "
                 "(pip install 'convtally[peers]')"
             )
-    checks = []
     for resolution in resolutions:
         analysis.check_resolution(*resolution)
+    # Each convention's formulas are compiled once and evaluated at every resolution.
+    default = analysis.evaluate(resolutions)
+    counted, unbiased = {}, {}
+    for tool in packages:
+        convention = preset(tool)
+        counted[tool] = analysis.with_convention(convention).evaluate(resolutions)
+        unbiased[tool] = analysis.with_convention(
+            make_convention(bias_in_connections=False, base=convention)
+        ).evaluate(resolutions)["connections"]
+    checks = []
+    for j, resolution in enumerate(resolutions):
         x = torch.zeros(1, channels, *resolution)
-        default = _layer_values(analysis, resolution)
-        totals = analysis.totals_at([resolution])
         tool_checks, presets, results = [], {}, {}
         for tool, package in packages.items():
             result = run_tool(tool, build(), x)
-            causes, counted = breakdown(analysis, tool, resolution)
-            weights = analysis.with_convention(preset(tool)).totals_at([resolution])["weights"][0]
+            connections = counted[tool]["connections"][:, j]
             tool_checks.append(
                 ToolCheck(
                     tool=tool,
                     package=package,
                     counts=preset(tool).counts,
                     number=result.total,
-                    preset=int(counted.sum()),
+                    preset=int(connections.sum()),
                     parameters=result.parameters,
-                    preset_weights=int(weights),
-                    causes=causes,
+                    preset_weights=int(counted[tool]["weights"][:, j].sum()),
+                    causes=causes_of(
+                        analysis, default["connections"][:, j], connections, unbiased[tool][:, j]
+                    ),
                     per_module=result.per_module,
                 )
             )
-            presets[tool], results[tool] = counted, result
+            presets[tool], results[tool] = connections, result
         checks.append(
             ResolutionCheck(
                 resolution=resolution_label(*resolution),
-                default=int(totals["connections"][0]),
-                default_weights=int(totals["weights"][0]),
+                default=int(default["connections"][:, j].sum()),
+                default_weights=int(default["weights"][:, j].sum()),
                 tools=tool_checks,
-                layers=_layer_rows(analysis, default, presets, results),
+                layers=_layer_rows(analysis, default["connections"][:, j], presets, results),
             )
         )
     return CrossCheck(analysis.model, [channels], checks, skipped)
