@@ -298,8 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.set_defaults(handler=run_compare)
 
-    from analysis.crosscheck import TOOLS
-
+    tools = [name for name in preset_names() if name != "default"]  # one preset per tool
     cross = commands.add_parser(
         "crosscheck",
         help="run fvcore, ptflops, thop, torchinfo and FlopCounterMode and match each with "
@@ -315,10 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     cross.add_argument(
         "--tools",
         nargs="+",
-        choices=TOOLS,
-        default=list(TOOLS),
+        choices=tools,
+        default=tools,
         metavar="TOOL",
-        help=f"which tools ({', '.join(TOOLS)}; default: all installed)",
+        help=f"which tools ({', '.join(tools)}; default: all installed)",
     )
     cross.add_argument(
         "--layers", action="store_true", help="also list every tool's count per layer"
