@@ -18,8 +18,10 @@ from analysis.io import atomic_save_figure  # noqa: E402
 
 def save(figure, stem: Path) -> list[Path]:
     """Save `figure` as stem.png and stem.pdf (atomically); return both paths."""
+    # No creation date in the PDF, so regenerating an unchanged figure leaves git clean.
     paths = [
-        atomic_save_figure(figure, stem.with_suffix(suffix), bbox_inches="tight", dpi=150)
+        atomic_save_figure(figure, stem.with_suffix(suffix), bbox_inches="tight", dpi=150,
+                           metadata={"CreationDate": None} if suffix == ".pdf" else None)
         for suffix in (".png", ".pdf")
     ]
     plt.close(figure)
