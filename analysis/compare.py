@@ -38,7 +38,9 @@ def find_runs(model: str, run_dirs: Sequence[Path] = DEFAULT_RUN_DIRS) -> list[d
     for directory in run_dirs:
         if not Path(directory).is_dir():
             continue
-        for path in sorted(Path(directory).glob("**/metrics.json")):
+        # One level only: a sweep's per-batch-size runs (two levels down) are not the run
+        # that stands for the model.
+        for path in sorted(Path(directory).glob("*/metrics.json")):
             try:
                 metrics = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):

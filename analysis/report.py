@@ -235,6 +235,11 @@ def _readme(out: Path, index: list[str], today: str, machine: str) -> list[str]:
             f"{data.get('finished_at', '?')}: val loss {final.get('val_loss', float('nan')):.4f},"
             f" val accuracy {100 * final.get('val_accuracy', float('nan')):.1f} %"
         )
+    for summary in sorted(training.glob("*/summary.csv")) if training.is_dir() else []:
+        extra.append(
+            f"- `training/{summary.parent.name}/summary.{{csv,png}}`: `convtally train "
+            "colour-sweep` (write-up Part B.5), final train/val loss against batch size, one "
+            "run per batch size in its subfolders")
     benchmarks = out / "benchmarks"
     for path in sorted(benchmarks.glob("*.md")) if benchmarks.is_dir() else []:
         first = next(

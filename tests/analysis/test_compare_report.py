@@ -108,3 +108,11 @@ def test_failed_report_leaves_previous_reports(built, monkeypatch):
         report.build_report(out, segmentation=False)
     assert (out / "costs" / "unet.md").read_text().endswith("marker")
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_sweep_runs_do_not_stand_for_the_model(tmp_path):
+    write_run(tmp_path, "convtranspose", 0.25)
+    write_run(tmp_path / "sweep", "convtranspose", 0.75)  # sweep/convtranspose: two levels down
+    frame = compare(["convtranspose"], [(32, 32)], run_dirs=[tmp_path])
+    measured = frame[frame["source"].str.startswith("formula + run")]
+    assert measured["val accuracy %"].tolist() == [25.0]
