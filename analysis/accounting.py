@@ -54,6 +54,7 @@ class Layer:
     cost: LayerCost = field(repr=False)
     divisor: tuple[int, int] = (1, 1)  # what H, W must be divisible by up to this layer
     known: bool = True  # False when counted from hooks under allow_unknown
+    requirements: tuple[tuple[sp.Expr, sp.Expr, str], ...] = ()  # (a, b, what): a must equal b
 
     def formula(self, quantity: str) -> sp.Expr:
         """Return the formula for 'weights', 'outputs' or 'connections'."""
@@ -104,8 +105,9 @@ class Analysis:
             options = f"{lower} or {lower + need}" if lower > 0 else f"{need}"
             raise ResolutionError(
                 f"expected {symbol} divisible by {layer.divisor[axis]} for {layer.name} "
-                f"({layer.type}), got {symbol}={value}; the network needs {symbol} divisible "
-                f"by {need}: try {options} (or --exact to keep floor() in the formulas)"
+                f"({layer.type}), got {symbol}={value}; the formulas assume {symbol} divisible "
+                f"by {need}: try {options}, or --exact for formulas with floor() that hold at "
+                "every size"
             )
 
     def evaluate(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
@@ -116,7 +118,17 @@ class Analysis:
         widths = np.array([int(r[1]) for r in resolutions], dtype=object)
         count = len(self.layers)
         values = self._compiled_formulas()(heights, widths)
-        sizes = values[len(QUANTITIES) * count :]
+        sizes = values[len(QUANTITIES) * count : len(QUANTITIES) * count + len(self._size_owner)]
+        differences = values[len(QUANTITIES) * count + len(self._size_owner) :]
+        if differences.size and (differences != 0).any():
+            row, column = np.argwhere(differences != 0)[0]
+            index, (a, b, what) = self._requirement_owner[row]
+            layer = self.layers[index]
+            height, width = resolutions[column]
+            raise ResolutionError(
+                f"{layer.name} ({layer.type}) cannot run at {height}x{width}: {what} "
+                f"({a} = {b}){_where_it_holds(a - b, self.substitutions())}"
+            )
         if sizes.size and (sizes < 1).any():
             row, column = np.argwhere(sizes < 1)[0]
             layer = self.layers[self._size_owner[row]]
@@ -143,6 +155,11 @@ class Analysis:
                     if sp.sympify(dimension).has(H, W):
                         formulas.append(sp.sympify(dimension).subs(substitution))
                         self._size_owner.append(index)
+            self._requirement_owner = []
+            for index, layer in enumerate(self.layers):
+                for requirement in layer.requirements:
+                    formulas.append((requirement[0] - requirement[1]).subs(substitution))
+                    self._requirement_owner.append((index, requirement))
             self._compiled = IntegerEvaluator(formulas)
         return self._compiled
 
@@ -414,7 +431,7 @@ def analyse(
         )
     if unused_weights and convention.unused_weights:
         layers.append(_unused_row(convention, unused_weights, unused_trainable, divisor))
-    return Analysis(
+    analysis = Analysis(
         model=name,
         hyperparameters=dict(values),
         symbols=names,
@@ -429,6 +446,8 @@ def analyse(
         network=network,
         graph_module=graph_module,
     )
+    analysis.assumptions.extend(requirement_assumptions(analysis))
+    return analysis
 
 
 def _guess_input_channels(network: nn.Module) -> int:
@@ -543,6 +562,7 @@ def _interpret(
                 connections=convention.connections(cost) if known else sp.Integer(0),
                 cost=cost,
                 known=known,
+                requirements=cost.requires,
             )
         )
     return layers
@@ -599,9 +619,16 @@ def _first_input(args, kwargs) -> sp.Expr | None:
 
 
 def _python_call(node, args, kwargs):
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
+    try:
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+    except Exception as error:  # e.g. torch._assert on a symbolic size (vision transformers)
+        name = getattr(node.target, "__name__", node.target)
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnsupportedLayer(
+            f"{node.name} ({name}) cannot be evaluated on symbolic sizes: {first[:120]}"
+        ) from None
 
 
 # --- divisibility --------------------------------------------------------------------------
@@ -666,10 +693,48 @@ def _apply_divisibility(layers: list[Layer], exact: bool) -> tuple[tuple[int, in
         layer.weights = simplify(layer.weights)
         layer.outputs = simplify(layer.outputs)
         layer.connections = simplify(layer.connections)
+        layer.requirements = tuple(
+            (simplify(a), simplify(b), what) for a, b, what in layer.requirements)
     for symbol, multiple in (("H", multiples[0]), ("W", multiples[1])):
         if multiple > 1:
             assumptions.append(f"{symbol} divisible by {multiple}")
     return (multiples[0], multiples[1]), assumptions
+
+
+def _where_it_holds(difference: sp.Expr, substitution: Mapping[sp.Symbol, int]) -> str:
+    """Return '; it holds at 32x32' for the square sizes up to 4096 where `difference` is 0."""
+    square = sp.sympify(difference).subs(substitution).subs(W, H)
+    if square.free_symbols - {H}:
+        return ""
+    sizes = []
+    try:
+        for root in sp.solve(sp.Eq(square, 0), H):
+            if root.is_integer and 0 < root <= 4096:
+                sizes.append(int(root))
+    except (NotImplementedError, TypeError):
+        return ""
+    return f"; it holds at {', '.join(f'{s}x{s}' for s in sorted(sizes))}" if sizes else ""
+
+
+def requirement_assumptions(analysis: Analysis) -> list[str]:
+    """Return one assumption line per size agreement a layer needs (e.g. fc's in_features)."""
+    lines = []
+    for layer in analysis.layers:
+        kept = []
+        for a, b, what in layer.requirements:
+            difference = sp.simplify(a - b)
+            if difference == 0:
+                continue  # holds wherever the divisibility assumption does
+            if difference.is_number:
+                raise rules.ShapeMismatch(
+                    f"{layer.name} ({layer.type}) cannot run at any input size: {what} "
+                    f"({a} = {b})")
+            kept.append((a, b, what))
+        layer.requirements = tuple(kept)
+        for a, b, what in layer.requirements:
+            lines.append(f"{layer.name} ({layer.type}): {what}, {a} = {b}"
+                         f"{_where_it_holds(a - b, analysis.substitutions())}")
+    return lines
 
 
 def _simplify(expression: sp.Expr, divisor: tuple[int, int]) -> sp.Expr:

@@ -32,12 +32,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> 
     parser.add_argument(
         "--res",
         nargs="+",
+        action="extend",
         default=None,
         metavar="RES",
         help="resolutions: N for NxN or HxW (default: 32 64)",
     )
     parser.add_argument(
-        "--set", nargs="+", default=[], metavar="NAME=VALUE", help="hyperparameters, e.g. NF=64 K=5"
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=VALUE",
+        help="hyperparameters, e.g. NF=64 K=5",
     )
     parser.add_argument(
         "--convention",
@@ -191,6 +197,9 @@ def run_compare(args: argparse.Namespace) -> int:
     from analysis.figures import connections_vs_resolution
 
     resolutions = resolutions_from(args, ("32", "64", "128", "256"))
+    if args.figure is not None and any(h != w for h, w in resolutions):
+        raise UsageError("--figure plots square resolutions only (N, not HxW); drop --figure "
+                         "or the HxW values")
     frame = compare(args.model, resolutions, parse_settings(args.set), convention_from(args))
     emit(render_comparison(frame, args.format), args.output)
     if args.figure is not None:
@@ -306,10 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cross.add_argument("model", metavar="MODEL", help="as for table")
     cross.add_argument(
-        "--res", nargs="+", default=None, metavar="RES", help="resolutions (default: 224)"
+        "--res",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="RES",
+        help="resolutions (default: 224)",
     )
     cross.add_argument(
-        "--set", nargs="+", default=[], metavar="NAME=VALUE", help="hyperparameters, e.g. NF=64"
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=VALUE",
+        help="hyperparameters, e.g. NF=64",
     )
     cross.add_argument(
         "--tools",
@@ -335,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
         "CSV with a resolution column",
     )
     check.add_argument("--model", required=True)
-    check.add_argument("--res", nargs="+", default=None, metavar="RES")
-    check.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE")
+    check.add_argument("--res", nargs="+", action="extend", default=None, metavar="RES")
+    check.add_argument("--set", nargs="+", action="extend", default=[], metavar="NAME=VALUE")
     check.add_argument("--bias-connections", action="store_true")
     check.add_argument("--no-batchnorm-weights", action="store_true")
     check.add_argument("--no-elementwise-connections", action="store_true")

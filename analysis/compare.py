@@ -80,7 +80,7 @@ def compare(
             for quantity in QUANTITIES:
                 base = first_totals[quantity][j]
                 row[f"{quantity} ratio"] = round(totals[quantity][j] / base, 3) if base else None
-            run = _run_at(runs, resolution)
+            run = _run_at(runs, resolution, analysis.hyperparameters)
             if run is not None:
                 final = run["final"]
                 row.update(
@@ -91,13 +91,18 @@ def compare(
                         "device": run.get("device", ""),
                         "data": _data_text(run),
                         "trained as": _trained_as(run),
-                        "trained-net connections": _trained_connections(analysis.model, run),
+                        "trained-net connections": _trained_connections(
+                            analysis.model, run, analysis.convention
+                        ),
                         "source": f"formula + run {run['_path']}",
                     }
                 )
             rows.append(row)
         reference = WRITE_UP_RESULTS.get(analysis.model)
-        if include_reference and reference:
+        write_up_setting = all(
+            analysis.hyperparameters.get(k) == v for k, v in (("K", 3), ("NF", 32), ("NC", 24))
+        )
+        if include_reference and reference and write_up_setting:
             rows.append(
                 {
                     "model": analysis.model,
@@ -119,10 +124,15 @@ def compare(
                                 "num_colours": 24,
                             }
                         },
+                        analysis.convention,
                     ),
                 }
             )
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    for column in (*QUANTITIES, "trained-net connections"):
+        if column in frame:
+            frame[column] = frame[column].astype("Int64")  # exact counts, blank where no value
+    return frame
 
 
 def _settings_for(model: str, settings: Mapping[str, int] | None) -> Mapping[str, int] | None:
@@ -132,11 +142,28 @@ def _settings_for(model: str, settings: Mapping[str, int] | None) -> Mapping[str
     return settings if spec.hyperparameters else None
 
 
-def _run_at(runs: list[dict], resolution: tuple[int, int]) -> dict | None:
-    # Colourization runs are trained on 32x32 CIFAR images; the newest finished run counts.
-    if resolution != (32, 32) or not runs:
+RUN_SETTINGS = {"kernel": "K", "filters": "NF", "num_colours": "NC"}
+
+
+def _run_at(
+    runs: list[dict], resolution: tuple[int, int], hyperparameters: Mapping[str, int]
+) -> dict | None:
+    """Return the newest run of the analysed network's K, NF and NC, at 32x32 only.
+
+    Colourization runs train on 32x32 CIFAR images with grayscale input (NIC=1), while the
+    write-up's cost table uses NIC=3; NIC is therefore not matched ('trained as' says it).
+    """
+    matching = [
+        r
+        for r in runs
+        if all(
+            r.get("settings", {}).get(key) == hyperparameters.get(symbol)
+            for key, symbol in RUN_SETTINGS.items()
+        )
+    ]
+    if resolution != (32, 32) or not matching:
         return None
-    return sorted(runs, key=lambda r: r.get("finished_at", ""))[-1]
+    return sorted(matching, key=lambda r: r.get("finished_at", ""))[-1]
 
 
 def _data_text(run: dict) -> str:
@@ -147,13 +174,13 @@ def _data_text(run: dict) -> str:
     )
 
 
-def _trained_connections(model: str, run: dict) -> int | None:
+def _trained_connections(model: str, run: dict, convention: Convention = DEFAULT) -> int | None:
     """Total connections at 32x32 of the network as it was trained (grayscale input: NIC=1)."""
     settings = run.get("settings", {})
     keys = {"kernel": "K", "num_in_channels": "NIC", "filters": "NF", "num_colours": "NC"}
     values = {symbol: settings[key] for key, symbol in keys.items() if key in settings}
     try:
-        return analyse(model, values).totals_at([(32, 32)])["connections"][0]
+        return analyse(model, values, convention).totals_at([(32, 32)])["connections"][0]
     except ValueError:
         return None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -95,7 +96,11 @@ def read_hand_table(path: str | Path) -> dict[str | None, list[HandRow]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"hand table {path} does not exist")
-    with path.open(newline="", encoding="utf-8") as handle:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often add a BOM
+    except UnicodeDecodeError:
+        raise ValueError(f"hand table {path} is not UTF-8 text; save it as CSV (UTF-8)") from None
+    with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip().lower() for c in reader.fieldnames or []]
         missing = [c for c in REQUIRED if c not in columns]

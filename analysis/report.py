@@ -50,7 +50,9 @@ def build_report(out: Path = Path("reports"), segmentation: bool = True) -> list
         ("cost tables", lambda: _costs(staging, index)),
         (
             "DeepLabV3 fine-tune costs",
-            lambda: _segmentation_costs(staging, index) if segmentation else None,
+            lambda: _segmentation_costs(staging, index)
+            if segmentation
+            else _keep_segmentation_costs(out, staging, index),
         ),
         ("comparison", lambda: _comparison(staging, index, out)),
         ("hand-table check", lambda: _hand_check(staging, index)),
@@ -124,6 +126,17 @@ def _segmentation_costs(staging: Path, index: list[str]) -> None:
         f"{total:,} weights of which {learned:,} learned) "
         "(`convtally table deeplabv3_flowers --res 224 520`)"
     )
+
+
+def _keep_segmentation_costs(out: Path, staging: Path, index: list[str]) -> None:
+    """Carry the previous DeepLabV3 tables over unchanged (--skip-segmentation)."""
+    kept = sorted((out / "costs").glob("deeplabv3_flowers.*"))
+    for path in kept:
+        (staging / "costs").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, staging / "costs" / path.name)
+    if kept:
+        index.append("- `costs/deeplabv3_flowers.{csv,md,tex,json}`: kept from an earlier "
+                     "`convtally report` (this run had --skip-segmentation)")
 
 
 def _comparison(staging: Path, index: list[str], out: Path) -> None:

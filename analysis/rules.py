@@ -60,6 +60,9 @@ class LayerCost:
     trainable_weights: sp.Expr | None = None  # weights with requires_grad (None: all of them)
     affine: bool = False  # a normalisation with a learnt scale
     extra: tuple[tuple[str, sp.Expr], ...] = ()  # rule-specific quantities, e.g. softmax rows
+    # sizes that must be equal for the call to run, (a, b, what), when they are equal only at
+    # some input sizes (e.g. a Linear after a flatten); checked wherever formulas are evaluated
+    requires: tuple[tuple[sp.Expr, sp.Expr, str], ...] = ()
 
     @property
     def outputs(self) -> sp.Expr:
@@ -206,9 +209,25 @@ def conv_transpose2d(module: nn.ConvTranspose2d, attrs: Attributes, x: SymTensor
     )
 
 
+class ShapeMismatch(ValueError):
+    """Sizes that must agree for a call to run disagree at every input size."""
+
+
+def must_agree(a: Any, b: Any, what: str) -> tuple[tuple[sp.Expr, sp.Expr, str], ...]:
+    """Return () when a == b always, ((a, b, what),) when only at some sizes; raise when never."""
+    a, b = sp.sympify(a), sp.sympify(b)
+    difference = sp.simplify(a - b)
+    if difference == 0:
+        return ()
+    if difference.is_number:
+        raise ShapeMismatch(f"{what}: {a} and {b} differ at every input size")
+    return ((a, b, what),)
+
+
 def linear(module: nn.Linear, attrs: Attributes, x: SymTensor) -> LayerCost:
     """Linear: weights in*out (+out), connections in*out per input row."""
     n_in, n_out = attrs["in_features"], attrs["out_features"]
+    requires = must_agree(x.shape[-1], n_in, "its input's last dimension must equal in_features")
     output = SymTensor((*x.shape[:-1], sp.sympify(n_out)))
     rows = x.per_example / x.shape[-1]
     bias = module.bias is not None
@@ -221,6 +240,7 @@ def linear(module: nn.Linear, attrs: Attributes, x: SymTensor) -> LayerCost:
         op="linear",
         macs_per_output=sp.sympify(n_in),
         bias_weights=sp.sympify(n_out if bias else 0),
+        requires=requires,
     )
 
 
@@ -442,13 +462,16 @@ def interpolate(
     return _interpolate(x, size, scale_factor, mode)
 
 
-def _broadcast(a: tuple, b: tuple) -> tuple:
-    result = []
+def _broadcast(a: tuple, b: tuple) -> tuple[tuple, tuple]:
+    """Return the broadcast shape of `a` and `b` and the size agreements it needs."""
+    result, requires = [], ()
     for i in range(1, max(len(a), len(b)) + 1):
         da = a[-i] if i <= len(a) else sp.Integer(1)
         db = b[-i] if i <= len(b) else sp.Integer(1)
+        if da != 1 and db != 1:
+            requires += must_agree(da, db, f"the operands must agree in dimension {-i}")
         result.append(db if da == 1 else da)
-    return tuple(reversed(result))
+    return tuple(reversed(result)), requires
 
 
 def binary_elementwise(a: Any, b: Any, *args, **kwargs) -> LayerCost | PlainValue:
@@ -457,8 +480,10 @@ def binary_elementwise(a: Any, b: Any, *args, **kwargs) -> LayerCost | PlainValu
     if not tensors:
         return PlainValue(None)  # marker: evaluate as Python arithmetic
     if len(tensors) == 2:
-        output = SymTensor(_broadcast(a.shape, b.shape))
-        return LayerCost("elementwise", output, connections=2 * output.per_example)
+        shape, requires = _broadcast(a.shape, b.shape)
+        output = SymTensor(shape)
+        return LayerCost("elementwise", output, connections=2 * output.per_example,
+                         requires=requires)
     output = SymTensor(tensors[0].shape)
     return LayerCost("elementwise", output, connections=output.per_example)
 
@@ -472,8 +497,13 @@ def cat(tensors: Sequence[SymTensor], dim: int = 0, **kwargs) -> LayerCost:
     """torch.cat: routing only; the sizes along `dim` add up."""
     dim = dim % len(tensors[0].shape)
     shape = list(tensors[0].shape)
+    requires = ()
+    for tensor in tensors[1:]:
+        for axis, (first, other) in enumerate(zip(shape, tensor.shape)):
+            if axis != dim:
+                requires += must_agree(first, other, f"the inputs must agree in dimension {axis}")
     shape[dim] = sp.Add(*(t.shape[dim] for t in tensors))
-    return LayerCost("routing", SymTensor(tuple(shape)))
+    return LayerCost("routing", SymTensor(tuple(shape)), requires=requires)
 
 
 def flatten(x: SymTensor, start_dim: int = 0, end_dim: int = -1) -> LayerCost:

@@ -198,6 +198,9 @@ def measure(analysis: Analysis, height: int, width: int, device: torch.device):
     try:
         with torch.no_grad():
             network(x)
+    except RuntimeError as error:
+        raise ValueError(f"{analysis.model} fails to run at {height}x{width}: "
+                         f"{str(error).splitlines()[0][:160]}") from None
     finally:
         for handle in handles:
             handle.remove()
@@ -251,6 +254,14 @@ def verify(
         measured, fvcore, torch_counts = measure(analysis, height, width, device)
         at = {H: height, W: width, BATCH: 1, **substitution}
         owners = set()
+        # fvcore and FlopCounterMode report a module called twice as the sum of its calls
+        module_totals: dict[str, int] = defaultdict(int)
+        module_calls: dict[str, int] = defaultdict(int)
+        for layer in analysis.layers:
+            if layer.node in _module_nodes(analysis):
+                name = layer.name.split(":")[0]
+                module_totals[name] += int(sp.sympify(layer.cost.connections).subs(at))
+                module_calls[name] += 1
         for index, layer in enumerate(analysis.layers):
             shapes = measured.get(layer.node)
             shape_measured = list(shapes[0][1:]) if shapes else []
@@ -265,6 +276,8 @@ def verify(
                 weights_measured = sum(p.numel() for p in module.parameters())
             raw_weights = int(sp.sympify(layer.cost.weights).subs(at))
             raw_connections = int(sp.sympify(layer.cost.connections).subs(at))
+            if module_name is not None and module_calls[module_name] > 1:
+                raw_connections = module_totals[module_name]
             shape_formula = [int(sp.sympify(d).subs(at)) for d in layer.output_shape]
             check = LayerCheck(
                 layer=layer.name,
@@ -309,6 +322,9 @@ def verify(
                 fv = check.fvcore or 0
                 if fv != check.connections_formula:
                     check.note = FVCORE_CONVENTION.get(layer.kind, "conventions differ")
+            if module_name is not None and module_calls[module_name] > 1 and not check.note:
+                check.note = (f"module called {module_calls[module_name]} times: fvcore and "
+                              "PyTorch report the sum of its calls, checked against ours")
             checks.append(check)
     return Verification(
         model=analysis.model,

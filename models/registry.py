@@ -163,6 +163,9 @@ def _callable_spec(reference: str) -> ModelSpec:
                 f"cannot call {reference}() without arguments ({error}); point MODEL at a "
                 "function that builds the network, or register it in models/registry.py"
             ) from None
+        except Exception as error:  # the user's factory: any failure is reported in one line
+            raise ValueError(
+                f"{reference}() raised {type(error).__name__}: {error}") from None
         if not isinstance(network, nn.Module):
             raise ValueError(f"{reference}() returned {type(network).__name__}, not an nn.Module")
         return network

@@ -93,7 +93,13 @@ def validate_config(config: ColourConfig) -> None:
         raise ValueError(f"--seed {config.seed} must be non-negative")
     if config.category is not None and not 0 <= config.category < len(cifar.CLASS_NAMES):
         raise ValueError(f"--category {config.category} must be 0-9 or 'all'")
-    shape = tuple(build_model(config).eval()(torch.zeros(1, NUM_IN_CHANNELS, 32, 32)).shape)
+    try:
+        with torch.no_grad():
+            output = build_model(config).eval()(torch.zeros(1, NUM_IN_CHANNELS, 32, 32))
+    except RuntimeError as error:
+        raise ValueError(f"--kernel {config.kernel}: {config.model} cannot run on 32x32 input "
+                         f"({str(error).splitlines()[0]}); use an odd kernel") from None
+    shape = tuple(output.shape)
     if shape != (1, config.num_colours, 32, 32):
         raise ValueError(f"--kernel {config.kernel} makes {config.model} output {shape} for "
                          f"32x32 input, not (1, {config.num_colours}, 32, 32); use an odd kernel")

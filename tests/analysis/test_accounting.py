@@ -183,17 +183,6 @@ def test_too_small_input_is_an_error():
         analysis.evaluate([(8, 8)])
 
 
-class Volumetric(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.odd = nn.RNNCell(4, 4)  # a torch.nn leaf without a rule
-        self.tail = nn.Conv2d(4, 2, 1)
-
-    def forward(self, x):
-        return self.tail(self.conv(x))
-
-
 class Unknown(nn.Module):
     def __init__(self):
         super().__init__()

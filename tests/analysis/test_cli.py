@@ -63,6 +63,10 @@ def test_table_convention_switches(capsys):
         (["verify", "unet", "--device", "cuda:7"], "no CUDA GPU is available"),
         (["padding", "--kernel", "4", "--stride", "1"], "no padding makes a kernel-4, stride-1"),
         (["padding", "--kernel", "0"], "--kernel and --stride must be positive"),
+    (["table", "unet", "--set", "K=4"], "cat (cat) cannot run at any input size"),
+    (["table", "torchvision:vit_b_16", "--res", "224"], "cannot be evaluated on symbolic sizes"),
+    (["train", "colour", "--model", "unet", "--kernel", "4", "--data", "/nonexistent"],
+     "unet cannot run on 32x32 input"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
@@ -107,3 +111,35 @@ def test_padding_cli_matches_write_up_part_b4(capsys):
     assert "padding=1)" in out and "padding=1, output_padding=0" in out
     main(["padding", "--kernel", "5"])
     assert "padding=2, output_padding=1" in capsys.readouterr().out
+
+
+def test_repeated_res_and_set_accumulate(capsys):
+    assert main(["table", "poolupsample", "--res", "32", "--res", "64", "--set", "NF=8",
+                 "--set", "K=5", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["hyperparameters"]["NF"]["value"] == 8
+    assert data["hyperparameters"]["K"]["value"] == 5
+    assert set(data["totals"]["outputs"]["values"]) == {"32", "64"}
+
+
+def test_linear_after_flatten_fixes_the_resolution(capsys, monkeypatch, tmp_path):
+    (tmp_path / "flatnet.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(),\n"
+        "                         nn.Linear(8 * 16 * 16, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["table", "flatnet:build", "--res", "32", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert any("2*H*W = 2048; it holds at 32x32" in a for a in data["assumptions"])
+    assert data["layers"][-1]["connections"]["values"]["32"] == 2048 * 2
+    assert main(["table", "flatnet:build", "--res", "32", "64"]) == 2
+    assert "3 (Linear) cannot run at 64x64" in capsys.readouterr().err
+
+
+def test_factory_that_raises_is_one_line(capsys, monkeypatch, tmp_path):
+    (tmp_path / "badnet.py").write_text("def build():\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["table", "badnet:build"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "convtally table: error: badnet:build() raised RuntimeError: boom")

@@ -116,3 +116,9 @@ def test_sweep_runs_do_not_stand_for_the_model(tmp_path):
     frame = compare(["convtranspose"], [(32, 32)], run_dirs=[tmp_path])
     measured = frame[frame["source"].str.startswith("formula + run")]
     assert measured["val accuracy %"].tolist() == [25.0]
+
+
+def test_runs_of_other_hyperparameters_are_not_attached(tmp_path):
+    write_run(tmp_path, "poolupsample", 0.5)  # trained with NF=32
+    frame = compare(["poolupsample"], [(32, 32)], {"NF": 8}, run_dirs=[tmp_path])
+    assert list(frame["source"]) == ["formula"]  # no run, and no write-up row for NF=8

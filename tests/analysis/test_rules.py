@@ -63,3 +63,21 @@ def test_zoo_adaptive_windows_and_bilinear_connections():
 def test_registered_model_with_cat_keeps_symbolic_channels():
     analysis = analyse("unet", {"NF": 5, "NC": 3, "NIC": 2, "K": 5})
     assert_matches_running_network(analysis, analysis.network, 2, [(32, 32), (28, 44)])
+
+
+def test_zoo_convolutions_match_pytorch_flop_counter():
+    """fvcore reports 0 for padding='same'; PyTorch's counter (2 per multiply-add) sees it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    analysis = analyse(Zoo())
+    values = analysis.evaluate([(96, 96)])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        analysis.network(torch.zeros(1, 3, 96, 96))
+    counts = {k.split(".", 1)[1]: sum(v.values()) for k, v in counter.get_flop_counts().items()
+              if k.startswith("Zoo.")}
+    convs = [(i, layer) for i, layer in enumerate(analysis.layers)
+             if layer.kind in ("conv", "linear")]
+    assert {layer.name for _, layer in convs} == {"same", "dilated", "strided", "valid", "up",
+                                                  "up2", "head"}
+    for index, layer in convs:
+        assert 2 * int(values["connections"][index, 0]) == counts[layer.name], layer.name

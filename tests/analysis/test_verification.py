@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 from analysis import rules
+from analysis.accounting import analyse
 from analysis.cli import main
 from analysis.rules import LayerCost
 from analysis.verification import CheckpointError, load_checkpoint, verify
@@ -21,7 +24,10 @@ from models.registry import REGISTRY
 @pytest.mark.parametrize("name", ["poolupsample", "convtranspose", "unet"])
 def test_seed_networks_verify(name, settings):
     if settings.get("K") == 4 and name == "unet":
-        pytest.skip("the write-up's kernel//2 padding grows H by 1 for even kernels: cat fails")
+        # the write-up's kernel//2 padding grows H by 1 for even kernels: the network cannot run
+        with pytest.raises(ValueError, match=r"cat \(cat\) cannot run at any input size"):
+            verify(name, [(32, 32)], settings)
+        return
     result = verify(name, [(32, 32), (64, 48)], settings)
     assert result.mismatches == []
     assert {c.layer for c in result.checks} >= {"block0.0", "block4.0"}
@@ -161,3 +167,31 @@ def _truncated() -> bytes:
 def test_missing_checkpoint_exit_2(tmp_path, capsys):
     assert main(["verify", "unet", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.conv(x))
+
+
+def test_module_called_twice_is_checked_against_the_sum_of_its_calls():
+    result = verify(analyse(Shared()), [(32, 32)])
+    assert result.mismatches == []
+    first, second = [c for c in result.checks if c.type == "Conv2d"]
+    assert first.fvcore == second.fvcore == 2 * first.connections_formula
+    assert "called 2 times" in first.note
+
+
+def test_broken_rule_in_a_shared_module_is_still_caught(monkeypatch):
+    original = rules.MODULE_RULES[nn.Conv2d]
+
+    def doubled(module, attrs, x):
+        cost = original(module, attrs, x)
+        return replace(cost, connections=cost.connections * 2)
+
+    monkeypatch.setitem(rules.MODULE_RULES, nn.Conv2d, doubled)
+    assert len(verify(analyse(Shared()), [(32, 32)]).mismatches) == 2
