@@ -217,6 +217,7 @@ class Analysis:
                 "type": layer.type,
                 "kind": layer.kind,
                 "output_shape": [str(d) for d in layer.output_shape],
+                "known": layer.known,  # False: no rule, counted from the running network
             }
             for quantity in QUANTITIES:
                 row[quantity] = {

@@ -72,6 +72,8 @@ def cost_frame(
         }
         for quantity in QUANTITIES:
             row[quantity] = show(layer.formula(quantity))
+            if quantity == "connections" and not layer.known:
+                row[quantity] = "unknown (no rule)"
             for j, label in enumerate(labels):
                 row[f"{quantity} @{label}"] = int(values[quantity][index, j])
         rows.append(row)

@@ -86,7 +86,12 @@ def test_unknown_layer_cli(capsys, monkeypatch, tmp_path):
     assert main(["table", "oddnet:build", "--res", "16"]) == 2
     assert "no rule for 1 (Softplus)" in capsys.readouterr().err
     assert main(["table", "oddnet:build", "--res", "16", "--allow-unknown"]) == 0
-    assert "Softplus" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Softplus" in out and "unknown (no rule)" in out
+    assert main(["table", "oddnet:build", "--res", "16", "--allow-unknown", "--format",
+                 "json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert [layer["known"] for layer in layers] == [True, False]
 
 
 @pytest.mark.parametrize("kernel", range(1, 10))
