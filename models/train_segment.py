@@ -10,7 +10,8 @@ Two ways to run the same fine-tune (`--path`):
   uses batch statistics (and updates its running averages) and ASPP's dropout is active.
 
 The run folder holds metrics.json, head.pt (the state_dict of classifier[4] only: load it
-with `model.classifier[4].load_state_dict(torch.load(path, weights_only=True))`), curves.png and predictions.png.
+with `model.classifier[4].load_state_dict(torch.load(path, weights_only=True))`), curves.png
+and predictions.png.
 """
 
 from __future__ import annotations
