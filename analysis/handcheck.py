@@ -19,7 +19,7 @@ from pathlib import Path
 import sympy as sp
 
 from analysis.accounting import QUANTITIES, Analysis, H, W
-from analysis.conventions import Convention, make_convention
+from analysis.conventions import make_convention
 from analysis.formatting import order_in_hw, resolution_label
 
 REQUIRED = ("layer", "type", "weights", "outputs", "connections")
@@ -268,51 +268,20 @@ def _distinguishing_point(formula, exact_formula, analysis, at) -> str:
 
 
 def _alternative_values(analysis: Analysis, resolutions) -> dict[str, dict]:
-    """Evaluate the same network under each single-switch convention change."""
-    from analysis.accounting import analyse
-
+    """Evaluate the same network under each single-switch change of its convention."""
     base = analysis.convention
     switches = {
-        "--bias-connections": make_convention(
-            True, base.batchnorm_in_weights, base.elementwise_in_connections
-        ),
-        "--no-batchnorm-weights": make_convention(
-            base.bias_in_connections, False, base.elementwise_in_connections
-        ),
+        "--bias-connections": make_convention(bias_in_connections=True, base=base),
+        "--no-batchnorm-weights": make_convention(batchnorm_in_weights=False, base=base),
         "--no-elementwise-connections": make_convention(
-            base.bias_in_connections, base.batchnorm_in_weights, False
+            elementwise_in_connections=False, base=base
         ),
     }
-    results = {}
-    for flag, convention in switches.items():
-        if convention == base or not isinstance(convention, Convention):
-            continue
-        other = _reconvene(analysis, convention)
-        results[flag] = other.evaluate(resolutions)
-    del analyse
-    return results
-
-
-def _reconvene(analysis: Analysis, convention: Convention) -> Analysis:
-    from copy import copy
-
-    other = copy(analysis)
-    other.convention = convention
-    other.layers = []
-    for layer in analysis.layers:
-        clone = copy(layer)
-        clone.weights = _simplified_like(layer.weights, convention.weights(layer.cost))
-        clone.connections = _simplified_like(layer.connections, convention.connections(layer.cost))
-        other.layers.append(clone)
-    other._compiled = None
-    return other
-
-
-def _simplified_like(current: sp.Expr, raw: sp.Expr) -> sp.Expr:
-    # Convention terms are in PyTorch's floor form; the analysis' divisibility is assumed, so
-    # replacing floors by their arguments is exact where the formulas are evaluated.
-    raw = sp.sympify(raw).replace(sp.floor, lambda x: x).replace(sp.ceiling, lambda x: x)
-    return sp.expand(raw)
+    return {
+        flag: analysis.with_convention(convention).evaluate(resolutions)
+        for flag, convention in switches.items()
+        if convention != base
+    }
 
 
 def _diagnose(layer, quantity, hand, exact, at, alternatives, index, j) -> list[str]:
