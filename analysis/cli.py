@@ -20,22 +20,15 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
-    """Add MODEL, --res, --set, --convention, the switches, --exact and --allow-unknown."""
-    parser.add_argument(
-        "model",
-        nargs="+" if many else None,
-        metavar="MODEL",
-        help="registry name (poolupsample, convtranspose, unet), "
-        "torchvision:NAME, or package.module:callable",
-    )
+def add_size_arguments(parser: argparse.ArgumentParser, default_res: str) -> None:
+    """Add --res and --set; repeated flags accumulate."""
     parser.add_argument(
         "--res",
         nargs="+",
         action="extend",
         default=None,
         metavar="RES",
-        help="resolutions: N for NxN or HxW (default: 32 64)",
+        help=f"resolutions: N for NxN or HxW (default: {default_res})",
     )
     parser.add_argument(
         "--set",
@@ -45,6 +38,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> 
         metavar="NAME=VALUE",
         help="hyperparameters, e.g. NF=64 K=5",
     )
+
+
+def add_convention_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --convention and the switches that apply on top of it."""
     parser.add_argument(
         "--convention",
         choices=preset_names(),
@@ -72,6 +69,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> 
         action="store_true",
         help="count no connections for BatchNorm, activations and add/mul",
     )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """Add MODEL, --res, --set, --convention, the switches, --exact and --allow-unknown."""
+    parser.add_argument(
+        "model",
+        nargs="+" if many else None,
+        metavar="MODEL",
+        help="registry name (poolupsample, convtranspose, unet), "
+        "torchvision:NAME, or package.module:callable",
+    )
+    add_size_arguments(parser, "32 64")
+    add_convention_arguments(parser)
     parser.add_argument(
         "--exact",
         action="store_true",
@@ -198,8 +208,9 @@ def run_compare(args: argparse.Namespace) -> int:
 
     resolutions = resolutions_from(args, ("32", "64", "128", "256"))
     if args.figure is not None and any(h != w for h, w in resolutions):
-        raise UsageError("--figure plots square resolutions only (N, not HxW); drop --figure "
-                         "or the HxW values")
+        raise UsageError(
+            "--figure plots square resolutions only (N, not HxW); drop --figure or the HxW values"
+        )
     frame = compare(args.model, resolutions, parse_settings(args.set), convention_from(args))
     emit(render_comparison(frame, args.format), args.output)
     if args.figure is not None:
@@ -314,22 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         "our preset for it, and break down their differences",
     )
     cross.add_argument("model", metavar="MODEL", help="as for table")
-    cross.add_argument(
-        "--res",
-        nargs="+",
-        action="extend",
-        default=None,
-        metavar="RES",
-        help="resolutions (default: 224)",
-    )
-    cross.add_argument(
-        "--set",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="NAME=VALUE",
-        help="hyperparameters, e.g. NF=64",
-    )
+    add_size_arguments(cross, "224")
     cross.add_argument(
         "--tools",
         nargs="+",
@@ -354,11 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
         "CSV with a resolution column",
     )
     check.add_argument("--model", required=True)
-    check.add_argument("--res", nargs="+", action="extend", default=None, metavar="RES")
-    check.add_argument("--set", nargs="+", action="extend", default=[], metavar="NAME=VALUE")
-    check.add_argument("--bias-connections", action="store_true")
-    check.add_argument("--no-batchnorm-weights", action="store_true")
-    check.add_argument("--no-elementwise-connections", action="store_true")
+    add_size_arguments(check, "32")
+    add_convention_arguments(check)
     check.set_defaults(exact=False, allow_unknown=False)
     add_output_arguments(check, ("text", "markdown", "json"))
     check.set_defaults(handler=run_check_table)
