@@ -155,6 +155,13 @@ def plot_curves(epochs: Sequence[Mapping[str, float]], path: str | os.PathLike, 
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
+    return save_and_close(figure, path)
+
+
+def save_and_close(figure, path: str | os.PathLike) -> Path:
+    """Save a pyplot figure atomically at 100 dpi, close it, and return `path`."""
+    import matplotlib.pyplot as plt
+
     try:
         return atomic_save_figure(figure, path, dpi=100)
     finally:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from analysis.io import atomic_save_figure, atomic_write_text
+from analysis.io import atomic_write_text
 from models import cifar, runs
 from models.device import device_description, resolve_device
 from models.registry import REGISTRY
@@ -237,10 +237,7 @@ def plot_samples(gray: torch.Tensor, predicted: torch.Tensor, truth: torch.Tenso
         axes[row, 0].set_ylabel(label, fontsize=8)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    try:
-        return atomic_save_figure(figure, path, dpi=100)
-    finally:
-        plt.close(figure)
+    return runs.save_and_close(figure, path)
 
 
 def build_metrics(config: ColourConfig, info: dict[str, Any], device: torch.device,
@@ -400,10 +397,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    try:
-        return atomic_save_figure(figure, path, dpi=100)
-    finally:
-        plt.close(figure)
+    return runs.save_and_close(figure, path)
 
 
 # --- command line -------------------------------------------------------------------------
