@@ -545,6 +545,10 @@ def render_crosscheck(result: CrossCheck, fmt: str = "text", layers: bool = Fals
         columns = ["resolution", *[c for c in frame.columns if c != "resolution"]]
         return frame[columns].to_csv(index=False) if len(frame) else ""
     table_format = "github" if fmt == "markdown" else "simple"
+
+    def table(rows: list[dict]) -> str:
+        return tabulate(pd.DataFrame(rows), headers="keys", tablefmt=table_format,
+                        showindex=False, intfmt=",")
     lines = [
         f"crosscheck {result.model}: each tool on a 1x{result.input_shape[0]}xHxW input, "
         "our formulas under its preset (--convention NAME; docs/conventions.md)",
@@ -553,15 +557,7 @@ def render_crosscheck(result: CrossCheck, fmt: str = "text", layers: bool = Fals
     for check in result.resolutions:
         lines += ["", f"## {check.resolution}" if fmt == "markdown" else f"at {check.resolution}:"]
         lines.append("")
-        lines.append(
-            tabulate(
-                pd.DataFrame(_summary_rows(check)),
-                headers="keys",
-                tablefmt=table_format,
-                showindex=False,
-                intfmt=",",
-            )
-        )
+        lines.append(table(_summary_rows(check)))
         lines += [
             "",
             f"default convention (DESIGN.md): {check.default:,} connections, "
@@ -583,20 +579,10 @@ def render_crosscheck(result: CrossCheck, fmt: str = "text", layers: bool = Fals
                 for row in _cause_rows(check, full=False)
                 if row["tool"] == t.tool
             ]
-        lines.append(
-            tabulate(pd.DataFrame(rows), headers="keys", tablefmt=table_format, showindex=False)
-        )
+        lines.append(table(rows))
         if layers:
             lines += ["", LAYER_NOTE, ""]
-            lines.append(
-                tabulate(
-                    pd.DataFrame(_layer_table(check)),
-                    headers="keys",
-                    tablefmt=table_format,
-                    showindex=False,
-                    intfmt=",",
-                )
-            )
+            lines.append(table(_layer_table(check)))
     mismatches = result.mismatches
     lines += [
         "",
