@@ -343,20 +343,26 @@ def _node_label(node: torch.fx.Node, seen: Counter) -> tuple[str, str]:
     return (name if seen[name] == 1 else f"{name}:{seen[name]}"), kind
 
 
-def _concrete_shapes(graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...]):
+def node_output_shapes(graph_module: torch.fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
+    """Run the traced graph on `x`; return node name -> output shape (tuples of shapes for
+    tuple outputs, None for values that are not tensors)."""
     shapes: dict[str, Any] = {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, node):
             result = super().run_node(node)
             shapes[node.name] = _map(
-                result, lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else v
+                result, lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None
             )
             return result
 
     with torch.no_grad():
-        Recorder(graph_module).run(torch.zeros(input_shape))
+        Recorder(graph_module).run(x)
     return shapes
+
+
+def _concrete_shapes(graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...]):
+    return node_output_shapes(graph_module, torch.zeros(input_shape))
 
 
 def _unknown_output(node, graph_module, input_tensor: SymTensor, channels: int) -> SymTensor:
@@ -695,7 +701,8 @@ def _apply_divisibility(layers: list[Layer], exact: bool) -> tuple[tuple[int, in
         layer.outputs = simplify(layer.outputs)
         layer.connections = simplify(layer.connections)
         layer.requirements = tuple(
-            (simplify(a), simplify(b), what) for a, b, what in layer.requirements)
+            (simplify(a), simplify(b), what) for a, b, what in layer.requirements
+        )
     for symbol, multiple in (("H", multiples[0]), ("W", multiples[1])):
         if multiple > 1:
             assumptions.append(f"{symbol} divisible by {multiple}")
@@ -728,13 +735,15 @@ def requirement_assumptions(analysis: Analysis) -> list[str]:
                 continue  # holds wherever the divisibility assumption does
             if difference.is_number:
                 raise rules.ShapeMismatch(
-                    f"{layer.name} ({layer.type}) cannot run at any input size: {what} "
-                    f"({a} = {b})")
+                    f"{layer.name} ({layer.type}) cannot run at any input size: {what} ({a} = {b})"
+                )
             kept.append((a, b, what))
         layer.requirements = tuple(kept)
         for a, b, what in layer.requirements:
-            lines.append(f"{layer.name} ({layer.type}): {what}, {a} = {b}"
-                         f"{_where_it_holds(a - b, analysis.substitutions())}")
+            lines.append(
+                f"{layer.name} ({layer.type}): {what}, {a} = {b}"
+                f"{_where_it_holds(a - b, analysis.substitutions())}"
+            )
     return lines
 
 

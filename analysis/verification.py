@@ -24,7 +24,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from analysis.accounting import Analysis, H, W, analyse
+from analysis.accounting import Analysis, H, W, analyse, node_output_shapes
 from analysis.conventions import DEFAULT, Convention
 from analysis.rules import BATCH
 
@@ -158,17 +158,20 @@ def load_checkpoint(network: nn.Module, path: str | Path) -> None:
 
 
 def _record_functional_shapes(graph_module: torch.fx.GraphModule, x: torch.Tensor) -> dict:
-    shapes: dict[str, Any] = {}
+    functional = {
+        n.name for n in graph_module.graph.nodes if n.op in ("call_function", "call_method")
+    }
+    shapes = node_output_shapes(graph_module, x)
+    return {name: _shape_list(shapes[name]) for name in functional}
 
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node):
-            result = super().run_node(node)
-            if node.op in ("call_function", "call_method"):
-                shapes[node.name] = result
-            return result
 
-    Recorder(graph_module).run(x)
-    return {k: _shape_of(v) for k, v in shapes.items()}
+def _shape_list(shape: Any) -> list[tuple[int, ...]] | None:
+    """Return a recorded output as a list of shapes (one per tensor), None for non-tensors."""
+    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
+        return [shape]  # one tensor (an empty tuple is a 0-d tensor)
+    if isinstance(shape, (tuple, list)) and shape and all(isinstance(t, tuple) for t in shape):
+        return list(shape)
+    return None
 
 
 def _shape_of(value: Any) -> Any:
@@ -199,8 +202,9 @@ def measure(analysis: Analysis, height: int, width: int, device: torch.device):
         with torch.no_grad():
             network(x)
     except RuntimeError as error:
-        raise ValueError(f"{analysis.model} fails to run at {height}x{width}: "
-                         f"{str(error).splitlines()[0][:160]}") from None
+        raise ValueError(
+            f"{analysis.model} fails to run at {height}x{width}: {str(error).splitlines()[0][:160]}"
+        ) from None
     finally:
         for handle in handles:
             handle.remove()
@@ -323,8 +327,10 @@ def verify(
                 if fv != check.connections_formula:
                     check.note = FVCORE_CONVENTION.get(layer.kind, "conventions differ")
             if module_name is not None and module_calls[module_name] > 1 and not check.note:
-                check.note = (f"module called {module_calls[module_name]} times: fvcore and "
-                              "PyTorch report the sum of its calls, checked against ours")
+                check.note = (
+                    f"module called {module_calls[module_name]} times: fvcore and "
+                    "PyTorch report the sum of its calls, checked against ours"
+                )
             checks.append(check)
     return Verification(
         model=analysis.model,
