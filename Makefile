@@ -3,7 +3,7 @@ VENV := .venv
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[dev,peers]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,peers,zoo]'
 	touch $@
 
 .PHONY: report test
