@@ -248,6 +248,13 @@ def run_check_table(args: argparse.Namespace) -> int:
         tables = read_hand_table(files[0])
     result = check_table(analysis, tables, resolutions)
     emit(render_check(result, args.format), args.output)
+    if result.incomplete and not args.partial:
+        print(
+            "convtally check-table: incomplete: the table leaves out layers of the network (see "
+            "above); list every layer, or pass --partial to check only the rows given",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if result.wrong else 0
 
 
@@ -350,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
         "CSV with a resolution column",
     )
     check.add_argument("--model", required=True)
+    check.add_argument(
+        "--partial",
+        action="store_true",
+        help="check only the rows given: a table that lists under half of the network's layers, "
+        "or leaves out a layer with weights, is otherwise reported as incomplete (exit 1)",
+    )
     add_size_arguments(check, "32")
     add_convention_arguments(check)
     check.set_defaults(exact=False, allow_unknown=False)

@@ -21,8 +21,11 @@ import sympy as sp
 from analysis.accounting import QUANTITIES, Analysis, H, W
 from analysis.conventions import make_convention
 from analysis.formatting import order_in_hw, resolution_label
+from analysis.formula import FormulaError, formula_symbols, parse_formula_text
 
 REQUIRED = ("layer", "type", "weights", "outputs", "connections")
+MAX_TABLE_BYTES = 10_000_000  # a hand table of a 1,000-layer network is about 100 kB
+MAX_VALUE_DIGITS = 24
 
 
 @dataclass
@@ -34,6 +37,7 @@ class HandRow:
     type: str
     values: dict[str, int | None]
     formulas: dict[str, str]
+    source: str = ""  # the file it was read from, for error messages
 
 
 @dataclass
@@ -65,6 +69,31 @@ class TableCheck:
     cells: list[CellCheck]
     unmatched_rows: list[str]
     convention: dict
+    layer_count: int = 0  # layers of the network
+    unlisted: dict[str, list[str]] = field(default_factory=dict)  # resolution -> layers not listed
+    unlisted_with_weights: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def incomplete(self) -> bool:
+        """Return True when a table lists under half the layers or leaves out one with weights."""
+        return any(
+            2 * len(names) > self.layer_count or self.unlisted_with_weights.get(label)
+            for label, names in self.unlisted.items()
+        )
+
+    def coverage(self) -> str:
+        """Return one line per resolution saying how much of the network its table lists."""
+        lines = []
+        for label, names in self.unlisted.items():
+            listed = self.layer_count - len(names)
+            line = f"the table at {label} lists {listed} of the network's {self.layer_count} layers"
+            heavy = self.unlisted_with_weights.get(label, [])
+            if heavy:
+                shown = ", ".join(heavy[:6]) + (f", ... (+{len(heavy) - 6} more)"
+                                                  if len(heavy) > 6 else "")
+                line += f"; it leaves out {len(heavy)} layer(s) with weights: {shown}"
+            lines.append(line)
+        return "\n".join(lines)
 
     @property
     def wrong(self) -> list[CellCheck]:
@@ -87,6 +116,9 @@ class TableCheck:
             "convention": self.convention,
             "summary": self.summary(),
             "unmatched_rows": self.unmatched_rows,
+            "layer_count": self.layer_count,
+            "unlisted": self.unlisted,
+            "incomplete": self.incomplete,
             "cells": [{**asdict(c), "wrong": c.wrong} for c in self.cells],
         }
 
@@ -94,12 +126,27 @@ class TableCheck:
 def read_hand_table(path: str | Path) -> dict[str | None, list[HandRow]]:
     """Return resolution label (None when the file has no resolution column) -> rows."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"hand table {path} is a directory; give the CSV file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"hand table {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_TABLE_BYTES:
+        raise ValueError(
+            f"hand table {path} is {size:,} bytes; a hand table is at most "
+            f"{MAX_TABLE_BYTES:,} bytes (is it the right file?)"
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often add a BOM
     except UnicodeDecodeError:
         raise ValueError(f"hand table {path} is not UTF-8 text; save it as CSV (UTF-8)") from None
+    try:
+        return _parse_hand_table(text, path)
+    except csv.Error as error:
+        raise ValueError(f"hand table {path} is not valid CSV ({error}); save it as CSV") from None
+
+
+def _parse_hand_table(text: str, path: Path) -> dict[str | None, list[HandRow]]:
     with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip().lower() for c in reader.fieldnames or []]
@@ -110,39 +157,59 @@ def read_hand_table(path: str | Path) -> dict[str | None, list[HandRow]]:
                 f"expected {', '.join(REQUIRED)} (+ *_formula, resolution)"
             )
         tables: dict[str | None, list[HandRow]] = {}
-        for line, raw in enumerate(reader, start=2):
+        for raw in reader:
+            line = reader.line_num
             row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
             if not row["type"] and row["layer"].lower() not in ("total",):
                 continue  # e.g. the write-up's 'Image' row
             values = {}
             for quantity in QUANTITIES:
-                text = row[quantity].replace(",", "").replace("=", "").strip()
-                try:
-                    values[quantity] = int(text) if text else None
-                except ValueError:
-                    raise ValueError(
-                        f"hand table {path} line {line}: {quantity} {text!r} is not an integer"
-                    ) from None
+                values[quantity] = _cell_value(row[quantity], quantity, path, line)
             formulas = {q: row.get(f"{q}_formula", "") for q in QUANTITIES}
             resolution = row.get("resolution") or None
             tables.setdefault(resolution, []).append(
-                HandRow(line, row["layer"], row["type"], values, formulas)
+                HandRow(line, row["layer"], row["type"], values, formulas, str(path))
             )
     if not tables:
         raise ValueError(f"hand table {path} has no rows")
     return tables
 
 
+def _cell_value(text: str, quantity: str, path: Path, line: int) -> int | None:
+    """Return a value cell as an int (None when blank); a one-line ValueError when it is not."""
+    digits = text.replace(",", "").replace("=", "").replace("_", "x").strip()
+    if not digits:
+        return None
+    if len(digits) > MAX_VALUE_DIGITS or not re.fullmatch(r"[+-]?[0-9]+", digits):
+        raise ValueError(
+            f"hand table {path} line {line}: {quantity} {_shorten(text)} is not an integer "
+            f"(of at most {MAX_VALUE_DIGITS} digits)"
+        )
+    return int(digits)
+
+
 def parse_formula(text: str, symbols: Mapping[str, sp.Symbol]) -> sp.Expr | None:
-    """Return a hand formula as sympy ('$NF \\cdot H / 2$' and 'NF * H / 2' alike), or None."""
-    cleaned = text.replace("$", "").replace(r"\cdot", "*").replace("×", "*").replace("·", "*")
-    cleaned = re.sub(r"\\left|\\right", "", cleaned).strip()
-    if not cleaned:
-        return None
+    """Return a hand formula as sympy ('$NF \\cdot H / 2$' and 'NF * H / 2' alike), or None.
+
+    The text is parsed, never evaluated (analysis.formula); FormulaError when it is not a formula.
+    """
+    return parse_formula_text(text, symbols)
+
+
+def _cell_formula(row: HandRow, quantity: str, symbols: Mapping[str, sp.Symbol]) -> sp.Expr | None:
+    """Return the row's formula for `quantity`; a one-line ValueError naming the cell if bad."""
     try:
-        return sp.sympify(cleaned, locals=dict(symbols))
-    except (sp.SympifyError, SyntaxError, TypeError):
-        return None
+        return parse_formula(row.formulas[quantity], symbols)
+    except FormulaError as error:
+        where = f"hand table {row.source} line {row.line}" if row.source else f"line {row.line}"
+        raise ValueError(
+            f"{where}, {quantity}_formula {_shorten(row.formulas[quantity])}: {error}"
+        ) from None
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    """Return `text` quoted, cut to `limit` characters with '...' when longer."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _align(rows: Sequence[HandRow], analysis: Analysis) -> list[tuple[HandRow, int | None]]:
@@ -175,18 +242,27 @@ def check_table(
             f"pass them with --res (got {', '.join(labels) or 'none'})"
         )
     symbols = {s.name: s for s in (H, W)}
-    symbols.update(
-        {name: sp.Symbol(name, integer=True, positive=True) for name in analysis.hyperparameters}
-    )
+    symbols.update(formula_symbols(["B", *analysis.hyperparameters]))
     values = analysis.evaluate([by_label[label] for label in tables])
     alternatives = _alternative_values(analysis, [by_label[label] for label in tables])
     cells, unmatched = [], []
+    unlisted: dict[str, list[str]] = {}
+    unlisted_with_weights: dict[str, list[str]] = {}
     hand_by_layer: dict[tuple[int, str], dict[str, int | None]] = {}
     for j, (label, rows) in enumerate(tables.items()):
         height, width = by_label[label]
         at = {H: height, W: width, **analysis.substitutions()}
         data_rows = [r for r in rows if r.label.lower() != "total"]
-        for row, index in _align(data_rows, analysis):
+        alignment = _align(data_rows, analysis)
+        listed = {index for _, index in alignment if index is not None}
+        missing = [i for i in range(len(analysis.layers)) if i not in listed]
+        unlisted[label] = [f"{analysis.layers[i].name} ({analysis.layers[i].type})" for i in missing]
+        unlisted_with_weights[label] = [
+            f"{analysis.layers[i].name} ({analysis.layers[i].type})"
+            for i in missing
+            if values["weights"][i, j] != 0
+        ]
+        for row, index in alignment:
             if index is None:
                 unmatched.append(f"line {row.line}: {row.label} {row.type}".strip())
                 continue
@@ -204,7 +280,7 @@ def check_table(
                     exact=exact,
                     formula=row.formulas[quantity],
                 )
-                formula = parse_formula(row.formulas[quantity], symbols)
+                formula = _cell_formula(row, quantity, symbols)
                 exact_formula = layer.formula(quantity)
                 if formula is not None:
                     own = formula.subs(at)
@@ -255,6 +331,9 @@ def check_table(
         cells=cells,
         unmatched_rows=unmatched,
         convention=analysis.convention.as_dict(),
+        layer_count=len(analysis.layers),
+        unlisted=unlisted,
+        unlisted_with_weights=unlisted_with_weights,
     )
 
 
@@ -371,6 +450,7 @@ def render_check(result: TableCheck, fmt: str) -> str:
             )
         if result.unmatched_rows:
             lines.append(f"\nRows not matched to a layer: {', '.join(result.unmatched_rows)}")
+        lines.append("\n" + result.coverage().replace("\n", "  \n"))
         return "\n".join(lines) + "\n"
     for c in wrong:
         why = "; ".join(([c.formula_problem] if c.formula_problem else []) + c.diagnoses)
@@ -380,5 +460,6 @@ def render_check(result: TableCheck, fmt: str) -> str:
         )
     for row in result.unmatched_rows:
         lines.append(f"UNMATCHED {row}")
+    lines.append(result.coverage())
     lines.append(result.summary())
     return "\n".join(lines) + "\n"
