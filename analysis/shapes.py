@@ -58,22 +58,21 @@ def same_padding(kernel: int, dilation: int = 1) -> tuple[int, int]:
 def halving_and_doubling_padding(kernel: int, stride: int = 2) -> tuple[int, int]:
     """Return (padding, output_padding): Conv2d(I) = I/stride and ConvTranspose2d(I) = I*stride.
 
-    Takes the smallest padding for which conv_output_size(s*n) == n holds symbolically for every
-    n, then output_padding = s*n - transposed_output_size(n), which must lie in [0, stride).
+    In closed form: Conv2d maps stride*n to n + floor((2p - kernel)/stride) + 1, which is n
+    exactly when kernel - stride <= 2p < kernel; the smallest such p >= 0 is taken, and then
+    output_padding = stride*n - transposed_output_size(n) = stride - kernel + 2p, in [0, stride).
     """
-    n = sp.Symbol("n", integer=True, positive=True)
-    for padding in range(kernel + 1):
-        halved = conv_output_size(stride * n, kernel, stride, padding)
-        if sp.simplify(halved - n) == 0:
-            output_padding = sp.simplify(
-                stride * n - transposed_output_size(n, kernel, stride, padding)
-            )
-            if output_padding.is_integer and 0 <= output_padding < max(stride, 1):
-                return padding, int(output_padding)
-    raise ValueError(
-        f"no padding makes a kernel-{kernel}, stride-{stride} convolution divide the size by "
-        f"{stride} exactly with a matching transposed convolution; try a kernel >= {stride}"
-    )
+    if kernel < 1 or stride < 1:
+        raise ValueError(f"kernel and stride must be positive, got kernel={kernel}, "
+                         f"stride={stride}")
+    padding = max(0, -((stride - kernel) // 2))  # ceil((kernel - stride) / 2)
+    if 2 * padding >= kernel:
+        raise ValueError(
+            f"no padding makes a kernel-{kernel}, stride-{stride} convolution divide the size by "
+            f"{stride} exactly with a matching transposed convolution; try an odd kernel or a "
+            f"stride of 2 or more"
+        )
+    return padding, stride - kernel + 2 * padding
 
 
 def adaptive_window_total(size: Size, output_size: int) -> sp.Expr:
