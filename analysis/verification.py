@@ -242,9 +242,11 @@ def verify(
 ) -> Verification:
     """Return every layer's formula values checked against hooks, fvcore and FlopCounterMode."""
     from analysis.formatting import resolution_label
+    from analysis.limits import check_forward_fits
     from models.device import device_description, resolve_device
 
     analysis = model if isinstance(model, Analysis) else analyse(model, settings, convention)
+    check_forward_fits(analysis, resolutions)  # before anything runs
     device = resolve_device(device) if isinstance(device, str) else device
     if checkpoint is not None:
         load_checkpoint(analysis.network, checkpoint)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 
@@ -50,8 +52,20 @@ class ModelSpec:
 
     def build(self, settings: Mapping[str, int] | None = None) -> nn.Module:
         """Return a fresh network built at `settings` (symbol->value; defaults where missing)."""
+        from analysis.limits import check_fits, meta_parameter_bytes
+
         values = self.settings(settings)
         kwargs = {hp.name: values[hp.symbol] for hp in self.hyperparameters}
+        needed = meta_parameter_bytes(lambda: self.factory(**kwargs))
+        if needed is not None:
+            at = ", ".join(f"{s}={v}" for s, v in values.items())
+            check_fits(
+                needed,
+                f"building {self.name}{f' at {at}' if at else ''} (its parameters and buffers)",
+                "choose smaller hyperparameters (--set)"
+                if self.hyperparameters
+                else "analyse a smaller network, or on a machine with more memory",
+            )
         return self.factory(**kwargs)
 
     def input_channel_count(self, settings: Mapping[str, int] | None = None) -> int:
@@ -147,9 +161,18 @@ def _callable_spec(reference: str) -> ModelSpec:
     module_name, _, attribute = reference.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):
+            raise ValueError(
+                f"cannot import {module_name!r} for model {reference!r}: no module named "
+                f"{error.name!r} (is it on PYTHONPATH, or installed?)"
+            ) from None
         raise ValueError(
-            f"cannot import {module_name!r} for model {reference!r}: {error}"
+            f"importing {module_name!r} for model {reference!r} failed: {user_error(error)}"
+        ) from None
+    except Exception as error:  # the user's module: its own error, file and line, in one line
+        raise ValueError(
+            f"importing {module_name!r} for model {reference!r} failed: {user_error(error)}"
         ) from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
@@ -157,17 +180,38 @@ def _callable_spec(reference: str) -> ModelSpec:
 
     def build() -> nn.Module:
         try:
-            network = factory()
+            inspect.signature(factory).bind()
         except TypeError as error:
             raise ValueError(
                 f"cannot call {reference}() without arguments ({error}); point MODEL at a "
                 "function that builds the network, or register it in models/registry.py"
             ) from None
+        except ValueError:
+            pass  # no signature to inspect (a builtin): just call it
+        try:
+            network = factory()
         except Exception as error:  # the user's factory: any failure is reported in one line
-            raise ValueError(
-                f"{reference}() raised {type(error).__name__}: {error}") from None
+            raise ValueError(f"{reference}() failed: {user_error(error)}") from None
         if not isinstance(network, nn.Module):
             raise ValueError(f"{reference}() returned {type(network).__name__}, not an nn.Module")
         return network
 
     return ModelSpec(reference, build, (), 3, f"{reference}()")
+
+
+def user_error(error: BaseException) -> str:
+    """Return 'Type: message (file, line N)' for an exception raised in a user's own code."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"SyntaxError: {error.msg} ({error.filename}, line {error.lineno})"
+    message = str(error).splitlines()[0] if str(error) else ""
+    frames = traceback.extract_tb(error.__traceback__)
+    user_frames = [f for f in frames if not _is_library_file(f.filename)]
+    where = f" ({user_frames[-1].filename}, line {user_frames[-1].lineno})" if user_frames else ""
+    return f"{type(error).__name__}: {message}{where}"
+
+
+def _is_library_file(filename: str) -> bool:
+    """Return True for files of Python, installed packages or convtally itself."""
+    root = Path(__file__).resolve().parent.parent
+    own = tuple(str(root / package) + "/" for package in ("analysis", "models"))
+    return filename.startswith(("<frozen", *own)) or "site-packages" in filename

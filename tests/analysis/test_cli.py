@@ -147,4 +147,5 @@ def test_factory_that_raises_is_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["table", "badnet:build"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "convtally table: error: badnet:build() raised RuntimeError: boom")
+        "convtally table: error: badnet:build() failed: RuntimeError: boom "
+        f"({tmp_path / 'badnet.py'}, line 2)")
