@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -112,6 +114,8 @@ def emit(text: str, output: Path | None) -> None:
     if output is None:
         sys.stdout.write(text)
     else:
+        if output.is_dir():
+            raise UsageError(f"-o {output} is a folder; give a file name, e.g. {output}/table.txt")
         atomic_write_text(output, text)
         print(f"wrote {output}", file=sys.stderr)
 
@@ -407,12 +411,58 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as error:
-        print(f"convtally {args.command}: error: {error}", file=sys.stderr)
+    except (UsageError, ValueError) as error:
+        print(f"convtally {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except FileNotFoundError as error:
+        message = _os_error(error) if error.filename else _one_line(error)
+        print(f"convtally {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a folder that cannot be written, a disk that is full, ...
+        print(f"convtally {args.command}: error: {_os_error(error)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(
+            f"convtally {args.command}: error: out of memory; try smaller sizes (--res, --set, "
+            "--batch-size) or a machine with more memory",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(f"convtally {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug: one line, the traceback on request
+        if os.environ.get("CONVTALLY_DEBUG"):
+            raise
+        print(
+            f"convtally {args.command}: internal error: {type(error).__name__}: "
+            f"{_one_line(error)}; rerun with CONVTALLY_DEBUG=1 for the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    """Return the error's message on one line (a multi-line message is joined with '; ')."""
+    text = str(error) if not isinstance(error, KeyError) else repr(error.args[0])
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _os_error(error: OSError) -> str:
+    """Return an OSError as 'cannot write PATH: Permission denied; <what to do>'."""
+    path = error.filename or ""
+    reason = error.strerror or str(error)
+    remedies = {
+        errno.EACCES: "choose a folder you can write to",
+        errno.EPERM: "choose a folder you can write to",
+        errno.EROFS: "the file system is read-only; choose another folder",
+        errno.EISDIR: "give a file name, not a folder",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.ENOSPC: "the disk is full; free space or choose another folder",
+        errno.ENOENT: "check the path",
+    }
+    remedy = remedies.get(error.errno, "check the path")
+    return f"{path}: {reason}; {remedy}" if path else f"{reason}; {remedy}"
 
 
 if __name__ == "__main__":

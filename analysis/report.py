@@ -8,10 +8,12 @@ own commands; the report indexes them and puts their accuracy next to the costs.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import shutil
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from analysis.verification import render_verification, verify
 
 SEED_MODELS = ("poolupsample", "convtranspose", "unet")
 GENERATED = ("costs", "comparison", "check", "figures", "verification")
+LOCK_FILE = ".report.lock"
 REPOSITORY = Path(__file__).resolve().parents[1]
 HAND_TABLES = (
     REPOSITORY / "tests/data/writeup_table_32.csv",
@@ -42,6 +45,39 @@ def build_report(out: Path = Path("reports"), segmentation: bool = True) -> list
     """Regenerate the generated folders of `out` and its README; return the index lines."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        _recover(out)
+        return _build_report(out, segmentation)
+
+
+@contextmanager
+def _exclusive(out: Path):
+    """Hold an exclusive lock on `out` (the kernel drops it when the process dies)."""
+    with open(out / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another convtally report is writing {out}; wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _recover(out: Path) -> None:
+    """Remove what a killed run left: staging folders, and put back folders a killed swap moved."""
+    for leftover in sorted(out.glob(".old-*")):
+        for name in GENERATED:
+            if (leftover / name).exists() and not (out / name).exists():
+                os.replace(leftover / name, out / name)
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in out.glob(".staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _build_report(out: Path, segmentation: bool) -> list[str]:
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores"

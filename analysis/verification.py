@@ -115,11 +115,24 @@ class Verification:
 def load_checkpoint(network: nn.Module, path: str | Path) -> None:
     """Load a state_dict file into `network` (weights_only), or raise a one-line CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the .pt file inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or not a torch file (UnpicklingError); "
+                "save it with torch.save(model.state_dict(), PATH)"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {path} holds Python objects beyond tensors (a pickled module, or code), "
+            "which a weights-only load refuses because unpickling them could run code; nothing "
+            "was loaded: save torch.save(model.state_dict(), PATH) instead"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(
             f"checkpoint {path} is truncated or not a torch file ({type(error).__name__}); "
             "save it with torch.save(model.state_dict(), PATH)"
