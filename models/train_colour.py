@@ -269,12 +269,19 @@ def epoch_line(row: dict[str, float], epochs: int) -> str:
 def train_colourization(config: ColourConfig, log=print) -> dict[str, Any]:
     """Train one colourization network, writing its run folder; return the metrics dict.
 
-    Raises runs.NonFiniteLossError when the loss becomes NaN or infinite.
+    The run holds the folder's lock throughout (runs.RunFolderBusyError if another live run
+    does). Raises runs.NonFiniteLossError when the loss becomes NaN or infinite.
     """
     validate_config(config)
     device = resolve_device(config.device)
-    run_dir = config.run_dir()
     data = prepare_colour_data(config, device)
+    with runs.run_folder_lock(config.run_dir()) as run_dir:
+        runs.remove_stale_temporaries(run_dir)
+        return _train_in_folder(config, data, device, run_dir, log)
+
+
+def _train_in_folder(config: ColourConfig, data: ColourData, device: torch.device,
+                     run_dir: Path, log) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -284,6 +291,10 @@ def train_colourization(config: ColourConfig, log=print) -> dict[str, Any]:
     if config.resume:
         first_epoch, history, started_at = _resume(run_dir, config, model, optimizer)
         log(f"resuming {run_dir} after epoch {first_epoch - 1}")
+        publish_epoch(run_dir, model, build_metrics(config, data.info, device, history,
+                                                    started_at, None))
+    else:
+        runs.remove_training_state(run_dir)
 
     for epoch in range(first_epoch, config.epochs + 1):
         start = time.perf_counter()
@@ -300,11 +311,12 @@ def train_colourization(config: ColourConfig, log=print) -> dict[str, Any]:
                "val_accuracy": round(val_accuracy, 6),
                "seconds": round(time.perf_counter() - start, 3)}
         history.append(row)
-        log(epoch_line(row, config.epochs))
-        runs.save_checkpoint(run_dir, model)
-        runs.save_training_state(run_dir, optimizer, epoch, config.settings())
-        runs.write_metrics(run_dir, build_metrics(config, data.info, device, history,
-                                                  started_at, None))
+        runs.save_training_state(run_dir, runs.training_state(
+            model, optimizer, epoch, config.settings(), history, task=TASK,
+            network=config.model, started_at=started_at))
+        publish_epoch(run_dir, model, build_metrics(config, data.info, device, history,
+                                                    started_at, None))
+        log(epoch_line(row, config.epochs))  # after the save: a printed epoch survives a kill
 
     metrics = build_metrics(config, data.info, device, history, started_at, runs.utc_timestamp())
     title = (f"{config.model}, {metrics['data']['train_images']} train / "
@@ -319,41 +331,57 @@ def train_colourization(config: ColourConfig, log=print) -> dict[str, Any]:
     return metrics
 
 
+def publish_epoch(run_dir: Path, model: nn.Module, metrics: dict[str, Any]) -> None:
+    """Write checkpoint.pt and metrics.json, the files derived from the saved training state."""
+    runs.save_checkpoint(run_dir, model)
+    runs.write_metrics(run_dir, metrics)
+
+
 def _resume(run_dir: Path, config: ColourConfig, model: nn.Module,
             optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, float]], str]:
     state = runs.load_training_state(run_dir)
+    if (state.get("task"), state.get("network")) != (TASK, config.model):
+        raise ValueError(f"--resume: {run_dir} holds a {state.get('task')} "
+                         f"{state.get('network')} run, not colour {config.model}; use the same "
+                         "--model or a new --out")
     runs.check_resume_settings(state["settings"], config.settings())
-    previous = runs.read_metrics(run_dir)
-    if previous.get("model") != config.model:
-        raise ValueError(f"--resume: {run_dir} holds a {previous.get('model')} run, "
-                         f"not {config.model}; use the same --model or a new --out")
-    runs.load_checkpoint(run_dir, model)
-    optimizer.load_state_dict(state["optimizer"])
-    runs.restore_rng_state(state["rng"])
     saved_epoch = int(state["epoch"])
-    return saved_epoch + 1, list(previous["epochs"][:saved_epoch]), previous["started_at"]
+    if saved_epoch > config.epochs:
+        raise ValueError(f"--resume: {run_dir} already finished {saved_epoch} epochs, more "
+                         f"than --epochs {config.epochs}; use --epochs {saved_epoch} or more")
+    runs.restore_training_state(state, model, optimizer)
+    return saved_epoch + 1, list(state["history"]), state["started_at"]
 
 
 def sweep_colourization(base: ColourConfig, batch_sizes: Sequence[int], out: str | Path,
                         log=print) -> list[dict[str, Any]]:
     """Train one run per batch size (subfolders batch_<N> of `out`); write and return the summary.
 
-    Writes out/summary.csv and out/summary.png (final train/val loss against batch size).
+    Writes out/summary.csv and out/summary.png (final train/val loss against batch size),
+    holding the lock of `out` throughout and each run's lock while it trains.
     """
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise ValueError(f"--batch-sizes {list(batch_sizes)} must be positive integers")
-    out = Path(out)
-    rows = []
-    for batch_size in batch_sizes:
-        config = replace(base, batch_size=batch_size, out=str(out / f"batch_{batch_size}"))
-        log(f"--- {base.model}, batch size {batch_size} ---")
-        metrics = train_colourization(config, log=log)
-        rows.append({"batch_size": batch_size, **metrics["final"],
-                     "device": metrics["device"], "run": config.out})
-    atomic_write_text(out / "summary.csv", summary_csv(rows))
-    plot_sweep(rows, out / "summary.png", f"{base.model}, {base.epochs} epochs")
+    with runs.run_folder_lock(out) as out:
+        runs.remove_stale_temporaries(out)
+        rows = []
+        for batch_size in batch_sizes:
+            config = sweep_run_config(base, out, batch_size)
+            log(f"--- {base.model}, batch size {batch_size} ---")
+            metrics = train_colourization(config, log=log)
+            rows.append({"batch_size": batch_size, **metrics["final"],
+                         "device": metrics["device"], "run": config.out})
+        atomic_write_text(out / "summary.csv", summary_csv(rows))
+        plot_sweep(rows, out / "summary.png", f"{base.model}, {base.epochs} epochs")
     log(summary_table(rows))
     return rows
+
+
+def sweep_run_config(base: ColourConfig, out: Path, batch_size: int) -> ColourConfig:
+    """Return the config of one sweep run; with --resume, a run not yet begun starts afresh."""
+    run_dir = out / f"batch_{batch_size}"
+    resume = base.resume and (run_dir / runs.TRAINING_STATE_FILE).is_file()
+    return replace(base, batch_size=batch_size, out=str(run_dir), resume=resume)
 
 
 SWEEP_COLUMNS = ("batch_size", "train_loss", "val_loss", "val_accuracy", "total_seconds")
