@@ -10,8 +10,10 @@ Two ways to run the same fine-tune (`--path`):
   uses batch statistics (and updates its running averages) and ASPP's dropout is active.
 
 The run folder holds metrics.json, head.pt (the state_dict of classifier[4] only: load it
-with `model.classifier[4].load_state_dict(torch.load(path, weights_only=True))`), curves.png
-and predictions.png.
+with `model.classifier[4].load_state_dict(torch.load(path, weights_only=True))`), curves.png,
+predictions.png and training_state.pt (written after every epoch, in one atomic rename: what
+`--resume` needs to continue exactly as an uninterrupted run would). A run holds the folder's
+lock while it writes there.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from analysis.io import atomic_save_figure, atomic_torch_save
+from models import runs
 from models.device import device_description, resolve_device
 from models.flowers import (
     FLOWERS_PAGE,
@@ -83,6 +86,7 @@ class SegmentConfig:
     download: bool = True
     progress: bool = True
     grid_images: int = 4
+    resume: bool = False
 
     def run_dir(self) -> Path:
         """Return the run folder: `out`, or runs/segment-<backbone>-<loss>-<path>."""
@@ -208,19 +212,46 @@ def path_logits(config: SegmentConfig, model: nn.Module, train_set: FlowerSplit,
 
 
 def train_segmentation(config: SegmentConfig) -> dict:
-    """Fine-tune as `config` says, write the run folder, and return the metrics dict."""
+    """Fine-tune as `config` says, write the run folder, and return the metrics dict.
+
+    The run holds the folder's lock while it writes there (runs.RunFolderBusyError if another
+    live run does); with `config.resume` it continues from the folder's training_state.pt.
+    """
     validate_config(config)
     started_at = utc_timestamp()
     device = resolve_device(config.device)
     downloaded = ensure_flowers(config.data, download=config.download)
     train_set = load_flower_split(config.data, "train", config.size)
     val_set = load_flower_split(config.data, "val", config.size)
+    data = _data_summary(config, train_set, val_set, downloaded)
+    with runs.run_folder_lock(config.run_dir()) as run_dir:
+        runs.remove_stale_temporaries(run_dir)
+        metrics, model = _train_in_folder(config, run_dir, device, train_set, val_set, data,
+                                          started_at)
+        write_run_folder(run_dir, metrics, model, val_set, device, config.grid_images)
+    _say(f"wrote {run_dir}")
+    return metrics
 
+
+def _train_in_folder(config: SegmentConfig, run_dir: Path, device: torch.device,
+                     train_set: FlowerSplit, val_set: FlowerSplit, data: dict,
+                     started_at: str) -> tuple[dict, nn.Module]:
     torch.manual_seed(config.seed)
     model = build_finetune_model(config.backbone, config.weights).to(device)
     optimizer = build_optimizer(model, config.lr)
     loss_fn = LOSSES[config.loss]
     order_generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict] = []
+    first_epoch, seconds_before = 1, 0.0
+    if config.resume:
+        state = resume_state(run_dir, config)
+        runs.restore_training_state(state, model, optimizer)
+        order_generator.set_state(state["order_generator"])
+        history, started_at = list(state["history"]), state["started_at"]
+        first_epoch, seconds_before = int(state["epoch"]) + 1, float(state["seconds"])
+        _say(f"resuming {run_dir} after epoch {first_epoch - 1}")
+    else:
+        runs.remove_training_state(run_dir)
     train_masks, val_masks = train_set.masks.to(device), val_set.masks.to(device)
     val_batches = batches(len(val_set), config.batch_size)
     _say(f"segment: {len(train_set)} train / {len(val_set)} val images at {config.size}x"
@@ -231,8 +262,7 @@ def train_segmentation(config: SegmentConfig) -> dict:
     train_logits, val_logits = path_logits(config, model, train_set, val_set, device)
     cache_seconds = time.perf_counter() - run_start if config.path == "fast" else None
 
-    history = []
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(first_epoch, config.epochs + 1):
         epoch_start = time.perf_counter()
         model.train(config.path == "slow")
         order = torch.randperm(len(train_set), generator=order_generator)
@@ -246,11 +276,16 @@ def train_segmentation(config: SegmentConfig) -> dict:
         row = {"epoch": epoch, "train_loss": train_loss, **scores,
                "seconds": time.perf_counter() - epoch_start}
         history.append(row)
+        runs.save_training_state(run_dir, runs.training_state(
+            model, optimizer, epoch, _settings(config), history, task="segment",
+            network=f"deeplabv3_{config.backbone}", started_at=started_at,
+            seconds=seconds_before + time.perf_counter() - run_start,
+            order_generator=order_generator.get_state()))
         _say(f"Epoch [{epoch}/{config.epochs}], Loss: {train_loss:.4f}, Val loss: "
              f"{row['val_loss']:.4f}, thresholded IoU: {row['thresholded_iou']:.4f}, mean fg "
              f"IoU: {row['mean_foreground_iou']:.4f}, class-mean IoU: "
              f"{row['class_mean_iou']:.4f}, Time (s): {row['seconds']:.1f}")
-    total_seconds = time.perf_counter() - run_start
+    total_seconds = seconds_before + time.perf_counter() - run_start
 
     final = {k: v for k, v in history[-1].items() if k not in ("epoch", "seconds")}
     final["total_seconds"] = total_seconds
@@ -261,7 +296,7 @@ def train_segmentation(config: SegmentConfig) -> dict:
         "model": f"deeplabv3_{config.backbone}",
         "settings": {**_settings(config), "optimizer": "Adam",
                      "learned_parameters": "classifier.4.weight, classifier.4.bias"},
-        "data": _data_summary(config, train_set, val_set, downloaded),
+        "data": data,
         "device": device_description(device),
         "epochs": history,
         "final": final,
@@ -270,13 +305,26 @@ def train_segmentation(config: SegmentConfig) -> dict:
         "started_at": started_at,
         "finished_at": utc_timestamp(),
     }
-    write_run_folder(config.run_dir(), metrics, model, val_set, device, config.grid_images)
-    _say(f"wrote {config.run_dir()}")
-    return metrics
+    return metrics, model
+
+
+def resume_state(run_dir: Path, config: SegmentConfig) -> dict:
+    """Return the saved training state of `run_dir` after checking it belongs to `config`."""
+    state = runs.load_training_state(run_dir)
+    network = f"deeplabv3_{config.backbone}"
+    if (state.get("task"), state.get("network")) != ("segment", network):
+        raise ValueError(f"--resume: {run_dir} holds a {state.get('task')} "
+                         f"{state.get('network')} run, not segment {network}; use the same "
+                         "--backbone or a new --out")
+    runs.check_resume_settings(state["settings"], _settings(config), ignore=("epochs", "out"))
+    if int(state["epoch"]) > config.epochs:
+        raise ValueError(f"--resume: {run_dir} already finished {state['epoch']} epochs, more "
+                         f"than --epochs {config.epochs}; use --epochs {state['epoch']} or more")
+    return state
 
 
 def _settings(config: SegmentConfig) -> dict:
-    skip = ("progress", "grid_images", "download")
+    skip = ("progress", "grid_images", "download", "resume")
     settings = {k: v for k, v in asdict(config).items() if k not in skip}
     return {**settings, "out": str(config.run_dir())}
 
@@ -386,6 +434,8 @@ def configure_segment_parser(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", default=None,
                         help="run folder; default runs/segment-<backbone>-<loss>-<path>")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last saved epoch")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(handler=run_segment)
     return parser
@@ -397,7 +447,7 @@ def config_from_args(args: argparse.Namespace) -> SegmentConfig:
         loss=args.loss, backbone=args.backbone, weights=args.weights, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, size=args.size, data=args.data,
         device=args.device, path=args.path, seed=args.seed, out=args.out,
-        download=not args.no_download, progress=not args.no_progress,
+        download=not args.no_download, progress=not args.no_progress, resume=args.resume,
     )
 
 

@@ -103,7 +103,7 @@ def test_short_run_lowers_the_loss_and_writes_the_run_folder(mini_data, tmp_path
     losses = [row["train_loss"] for row in metrics["epochs"]]
     assert losses[-1] < losses[0], losses
     assert sorted(p.name for p in out.iterdir()) == [
-        "curves.png", "head.pt", "metrics.json", "predictions.png"
+        "curves.png", "head.pt", "metrics.json", "predictions.png", "training_state.pt"
     ]
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["task"] == "segment"
