@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import pickle
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +48,17 @@ _ALLOWED_GLOBALS = {
 
 
 def default_cache_dir() -> Path:
-    """Return the cache directory: $CONVTALLY_CACHE, else ~/.cache/convtally."""
-    return Path(os.environ.get("CONVTALLY_CACHE") or Path.home() / ".cache" / "convtally")
+    """Return the cache directory for downloads and derived files (never a data folder).
+
+    $CONVTALLY_CACHE when set, else $XDG_CACHE_HOME/convtally, else ~/.cache/convtally.
+    """
+    explicit = os.environ.get("CONVTALLY_CACHE")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # the XDG spec: a relative $XDG_CACHE_HOME is invalid and must be ignored
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "convtally"
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -303,25 +311,16 @@ def data_fingerprint(images: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()[:10]
 
 
-def is_writable_dir(path: Path) -> bool:
-    """Return True when `path` is a directory we may write into (mode bits honoured for root)."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return False
-    return stat.S_ISDIR(mode) and bool(mode & 0o222) and os.access(path, os.W_OK)
-
-
-def centroid_cache_path(data_dir: Path, cache_dir: str | os.PathLike | None, k: int, seed: int,
+def centroid_cache_path(cache_dir: str | os.PathLike | None, k: int, seed: int,
                         category: int | None, fingerprint: str) -> Path:
-    """Return where the k-means colours for these settings are cached.
+    """Return where the k-means colours for these settings are cached: CACHE/colours/NAME.
 
-    Next to the data when that folder is writable, else in the cache directory.
+    Always in the cache directory (`cache_dir`, else `default_cache_dir()`), never next to the
+    data, so a read-only data folder and a writable one behave the same and a user's data folder
+    is never written to. The name holds every setting and the data's fingerprint.
     """
     label = "all" if category is None else str(category)
     name = f"colours_kmeans{k}_cat{label}_seed{seed}_{fingerprint}.npy"
-    if is_writable_dir(data_dir):
-        return data_dir / name
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / "colours" / name
 

@@ -50,7 +50,7 @@ class ColourConfig:
     seed: int = 0
     category: int | None = 7  # None: every class
     data_dir: str | None = None  # None: the download cache
-    cache_dir: str | None = None  # None: $CONVTALLY_CACHE or ~/.cache/convtally
+    cache_dir: str | None = None  # None: cifar.default_cache_dir()
     device: str = "auto"
     out: str | None = None  # None: runs/<model>
     resume: bool = False
@@ -124,7 +124,7 @@ def prepare_colour_data(config: ColourConfig, device: torch.device) -> ColourDat
     train_rgb = cifar.to_unit_range(data.train.images)
     val_rgb = cifar.to_unit_range(data.test.images)
     cache_path = cifar.centroid_cache_path(
-        data.directory, config.cache_dir, config.num_colours, config.seed, config.category,
+        config.cache_dir, config.num_colours, config.seed, config.category,
         cifar.data_fingerprint(data.train.images),
     )
     centroids = cifar.colour_centroids(train_rgb, config.num_colours, config.seed, cache_path)
@@ -443,8 +443,9 @@ def _add_shared_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="a cifar-10-batches-py folder (default: download into the cache)")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
-                        help="download and colour cache (default $CONVTALLY_CACHE or "
-                             "~/.cache/convtally)")
+                        help="where downloads and derived files (the k-means colours) go; "
+                             "never the --data folder (default $CONVTALLY_CACHE, else "
+                             "$XDG_CACHE_HOME/convtally, else ~/.cache/convtally)")
     parser.add_argument("--category", default="7",
                         help="class index or name (default 7, horse), or 'all'")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -143,10 +143,8 @@ def test_kmeans_is_seeded_and_finds_separated_clusters():
 
 def test_colour_centroids_are_cached_with_settings_in_the_name(tmp_path, monkeypatch):
     rgb = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    path = cifar.centroid_cache_path(data_dir, tmp_path / "cache", 6, 2, 7, "abc")
-    assert path.parent == data_dir and path.name == "colours_kmeans6_cat7_seed2_abc.npy"
+    path = cifar.centroid_cache_path(tmp_path / "cache", 6, 2, 7, "abc")
+    assert path == tmp_path / "cache" / "colours" / "colours_kmeans6_cat7_seed2_abc.npy"
     fitted = cifar.colour_centroids(rgb, 6, 2, path)
     assert path.is_file()
 
@@ -157,15 +155,38 @@ def test_colour_centroids_are_cached_with_settings_in_the_name(tmp_path, monkeyp
     torch.testing.assert_close(cifar.colour_centroids(rgb, 6, 2, path), fitted)
 
 
-def test_read_only_data_dir_caches_in_the_cache_dir(tmp_path):
-    data_dir = tmp_path / "readonly"
-    data_dir.mkdir()
-    data_dir.chmod(0o555)
+def test_default_cache_dir_follows_convtally_cache_then_xdg(tmp_path, monkeypatch):
+    monkeypatch.delenv("CONVTALLY_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cifar.default_cache_dir() == tmp_path / "xdg" / "convtally"
+    assert cifar.centroid_cache_path(None, 24, 0, 7, "f").parent == (
+        tmp_path / "xdg" / "convtally" / "colours")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # invalid per the XDG spec: ignored
+    assert cifar.default_cache_dir() == Path.home() / ".cache" / "convtally"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cifar.default_cache_dir() == Path.home() / ".cache" / "convtally"
+    monkeypatch.setenv("CONVTALLY_CACHE", str(tmp_path / "mine"))
+    assert cifar.default_cache_dir() == tmp_path / "mine"
+
+
+@pytest.mark.parametrize("writable", [True, False], ids=["writable-data", "read-only-data"])
+def test_colours_never_go_into_the_data_folder(tmp_path, monkeypatch, writable):
+    """A writable data folder and a read-only one give the same cache path, and stay untouched."""
+    directory = write_fake_cifar(tmp_path / "data", per_file=12)
+    before = sorted(p.name for p in directory.iterdir())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("CONVTALLY_CACHE", raising=False)
+    if not writable:
+        directory.chmod(0o555)
     try:
-        path = cifar.centroid_cache_path(data_dir, tmp_path / "cache", 24, 0, None, "f00")
+        data = cifar.load_cifar(directory, category=None)
+        path = cifar.centroid_cache_path(None, 4, 0, None,
+                                         cifar.data_fingerprint(data.train.images))
+        cifar.colour_centroids(cifar.to_unit_range(data.train.images), 4, 0, path)
     finally:
-        data_dir.chmod(0o755)
-    assert path == tmp_path / "cache" / "colours" / "colours_kmeans24_catall_seed0_f00.npy"
+        directory.chmod(0o755)
+    assert path.parent == tmp_path / "xdg" / "convtally" / "colours" and path.is_file()
+    assert sorted(p.name for p in directory.iterdir()) == before
 
 
 def test_missing_file_is_named(tmp_path):
@@ -277,6 +298,6 @@ def test_real_subset_counts_and_preprocessing(tmp_path):
     centroids = cifar.kmeans(cifar.flatten_pixels(cifar.to_unit_range(horses.train.images)), 24)
     assert centroids.shape == (24, 3)
     assert len(torch.unique(cifar.colour_labels(rgb, centroids))) > 12
-    # the shared folder is read-only, so the colours are cached elsewhere
-    path = cifar.centroid_cache_path(REAL_DATA, tmp_path, 24, 0, 7, "x")
+    # the colours are cached in the cache folder, never beside the data
+    path = cifar.centroid_cache_path(tmp_path, 24, 0, 7, "x")
     assert path.parent == tmp_path / "colours"

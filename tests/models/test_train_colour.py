@@ -262,5 +262,14 @@ def test_one_epoch_on_the_real_subset(tmp_path):
     assert metrics["data"]["source"] == str(REAL_DATA)
     assert metrics["settings"]["num_colours"] == 24
     assert np.isfinite(metrics["final"]["val_loss"])
-    # the read-only shared folder was left alone: the colours went to the cache
+    # the shared folder (read-only or not) was left alone: the colours went to the cache
     assert Path(metrics["data"]["colours"]["cache"]).parent == tmp_path / "cache" / "colours"
+
+
+def test_a_writable_data_folder_is_left_alone(config, data_dir, tmp_path):
+    """Derived files go to the cache folder, not beside the data, even where it is writable."""
+    before = sorted(path.name for path in data_dir.iterdir())
+    metrics = train_colourization(replace(config, epochs=1), log=quiet)
+    assert sorted(path.name for path in data_dir.iterdir()) == before
+    cache = Path(metrics["data"]["colours"]["cache"])
+    assert cache.parent == tmp_path / "cache" / "colours" and cache.is_file()
