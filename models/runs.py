@@ -59,14 +59,19 @@ def utc_timestamp() -> str:
 
 
 def software_versions() -> dict[str, str]:
-    """Return the python, torch and convtally versions."""
+    """Return the python, torch, CUDA (as torch was built), cuDNN and convtally versions.
+
+    `cuda` and `cudnn` are "none" for a CPU-only torch build.
+    """
     try:
         from importlib.metadata import PackageNotFoundError, version
 
         convtally = version("convtally")
     except PackageNotFoundError:
         convtally = "unknown (not installed)"
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda or "none", "cudnn": str(cudnn) if cudnn else "none",
             "convtally": convtally}
 
 

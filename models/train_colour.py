@@ -9,6 +9,7 @@ dataset lives on the device and batches are gathered there with device index ten
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import io
 import math
@@ -188,6 +189,39 @@ def epoch_mean_loss(batch_losses: torch.Tensor, count: int, batch_size: int, epo
     return float((values * sizes).sum() / count)
 
 
+def warm_up(model: nn.Module, data: ColourData, batch_size: int, lr: float) -> float:
+    """Run training steps and validation batches of every batch shape on a copy; return seconds.
+
+    A GPU's first steps load kernels and choose convolution algorithms for each input shape;
+    doing that here keeps it out of the epoch times. The copy (its own Adam) leaves the model,
+    the optimizer and every random generator as they were, so results are unchanged.
+    """
+    start = time.perf_counter()
+    twin = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(twin.parameters(), lr=lr)
+    twin.train()
+    for count in batch_shapes(len(data.train_gray), batch_size):
+        loss = F.cross_entropy(twin(data.train_gray[:count]), data.train_labels[:count].long())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    twin.eval()
+    with torch.no_grad():
+        for count in batch_shapes(len(data.val_gray), batch_size):
+            twin(data.val_gray[:count])
+    if data.train_gray.device.type == "cuda":
+        torch.cuda.synchronize(data.train_gray.device)
+    return time.perf_counter() - start
+
+
+def batch_shapes(count: int, batch_size: int) -> list[int]:
+    """Return the distinct batch sizes an epoch over `count` items uses: full and last."""
+    sizes = [min(batch_size, count)]
+    if count > batch_size and count % batch_size:
+        sizes.append(count % batch_size)
+    return sizes
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, gray: torch.Tensor, labels: torch.Tensor,
              batch_size: int) -> tuple[float, float]:
@@ -240,9 +274,16 @@ def plot_samples(gray: torch.Tensor, predicted: torch.Tensor, truth: torch.Tenso
     return runs.save_and_close(figure, path)
 
 
+EPOCH_TIMING = ("an epoch's seconds: its shuffled training steps and the validation pass, "
+                "with the GPU synchronised at the end; not the saves after it. Before the first "
+                "epoch a warm-up (warmup_seconds) runs each batch shape once on a copy of the "
+                "network, so kernel loading and algorithm choice stay out of the epochs")
+
+
 def build_metrics(config: ColourConfig, info: dict[str, Any], device: torch.device,
                   history: list[dict[str, float]], started_at: str,
-                  finished_at: str | None) -> dict[str, Any]:
+                  finished_at: str | None, warmup_seconds: float | None = None
+                  ) -> dict[str, Any]:
     """Return the metrics.json dict of a (possibly unfinished) run."""
     return {
         "task": TASK,
@@ -253,6 +294,8 @@ def build_metrics(config: ColourConfig, info: dict[str, Any], device: torch.devi
         "epochs": history,
         "final": runs.final_summary(history) if history else None,
         "software": runs.software_versions(),
+        "timing": {"epoch_seconds": EPOCH_TIMING,
+                   "warmup_seconds": None if warmup_seconds is None else round(warmup_seconds, 3)},
         "started_at": started_at,
         "finished_at": finished_at,
         "status": "complete" if finished_at else "running",
@@ -296,6 +339,7 @@ def _train_in_folder(config: ColourConfig, data: ColourData, device: torch.devic
     else:
         runs.remove_training_state(run_dir)
 
+    warmup_seconds = warm_up(model, data, config.batch_size, config.lr)
     for epoch in range(first_epoch, config.epochs + 1):
         start = time.perf_counter()
         batch_losses = train_epoch(
@@ -315,10 +359,11 @@ def _train_in_folder(config: ColourConfig, data: ColourData, device: torch.devic
             model, optimizer, epoch, config.settings(), history, task=TASK,
             network=config.model, started_at=started_at))
         publish_epoch(run_dir, model, build_metrics(config, data.info, device, history,
-                                                    started_at, None))
+                                                    started_at, None, warmup_seconds))
         log(epoch_line(row, config.epochs))  # after the save: a printed epoch survives a kill
 
-    metrics = build_metrics(config, data.info, device, history, started_at, runs.utc_timestamp())
+    metrics = build_metrics(config, data.info, device, history, started_at, runs.utc_timestamp(),
+                            warmup_seconds)
     title = (f"{config.model}, {metrics['data']['train_images']} train / "
              f"{metrics['data']['val_images']} val images, {metrics['device']}")
     runs.plot_curves(history, run_dir / runs.CURVES_FILE, title)

@@ -81,7 +81,7 @@ def test_training_lowers_loss_and_writes_the_run_folder(config, model):
         assert 0 <= row["val_accuracy"] <= 1
     assert set(metrics["final"]) == {"train_loss", "val_loss", "val_accuracy", "total_seconds"}
     assert metrics["final"]["val_loss"] == metrics["epochs"][-1]["val_loss"]
-    assert set(metrics["software"]) == {"python", "torch", "convtally"}
+    assert set(metrics["software"]) == {"python", "torch", "cuda", "cudnn", "convtally"}
     assert metrics["finished_at"] >= metrics["started_at"]
 
     assert json.loads((run / "metrics.json").read_text()) == metrics

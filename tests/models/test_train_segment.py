@@ -117,7 +117,8 @@ def test_short_run_lowers_the_loss_and_writes_the_run_folder(mini_data, tmp_path
         "epoch", "train_loss", "val_loss", "seconds", *METRIC_KEYS
     }
     assert set(metrics["final"]) >= {"train_loss", "val_loss", "total_seconds", *METRIC_KEYS}
-    assert set(metrics["software"]) == {"python", "torch", "torchvision", "convtally"}
+    assert set(metrics["software"]) == {"python", "torch", "cuda", "cudnn", "torchvision",
+                                        "convtally"}
     assert metrics["started_at"] <= metrics["finished_at"]
     for key in METRIC_KEYS:
         assert 0.0 <= metrics["final"][key] <= 1.0
