@@ -67,6 +67,11 @@ def add_convention_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave BatchNorm's affine parameters out of the weights",
     )
     parser.add_argument(
+        "--no-bias-weights",
+        action="store_true",
+        help="leave biases out of the weights (as many papers and lecture tables count them)",
+    )
+    parser.add_argument(
         "--no-elementwise-connections",
         action="store_true",
         help="count no connections for BatchNorm, activations and add/mul",
@@ -132,6 +137,7 @@ def convention_from(args: argparse.Namespace):
     return make_convention(
         bias_in_connections=bias,
         batchnorm_in_weights=False if args.no_batchnorm_weights else None,
+        bias_in_weights=False if getattr(args, "no_bias_weights", False) else None,
         elementwise_in_connections=False if args.no_elementwise_connections else None,
         base=preset(getattr(args, "convention", "default")),
     )
@@ -369,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_size_arguments(check, "32")
     add_convention_arguments(check)
-    check.set_defaults(exact=False, allow_unknown=False)
-    add_output_arguments(check, ("text", "markdown", "json"))
+    check.set_defaults(exact=False, allow_unknown=False, strict=True)
+    add_output_arguments(check, ("text", "markdown", "csv", "json"))
     check.set_defaults(handler=run_check_table)
 
     report = commands.add_parser("report", help="regenerate reports/ (the main job)")

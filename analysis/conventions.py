@@ -382,6 +382,7 @@ class Convention:
     bias_in_connections: bool = False
     batchnorm_in_weights: bool = True
     elementwise_in_connections: bool = True
+    bias_in_weights: bool = True  # False: weights without biases, as many papers count them
     connection_rules: Mapping[str, Rule] = field(
         default_factory=lambda: DEFAULT_RULES, hash=False, repr=False
     )
@@ -404,7 +405,10 @@ class Convention:
         """Return the layer's weights under this convention."""
         if cost.kind == "norm" and not self.batchnorm_in_weights:
             return sp.Integer(0)
-        return self.weight_rule(cost)[1].count(cost, with_bias=False)
+        weights = self.weight_rule(cost)[1].count(cost, with_bias=False)
+        if not self.bias_in_weights and cost.kind != "norm":
+            weights -= cost.bias_weights
+        return weights
 
     def connection_parts(self, cost: LayerCost) -> tuple[sp.Expr, sp.Expr]:
         """Return (connections without bias terms, bias terms counted) under this convention."""
@@ -426,7 +430,7 @@ class Convention:
             f"{'in' if self.bias_in_connections else 'not in'} "
             f"connections; BatchNorm parameters {'in' if self.batchnorm_in_weights else 'not in'} "
             f"weights; element-wise layers {'in' if self.elementwise_in_connections else 'not in'} "
-            "connections"
+            "connections" + ("" if self.bias_in_weights else "; biases not in weights")
         )
 
     def as_dict(self) -> dict:
@@ -436,6 +440,7 @@ class Convention:
             "bias_in_connections": self.bias_in_connections,
             "batchnorm_in_weights": self.batchnorm_in_weights,
             "elementwise_in_connections": self.elementwise_in_connections,
+            "bias_in_weights": self.bias_in_weights,
             "counts": self.counts or "DESIGN.md",
             "unit": self.unit,
             "connection_rules": {k: r.formula() for k, r in self.connection_rules.items()},
@@ -513,6 +518,7 @@ def make_convention(
     batchnorm_in_weights: bool | None = None,
     elementwise_in_connections: bool | None = None,
     base: Convention | str = DEFAULT,
+    bias_in_weights: bool | None = None,
 ) -> Convention:
     """Return `base` (a preset or its name) with the given switches (None keeps the base's).
 
@@ -523,6 +529,7 @@ def make_convention(
         "bias_in_connections": bias_in_connections,
         "batchnorm_in_weights": batchnorm_in_weights,
         "elementwise_in_connections": elementwise_in_connections,
+        "bias_in_weights": bias_in_weights,
     }
     convention = replace(base, **{k: v for k, v in switches.items() if v is not None})
     if convention == base:
