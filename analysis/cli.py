@@ -100,18 +100,66 @@ def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> 
         action="store_true",
         help="count layers without a rule from the running network",
     )
+    add_capture_arguments(parser)
+
+
+def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --capture and --strict."""
+    parser.add_argument(
+        "--capture",
+        choices=("auto", "fx", "export", "concrete"),
+        default="auto",
+        help="how the model is captured: fx (symbolic trace), export (torch.export, dynamic "
+        "H, W), concrete (counted at each --res), or auto: the first that works (default)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a model with an op that has no rule (by default its row says unknown "
+        "and the total is marked incomplete)",
+    )
+
+
+SUFFIX_FORMATS = {".csv": "csv", ".md": "markdown", ".markdown": "markdown", ".tex": "latex",
+                  ".json": "json", ".txt": "text"}
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
-    """Add --format and -o/--output."""
-    parser.add_argument("--format", choices=formats, default=formats[0])
+    """Add --format and -o/--output (the format follows FILE's extension unless given)."""
+    parser.add_argument(
+        "--format",
+        choices=formats,
+        default=None,
+        help=f"output format (default: from -o FILE's extension, else {formats[0]})",
+    )
     parser.add_argument(
         "-o",
         "--output",
         type=Path,
         default=None,
-        help="write to FILE (atomically) instead of standard output",
+        metavar="FILE",
+        help="write to FILE (atomically) instead of standard output; "
+        + ", ".join(f"{s} means {f}" for s, f in SUFFIX_FORMATS.items() if f in formats),
     )
+    parser.set_defaults(formats=formats)
+
+
+def resolve_format(args: argparse.Namespace) -> None:
+    """Set args.format from -o's extension when --format is not given; refuse a contradiction."""
+    formats = getattr(args, "formats", None)
+    if not formats:
+        return
+    output = getattr(args, "output", None)
+    implied = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
+    if implied is not None and implied not in formats:
+        implied = None
+    if args.format is None:
+        args.format = implied or formats[0]
+    elif implied is not None and implied != args.format:
+        raise UsageError(
+            f"--format {args.format} contradicts -o {output} (a {output.suffix} file is "
+            f"{implied}); drop --format, or name the file for {args.format}"
+        )
 
 
 def emit(text: str, output: Path | None) -> None:
@@ -304,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    parser.add_argument("--version", action="version", version=f"convtally {_version()}")
     table = commands.add_parser("table", help="per-layer weights, outputs and connections")
     add_model_arguments(table)
     add_output_arguments(table, ("text", "csv", "markdown", "latex", "json"))
@@ -366,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="one CSV per resolution (with --res in the same order), or one "
         "CSV with a resolution column",
     )
-    check.add_argument("--model", required=True)
+    check.add_argument(
+        "--model", required=True, help="the network the table describes (as for table)"
+    )
     check.add_argument(
         "--partial",
         action="store_true",
@@ -380,7 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=run_check_table)
 
     report = commands.add_parser("report", help="regenerate reports/ (the main job)")
-    report.add_argument("--out", type=Path, default=Path("reports"))
+    report.add_argument(
+        "--out",
+        type=Path,
+        default=Path("reports"),
+        help="the folder to (re)generate (default: reports)",
+    )
     report.add_argument(
         "--skip-segmentation",
         action="store_true",
@@ -391,8 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     padding = commands.add_parser(
         "padding", help="Conv2d/ConvTranspose2d padding that halves/doubles the size exactly"
     )
-    padding.add_argument("--kernel", type=int, required=True)
-    padding.add_argument("--stride", type=int, default=2)
+    padding.add_argument("--kernel", type=int, required=True, help="the kernel size K")
+    padding.add_argument(
+        "--stride", type=int, default=2, help="the factor to halve and double by (default: 2)"
+    )
     padding.set_defaults(handler=run_padding)
 
     train = commands.add_parser("train", help="train a network (colourization or segmentation)")
@@ -413,11 +471,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 check failed, 2 bad input)."""
+def _version() -> str:
+    """Return the installed convtally version (without importing torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("convtally")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except (UsageError, ValueError) as error:
+        resolve_format(args)
         print(f"convtally {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except FileNotFoundError as error:
