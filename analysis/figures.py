@@ -38,8 +38,8 @@ def connections_vs_resolution(
         axis.plot(sizes, totals, marker="o", label=analysis.model)
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
-    axis.set_xticks(list(sizes), [str(s) for s in sizes])
-    axis.set_xlabel("input side H = W (pixels)")
+    axis.set_xticks(list(sizes), [f"{s}x{s}" for s in sizes])
+    axis.set_xlabel("input size H x W (pixels)")
     axis.set_ylabel("total connections (multiply-adds + element-wise)")
     axis.set_title("Connections grow as H·W")
     axis.grid(True, which="both", alpha=0.3)
@@ -57,7 +57,10 @@ def per_layer_connections(
     colours = ["tab:blue" if layer.kind == "conv" else "tab:gray" for layer in analysis.layers]
     axis.bar(range(len(names)), [int(v) for v in values], color=colours)
     axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    axis.set_ylabel("connections")
+    # a log axis: a convolution has 100-1000 times the connections of the layers around it,
+    # which on a linear axis leaves every other bar invisible (a layer with 0 has no bar)
+    axis.set_yscale("log")
+    axis.set_ylabel("connections (log scale)")
     axis.set_title(
         f"{analysis.model}: connections per layer at {resolution_label(*resolution)}"
         " (blue: convolutions)"
