@@ -78,6 +78,37 @@ class Analysis:
     unused_trainable_weights: int = 0
     network: nn.Module | None = field(default=None, repr=False)
     graph_module: torch.fx.GraphModule | None = field(default=None, repr=False)
+    capture: str = "fx"  # fx, export or concrete (CAPTURES)
+    capture_note: str = ""  # why this rung: what the rungs above it could not do
+    # concrete capture: resolution -> the rows' raw costs there (formulas in H, W unavailable)
+    concrete: dict[tuple[int, int], list[Layer]] | None = field(default=None, repr=False)
+
+    @property
+    def symbolic(self) -> bool:
+        """Return True when outputs and connections are formulas in H and W."""
+        return self.concrete is None
+
+    @property
+    def unknown_layers(self) -> list[Layer]:
+        """Return the rows without a rule (counted from the running network; connections 0)."""
+        return [layer for layer in self.layers if not layer.known and layer.kind != "unused"]
+
+    @property
+    def complete(self) -> bool:
+        """Return False when some row has no rule, so the connections total is a lower bound."""
+        return not self.unknown_layers
+
+    def capture_text(self) -> str:
+        """Return one line saying how the model was captured (printed with every table)."""
+        if self.capture == "concrete":
+            sizes = ", ".join(f"{h}x{w}" for h, w in (self.concrete or {}))
+            text = f"concrete (counted at {sizes}; formulas in H, W unavailable"
+            return text + (f": {self.capture_note})" if self.capture_note else ")")
+        described = {
+            "fx": "fx (torch.fx symbolic trace, module rules)",
+            "export": "export (torch.export with dynamic H, W, rules on ATen ops)",
+        }[self.capture]
+        return described + (f"; {self.capture_note}" if self.capture_note else "")
 
     def total(self, quantity: str) -> sp.Expr:
         """Return the model total of `quantity` as a formula."""
@@ -112,6 +143,8 @@ class Analysis:
 
     def evaluate(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
         """Return quantity -> int array (layers x resolutions) at the given (H, W) pairs."""
+        if self.concrete is not None:
+            return self._evaluate_concrete(resolutions)
         for height, width in resolutions:
             self._check_divisibility(height, width)
         heights = np.array([int(r[0]) for r in resolutions], dtype=object)
@@ -142,6 +175,37 @@ class Analysis:
                 f"output shape {tuple(shape)}; try a larger resolution"
             )
         return {q: values[i * count : (i + 1) * count] for i, q in enumerate(QUANTITIES)}
+
+    def _evaluate_concrete(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
+        captured = list(self.concrete)
+        missing = [r for r in resolutions if tuple(r) not in self.concrete]
+        if missing:
+            height, width = missing[0]
+            raise ResolutionError(
+                f"{self.model} was counted concretely at "
+                f"{', '.join(f'{h}x{w}' for h, w in captured)}, not at {height}x{width} "
+                f"({self.capture_note or 'no symbolic capture'}); pass the resolution with "
+                "--res so it is captured too"
+            )
+        substitution = self.substitutions()
+        values = {q: np.zeros((len(self.layers), len(resolutions)), dtype=object)
+                  for q in QUANTITIES}
+        for j, resolution in enumerate(resolutions):
+            rows = self.concrete[tuple(resolution)]
+            for i, layer in enumerate(self.layers):
+                if layer.kind == "unused" or i >= len(rows):
+                    numbers = (layer.weights, layer.outputs, layer.connections)
+                else:
+                    cost = rows[i].cost
+                    connections = (
+                        self.convention.connections(cost) if rows[i].known else sp.Integer(0)
+                    )
+                    numbers = (self.convention.weights(cost), cost.outputs, connections)
+                for quantity, number in zip(QUANTITIES, numbers, strict=True):
+                    values[quantity][i, j] = int(
+                        sp.sympify(number).subs(substitution).subs({BATCH: 1})
+                    )
+        return values
 
     def _compiled_formulas(self) -> IntegerEvaluator:
         if getattr(self, "_compiled", None) is None:
@@ -221,7 +285,9 @@ class Analysis:
             }
             for quantity in QUANTITIES:
                 row[quantity] = {
-                    "formula": str(layer.formula(quantity)),
+                    "formula": str(layer.formula(quantity))
+                    if self._has_formula(quantity)
+                    else None,
                     "values": {
                         label: int(values[quantity][index, j]) for j, label in enumerate(labels)
                     },
@@ -231,9 +297,10 @@ class Analysis:
         for quantity in QUANTITIES:
             sums = values[quantity].sum(axis=0)
             totals[quantity] = {
-                "formula": str(self.total(quantity)),
+                "formula": str(self.total(quantity)) if self._has_formula(quantity) else None,
                 "values": {label: int(sums[j]) for j, label in enumerate(labels)},
             }
+        totals["connections"]["complete"] = self.complete
         return {
             "model": self.model,
             "hyperparameters": {
@@ -241,9 +308,17 @@ class Analysis:
             },
             "convention": self.convention.as_dict(),
             "assumptions": list(self.assumptions),
+            "capture": self.capture,
+            "capture_note": self.capture_note,
+            "symbolic": self.symbolic,  # false: formulas in H, W unavailable (concrete capture)
+            "complete": self.complete,
+            "unknown_layers": [f"{lay.name} ({lay.type})" for lay in self.unknown_layers],
             "layers": layers,
             "totals": totals,
         }
+
+    def _has_formula(self, quantity: str) -> bool:
+        return self.symbolic or quantity == "weights"
 
 
 class IntegerEvaluator:
@@ -261,7 +336,11 @@ class IntegerEvaluator:
             denominator = _common_denominator(integral)
             scaled.append(sp.expand(integral * denominator))
             self.denominators.append(denominator)
-        functions = {"ifloor": lambda n, d: n // d, "iceil": lambda n, d: -((-n) // d)}
+        functions = {
+            "ifloor": lambda n, d: n // d,
+            "iceil": lambda n, d: -((-n) // d),
+            "FvcoreEinsum": rules.fvcore_einsum_count,
+        }
         self.function = sp.lambdify((H, W), scaled, modules=[functions, "math"])
         self.denominators = np.array(self.denominators, dtype=object)
 
@@ -365,9 +444,18 @@ def _concrete_shapes(graph_module: torch.fx.GraphModule, input_shape: tuple[int,
     return node_output_shapes(graph_module, torch.zeros(input_shape))
 
 
-def _unknown_output(node, graph_module, input_tensor: SymTensor, channels: int) -> SymTensor:
+def _unknown_output(
+    node, graph_module, input_tensor: SymTensor, channels: int, size=(H, W)
+) -> SymTensor:
     # The layer has no rule: read its output shape from two real runs and accept it only when
-    # it is the input shape (or does not change with the resolution).
+    # it is the input shape (or does not change with the resolution). At a concrete size, one
+    # run at that size gives it.
+    if all(sp.sympify(d).is_Integer for d in size):
+        height, width = (int(d) for d in size)
+        shape = _concrete_shapes(graph_module, (1, channels, height, width))[node.name]
+        if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
+            return SymTensor((BATCH, *(sp.Integer(d) for d in shape[1:])))
+        raise UnsupportedLayer(f"{node.target}: unknown layer whose output is not one tensor")
     runs = [
         _concrete_shapes(graph_module, (1, channels, size, size))[node.name] for size in (64, 96)
     ]
@@ -382,48 +470,191 @@ def _unknown_output(node, graph_module, input_tensor: SymTensor, channels: int) 
     raise UnsupportedLayer(f"{node.target}: unknown layer whose output shape follows the input")
 
 
-def analyse(
-    model: str | ModelSpec | nn.Module,
-    settings: Mapping[str, int] | None = None,
-    convention: Convention = DEFAULT,
-    exact: bool = False,
-    allow_unknown: bool = False,
-) -> Analysis:
-    """Return the symbolic cost table of `model` (registry name, spec or module)."""
+CAPTURES = ("auto", "fx", "export", "concrete")
+
+
+@dataclass
+class _Prepared:
+    """A network built for analysis, with its hyperparameters and attribute table."""
+
+    network: nn.Module
+    values: dict[str, int]
+    names: dict[str, str]
+    attributes: dict
+    input_channels: sp.Expr
+    name: str
+
+    @property
+    def channels(self) -> int:
+        return int(
+            self.input_channels.subs(
+                {sp.Symbol(s, integer=True, positive=True): v for s, v in self.values.items()}
+            )
+        )
+
+
+def _prepare(model: str | ModelSpec | nn.Module, settings: Mapping[str, int] | None) -> _Prepared:
     if isinstance(model, str):
         model = resolve(model)
     if isinstance(model, ModelSpec):
         spec = model
         values = spec.settings(settings)
         network = spec.build(values).eval()
-        attributes = fit_attributes(spec, values)
         symbols = hyperparameter_symbols(spec)
         if isinstance(spec.input_channels, str):
             input_channels = symbols[spec.input_channels]
         else:
             input_channels = sp.Integer(spec.input_channels)
-        name = spec.name
-        names = {hp.symbol: hp.name for hp in spec.hyperparameters}
-    else:
-        network, values, names = model.eval(), {}, {}
-        attributes = concrete_attributes(network)
-        input_channels = sp.Integer(_guess_input_channels(network))
-        name = type(network).__name__
-    graph_module = trace(network)
+        return _Prepared(
+            network,
+            values,
+            {hp.symbol: hp.name for hp in spec.hyperparameters},
+            fit_attributes(spec, values),
+            input_channels,
+            spec.name,
+        )
+    network = model.eval()
+    return _Prepared(
+        network,
+        {},
+        {},
+        concrete_attributes(network),
+        sp.Integer(_guess_input_channels(network)),
+        type(network).__name__,
+    )
+
+
+def analyse(
+    model: str | ModelSpec | nn.Module,
+    settings: Mapping[str, int] | None = None,
+    convention: Convention = DEFAULT,
+    exact: bool = False,
+    allow_unknown: bool = False,
+    capture: str = "auto",
+    resolutions: Sequence[tuple[int, int]] | None = None,
+) -> Analysis:
+    """Return the cost table of `model` (registry name, spec or module).
+
+    `capture` picks the rung: fx (symbolic, module rules), export (torch.export with dynamic
+    H, W, ATen rules), concrete (counted at each of `resolutions`), or auto: the first of
+    fx, export, concrete that works, the reasons the others did not said in the analysis.
+    """
+    if capture not in CAPTURES:
+        raise ValueError(f"unknown capture {capture!r}; use one of {', '.join(CAPTURES)}")
+    prepared = _prepare(model, settings)
+    if capture == "fx":
+        return _analyse_fx(prepared, convention, exact, allow_unknown)
+    if capture == "concrete":
+        return _analyse_concrete(prepared, convention, allow_unknown, resolutions)
+    if capture == "export":
+        from analysis.export_capture import analyse_exported
+
+        return analyse_exported(prepared, convention, exact, allow_unknown, resolutions)
+    return _analyse_auto(prepared, convention, exact, allow_unknown, resolutions)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> Analysis:
+    from analysis.export_capture import analyse_exported
+
+    reasons: list[str] = []
+    first_error: Exception | None = None
+    attempts = (
+        ("fx", lambda: _analyse_fx(prepared, convention, exact, allow_unknown)),
+        (
+            "export",
+            lambda: analyse_exported(prepared, convention, exact, allow_unknown, resolutions),
+        ),
+        ("concrete", lambda: _analyse_concrete(prepared, convention, allow_unknown, resolutions)),
+    )
+    for rung, attempt in attempts:
+        try:
+            analysis = attempt()
+        except (ValueError, NotImplementedError, RuntimeError, TypeError) as error:
+            first_error = first_error or error
+            reasons.append(f"{rung}: {_first_line(error)}")
+            continue
+        if reasons:
+            analysis.capture_note = "; ".join(
+                [*reasons, *([analysis.capture_note] if analysis.capture_note else [])]
+            )
+        return analysis
+    error_type = type(first_error) if isinstance(first_error, ValueError) else ValueError
+    raise error_type(" | ".join(reasons)) from None
+
+
+def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown) -> Analysis:
+    graph_module = trace(prepared.network)
     layers = _interpret(
         graph_module,
-        attributes,
-        input_channels,
+        prepared.attributes,
+        prepared.input_channels,
         convention,
         allow_unknown,
-        int(
-            input_channels.subs(
-                {sp.Symbol(s, integer=True, positive=True): v for s, v in values.items()}
-            )
-        ),
+        prepared.channels,
     )
-    called = {node.target for node in graph_module.graph.nodes if node.op == "call_module"}
-    used = {id(p) for target in called for p in graph_module.get_submodule(target).parameters()}
+    return _finish(prepared, graph_module, layers, convention, exact)
+
+
+def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analysis:
+    """Count the fx graph at each resolution with concrete sizes (no formulas in H, W)."""
+    if not resolutions:
+        raise ValueError("the concrete capture counts at given resolutions; pass --res")
+    try:
+        graph_module = trace(prepared.network)
+    except ValueError:
+        from analysis.export_capture import analyse_exported_concrete
+
+        return analyse_exported_concrete(prepared, convention, allow_unknown, resolutions)
+    per_resolution: dict[tuple[int, int], list[Layer]] = {}
+    for height, width in resolutions:
+        try:
+            per_resolution[(height, width)] = _interpret(
+                graph_module,
+                prepared.attributes,
+                prepared.input_channels,
+                convention,
+                allow_unknown,
+                prepared.channels,
+                size=(sp.Integer(height), sp.Integer(width)),
+            )
+        except UnsupportedLayer as error:
+            raise UnsupportedLayer(f"at {height}x{width}: {error}") from None
+    return concrete_analysis(prepared, graph_module, per_resolution, convention)
+
+
+def concrete_analysis(
+    prepared, graph_module, per_resolution, convention, used_targets=None
+) -> Analysis:
+    """Return the Analysis of rows counted separately at each resolution (same rows at each)."""
+    resolutions = list(per_resolution)
+    first = per_resolution[resolutions[0]]
+    for resolution, layers in per_resolution.items():
+        if [layer.name for layer in layers] != [layer.name for layer in first]:
+            raise ValueError(
+                f"the network runs other layers at {resolution[0]}x{resolution[1]} than at "
+                f"{resolutions[0][0]}x{resolutions[0][1]}; analyse each resolution on its own"
+            )
+    analysis = _finish(prepared, graph_module, list(first), convention, True, used_targets)
+    analysis.capture = "concrete"
+    analysis.assumptions = [
+        a for a in analysis.assumptions if not a.startswith("formulas are exact")
+    ]
+    analysis.concrete = dict(per_resolution)
+    return analysis
+
+
+def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
+            used_targets: set[str] | None = None) -> Analysis:
+    network = prepared.network
+    if graph_module is not None:
+        used = {id(p) for p in _used_parameters(graph_module)}
+    else:  # an exported graph: the parameters its rows own
+        used = {id(network.get_parameter(t)) for t in used_targets or ()
+                if t in dict(network.named_parameters())}
     unused = [p for p in network.parameters() if id(p) not in used]
     unused_weights = sum(p.numel() for p in unused)
     unused_trainable = sum(p.numel() for p in unused if p.requires_grad)
@@ -439,10 +670,10 @@ def analyse(
     if unused_weights and convention.unused_weights:
         layers.append(_unused_row(convention, unused_weights, unused_trainable, divisor))
     analysis = Analysis(
-        model=name,
-        hyperparameters=dict(values),
-        symbols=names,
-        input_channels=input_channels,
+        model=prepared.name,
+        hyperparameters=dict(prepared.values),
+        symbols=prepared.names,
+        input_channels=prepared.input_channels,
         convention=convention,
         layers=layers,
         divisor=divisor,
@@ -457,6 +688,19 @@ def analyse(
     return analysis
 
 
+def _used_parameters(graph_module: torch.fx.GraphModule) -> list[nn.Parameter]:
+    """Return the parameters of the called modules and those read directly in forward."""
+    used = []
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            used.extend(graph_module.get_submodule(node.target).parameters())
+        elif node.op == "get_attr":
+            value = _attribute_value(graph_module, node.target)
+            if isinstance(value, rules.ParameterTensor) and value.numel:
+                used.append(graph_module.get_parameter(node.target))
+    return used
+
+
 def _guess_input_channels(network: nn.Module) -> int:
     for module in network.modules():
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -465,12 +709,19 @@ def _guess_input_channels(network: nn.Module) -> int:
 
 
 def _interpret(
-    graph_module, attributes, input_channels, convention, allow_unknown, concrete_channels
+    graph_module,
+    attributes,
+    input_channels,
+    convention,
+    allow_unknown,
+    concrete_channels,
+    size: tuple[sp.Expr, sp.Expr] = (H, W),
 ) -> list[Layer]:
     env: dict[str, Any] = {}
     layers: list[Layer] = []
     seen: Counter = Counter()
     counted_modules: set[int] = set()
+    owned_parameters: set[str] = set()
     placeholders = 0
     for node in graph_module.graph.nodes:
         if node.op == "placeholder":
@@ -483,15 +734,13 @@ def _interpret(
                     f"forward takes a second input ({node.target}); only "
                     "single-image-input networks can be analysed"
                 )
-            env[node.name] = SymTensor((BATCH, input_channels, H, W))
+            env[node.name] = SymTensor((BATCH, input_channels, *size))
             continue
         if node.op == "output":
             continue
         if node.op == "get_attr":
-            raise UnsupportedLayer(
-                f"{node.target} (a parameter used directly in forward) has no rule; "
-                "wrap it in a module with a rule"
-            )
+            env[node.name] = _attribute_value(graph_module, node.target)
+            continue
         args = _map(node.args, lambda n: env[n.name] if isinstance(n, torch.fx.Node) else n)
         kwargs = _map(node.kwargs, lambda n: env[n.name] if isinstance(n, torch.fx.Node) else n)
         label, function_name = _node_label(node, seen)
@@ -505,7 +754,7 @@ def _interpret(
                         f"no rule for {node.target} ({type_name}); add one in analysis/rules.py "
                         "or pass --allow-unknown to count it from the running network"
                     )
-                output = _unknown_output(node, graph_module, args[0], concrete_channels)
+                output = _unknown_output(node, graph_module, args[0], concrete_channels, size)
                 cost = LayerCost(
                     "unknown",
                     output,
@@ -530,31 +779,41 @@ def _interpret(
             counted_modules.add(id(module))
         else:
             key = node.target
-            rule = rules.FUNCTION_RULES.get(key)
+            rule = _function_rule(key)
             type_name = function_name
             result = rule(*args, **kwargs) if rule is not None else None
-            if rule is None or (
-                isinstance(result, PlainValue)
-                and result.value is None
-                and rule is rules.binary_elementwise
-            ):
-                if _contains_tensor((args, kwargs)) and rule is None:
+            if rule is None and _contains_tensor((args, kwargs)):
+                if not allow_unknown:
                     raise UnsupportedLayer(
                         f"no rule for {label} ({type_name}) in {node.op}; add one in "
-                        "analysis/rules.py FUNCTION_RULES"
+                        "analysis/rules.py FUNCTION_RULES or pass --allow-unknown to count "
+                        "it from the running network"
                     )
+                tensor = _first_tensor((args, kwargs))
+                output = _unknown_output(node, graph_module, tensor, concrete_channels, size)
+                owned = _new_parameters((args, kwargs), owned_parameters)
+                result = LayerCost(
+                    "unknown", output, weights=owned, op=str(type_name),
+                    via=rules.call_via(node.op, node.target),
+                )
+                known = False
+            elif rule is None or (isinstance(result, PlainValue) and result.value is None):
                 env[node.name] = _python_call(node, args, kwargs)
                 continue
+            else:
+                known = True
             if isinstance(result, PlainValue):
                 env[node.name] = result.value
                 continue
+            owned = _new_parameters((args, kwargs), owned_parameters) if known else 0
             cost = replace(
                 result,
                 op=result.op or rules.function_op(node.op, node.target),
                 via=result.via or rules.call_via(node.op, node.target),
                 inputs=_first_input(args, kwargs) if result.inputs is None else result.inputs,
+                weights=result.weights + owned,
+                parameters=result.weights + owned,
             )
-            known = True
         env[node.name] = cost.output
         shape = cost.output.shape[1:] if isinstance(cost.output, SymTensor) else ()
         layers.append(
@@ -573,6 +832,43 @@ def _interpret(
             )
         )
     return layers
+
+
+def _function_rule(key: Any):
+    try:
+        return rules.FUNCTION_RULES.get(key)
+    except TypeError:  # an unhashable target
+        return None
+
+
+def _attribute_value(graph_module: torch.fx.GraphModule, target: str) -> Any:
+    """Return a get_attr node's value: a ParameterTensor for tensors, the object otherwise."""
+    value = graph_module
+    for part in target.split("."):
+        value = getattr(value, part)
+    if isinstance(value, torch.Tensor):
+        numel = value.numel() if isinstance(value, nn.Parameter) else 0
+        shape = tuple(sp.Integer(d) for d in value.shape)
+        return rules.ParameterTensor(shape, target=target, numel=numel)
+    return value
+
+
+def _new_parameters(values: Any, owned: set[str]) -> sp.Expr:
+    """Return the values of parameters among `values` not yet owned by a row (and own them)."""
+    found: list[rules.ParameterTensor] = []
+    _map(values, lambda v: found.append(v) if isinstance(v, rules.ParameterTensor) else None)
+    total = 0
+    for parameter in found:
+        if parameter.target not in owned:
+            owned.add(parameter.target)
+            total += parameter.numel
+    return sp.Integer(total)
+
+
+def _first_tensor(values: Any) -> SymTensor | None:
+    found: list[SymTensor] = []
+    _map(values, lambda v: found.append(v) if isinstance(v, SymTensor) else None)
+    return found[0] if found else None
 
 
 def _trainable(module: nn.Module, weights: sp.Expr) -> sp.Expr:
@@ -710,18 +1006,22 @@ def _apply_divisibility(layers: list[Layer], exact: bool) -> tuple[tuple[int, in
 
 
 def _where_it_holds(difference: sp.Expr, substitution: Mapping[sp.Symbol, int]) -> str:
-    """Return '; it holds at 32x32' for the square sizes up to 4096 where `difference` is 0."""
+    """Return '; it holds at 32x32' for the square sizes up to 4096 where `difference` is 0.
+
+    Counted by evaluating at every size (floor() and all), not by solving: sympy's solver
+    cannot invert floor().
+    """
     square = sp.sympify(difference).subs(substitution).subs(W, H)
     if square.free_symbols - {H}:
         return ""
-    sizes = []
-    try:
-        for root in sp.solve(sp.Eq(square, 0), H):
-            if root.is_integer and 0 < root <= 4096:
-                sizes.append(int(root))
-    except (NotImplementedError, TypeError):
+    sides = np.arange(1, 4097, dtype=object)
+    values = IntegerEvaluator([square])(sides, sides)[0]
+    sizes = [int(side) for side, value in zip(sides, values, strict=True) if value == 0]
+    if not sizes:
         return ""
-    return f"; it holds at {', '.join(f'{s}x{s}' for s in sorted(sizes))}" if sizes else ""
+    shown = ", ".join(f"{s}x{s}" for s in sizes[:6])
+    more = f", ... ({len(sizes)} square sizes up to 4096)" if len(sizes) > 6 else ""
+    return f"; it holds at {shown}{more}"
 
 
 def requirement_assumptions(analysis: Analysis) -> list[str]:

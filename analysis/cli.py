@@ -98,7 +98,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> 
     parser.add_argument(
         "--allow-unknown",
         action="store_true",
-        help="count layers without a rule from the running network",
+        help="count layers without a rule from the running network (the default; see --strict)",
     )
     add_capture_arguments(parser)
 
@@ -207,7 +207,9 @@ def analyse_from(args: argparse.Namespace, model: str):
         parse_settings(args.set),
         convention_from(args),
         exact=args.exact,
-        allow_unknown=args.allow_unknown,
+        allow_unknown=not getattr(args, "strict", False),
+        capture=getattr(args, "capture", "auto"),
+        resolutions=resolutions_from(args),
     )
 
 

@@ -25,6 +25,8 @@ import sympy as sp
 from analysis.rules import LayerCost
 
 ELEMENTWISE_KINDS = frozenset({"norm", "activation", "elementwise"})
+# how a call reached its op when it is not a module call (rules.call_via)
+FUNCTION_VIAS = ("F", "torch", "Tensor", "operator", "function")
 
 Terms = tuple[tuple[str, sp.Rational], ...]
 
@@ -111,6 +113,40 @@ FVCORE_RULES = _table(
             FVCORE + "flop_count.py: padding='same'/'valid' runs aten::_convolution_mode, "
             "which has no handle"
         ),
+        **{
+            f"conv{n}d": count(FVCORE + "jit_handles.py conv_flop_count (any dimension)", macs=1)
+            for n in (1, 3)
+        },
+        **{
+            f"conv_transpose{n}d": count(FVCORE + "jit_handles.py conv_flop_count (transposed)",
+                                         macs=1)
+            for n in (1, 3)
+        },
+        **{
+            f"conv{n}d_mode": zero(FVCORE + "flop_count.py: aten::_convolution_mode has no handle")
+            for n in (1, 3)
+        },
+        "matmul": count(
+            FVCORE + "jit_handles.py matmul_flop_jit / bmm_flop_jit: prod(a.shape) * b.shape[-1]",
+            left_macs=1,
+        ),
+        "addmm": count(FVCORE + "jit_handles.py addmm_flop_jit: the product only", macs=1),
+        "baddbmm": zero(FVCORE + "flop_count.py: aten::baddbmm has no handle"),
+        "einsum": count(
+            FVCORE + "jit_handles.py einsum_flop_jit: numpy einsum_path optimal flop / 2",
+            einsum_fvcore=1,
+        ),
+        "multihead_attention": count(
+            FVCORE + "jit_handles.py linear_flop_jit + bmm_flop_jit: F.multi_head_attention_"
+            "forward's in/out projections (aten::linear) and its two aten::bmm",
+            linear_macs=1,
+            attention_bmm_macs=1,
+        ),
+        "instance_norm": count(
+            FVCORE + "jit_handles.py norm_flop_counter(1): 4 per input, 5 when affine",
+            inputs=4,
+            affine_inputs=1,
+        ),
         "linear": count(FVCORE + "jit_handles.py linear_flop_jit: prod(x) * out", macs=1),
         "batch_norm": count(
             FVCORE + "jit_handles.py batchnorm_flop_jit (eval): 1 per input, 2 when affine",
@@ -139,7 +175,10 @@ FVCORE_RULES = _table(
             FVCORE + "flop_count.py aten::adaptive_avg_pool2d: elementwise_flop_counter(1, 0)",
             inputs=1,
         ),
-        "*": zero(FVCORE + "flop_count.py _DEFAULT_SUPPORTED_OPS: no handle, not counted"),
+        "*": zero(
+            FVCORE + "flop_count.py _DEFAULT_SUPPORTED_OPS: no handle, not counted (activations, "
+            "softmax, scaled_dot_product_attention, rms_norm, element-wise ops, routing)"
+        ),
     }
 )
 
@@ -155,6 +194,32 @@ PTFLOPS_RULES = _table(
     {
         "conv2d@module": count(_PT_OPS + "conv_flops_counter_hook: + bias per output", macs=1),
         "conv2d_mode@module": count(_PT_OPS + "conv_flops_counter_hook", macs=1),
+        **{
+            f"conv{n}d{mode}@module": count(
+                _PT_OPS + "conv_flops_counter_hook (Conv1d/Conv3d): + bias per output", macs=1
+            )
+            for n in (1, 3)
+            for mode in ("", "_mode")
+        },
+        **{
+            f"conv_transpose{n}d@module": count(
+                _PT_OPS + "conv_flops_counter_hook(transpose=True): input positions", macs=1
+            )
+            for n in (1, 3)
+        },
+        "instance_norm@module": count(
+            _PT_OPS + "bn_flops_counter_hook: input numel, x2 when affine",
+            inputs=1,
+            affine_inputs=1,
+        ),
+        **{
+            f"matmul@{via}": count(
+                _PT_OPS + "TENSOR_OPS_MAPPING _matmul_tensor_flops_hook: prod(a) * b[-1] "
+                "(torch.matmul/mm/bmm and the Tensor methods; the @ operator is not patched)",
+                left_macs=1,
+            )
+            for via in ("torch", "Tensor")
+        },
         "conv_transpose2d@module": count(
             _PT_OPS + "conv_flops_counter_hook(transpose=True): input positions", macs=1
         ),
@@ -282,8 +347,16 @@ THOP_RULES = _table(
                 bias={},
                 output_macs=1,
             )
-            for op in ("conv2d", "conv2d_mode", "conv_transpose2d")
+            for op in (
+                "conv1d", "conv2d", "conv3d", "conv1d_mode", "conv2d_mode", "conv3d_mode",
+                "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+            )
         },
+        "instance_norm@module": count(
+            _TH_HOOKS + "count_normalization: calculate_norm = 2 * numel, x2 when affine",
+            inputs=2,
+            affine_inputs=2,
+        ),
         "linear@module": count(
             _TH_HOOKS + "count_linear: in_features * output numel, no bias", bias={}, macs=1
         ),
@@ -327,6 +400,17 @@ THOP_RULES = _table(
 THOP_WEIGHTS = _table(
     {
         "group_norm": zero(THOP + "profile.py register_hooks: GroupNorm has no hook"),
+        "rms_norm": zero(THOP + "profile.py register_hooks: RMSNorm has no hook"),
+        "multihead_attention": zero(
+            THOP + "profile.py register_hooks: MultiheadAttention has no hook"
+        ),
+        **{
+            f"*@{via}": zero(
+                THOP + "profile.py: parameters of leaf modules with a hook only (a parameter "
+                "read in forward is not counted)"
+            )
+            for via in FUNCTION_VIAS
+        },
         "*@module_subclass": zero(THOP + "profile.py: hooks are looked up by exact class"),
         "*": Rule(
             (("weights", sp.Integer(1)),),
@@ -354,6 +438,10 @@ TORCHINFO_RULES = _table(
         ),
         "norm": count(_TI + "param numel (2 * C for affine BatchNorm)", bias={}, params=1),
         "activation": count(_TI + "param numel (PReLU's weight; 0 otherwise)", bias={}, params=1),
+        **{
+            f"*@{via}": zero(_TI + "calculate_macs runs on module calls only")
+            for via in FUNCTION_VIAS
+        },
         "*": zero(_TI + "no weight or bias parameter, or not a module"),
     }
 )
@@ -368,6 +456,26 @@ TORCH_RULES = _table(
         ),
         "linear": count(
             TORCH + "utils/flop_counter.py mm_flop / addmm_flop: 2 * m * n * k", macs=2
+        ),
+        "matmul": count(
+            TORCH + "utils/flop_counter.py mm_flop / bmm_flop: 2 * multiply-adds "
+            "(matmul and einsum decompose to mm/bmm)",
+            macs=2,
+        ),
+        "einsum": count(
+            TORCH + "utils/flop_counter.py bmm_flop: einsum decomposes to bmm when an index "
+            "is summed (an einsum without one is a mul: 0)",
+            einsum_contracted_macs=2,
+        ),
+        "baddbmm": count(TORCH + "utils/flop_counter.py baddbmm_flop: 2 * the product", macs=2),
+        "addmm": count(TORCH + "utils/flop_counter.py addmm_flop: 2 * the product", macs=2),
+        "scaled_dot_product_attention": zero(
+            TORCH + "utils/flop_counter.py: formulas for the flash/efficient/cudnn kernels only; "
+            "on the CPU sdpa runs _scaled_dot_product_flash_attention_for_cpu, which has none"
+        ),
+        "multihead_attention": zero(
+            TORCH + "nn/modules/activation.py MultiheadAttention.forward: in eval under no_grad "
+            "the fused torch._native_multi_head_attention runs, which has no formula"
         ),
         "*": zero(TORCH + "utils/flop_counter.py flop_registry: no formula"),
     }

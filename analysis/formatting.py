@@ -72,6 +72,8 @@ def cost_frame(
         }
         for quantity in QUANTITIES:
             row[quantity] = show(layer.formula(quantity))
+            if quantity != "weights" and not analysis.symbolic:
+                row[quantity] = "unavailable"
             if quantity == "connections" and not layer.known:
                 row[quantity] = "unknown (no rule)"
             for j, label in enumerate(labels):
@@ -80,6 +82,10 @@ def cost_frame(
     total = {"layer": "Total", "type": "", "output shape": ""}
     for quantity in QUANTITIES:
         total[quantity] = show(analysis.total(quantity))
+        if quantity != "weights" and not analysis.symbolic:
+            total[quantity] = "unavailable"
+        if quantity == "connections" and not analysis.complete:
+            total[quantity] = f"incomplete: {total[quantity]}"
         for j, label in enumerate(labels):
             total[f"{quantity} @{label}"] = int(values[quantity][:, j].sum())
     rows.append(total)
@@ -103,15 +109,24 @@ def header_lines(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> 
                 f"{s}={v} ({analysis.symbols[s]})" for s, v in analysis.hyperparameters.items()
             )
         )
+    lines.append(f"capture: {analysis.capture_text()}")
     lines.append(analysis.convention.describe())
     lines.append("assumptions: " + ("; ".join(analysis.assumptions) or "none"))
     totals = analysis.totals_at(resolutions)
     for quantity in QUANTITIES:
         growth = growth_factors(totals[quantity], resolutions)
+        order = (
+            order_in_hw(analysis.total(quantity))
+            if analysis.symbolic or quantity == "weights"
+            else "formula unavailable (concrete capture)"
+        )
         lines.append(
-            f"total {quantity}: {order_in_hw(analysis.total(quantity))}"
+            f"total {quantity}: {order}"
             + (f", per doubling of H and W {', '.join(growth)}" if growth else "")
         )
+    if not analysis.complete:
+        unknown = ", ".join(f"{layer.name} ({layer.type})" for layer in analysis.unknown_layers)
+        lines.append(f"INCOMPLETE: no rule for {unknown}; their connections are not in the total")
     return lines
 
 
@@ -122,7 +137,10 @@ def render(analysis: Analysis, resolutions: Sequence[tuple[int, int]], fmt: str)
     if fmt == "json":
         labels = [resolution_label(*r) for r in resolutions]
         data = analysis.to_dict(resolutions, labels)
-        data["orders"] = {q: order_in_hw(analysis.total(q)) for q in QUANTITIES}
+        data["orders"] = {
+            q: order_in_hw(analysis.total(q)) if analysis.symbolic or q == "weights" else None
+            for q in QUANTITIES
+        }
         return json.dumps(data, indent=2) + "\n"
     if fmt == "csv":
         return cost_frame(analysis, resolutions).to_csv(index=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sympy as sp
@@ -34,7 +34,17 @@ class SymTensor:
         """Return the number of values per example (the batch dimension divided out)."""
         if self.shape and self.shape[0] == BATCH:
             return sp.Mul(*self.shape[1:])
-        return sp.Mul(*self.shape) / BATCH
+        values = sp.Mul(*self.shape)
+        # a parameter, or a tensor computed from parameters only, has no batch dimension
+        return values / BATCH if values.has(BATCH) else values
+
+
+@dataclass(frozen=True)
+class ParameterTensor(SymTensor):
+    """A parameter (or buffer) read directly in forward: no batch dimension, owns its values."""
+
+    target: str = ""  # the attribute path, e.g. stages.0.blocks.0.gamma
+    numel: int = 0  # the values it owns as weights (0 for a buffer)
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ class LayerCost:
         """Return the number of values the layer produces per example."""
         if isinstance(self.output, SymTensor):
             return self.output.per_example
-        return sp.Add(*(t.per_example for t in self.output))
+        return sp.Add(*(t.per_example for t in self.output if isinstance(t, SymTensor)))
 
     def quantity(self, name: str) -> sp.Expr:
         """Return one named per-example quantity (QUANTITY_NAMES) that conventions count with."""
@@ -139,52 +149,70 @@ def _spatial(x: SymTensor) -> tuple[sp.Expr, sp.Expr]:
     return x.shape[2], x.shape[3]
 
 
-def _with_spatial(x: SymTensor, channels: sp.Expr, height: sp.Expr, width: sp.Expr) -> SymTensor:
-    return SymTensor((x.shape[0], sp.sympify(channels), sp.sympify(height), sp.sympify(width)))
+def _with_spatial(x: SymTensor, channels: sp.Expr, *sizes: sp.Expr) -> SymTensor:
+    return SymTensor((x.shape[0], sp.sympify(channels), *(sp.sympify(s) for s in sizes)))
+
+
+def _ntuple(value: Any, count: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * count
+
+
+def _spatial_nd(x: SymTensor, count: int, what: str) -> tuple[sp.Expr, ...]:
+    if len(x.shape) != count + 2:
+        raise UnsupportedLayer(
+            f"{what} expected a {count + 2}-d (B, C, {', '.join('DHW'[3 - count:])}) input, "
+            f"got shape {tuple(x.shape)}"
+        )
+    return tuple(x.shape[2:])
 
 
 # --- module rules: (module, attributes, input) -> LayerCost ---------------------------------
 
 
-def conv2d(module: nn.Conv2d, attrs: Attributes, x: SymTensor) -> LayerCost:
-    """Conv2d: weights C_out*C_in/g*Kh*Kw (+C_out), connections outputs*C_in/g*Kh*Kw."""
-    height, width = _spatial(x)
-    kh, kw = module.kernel_size
+def conv(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """Conv1d/2d/3d: weights C_out*C_in/g*prod(K) (+C_out), connections outputs*C_in/g*prod(K)."""
+    count = len(module.kernel_size)
+    sizes_in = _spatial_nd(x, count, type(module).__name__)
     if module.padding == "same":
-        sizes = (height, width)
+        sizes = sizes_in
     else:
-        padding = (0, 0) if module.padding == "valid" else module.padding
+        padding = (0,) * count if module.padding == "valid" else module.padding
         sizes = tuple(
             shapes.conv_output_size(size, k, s, p, d)
             for size, k, s, p, d in zip(
-                (height, width), (kh, kw), module.stride, padding, module.dilation, strict=True
+                sizes_in, module.kernel_size, module.stride, padding, module.dilation, strict=True
             )
         )
     c_out, c_in, groups = attrs["out_channels"], attrs["in_channels"], attrs["groups"]
-    sym_kh, sym_kw = _pair(attrs["kernel_size"])
+    kernel = _ntuple(attrs["kernel_size"], count)
     output = _with_spatial(x, c_out, *sizes)
-    per_output = c_in / groups * sym_kh * sym_kw
+    per_output = c_in / groups * sp.Mul(*kernel)
     bias = module.bias is not None
+    # string padding runs as aten::_convolution_mode, which some tools do not see
+    mode = "_mode" if isinstance(module.padding, str) else ""
     return LayerCost(
         "conv",
         output,
         weights=c_out * per_output + (c_out if bias else 0),
         connections=output.per_example * per_output,
         bias_connections=output.per_example if bias else sp.Integer(0),
-        # string padding runs as aten::_convolution_mode, which some tools do not see
-        op="conv2d_mode" if isinstance(module.padding, str) else "conv2d",
+        op=f"conv{count}d{mode}",
         macs_per_output=per_output,
         bias_weights=sp.sympify(c_out if bias else 0),
     )
 
 
-def conv_transpose2d(module: nn.ConvTranspose2d, attrs: Attributes, x: SymTensor) -> LayerCost:
-    """ConvTranspose2d: connections = input values * C_out/g * Kh*Kw."""
-    height, width = _spatial(x)
+conv2d = conv  # the name the 2-d rule had
+
+
+def conv_transpose(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """ConvTranspose1d/2d/3d: connections = input values * C_out/g * prod(K)."""
+    count = len(module.kernel_size)
+    sizes_in = _spatial_nd(x, count, type(module).__name__)
     sizes = tuple(
         shapes.transposed_output_size(size, k, s, p, op, d)
         for size, k, s, p, op, d in zip(
-            (height, width),
+            sizes_in,
             module.kernel_size,
             module.stride,
             module.padding,
@@ -194,19 +222,22 @@ def conv_transpose2d(module: nn.ConvTranspose2d, attrs: Attributes, x: SymTensor
         )
     )
     c_out, c_in, groups = attrs["out_channels"], attrs["in_channels"], attrs["groups"]
-    sym_kh, sym_kw = _pair(attrs["kernel_size"])
+    kernel = sp.Mul(*_ntuple(attrs["kernel_size"], count))
     output = _with_spatial(x, c_out, *sizes)
     bias = module.bias is not None
     return LayerCost(
         "conv",
         output,
-        weights=c_in * c_out / groups * sym_kh * sym_kw + (c_out if bias else 0),
-        connections=x.per_example * c_out / groups * sym_kh * sym_kw,
+        weights=c_in * c_out / groups * kernel + (c_out if bias else 0),
+        connections=x.per_example * c_out / groups * kernel,
         bias_connections=output.per_example if bias else sp.Integer(0),
-        op="conv_transpose2d",
-        macs_per_output=c_in / groups * sym_kh * sym_kw,
+        op=f"conv_transpose{count}d",
+        macs_per_output=c_in / groups * kernel,
         bias_weights=sp.sympify(c_out if bias else 0),
     )
+
+
+conv_transpose2d = conv_transpose
 
 
 class ShapeMismatch(ValueError):
@@ -368,7 +399,19 @@ ACTIVATION_OPS: dict[type, str] = {
     nn.SiLU: "silu",
     nn.Mish: "mish",
     nn.Softmax: "softmax",
+    nn.LogSoftmax: "log_softmax",
+    nn.SELU: "selu",
+    nn.CELU: "celu",
+    nn.Softplus: "softplus",
+    nn.Softsign: "softsign",
+    nn.Hardtanh: "hardtanh",
+    nn.Tanhshrink: "tanhshrink",
 }
+
+
+def glu_module(module: nn.GLU, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """GLU: halves dimension `dim`; one multiply per output (2 connections)."""
+    return glu(x, module.dim)
 
 
 def dropout(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
@@ -391,15 +434,112 @@ def upsample(module: nn.Upsample, attrs: Attributes, x: SymTensor) -> LayerCost:
     return _interpolate(x, module.size, module.scale_factor, module.mode)
 
 
+def instance_norm(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """InstanceNorm1d/2d/3d: weights 2*C when affine, 1 connection per output."""
+    weights = 2 * attrs["num_features"] if module.affine else sp.Integer(0)
+    return LayerCost(
+        "norm",
+        SymTensor(x.shape),
+        weights=weights,
+        connections=x.per_example,
+        op="instance_norm",
+        affine=module.affine,
+    )
+
+
+def rms_norm(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """RMSNorm: weights the normalized size when affine, 1 connection per output."""
+    weights = sum((p.numel() for p in module.parameters(recurse=False)), 0)
+    return LayerCost(
+        "norm",
+        SymTensor(x.shape),
+        weights=sp.Integer(weights),
+        connections=x.per_example,
+        op="rms_norm",
+        affine=module.weight is not None,
+    )
+
+
+def multihead_attention(
+    module: nn.MultiheadAttention,
+    attrs: Attributes,
+    query: SymTensor,
+    key: SymTensor,
+    value: SymTensor,
+    key_padding_mask: Any = None,
+    need_weights: bool = True,
+    attn_mask: Any = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> LayerCost:
+    """MultiheadAttention: q/k/v and output projections plus Q·K^T and A·V multiply-adds."""
+    if len(query.shape) != 3:
+        raise UnsupportedLayer(
+            f"MultiheadAttention expected a 3-d (batch, length, embed) query, got {query.shape}"
+        )
+    length_axis = 1 if module.batch_first else 0
+    q_len, kv_len = query.shape[length_axis], key.shape[length_axis]
+    embed, heads = module.embed_dim, module.num_heads
+    per_batch = query.per_example / (q_len * embed)  # 1, or 1/B... as the layout says
+    projections = (q_len * embed + kv_len * module.kdim + kv_len * module.vdim) * embed
+    attention = 2 * q_len * kv_len * embed
+    out_projection = q_len * embed * embed
+    output = SymTensor(query.shape)
+    weights_shape = (query.shape[1 - length_axis], q_len, kv_len)
+    if not average_attn_weights:
+        weights_shape = (weights_shape[0], sp.Integer(heads), q_len, kv_len)
+    attention_weights = SymTensor(weights_shape) if need_weights else None
+    bias = module.in_proj_bias is not None
+    return LayerCost(
+        "attention",
+        (output, attention_weights),
+        weights=sp.Integer(sum(p.numel() for p in module.parameters())),
+        connections=per_batch * (projections + attention + out_projection),
+        bias_connections=per_batch * (q_len + 2 * kv_len + q_len) * embed if bias else 0,
+        op="multihead_attention",
+        extra=(
+            ("linear_macs", per_batch * (projections + out_projection)),
+            ("attention_macs", per_batch * attention),
+            # need_weights=True runs two aten::bmm; False runs scaled_dot_product_attention
+            ("attention_bmm_macs", per_batch * attention if need_weights else sp.Integer(0)),
+        ),
+    )
+
+
+def pixel_shuffle(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """PixelShuffle: (C*r^2, H, W) -> (C, H*r, W*r), routing only."""
+    return functional_pixel_shuffle(x, module.upscale_factor)
+
+
+def pixel_unshuffle(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """PixelUnshuffle: (C, H*r, W*r) -> (C*r^2, H, W), routing only."""
+    return functional_pixel_unshuffle(x, module.downscale_factor)
+
+
+def padding_module(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """ZeroPad2d, ConstantPad, ReflectionPad, ReplicationPad: routing only."""
+    return pad(x, tuple(module.padding))
+
+
 MODULE_RULES: dict[type, Callable[..., LayerCost]] = {
-    nn.Conv2d: conv2d,
-    nn.ConvTranspose2d: conv_transpose2d,
+    nn.Conv1d: conv,
+    nn.Conv2d: conv,
+    nn.Conv3d: conv,
+    nn.ConvTranspose1d: conv_transpose,
+    nn.ConvTranspose2d: conv_transpose,
+    nn.ConvTranspose3d: conv_transpose,
     nn.Linear: linear,
     nn.MaxPool2d: max_pool2d,
     nn.AvgPool2d: avg_pool2d,
     nn.AdaptiveAvgPool2d: adaptive_pool2d,
     nn.AdaptiveMaxPool2d: adaptive_pool2d,
+    nn.BatchNorm1d: batch_norm2d,
     nn.BatchNorm2d: batch_norm2d,
+    nn.BatchNorm3d: batch_norm2d,
+    nn.InstanceNorm1d: instance_norm,
+    nn.InstanceNorm2d: instance_norm,
+    nn.InstanceNorm3d: instance_norm,
+    nn.RMSNorm: rms_norm,
     nn.LayerNorm: layer_norm,
     nn.GroupNorm: group_norm,
     nn.ReLU: activation,
@@ -415,8 +555,34 @@ MODULE_RULES: dict[type, Callable[..., LayerCost]] = {
     nn.SiLU: activation,
     nn.Mish: activation,
     nn.Softmax: activation,
+    nn.LogSoftmax: activation,
+    nn.SELU: activation,
+    nn.CELU: activation,
+    nn.Softplus: activation,
+    nn.Softsign: activation,
+    nn.Hardtanh: activation,
+    nn.Tanhshrink: activation,
+    nn.GLU: glu_module,
     nn.Dropout: dropout,
+    nn.Dropout1d: dropout,
     nn.Dropout2d: dropout,
+    nn.Dropout3d: dropout,
+    nn.AlphaDropout: dropout,
+    nn.MultiheadAttention: multihead_attention,
+    nn.PixelShuffle: pixel_shuffle,
+    nn.PixelUnshuffle: pixel_unshuffle,
+    nn.ZeroPad1d: padding_module,
+    nn.ZeroPad2d: padding_module,
+    nn.ZeroPad3d: padding_module,
+    nn.ConstantPad1d: padding_module,
+    nn.ConstantPad2d: padding_module,
+    nn.ConstantPad3d: padding_module,
+    nn.ReflectionPad1d: padding_module,
+    nn.ReflectionPad2d: padding_module,
+    nn.ReflectionPad3d: padding_module,
+    nn.ReplicationPad1d: padding_module,
+    nn.ReplicationPad2d: padding_module,
+    nn.ReplicationPad3d: padding_module,
     nn.Identity: identity,
     nn.Flatten: flatten_module,
     nn.Upsample: upsample,
@@ -586,18 +752,55 @@ def getitem(container: Any, index: Any) -> LayerCost | PlainValue:
     if not isinstance(container, SymTensor):
         return PlainValue(operator.getitem(container, index))
     index = index if isinstance(index, tuple) else (index,)
+    if any(item is None for item in index):  # x[:, None]: a new dimension of 1
+        sizes = iter(container.shape)
+        container = SymTensor(
+            tuple(sp.Integer(1) if item is None else next(sizes) for item in index)
+            + tuple(sizes)
+        )
+        index = tuple(slice(None) if item is None else item for item in index)
     shape = []
     for position, size in enumerate(container.shape):
         item = index[position] if position < len(index) else slice(None)
         if isinstance(item, int):
             continue
+        if item is None:
+            shape.append(sp.Integer(1))
+            continue
+        if item is Ellipsis:
+            raise UnsupportedLayer(f"indexing with ... ({index})")
+        if not isinstance(item, slice):
+            raise UnsupportedLayer(
+                f"indexing with {type(item).__name__} (expected ints and slices), got {item}"
+            )
         if item != slice(None):
-            if not size.is_Integer:
-                raise UnsupportedLayer(f"slicing a symbolic dimension ({size}) with {item}")
-            shape.append(sp.Integer(len(range(*item.indices(int(size))))))
+            shape.append(_slice_length(size, item))
         else:
             shape.append(size)
     return LayerCost("routing", SymTensor(tuple(shape)))
+
+
+def _slice_length(size: sp.Expr, item: slice) -> sp.Expr:
+    """Return the length of x[start:stop] along a dimension of `size` (step 1 when symbolic)."""
+    bounds = [item.start, item.stop, item.step]
+    if size.is_Integer and all(isinstance(v, int) or v is None for v in bounds):
+        return sp.Integer(len(range(*item.indices(int(size)))))
+    if item.step not in (None, 1) or not all(
+        v is None or isinstance(v, (int, sp.Expr)) for v in (item.start, item.stop)
+    ):
+        raise UnsupportedLayer(
+            f"slicing a dimension of {size} with {item}: expected integer or symbolic bounds "
+            "and step 1"
+        )
+
+    def position(bound: Any, default: sp.Expr) -> sp.Expr:
+        if bound is None:
+            return default
+        bound = sp.sympify(bound)
+        return size + bound if bound.is_number and bound < 0 else bound
+
+    # the dimension is assumed long enough for the bounds
+    return position(item.stop, size) - position(item.start, sp.Integer(0))
 
 
 def size(x: SymTensor, dim: int | None = None) -> PlainValue:
@@ -615,6 +818,12 @@ def _getattr(x: Any, name: str) -> PlainValue:
         return PlainValue(x.shape)
     if isinstance(x, SymTensor) and name == "ndim":
         return PlainValue(len(x.shape))
+    if isinstance(x, SymTensor) and name == "dtype":
+        return PlainValue(torch.float32)  # analysed networks run in float32
+    if isinstance(x, SymTensor) and name == "device":
+        return PlainValue(torch.device("cpu"))
+    if isinstance(x, SymTensor) and name == "is_cuda":
+        return PlainValue(False)
     if isinstance(x, SymTensor):
         raise UnsupportedLayer(f"tensor attribute {name!r}")
     return PlainValue(getattr(x, name))
@@ -633,6 +842,350 @@ def _stochastic_depth_target() -> Any:
     return function
 
 
+def _dim_index(x: SymTensor, dim: int) -> int:
+    return dim % len(x.shape)
+
+
+def split(x: SymTensor, split_size_or_sections: Any, dim: int = 0) -> LayerCost:
+    """torch.split / Tensor.split: routing only; pieces of a given size or given sizes."""
+    dim = _dim_index(x, dim)
+    size = x.shape[dim]
+    if isinstance(split_size_or_sections, (tuple, list)):
+        pieces = [sp.sympify(p) for p in split_size_or_sections]
+        requires = must_agree(sp.Add(*pieces), size, f"the sections must add up to dimension {dim}")
+    else:
+        piece = sp.sympify(split_size_or_sections)
+        if not (size / piece).is_integer:
+            if not size.is_Integer:
+                raise UnsupportedLayer(
+                    f"split of a symbolic dimension ({size}) into pieces of {piece}: "
+                    "expected the size to be a known multiple of the piece"
+                )
+            count = -(-int(size) // int(piece))
+            pieces = [piece] * (count - 1) + [size - piece * (count - 1)]
+        else:
+            pieces = [piece] * int(size / piece)
+        requires = ()
+    outputs = tuple(
+        SymTensor(tuple(p if i == dim else d for i, d in enumerate(x.shape))) for p in pieces
+    )
+    return LayerCost("routing", outputs, op="split", requires=requires)
+
+
+def unbind(x: SymTensor, dim: int = 0) -> LayerCost:
+    """torch.unbind / Tensor.unbind: routing only; one tensor per index of `dim`."""
+    dim = _dim_index(x, dim)
+    if not x.shape[dim].is_Integer:
+        raise UnsupportedLayer(f"unbind along a symbolic dimension ({x.shape[dim]})")
+    shape = tuple(d for i, d in enumerate(x.shape) if i != dim)
+    return LayerCost(
+        "routing", tuple(SymTensor(shape) for _ in range(int(x.shape[dim]))), op="unbind"
+    )
+
+
+def pad(x: SymTensor, pad: Sequence[int], mode: str = "constant", value: Any = None) -> LayerCost:
+    """F.pad: routing only; pad (left, right, top, bottom, ...) from the last dimension back."""
+    shape = list(x.shape)
+    for index in range(len(pad) // 2):
+        axis = len(shape) - 1 - index
+        shape[axis] = shape[axis] + pad[2 * index] + pad[2 * index + 1]
+    return LayerCost("routing", SymTensor(tuple(shape)), op="pad")
+
+
+def same_shape_routing(x: SymTensor, *args, **kwargs) -> LayerCost:
+    """roll, flip, dtype/device casts, contiguous: routing only, shape unchanged."""
+    return LayerCost("routing", SymTensor(x.shape))
+
+
+def unsqueeze(x: SymTensor, dim: int) -> LayerCost:
+    """Tensor.unsqueeze: routing only."""
+    shape = list(x.shape)
+    shape.insert(dim % (len(shape) + 1), sp.Integer(1))
+    return LayerCost("routing", SymTensor(tuple(shape)))
+
+
+def squeeze(x: SymTensor, dim: Any = None) -> LayerCost:
+    """Tensor.squeeze: routing only; drops the size-1 dimensions named (or all)."""
+    dims = range(len(x.shape)) if dim is None else [d % len(x.shape) for d in _pair(dim)]
+    shape = tuple(d for i, d in enumerate(x.shape) if not (i in dims and d == 1))
+    return LayerCost("routing", SymTensor(shape))
+
+
+def expand(x: SymTensor, *sizes) -> LayerCost:
+    """Tensor.expand: routing only; -1 keeps a size."""
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    offset = len(sizes) - len(x.shape)
+    shape = tuple(
+        x.shape[i - offset] if (s == -1 and i >= offset) else sp.sympify(s)
+        for i, s in enumerate(sizes)
+    )
+    return LayerCost("routing", SymTensor(shape))
+
+
+def expand_as(x: SymTensor, other: SymTensor) -> LayerCost:
+    """Tensor.expand_as: routing only."""
+    return LayerCost("routing", SymTensor(other.shape))
+
+
+def repeat(x: SymTensor, *sizes) -> LayerCost:
+    """Tensor.repeat: routing only (copies)."""
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    shape = (sp.Integer(1),) * (len(sizes) - len(x.shape)) + tuple(x.shape)
+    return LayerCost("routing", SymTensor(tuple(d * r for d, r in zip(shape, sizes, strict=True))))
+
+
+def stack(tensors: Sequence[SymTensor], dim: int = 0) -> LayerCost:
+    """torch.stack: routing only; a new dimension of len(tensors)."""
+    shape = list(tensors[0].shape)
+    shape.insert(dim % (len(shape) + 1), sp.Integer(len(tensors)))
+    return LayerCost("routing", SymTensor(tuple(shape)), op="stack")
+
+
+def unflatten(x: SymTensor, dim: int, sizes: Sequence[Any]) -> LayerCost:
+    """Tensor.unflatten: routing only."""
+    dim = _dim_index(x, dim)
+    sizes = [sp.sympify(s) for s in sizes]
+    if -1 in sizes:
+        known = sp.Mul(*(s for s in sizes if s != -1))
+        sizes = [sp.simplify(x.shape[dim] / known) if s == -1 else s for s in sizes]
+    return LayerCost("routing", SymTensor((*x.shape[:dim], *sizes, *x.shape[dim + 1 :])))
+
+
+def functional_dropout(x: SymTensor, p: float = 0.5, training: bool = True, *args, **kwargs):
+    """F.dropout and its 1d/2d/3d/alpha variants: the identity in eval (0 connections)."""
+    if training:
+        return LayerCost("elementwise", SymTensor(x.shape), connections=x.per_example,
+                         op="dropout")
+    return LayerCost("routing", SymTensor(x.shape), op="dropout")
+
+
+def _matmul_shapes(a: tuple, b: tuple) -> tuple[tuple, sp.Expr, tuple]:
+    """Return (output shape, contracted size, size agreements) of a @ b (numpy rules)."""
+    a_shape = (sp.Integer(1), *a) if len(a) == 1 else tuple(a)
+    b_shape = (*b, sp.Integer(1)) if len(b) == 1 else tuple(b)
+    requires = must_agree(a_shape[-1], b_shape[-2], "the inner dimensions must agree")
+    batch, more = _broadcast(a_shape[:-2], b_shape[:-2])
+    shape = (*batch, a_shape[-2], b_shape[-1])
+    if len(a) == 1:
+        shape = shape[:-2] + shape[-1:]
+    if len(b) == 1:
+        shape = shape[:-1]
+    return shape, a_shape[-1], requires + more
+
+
+def _per_example(shape: Sequence[sp.Expr]) -> sp.Expr:
+    return SymTensor(tuple(shape)).per_example
+
+
+def matmul(a: SymTensor, b: SymTensor, **kwargs) -> LayerCost:
+    """matmul / @ / bmm / mm: one multiply-add per output value and contracted index."""
+    if not (isinstance(a, SymTensor) and isinstance(b, SymTensor)):
+        raise UnsupportedLayer(f"matmul expected two tensors, got {type(a).__name__}, "
+                               f"{type(b).__name__}")
+    shape, inner, requires = _matmul_shapes(a.shape, b.shape)
+    output = SymTensor(shape)
+    macs = output.per_example * inner
+    # fvcore and ptflops: prod(a.shape) * b.shape[-1] (equal to macs unless a is broadcast)
+    left = _per_example(a.shape) * (b.shape[-1] if len(b.shape) > 1 else 1)
+    return LayerCost(
+        "matmul", output, connections=macs, op="matmul", requires=requires,
+        extra=(("left_macs", left),),
+    )
+
+
+def baddbmm(bias: SymTensor, a: SymTensor, b: SymTensor, **kwargs) -> LayerCost:
+    """addmm / baddbmm: the product's multiply-adds; the added term is one more per output."""
+    cost = matmul(a, b)
+    return replace(cost, op="baddbmm", extra=(*cost.extra, ("added", cost.outputs)))
+
+
+def addmm(bias: SymTensor, a: SymTensor, b: SymTensor, **kwargs) -> LayerCost:
+    """torch.addmm: as baddbmm, for matrices."""
+    return replace(baddbmm(bias, a, b), op="addmm")
+
+
+class FvcoreEinsum(sp.Function):
+    """fvcore's einsum count from numpy's optimal flop count: numpy prints it as '%.3e', fvcore
+    parses that text and halves it (jit_handles.py einsum_flop_jit).
+    """
+
+    @classmethod
+    def eval(cls, flops):  # noqa: D102 - sympy's hook
+        if flops.is_Integer:
+            return sp.Integer(fvcore_einsum_count(int(flops)))
+        return None
+
+
+def fvcore_einsum_count(flops: Any) -> Any:
+    """Return floor(float('%.3e' % flops) / 2) for an int or an object array of ints."""
+    if hasattr(flops, "shape"):
+        import numpy as np
+
+        return np.array([fvcore_einsum_count(int(f)) for f in flops.ravel()], dtype=object
+                        ).reshape(flops.shape)
+    return int(math.floor(float(f"{int(flops):.3e}") / 2))
+
+
+def einsum(equation: str, *operands) -> LayerCost:
+    """torch.einsum: the product of the sizes of every index (one multiply-add each)."""
+    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
+        operands = tuple(operands[0])
+    equation = equation.replace(" ", "")
+    inputs, _, result = equation.partition("->")
+    terms = inputs.split(",")
+    if "..." in equation or len(terms) != len(operands):
+        raise UnsupportedLayer(
+            f"einsum {equation!r} with {len(operands)} operands: expected one explicit term "
+            "per operand and no '...'"
+        )
+    sizes: dict[str, sp.Expr] = {}
+    requires: tuple = ()
+    for term, operand in zip(terms, operands, strict=True):
+        for letter, size in zip(term, operand.shape, strict=True):
+            if letter in sizes:
+                requires += must_agree(sizes[letter], size, f"einsum index {letter!r}")
+            else:
+                sizes[letter] = size
+    if not result:
+        result = "".join(sorted(k for k in sizes if inputs.count(k) == 1))
+    output = SymTensor(tuple(sizes[letter] for letter in result))
+    everything = sp.Mul(*sizes.values())
+    batch = output.per_example / sp.Mul(*(sizes[letter] for letter in result))
+    macs = everything * batch
+    contracted = any(letter not in result for letter in sizes)
+    # fvcore: numpy's einsum_path optimal flop count / 2 (two operands): the product of every
+    # size when an index is summed over, half of it (floored) when none is
+    fvcore = FvcoreEinsum(2 * macs if contracted or len(operands) != 2 else macs)
+    return LayerCost(
+        "matmul", output, connections=macs, op="einsum", requires=requires,
+        extra=(
+            ("einsum_fvcore", fvcore),
+            ("einsum_contracted_macs", macs if contracted else sp.Integer(0)),
+        ),
+    )
+
+
+def scaled_dot_product_attention(
+    query: SymTensor, key: SymTensor, value: SymTensor, attn_mask: Any = None,
+    dropout_p: float = 0.0, is_causal: bool = False, scale: Any = None, enable_gqa: bool = False,
+) -> LayerCost:
+    """F.scaled_dot_product_attention: Q·K^T and A·V multiply-adds (softmax not counted)."""
+    length, depth = query.shape[-2], query.shape[-1]
+    kv_length, value_depth = key.shape[-2], value.shape[-1]
+    output = SymTensor((*query.shape[:-1], value_depth))
+    heads = query.per_example / (length * depth)
+    macs = heads * length * kv_length * (depth + value_depth)
+    return LayerCost("attention", output, connections=macs, op="scaled_dot_product_attention")
+
+
+def functional_linear(x: SymTensor, weight: SymTensor, bias: Any = None) -> LayerCost:
+    """F.linear with a parameter read in forward: as Linear (its weights go to this row)."""
+    n_out, n_in = weight.shape
+    requires = must_agree(x.shape[-1], n_in, "its input's last dimension must equal in_features")
+    output = SymTensor((*x.shape[:-1], n_out))
+    rows = x.per_example / x.shape[-1]
+    has_bias = bias is not None
+    return LayerCost(
+        "linear", output, connections=rows * n_in * n_out,
+        bias_connections=output.per_example if has_bias else sp.Integer(0), op="linear",
+        macs_per_output=sp.sympify(n_in), requires=requires,
+    )
+
+
+def functional_conv(
+    x: SymTensor, weight: SymTensor, bias: Any = None, stride: Any = 1, padding: Any = 0,
+    dilation: Any = 1, groups: int = 1,
+) -> LayerCost:
+    """F.conv1d/2d/3d with a parameter read in forward: as the Conv module."""
+    count = len(weight.shape) - 2
+    sizes_in = _spatial_nd(x, count, f"conv{count}d")
+    kernel = tuple(weight.shape[2:])
+    if padding == "same":
+        sizes = sizes_in
+    else:
+        padding = (0,) * count if padding == "valid" else _ntuple(padding, count)
+        sizes = tuple(
+            shapes.conv_output_size(size, int(k), s, p, d)
+            for size, k, s, p, d in zip(
+                sizes_in, kernel, _ntuple(stride, count), padding, _ntuple(dilation, count),
+                strict=True,
+            )
+        )
+    output = _with_spatial(x, weight.shape[0], *sizes)
+    per_output = weight.shape[1] * sp.Mul(*kernel)
+    has_bias = bias is not None
+    mode = "_mode" if isinstance(padding, str) else ""
+    return LayerCost(
+        "conv", output, connections=output.per_example * per_output,
+        bias_connections=output.per_example if has_bias else sp.Integer(0),
+        op=f"conv{count}d{mode}", macs_per_output=per_output,
+    )
+
+
+def functional_norm(op: str, affine_index: int) -> Callable[..., LayerCost]:
+    """Return the rule of F.layer_norm / group_norm / rms_norm / batch_norm / instance_norm."""
+
+    def rule(x: SymTensor, *args, **kwargs) -> LayerCost:
+        names = {"layer_norm": "weight", "group_norm": "weight", "rms_norm": "weight",
+                 "batch_norm": "weight", "instance_norm": "weight"}
+        weight = args[affine_index - 1] if len(args) >= affine_index else kwargs.get(names[op])
+        return LayerCost("norm", SymTensor(x.shape), connections=x.per_example, op=op,
+                         affine=weight is not None)
+
+    rule.__doc__ = f"F.{op}: 1 connection per output (its parameters go to this row)."
+    return rule
+
+
+def softmax(x: SymTensor, dim: int | None = None, *args, **kwargs) -> LayerCost:
+    """F.softmax / Tensor.softmax: 1 connection per output."""
+    extra = ()
+    if dim is not None:
+        extra = (("rows", x.per_example / x.shape[dim]),)
+    return LayerCost("activation", SymTensor(x.shape), connections=x.per_example, extra=extra)
+
+
+def reduction(x: SymTensor, dim=None, keepdim: bool = False, **kwargs) -> LayerCost:
+    """Tensor.sum / amax / amin over dims: 1 connection per input value."""
+    cost = mean(x, dim, keepdim)
+    return replace(cost, kind="reduction")
+
+
+def glu(x: SymTensor, dim: int = -1) -> LayerCost:
+    """F.glu: the halves along `dim` multiplied, 2 connections per output."""
+    dim = _dim_index(x, dim)
+    shape = tuple(d / 2 if i == dim else d for i, d in enumerate(x.shape))
+    output = SymTensor(shape)
+    return LayerCost("elementwise", output, connections=2 * output.per_example, op="glu")
+
+
+def functional_pixel_shuffle(x: SymTensor, upscale_factor: int) -> LayerCost:
+    """F.pixel_shuffle: routing only."""
+    r = upscale_factor
+    *batch, channels, height, width = x.shape
+    return LayerCost(
+        "routing", SymTensor((*batch, channels / r**2, height * r, width * r)), op="pixel_shuffle"
+    )
+
+
+def functional_pixel_unshuffle(x: SymTensor, downscale_factor: int) -> LayerCost:
+    """F.pixel_unshuffle: routing only."""
+    r = downscale_factor
+    *batch, channels, height, width = x.shape
+    return LayerCost(
+        "routing", SymTensor((*batch, channels * r**2, height / r, width / r)),
+        op="pixel_unshuffle",
+    )
+
+
+def new_tensor(x: Any, *args, **kwargs) -> LayerCost | PlainValue:
+    """zeros_like / new_zeros and friends: a tensor of a known shape, no arithmetic."""
+    if isinstance(x, SymTensor) and not args:
+        return LayerCost("routing", SymTensor(x.shape), op="new_tensor")
+    return PlainValue(None)
+
+
 UNARY_FUNCTIONS = (
     F.relu,
     F.relu6,
@@ -647,8 +1200,32 @@ UNARY_FUNCTIONS = (
     torch.relu,
     torch.sigmoid,
     torch.tanh,
-    F.softmax,
-    torch.softmax,
+    F.hardtanh,
+    F.mish,
+    F.softplus,
+    F.selu,
+    F.celu,
+    F.softsign,
+    F.logsigmoid,
+    F.tanhshrink,
+    torch.exp,
+    torch.erf,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.abs,
+    torch.neg,
+    torch.log,
+    torch.sin,
+    torch.cos,
+    torch.clamp,
+    torch.clip,
+    torch.square,
+    torch.reciprocal,
+)
+UNARY_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "sqrt", "rsqrt",
+    "abs", "neg", "log", "sin", "cos", "clamp", "clamp_", "clip", "clamp_min", "clamp_max",
+    "square", "reciprocal", "erf", "gelu", "silu", "hardswish", "sign", "floor", "round",
 )
 BINARY_FUNCTIONS = (
     operator.add,
@@ -661,12 +1238,93 @@ BINARY_FUNCTIONS = (
     torch.mul,
     torch.sub,
     torch.div,
+    torch.pow,
+    torch.maximum,
+    torch.minimum,
+    torch.where,
+    operator.pow,
+    operator.sub,
+    operator.isub,
+    operator.itruediv,
+    operator.floordiv,
 )
 
 # Keys: the callable for call_function nodes, the method name for call_method nodes.
 FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     **{function: unary_elementwise for function in UNARY_FUNCTIONS},
     **{function: binary_elementwise for function in BINARY_FUNCTIONS},
+    **{method: unary_elementwise for method in UNARY_METHODS},
+    "pow": binary_elementwise,
+    "div_": binary_elementwise,
+    "sub_": binary_elementwise,
+    "maximum": binary_elementwise,
+    F.softmax: softmax,
+    torch.softmax: softmax,
+    "softmax": softmax,
+    F.log_softmax: softmax,
+    "log_softmax": softmax,
+    operator.matmul: matmul,
+    torch.matmul: matmul,
+    torch.bmm: matmul,
+    torch.mm: matmul,
+    "matmul": matmul,
+    "bmm": matmul,
+    "mm": matmul,
+    torch.baddbmm: baddbmm,
+    torch.addmm: addmm,
+    torch.einsum: einsum,
+    F.scaled_dot_product_attention: scaled_dot_product_attention,
+    F.linear: functional_linear,
+    F.conv1d: functional_conv,
+    F.conv2d: functional_conv,
+    F.conv3d: functional_conv,
+    F.layer_norm: functional_norm("layer_norm", 2),
+    F.group_norm: functional_norm("group_norm", 2),
+    F.rms_norm: functional_norm("rms_norm", 2),
+    F.batch_norm: functional_norm("batch_norm", 3),
+    F.instance_norm: functional_norm("instance_norm", 3),
+    F.dropout: functional_dropout,
+    F.dropout1d: functional_dropout,
+    F.dropout2d: functional_dropout,
+    F.dropout3d: functional_dropout,
+    F.alpha_dropout: functional_dropout,
+    "dropout": functional_dropout,
+    F.glu: glu,
+    F.pad: pad,
+    F.pixel_shuffle: functional_pixel_shuffle,
+    F.pixel_unshuffle: functional_pixel_unshuffle,
+    torch.split: split,
+    "split": split,
+    torch.unbind: unbind,
+    "unbind": unbind,
+    torch.roll: same_shape_routing,
+    "roll": same_shape_routing,
+    torch.flip: same_shape_routing,
+    "flip": same_shape_routing,
+    "to": same_shape_routing,
+    "type": same_shape_routing,
+    "type_as": same_shape_routing,
+    "float": same_shape_routing,
+    "half": same_shape_routing,
+    "bfloat16": same_shape_routing,
+    "masked_fill": same_shape_routing,
+    torch.unsqueeze: unsqueeze,
+    "unsqueeze": unsqueeze,
+    torch.squeeze: squeeze,
+    "squeeze": squeeze,
+    "expand": expand,
+    "expand_as": expand_as,
+    "repeat": repeat,
+    torch.stack: stack,
+    "unflatten": unflatten,
+    torch.swapaxes: transpose,
+    "swapaxes": transpose,
+    torch.sum: reduction,
+    "sum": reduction,
+    "amax": reduction,
+    "amin": reduction,
+    torch.zeros_like: new_tensor,
+    torch.ones_like: new_tensor,
     "add": binary_elementwise,
     "add_": binary_elementwise,
     "mul": binary_elementwise,

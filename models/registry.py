@@ -127,6 +127,8 @@ def resolve(model: str) -> ModelSpec:
         return REGISTRY[model]
     if model.startswith("torchvision:"):
         return _torchvision_spec(model.split(":", 1)[1])
+    if model.startswith("timm:"):
+        return _timm_spec(model.split(":", 1)[1])
     if ":" in model:
         return _callable_spec(model)
     known = ", ".join(sorted(REGISTRY))
@@ -155,6 +157,26 @@ def _torchvision_spec(name: str) -> ModelSpec:
         return builder(**kwargs)
 
     return ModelSpec(f"torchvision:{name}", factory, (), 3, f"torchvision.models.{name}")
+
+
+def _timm_spec(name: str) -> ModelSpec:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(
+            f"timm:{name} needs timm, the optional extra: pip install 'convtally[zoo]'"
+        ) from None
+    if not timm.is_model(name):
+        raise ValueError(
+            f"unknown timm model {name!r}; see timm.list_models() (e.g. resnet18, "
+            "convnext_atto, vit_tiny_patch16_224)"
+        )
+
+    def factory() -> nn.Module:
+        # pretrained=False: the structure is what we count; no download is needed.
+        return timm.create_model(name, pretrained=False)
+
+    return ModelSpec(f"timm:{name}", factory, (), 3, f"timm.create_model({name!r})")
 
 
 def _callable_spec(reference: str) -> ModelSpec:

@@ -187,7 +187,7 @@ class Unknown(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.odd = nn.Softplus()
+        self.odd = nn.LocalResponseNorm(2)
         self.tail = nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
@@ -195,7 +195,9 @@ class Unknown(nn.Module):
 
 
 def test_unsupported_layer_names_module_and_type():
-    with pytest.raises(UnsupportedLayer, match=r"no rule for odd \(Softplus\).*--allow-unknown"):
+    with pytest.raises(
+        UnsupportedLayer, match=r"no rule for odd \(LocalResponseNorm\).*--allow-unknown"
+    ):
         analyse(Unknown())
 
 

@@ -64,7 +64,8 @@ def test_table_convention_switches(capsys):
         (["padding", "--kernel", "4", "--stride", "1"], "no padding makes a kernel-4, stride-1"),
         (["padding", "--kernel", "0"], "--kernel and --stride must be positive"),
     (["table", "unet", "--set", "K=4"], "cat (cat) cannot run at any input size"),
-    (["table", "torchvision:vit_b_16", "--res", "224"], "cannot be evaluated on symbolic sizes"),
+    (["table", "torchvision:vit_b_16", "--res", "224", "--capture", "fx"],
+     "cannot be evaluated on symbolic sizes"),
     (["train", "colour", "--model", "unet", "--kernel", "4", "--data", "/nonexistent"],
      "unet cannot run on 32x32 input"),
     ],
@@ -80,14 +81,18 @@ def test_unknown_layer_cli(capsys, monkeypatch, tmp_path):
     module.write_text(
         "from torch import nn\n"
         "def build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus())\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.LocalResponseNorm(2))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["table", "oddnet:build", "--res", "16"]) == 2
-    assert "no rule for 1 (Softplus)" in capsys.readouterr().err
-    assert main(["table", "oddnet:build", "--res", "16", "--allow-unknown"]) == 0
+    assert main(["table", "oddnet:build", "--res", "16", "--strict"]) == 2
+    assert "no rule for 1 (LocalResponseNorm)" in capsys.readouterr().err
+    assert main(["table", "oddnet:build", "--res", "16"]) == 0  # unknown rows by default
     out = capsys.readouterr().out
-    assert "Softplus" in out and "unknown (no rule)" in out
+    assert "LocalResponseNorm" in out and "unknown (no rule)" in out
+    assert "INCOMPLETE: no rule for 1 (LocalResponseNorm)" in out
+    assert "incomplete: " in out  # the connections total
+    assert main(["table", "oddnet:build", "--res", "16", "--allow-unknown"]) == 0
+    capsys.readouterr()
     assert main(["table", "oddnet:build", "--res", "16", "--allow-unknown", "--format",
                  "json"]) == 0
     layers = json.loads(capsys.readouterr().out)["layers"]

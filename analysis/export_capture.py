@@ -1,0 +1,539 @@
+"""The export rung: torch.export's ATen graph, counted with the same rules as the fx rung.
+
+`torch.export` (non-strict) runs the model with PyTorch's own symbolic shapes, so it captures
+forwards that torch.fx cannot trace (control flow on values it can evaluate, asserts). Each
+ATen op goes through a small adapter onto a rule of `analysis.rules` (the same function rules
+the fx rung uses for F.conv2d, F.linear, torch.matmul, ...); the output shape of every op is
+PyTorch's own (the graph's `val` metadata), turned into sympy in H and W. Each row is named by
+the module that ran the op (the graph's `nn_module_stack`). With static shapes the same
+interpreter counts one resolution: the concrete rung for models fx cannot trace either.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import sympy as sp
+import torch
+from torch import nn
+
+from analysis import rules
+from analysis.accounting import (
+    H,
+    Layer,
+    W,
+    _finish,
+    _Prepared,
+    concrete_analysis,
+)
+from analysis.conventions import Convention
+from analysis.rules import BATCH, LayerCost, ParameterTensor, SymTensor, UnsupportedLayer
+
+aten = torch.ops.aten
+
+
+def _routing(x: Any, *args, **kwargs) -> LayerCost:
+    """View, permute, slice, cat, split, dropout in eval, ...: no arithmetic."""
+    return LayerCost("routing", x if isinstance(x, SymTensor) else None)
+
+
+def _unary(x: SymTensor, *args, **kwargs) -> LayerCost:
+    return rules.unary_elementwise(x)
+
+
+def _norm(op: str, weight_index: int) -> Callable[..., LayerCost]:
+    def rule(x: SymTensor, *args, **kwargs) -> LayerCost:
+        weight = args[weight_index] if len(args) > weight_index else kwargs.get("weight")
+        return LayerCost("norm", SymTensor(x.shape), connections=x.per_example, op=op,
+                         affine=weight is not None)
+
+    return rule
+
+
+def _convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    if transposed:
+        return _conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation)
+    return rules.functional_conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                    dilation=1) -> LayerCost:
+    count = len(weight.shape) - 2
+    c_in, c_out_per_group = weight.shape[0], weight.shape[1]
+    kernel = sp.Mul(*weight.shape[2:])
+    return LayerCost(
+        "conv", None, connections=x.per_example * c_out_per_group * kernel,
+        bias_connections=sp.Integer(0), op=f"conv_transpose{count}d",
+        macs_per_output=c_in / groups * kernel, extra=(("has_bias", int(bias is not None)),),
+    )
+
+
+def _max_pool(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False) -> LayerCost:
+    return rules._pool(x, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d")
+
+
+def _avg_pool(x, kernel_size, stride=(), padding=0, ceil_mode=False, *args) -> LayerCost:
+    return rules._pool(x, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d")
+
+
+def _adaptive(op: str) -> Callable[..., LayerCost]:
+    def rule(x: SymTensor, output_size: Any) -> LayerCost:
+        return rules._adaptive_pool(x, output_size, op)
+
+    return rule
+
+
+def _upsample(mode: str) -> Callable[..., LayerCost]:
+    per_output = {"nearest": 1, "bilinear": 4, "bicubic": 16}[mode]
+
+    def rule(x: SymTensor, *args, **kwargs) -> LayerCost:
+        # the output shape comes from the graph; the count per output from the mode
+        return LayerCost("upsample", None, op=f"upsample_{mode}",
+                         extra=(("per_output", sp.Integer(per_output)),))
+
+    return rule
+
+
+def _softmax(x: SymTensor, dim: int, *args) -> LayerCost:
+    return rules.softmax(x, dim)
+
+
+def _einsum(equation: str, operands: Sequence[SymTensor], *args) -> LayerCost:
+    return rules.einsum(equation, *operands)
+
+
+def _mean(x: SymTensor, dim: Any = None, keepdim: bool = False, *args, **kwargs) -> LayerCost:
+    return rules.mean(x, dim, keepdim)
+
+
+def _batch_norm(x, weight, bias, *args, **kwargs) -> LayerCost:
+    return LayerCost("norm", SymTensor(x.shape), connections=x.per_example, op="batch_norm",
+                     affine=weight is not None)
+
+
+def _dropout(x, p=0.5, train=False) -> LayerCost:
+    return rules.functional_dropout(x, p, train)
+
+
+UNARY_OPS = (
+    "relu", "relu_", "gelu", "gelu_", "silu", "silu_", "hardswish", "hardswish_", "hardsigmoid",
+    "hardsigmoid_", "sigmoid", "sigmoid_", "tanh", "tanh_", "elu", "elu_", "leaky_relu",
+    "leaky_relu_", "hardtanh", "hardtanh_", "mish", "mish_", "softplus", "exp", "sqrt", "rsqrt",
+    "erf", "abs", "neg", "clamp", "clamp_", "clamp_min", "clamp_max", "log", "sin", "cos",
+    "reciprocal", "square", "prelu", "celu", "selu", "log_sigmoid", "sign", "floor", "round",
+)
+BINARY_OPS = ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "pow", "maximum",
+              "minimum", "where", "rsub")
+ROUTING_OPS = (
+    "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "flatten", "unflatten",
+    "cat", "stack", "split", "split_with_sizes", "chunk", "unbind", "slice", "select",
+    "unsqueeze", "squeeze", "expand", "expand_as", "clone", "contiguous", "alias", "detach",
+    "_to_copy", "to", "pad", "constant_pad_nd", "roll", "flip", "pixel_shuffle",
+    "pixel_unshuffle", "repeat", "lift_fresh_copy", "zeros_like", "ones_like", "full_like",
+    "narrow", "index_select", "masked_fill", "type_as", "new_zeros", "new_ones", "zeros",
+    "ones", "full", "arange", "empty", "movedim", "swapaxes", "clamp_max_", "copy_", "fill_",
+    "channel_shuffle", "native_channel_shuffle", "dropout", "identity",
+)
+
+# OpOverloadPacket name -> rule; the adapters reuse analysis.rules (the fx rung's rules)
+ATEN_RULES: dict[str, Callable[..., LayerCost]] = {
+    **{name: _unary for name in UNARY_OPS},
+    **{name: rules.binary_elementwise for name in BINARY_OPS},
+    **{name: _routing for name in ROUTING_OPS},
+    "conv1d": rules.functional_conv,
+    "conv2d": rules.functional_conv,
+    "conv3d": rules.functional_conv,
+    "convolution": _convolution,
+    "conv_transpose1d": _conv_transpose,
+    "conv_transpose2d": _conv_transpose,
+    "conv_transpose3d": _conv_transpose,
+    "linear": rules.functional_linear,
+    "matmul": rules.matmul,
+    "bmm": rules.matmul,
+    "mm": rules.matmul,
+    "addmm": rules.addmm,
+    "baddbmm": rules.baddbmm,
+    "einsum": _einsum,
+    "scaled_dot_product_attention": rules.scaled_dot_product_attention,
+    "softmax": _softmax,
+    "_softmax": _softmax,
+    "log_softmax": _softmax,
+    "layer_norm": _norm("layer_norm", 1),
+    "group_norm": _norm("group_norm", 1),
+    "rms_norm": _norm("rms_norm", 1),
+    "instance_norm": _norm("instance_norm", 0),
+    "batch_norm": _batch_norm,
+    "_native_batch_norm_legit_no_training": _batch_norm,
+    "max_pool2d": _max_pool,
+    "avg_pool2d": _avg_pool,
+    "adaptive_avg_pool2d": _adaptive("adaptive_avg_pool2d"),
+    "adaptive_max_pool2d": _adaptive("adaptive_max_pool2d"),
+    "mean": _mean,
+    "sum": rules.reduction,
+    "amax": rules.reduction,
+    "upsample_nearest2d": _upsample("nearest"),
+    "upsample_bilinear2d": _upsample("bilinear"),
+    "upsample_bicubic2d": _upsample("bicubic"),
+    "glu": rules.glu,
+    "dropout": _dropout,
+}
+
+
+def aten_rule(target: Any) -> Callable[..., LayerCost] | None:
+    """Return the rule for an ATen op (by its packet name), or None."""
+    packet = getattr(target, "overloadpacket", None)
+    name = getattr(packet, "__name__", None) or getattr(target, "__name__", "")
+    return ATEN_RULES.get(name)
+
+
+def _op_name(target: Any) -> str:
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+
+
+# --- shapes: PyTorch's symbolic sizes as sympy in H, W ----------------------------------------
+
+
+class _Sizes:
+    """Converts PyTorch SymInts (torch's sympy, symbols s0, s1, ...) into sympy in H and W."""
+
+    def __init__(self, height: Any, width: Any):
+        self.mapping = {}
+        self.same = False
+        for value, symbol in ((height, H), (width, W)):
+            if isinstance(value, torch.SymInt):
+                if value.node.expr in self.mapping:  # export found H == W
+                    self.same = True
+                    continue
+                self.mapping[value.node.expr] = symbol
+
+
+    def expr(self, value: Any) -> Any:
+        if isinstance(value, torch.SymInt):
+            return self.convert(value.node.expr)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return value
+        return sp.Integer(value)
+
+    def convert(self, expression: sp.Expr) -> sp.Expr:
+        from torch.utils._sympy import functions as torch_functions
+
+        expression = expression.xreplace(self.mapping)
+
+        def floor_div(a, b):
+            return sp.floor(a / b)
+
+        replacements = {
+            torch_functions.FloorDiv: floor_div,
+            torch_functions.CleanDiv: lambda a, b: a / b,
+            torch_functions.IntTrueDiv: lambda a, b: a / b,
+        }
+        for function, replacement in replacements.items():
+            expression = expression.replace(
+                lambda e, f=function: isinstance(e, f),
+                lambda e, r=replacement: r(*e.args),
+            )
+        unknown = expression.free_symbols - {H, W}
+        if unknown:
+            raise UnsupportedLayer(
+                f"a size depends on {', '.join(sorted(map(str, unknown)))}, not on H and W only"
+            )
+        return sp.sympify(expression)
+
+    def tensor(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            shape = tuple(self.expr(d) for d in value.shape)
+            return SymTensor((BATCH, *shape[1:]) if shape and shape[0] == 1 else shape)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.tensor(v) for v in value)
+        return self.expr(value)
+
+
+# --- export and interpretation ---------------------------------------------------------------
+
+
+def export(network: nn.Module, channels: int, size: tuple[int, int], dynamic: bool):
+    """Return torch.export's program for `network` on a 1 x C x H x W input."""
+    from torch.export import Dim
+
+    x = torch.zeros(1, channels, *size)
+    shapes = ({2: Dim.AUTO, 3: Dim.AUTO},) if dynamic else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.export(network, (x,), dynamic_shapes=shapes, strict=False)
+        except Exception as error:  # torch.export raises many types; one line says why
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(
+                f"torch.export failed ({type(error).__name__}: {first[:160]})"
+            ) from None
+
+
+def interpret_exported(
+    program, convention: Convention, allow_unknown: bool
+) -> tuple[list[Layer], set[str]]:
+    """Return one row per ATen op of `program` (routing ops included), counted by the rules,
+    and the parameters the rows own."""
+    signature = program.graph_signature
+    parameters = signature.inputs_to_parameters
+    buffers = {**signature.inputs_to_buffers, **signature.inputs_to_lifted_tensor_constants}
+    state = program.state_dict
+    user_inputs = [n for n in program.graph.nodes if n.op == "placeholder"
+                   and n.name not in parameters and n.name not in buffers]
+    if len(user_inputs) != 1:
+        raise ValueError(f"expected one image input, the exported graph has {len(user_inputs)}")
+    image = user_inputs[0].meta["val"]
+    sizes = _Sizes(image.shape[2], image.shape[3])
+    env: dict[str, Any] = {}
+    layers: list[Layer] = []
+    owned: set[str] = set()
+    seen: Counter = Counter()
+    checks: list = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta["val"]
+            if node.name in parameters:
+                target = parameters[node.name]
+                env[node.name] = ParameterTensor(
+                    tuple(sp.Integer(d) for d in value.shape), target=target,
+                    numel=state[target].numel(),
+                )
+            elif node.name in buffers:
+                env[node.name] = ParameterTensor(tuple(sp.Integer(d) for d in value.shape),
+                                                 target=buffers[node.name], numel=0)
+            else:
+                env[node.name] = sizes.tensor(value)
+            continue
+        if node.op == "output":
+            continue
+        if node.op != "call_function":
+            raise UnsupportedLayer(f"exported node {node.name} ({node.op}) is not an op call")
+        value = node.meta.get("val")
+        if node.target is operator.getitem:
+            env[node.name] = env[node.args[0].name][node.args[1]]
+            continue
+        if _op_name(node.target) == "_assert_scalar":  # a runtime check on sizes
+            condition = node.args[0]
+            if isinstance(condition, torch.fx.Node):
+                checks.append(_condition(sizes, condition.meta.get("val")))
+            continue
+        if not _has_tensor(value):  # size arithmetic: no row
+            env[node.name] = _size_value(sizes, value)
+            continue
+        args = torch.fx.node.map_aggregate(
+            node.args, lambda n: env[n.name] if isinstance(n, torch.fx.Node) else n
+        )
+        kwargs = torch.fx.node.map_aggregate(
+            node.kwargs, lambda n: env[n.name] if isinstance(n, torch.fx.Node) else n
+        )
+        output = sizes.tensor(value)
+        op = _op_name(node.target)
+        label = _label(node, op, seen)
+        rule = aten_rule(node.target)
+        known = rule is not None
+        if rule is None:
+            if not allow_unknown:
+                raise UnsupportedLayer(
+                    f"no rule for {label} (aten.{op}) in the exported graph; add one in "
+                    "analysis/export_capture.py ATEN_RULES or pass --allow-unknown"
+                )
+            cost = LayerCost("unknown", output, op=op)
+        else:
+            try:
+                cost = rule(*args, **kwargs)
+            except UnsupportedLayer as error:
+                raise UnsupportedLayer(f"{label} (aten.{op}): {error}") from None
+        cost = _with_output(cost, output)
+        weights = _own(args, owned)
+        cost = replace(
+            cost, op=cost.op or op, via="aten", weights=cost.weights + weights,
+            parameters=cost.weights + weights,
+            inputs=_first_values(args) if cost.inputs is None else cost.inputs,
+        )
+        env[node.name] = output
+        shape = output.shape[1:] if isinstance(output, SymTensor) else ()
+        layers.append(Layer(
+            name=label, type=f"aten.{op}", kind=cost.kind, node=node.name,
+            output_shape=tuple(sp.sympify(d) for d in shape),
+            weights=convention.weights(cost), outputs=cost.outputs,
+            connections=convention.connections(cost) if known else sp.Integer(0),
+            cost=cost, known=known, requirements=(),
+        ))
+    _apply_checks(layers, [c for c in checks if c is not None], sizes)
+    return layers, owned
+
+
+def _size_value(sizes: _Sizes, value: Any) -> Any:
+    try:
+        return sizes.tensor(value) if value is not None else None
+    except UnsupportedLayer:
+        return None
+
+
+def _condition(sizes: _Sizes, value: Any) -> Any:
+    if isinstance(value, torch.SymBool):
+        try:
+            return sizes.convert(value.node.expr)
+        except UnsupportedLayer:
+            return None
+    return None
+
+
+def _apply_checks(layers: list[Layer], checks: list, sizes: _Sizes) -> None:
+    """Turn the graph's runtime size checks into refusals (a fixed size) or requirements."""
+    for check in checks:
+        if check is sp.true:
+            continue
+        if isinstance(check, sp.Eq):
+            difference = sp.simplify(check.lhs - check.rhs)
+            for symbol, name in ((H, "H"), (W, "W")):
+                solutions = sp.solve(difference, symbol) if difference.has(symbol) else []
+                if len(solutions) == 1 and solutions[0].is_number:
+                    raise ValueError(
+                        f"the model's forward requires {name} == {solutions[0]} (a torch.export "
+                        "runtime check)"
+                    )
+            if layers:
+                first = layers[0]
+                layers[0] = replace(first, requirements=(
+                    *first.requirements, (check.lhs, check.rhs, "a torch.export runtime check")
+                ))
+    if sizes.same and layers:
+        first = layers[0]
+        layers[0] = replace(first, requirements=(
+            *first.requirements, (H, W, "torch.export guard: the model needs H == W"),
+        ))
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor(v) for v in value)
+    return False
+
+
+def _label(node: torch.fx.Node, op: str, seen: Counter) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    scope = list(stack.values())[-1][0] if stack else ""
+    name = f"{scope}.{op}" if scope else op
+    seen[name] += 1
+    return name if seen[name] == 1 else f"{name}:{seen[name]}"
+
+
+def _with_output(cost: LayerCost, output: Any) -> LayerCost:
+    """Return `cost` with the graph's output shape, counts that follow it filled in."""
+    cost = replace(cost, output=output)
+    extra = dict(cost.extra)
+    if "per_output" in extra:  # upsampling: counts per output value
+        cost = replace(cost, connections=cost.outputs * extra["per_output"])
+    if cost.kind == "conv" and "has_bias" in extra:  # transposed: bias per output value
+        cost = replace(cost, bias_connections=cost.outputs * extra["has_bias"])
+    if cost.kind == "conv" and cost.op.startswith("conv") and "has_bias" not in extra:
+        pass
+    return cost
+
+
+def _own(args: Any, owned: set[str]) -> sp.Expr:
+    found: list[ParameterTensor] = []
+    torch.fx.node.map_aggregate(
+        args, lambda v: found.append(v) if isinstance(v, ParameterTensor) else None
+    )
+    total = 0
+    for parameter in found:
+        if parameter.target not in owned:
+            owned.add(parameter.target)
+            total += parameter.numel
+    return sp.Integer(total)
+
+
+def _first_values(args: Any) -> sp.Expr | None:
+    found: list[SymTensor] = []
+    torch.fx.node.map_aggregate(
+        args, lambda v: found.append(v) if isinstance(v, SymTensor) else None
+    )
+    return found[0].per_example if found else None
+
+
+# --- the rungs -------------------------------------------------------------------------------
+
+PROBE = (64, 64)  # the size the dynamic export traces at (H, W stay symbolic)
+
+
+def analyse_exported(prepared: _Prepared, convention: Convention, exact: bool,
+                     allow_unknown: bool, resolutions: Sequence[tuple[int, int]] | None = None):
+    """Return the Analysis from torch.export with dynamic H, W (formulas in H, W)."""
+    probe = tuple(resolutions[0]) if resolutions else PROBE
+    program = export(prepared.network, prepared.channels, probe, dynamic=True)
+    image = next(n for n in program.graph.nodes if n.op == "placeholder"
+                 and n.name not in program.graph_signature.inputs_to_parameters
+                 and n.name not in program.graph_signature.inputs_to_buffers).meta["val"]
+    fixed = [name for name, d in zip("HW", image.shape[2:], strict=True)
+             if not isinstance(d, torch.SymInt)]
+    if fixed:
+        raise ValueError(
+            f"torch.export fixed {' and '.join(fixed)} to {probe[0]}x{probe[1]}: the model's "
+            "forward holds only at that size"
+        )
+    _runs_at_another_size(prepared, probe)
+    layers, owned = interpret_exported(program, convention, allow_unknown)
+    analysis = _finish(prepared, None, layers, convention, exact, owned)
+    analysis.capture = "export"
+    analysis.graph_module = None
+    analysis.export_program = program
+    guards = _guards(program)
+    analysis.assumptions.extend(guards)
+    return analysis
+
+
+def _runs_at_another_size(prepared: _Prepared, probe: tuple[int, int]) -> None:
+    """Refuse formulas for a model that runs at the probe size only (a check export dropped)."""
+    other = (2 * probe[0], 2 * probe[1])
+    try:
+        with torch.no_grad():
+            prepared.network(torch.zeros(1, prepared.channels, *other))
+    except Exception as error:  # the model's own check, whatever its type
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"the model runs at {probe[0]}x{probe[1]} but not at {other[0]}x{other[1]} "
+            f"({first[:120]}): its input size is fixed"
+        ) from None
+
+
+def _guards(program) -> list[str]:
+    lines = []
+    image = next(n for n in program.graph.nodes if n.op == "placeholder"
+                 and n.name not in program.graph_signature.inputs_to_parameters
+                 and n.name not in program.graph_signature.inputs_to_buffers).meta["val"]
+    names = {}
+    for value, symbol in zip(image.shape[2:], "HW", strict=True):
+        if isinstance(value, torch.SymInt):
+            names[value.node.expr] = symbol
+    for expression, bounds in program.range_constraints.items():
+        name = names.get(expression)
+        if name is None:
+            continue
+        upper = bounds.upper
+        upper_text = "" if str(upper) in ("int_oo", "oo") else f" and at most {upper}"
+        lines.append(f"torch.export guard: {name} at least {bounds.lower}{upper_text}")
+    return lines
+
+
+def analyse_exported_concrete(prepared: _Prepared, convention: Convention, allow_unknown: bool,
+                              resolutions: Sequence[tuple[int, int]]):
+    """Return the Analysis counted from a static-shape export at each resolution."""
+    per_resolution: dict[tuple[int, int], list[Layer]] = {}
+    owned: set[str] = set()
+    for height, width in resolutions:
+        program = export(prepared.network, prepared.channels, (height, width), dynamic=False)
+        per_resolution[(height, width)], owned = interpret_exported(
+            program, convention, allow_unknown
+        )
+    analysis = concrete_analysis(prepared, None, per_resolution, convention, owned)
+    analysis.capture_note = "torch.fx cannot trace it; counted from torch.export at each size"
+    return analysis

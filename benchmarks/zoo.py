@@ -1,0 +1,207 @@
+"""Zoo coverage: every torchvision classification/segmentation model and one timm model per
+family, analysed with `--capture auto` under the fvcore preset, next to the real numbers.
+
+    .venv/bin/python benchmarks/zoo.py [--only torchvision|timm] [--limit-seconds 300]
+        [--out reports/zoo] [--models NAME ...]
+
+For each model: the capture used (fx, export, concrete), our total weights vs the model's
+parameter count, our connections under the fvcore preset vs fvcore's FlopCountAnalysis total
+at the model's published crop (torchvision) or default input size (timm), whether the
+formulas are symbolic in H, W, the refusal reason, and seconds. Rows are written as they are
+measured (CSV and Markdown), so a long run that is stopped keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.accounting import analyse  # noqa: E402
+from analysis.conventions import preset  # noqa: E402
+
+COLUMNS = (
+    "source", "model", "input", "capture", "symbolic", "weights", "parameters", "weights_equal",
+    "connections_fvcore_preset", "fvcore_total", "connections_equal", "complete",
+    "refusal", "seconds",
+)
+
+
+class TimeLimit(Exception):
+    """A model ran past its time limit."""
+
+
+def _alarm(signum, frame):
+    raise TimeLimit()
+
+
+def torchvision_models() -> list[tuple[str, str, tuple[int, int]]]:
+    """Return (source, name, (H, W)) for every classification and segmentation model."""
+    import torchvision.models as tvm
+
+    rows = []
+    for module, kind in ((tvm, "classification"), (tvm.segmentation, "segmentation")):
+        for name in tvm.list_models(module=module):
+            weights = tvm.get_model_weights(name).DEFAULT
+            transforms = weights.transforms()
+            crop = getattr(transforms, "crop_size", None) or transforms.resize_size
+            side = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
+            rows.append((f"torchvision {kind}", name, (side, side)))
+    return rows
+
+
+def timm_models() -> list[tuple[str, str, tuple[int, int]]]:
+    """Return (source, first model of each timm family, default input size)."""
+    import timm
+
+    rows = []
+    for family in timm.list_modules():
+        names = timm.list_models(module=family)
+        if names:
+            rows.append((f"timm {family}", names[0], None))
+    return rows
+
+
+def build(source: str, name: str):
+    """Return a fresh network in eval mode, without pretrained weights."""
+    if source.startswith("timm"):
+        import timm
+
+        return timm.create_model(name, pretrained=False).eval()
+    import torchvision.models as tvm
+
+    builder = tvm.get_model_builder(name)
+    kwargs = {"weights": None}
+    if "weights_backbone" in builder.__code__.co_varnames:
+        kwargs["weights_backbone"] = None
+    return builder(**kwargs).eval()
+
+
+def measure(source: str, name: str, size, limit: int) -> dict:
+    """Return one report row for one model (refusal reason instead of numbers on failure)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    row = dict.fromkeys(COLUMNS, "")
+    row.update(source=source, model=name)
+    start = time.perf_counter()
+    signal.alarm(limit)
+    try:
+        network = build(source, name)
+        if size is None:
+            size = tuple(network.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+        row["input"] = f"3x{size[0]}x{size[1]}"
+        analysis = analyse(
+            network, convention=preset("fvcore"), capture="auto", resolutions=[size],
+            allow_unknown=True,
+        )
+        totals = analysis.totals_at([size])
+        row.update(
+            capture=analysis.capture,
+            symbolic=analysis.symbolic,
+            complete=analysis.complete,
+            weights=totals["weights"][0],
+            parameters=sum(p.numel() for p in network.parameters()),
+            connections_fvcore_preset=totals["connections"][0],
+        )
+        if analysis.capture_note:
+            row["refusal"] = analysis.capture_note[:300]
+        # fvcore's default call (grad mode on: MultiheadAttention's unfused path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            counter = FlopCountAnalysis(network, torch.zeros(1, 3, *size))
+            counter.unsupported_ops_warnings(False)
+            counter.uncalled_modules_warnings(False)
+            row["fvcore_total"] = int(counter.total())
+        row["weights_equal"] = row["weights"] == row["parameters"]
+        row["connections_equal"] = row["connections_fvcore_preset"] == row["fvcore_total"]
+    except TimeLimit:
+        row["refusal"] = f"time limit ({limit} s) reached"
+    except Exception as error:  # a refusal or a crash: both are reported, with the type
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        row["refusal"] = f"{type(error).__name__}: {first[:300]}"
+    finally:
+        signal.alarm(0)
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def write_markdown(rows: list[dict], path: Path, started: str) -> None:
+    """Write the Markdown report: coverage figures first, then one line per model."""
+    def share(selected: list[dict], key: str) -> str:
+        good = sum(1 for r in selected if r.get(key) is True)
+        return f"{good}/{len(selected)}"
+
+    lines = [
+        "# Zoo coverage (generated by benchmarks/zoo.py; numbers measured, not asserted)",
+        "",
+        f"- started {started}; torch {torch.__version__}; {platform.platform()}; CPU only",
+        "- weights: our total weights vs the model's parameter count; connections: our total "
+        "under `--convention fvcore` vs fvcore `FlopCountAnalysis(model, x).total()`",
+    ]
+    for source in ("torchvision", "timm"):
+        selected = [r for r in rows if r["source"].startswith(source)]
+        if not selected:
+            continue
+        exact = [r for r in selected if r["weights_equal"] is True
+                 and r["connections_equal"] is True]
+        analysed = [r for r in selected if r["capture"]]
+        lines.append(
+            f"- {source}: {len(selected)} models; analysed {len(analysed)}; exact (weights and "
+            f"fvcore both equal) {len(exact)}; symbolic in H, W {share(selected, 'symbolic')}; "
+            "captures: " + ", ".join(
+                f"{c} {sum(1 for r in analysed if r['capture'] == c)}"
+                for c in ("fx", "export", "concrete")
+            )
+        )
+    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [str(row[c]).replace("|", "/").replace("\n", " ") for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("torchvision", "timm"), default=None)
+    parser.add_argument("--models", nargs="*", default=None, help="only these model names")
+    parser.add_argument("--limit-seconds", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=Path("reports/zoo"))
+    args = parser.parse_args()
+    signal.signal(signal.SIGALRM, _alarm)
+    torch.set_num_threads(1)
+    models = []
+    if args.only in (None, "torchvision"):
+        models += torchvision_models()
+    if args.only in (None, "timm"):
+        models += timm_models()
+    if args.models:
+        models = [m for m in models if m[1] in args.models]
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{args.only}" if args.only else ""
+    csv_path, md_path = args.out / f"zoo{suffix}.csv", args.out / f"zoo{suffix}.md"
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    rows: list[dict] = []
+    for source, name, size in models:
+        row = measure(source, name, size, args.limit_seconds)
+        rows.append(row)
+        print(" ".join(f"{k}={row[k]}" for k in ("model", "capture", "weights_equal",
+                                                  "connections_equal", "seconds")), flush=True)
+        with csv_path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        write_markdown(rows, md_path, started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

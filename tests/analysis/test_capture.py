@@ -1,0 +1,147 @@
+"""The capture ladder: each rung on a model only it can handle, and the rungs agreeing."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from analysis.accounting import H, ResolutionError, analyse
+from analysis.conventions import preset
+from analysis.formatting import render
+
+
+def fvcore_total(network: nn.Module, size: tuple[int, int]) -> int:
+    from fvcore.nn import FlopCountAnalysis
+
+    # fvcore's default call (grad mode on: MultiheadAttention takes its unfused path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counter = FlopCountAnalysis(network, torch.zeros(1, 3, *size))
+        counter.unsupported_ops_warnings(False)
+        counter.uncalled_modules_warnings(False)
+        return int(counter.total())
+
+
+class SizeBranch(nn.Module):
+    """Control flow on the input size: torch.fx cannot trace it, torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.ones(8, 1, 1))
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)) * self.gamma
+        if x.shape[-1] > 8:
+            x = self.pool(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_export_rung_handles_control_flow_on_sizes():
+    network = SizeBranch().eval()
+    analysis = analyse(network, convention=preset("fvcore"))
+    assert analysis.capture == "export" and analysis.symbolic
+    assert "fx: cannot trace" in analysis.capture_note
+    assert analysis.total("connections").has(H)
+    for size in [(32, 32), (48, 64)]:
+        totals = analysis.totals_at([size])
+        assert totals["connections"][0] == fvcore_total(network, size)
+        assert totals["weights"][0] == sum(p.numel() for p in network.parameters())
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = self.norm(x.permute(0, 2, 3, 1)).mean((1, 2))
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("convention", ["default", "fvcore", "torch"])
+def test_module_rules_and_aten_rules_agree(convention):
+    """The same layers, counted by the fx rung's module rules and the export rung's ATen rules."""
+    network = Small().eval()
+    fx = analyse(network, convention=preset(convention), capture="fx")
+    exported = analyse(network, convention=preset(convention), capture="export")
+    sizes = [(32, 32), (64, 48)]
+    assert fx.totals_at(sizes) == exported.totals_at(sizes)
+    by_kind = {}
+    for analysis in (fx, exported):
+        values = analysis.evaluate([(32, 32)])
+        counts: dict[str, int] = {}
+        for index, layer in enumerate(analysis.layers):
+            if layer.kind in ("conv", "linear", "norm"):
+                counts[layer.kind] = counts.get(layer.kind, 0) + int(
+                    values["connections"][index, 0]
+                )
+        by_kind[analysis.capture] = counts
+    assert by_kind["fx"] == by_kind["export"]
+
+
+def tiny_vit():
+    timm = pytest.importorskip("timm")
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, embed_dim=32,
+        num_heads=2,
+    ).eval()
+
+
+def test_concrete_rung_counts_a_vit_with_a_fixed_size():
+    network = tiny_vit()
+    analysis = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)])
+    assert analysis.capture == "concrete" and not analysis.symbolic
+    assert "doesn't match model" in analysis.capture_note or "fixed" in analysis.capture_note
+    totals = analysis.totals_at([(32, 32)])
+    assert totals["weights"][0] == sum(p.numel() for p in network.parameters())
+    assert totals["connections"][0] == fvcore_total(network, (32, 32))
+    with pytest.raises(ResolutionError, match=r"counted concretely at 32x32, not at 64x64"):
+        analysis.evaluate([(64, 64)])
+    text = render(analysis, [(32, 32)], "text")
+    assert "capture: concrete (counted at 32x32" in text
+    assert "unavailable" in text
+
+
+def test_torchvision_vit_concrete_at_its_crop():
+    import torchvision
+
+    network = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64
+    ).eval()
+    analysis = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)])
+    assert analysis.capture == "concrete"
+    totals = analysis.totals_at([(32, 32)])
+    assert totals["weights"][0] == sum(p.numel() for p in network.parameters())
+    assert totals["connections"][0] == fvcore_total(network, (32, 32))
+
+
+def test_strict_refuses_and_default_marks_incomplete():
+    from analysis.rules import UnsupportedLayer
+
+    network = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LocalResponseNorm(2))
+    with pytest.raises(UnsupportedLayer, match="no rule for 1"):
+        analyse(network, capture="fx")
+    analysis = analyse(network, capture="fx", allow_unknown=True)
+    assert not analysis.complete
+    data = analysis.to_dict([(16, 16)], ["16"])
+    assert data["complete"] is False and data["unknown_layers"] == ["1 (LocalResponseNorm)"]
+
+
+def test_timm_reference_resolves():
+    pytest.importorskip("timm")
+    from models.registry import resolve
+
+    spec = resolve("timm:convnext_atto")
+    assert spec.name == "timm:convnext_atto"
+    with pytest.raises(ValueError, match="unknown timm model 'nosuch'"):
+        resolve("timm:nosuch")

@@ -1,0 +1,97 @@
+"""Rules for modern vision blocks, each checked against the running layer and the tools.
+
+Layer scale, layer/RMS/group/instance norms, GELU/SiLU/Hardswish, split/chunk/unbind/pad/roll,
+permute/transpose/reshape, functional dropout, matmul/bmm/einsum, softmax, scaled dot-product
+attention, nn.MultiheadAttention, Conv1d/Conv3d/ConvTranspose1d/3d, PixelShuffle/Unshuffle.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from analysis.accounting import H, W, analyse
+from analysis.conventions import preset
+from tests.analysis.test_accounting import assert_matches_running_network
+from tests.analysis.test_conventions import tool_numbers
+
+
+class ModernBlocks(nn.Module):
+    """One network using every new rule (4-d image in, logits out)."""
+
+    def __init__(self, channels: int = 8, heads: int = 2):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 4, stride=4)
+        self.gamma = nn.Parameter(torch.ones(channels, 1, 1))  # layer scale
+        self.norm = nn.LayerNorm(channels)
+        self.rms = nn.RMSNorm(channels)
+        self.group = nn.GroupNorm(2, channels)
+        self.instance = nn.InstanceNorm2d(channels, affine=True)
+        self.gelu, self.silu, self.hardswish = nn.GELU(), nn.SiLU(), nn.Hardswish()
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.heads = heads
+        self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.conv1d = nn.Conv1d(channels, channels, 3, padding=1)
+        self.deconv1d = nn.ConvTranspose1d(channels, channels, 2, stride=2)
+        self.conv3d = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1))
+        self.deconv3d = nn.ConvTranspose3d(channels, channels, (1, 2, 2), stride=(1, 2, 2))
+        self.shuffle = nn.PixelShuffle(2)
+        self.unshuffle = nn.PixelUnshuffle(2)
+        self.head = nn.Linear(channels, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.gamma * self.instance(self.group(x))
+        b, c, h, w = x.shape
+        tokens = self.norm(x.flatten(2).transpose(1, 2))  # (B, N, C)
+        tokens = self.rms(self.gelu(tokens))
+        q, k, v = self.qkv(tokens).reshape(b, -1, 3, self.heads, c // self.heads).permute(
+            2, 0, 3, 1, 4
+        ).unbind(0)
+        scores = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        mixed = torch.matmul(F.dropout(scores, 0.1, training=False), v)
+        fused = F.scaled_dot_product_attention(q, k, v)
+        mixed = torch.einsum("bhnd,bhmd->bhnm", mixed, fused).softmax(-1) @ v
+        tokens = tokens + mixed.transpose(1, 2).reshape(b, -1, c).contiguous()
+        tokens = tokens + self.attention(tokens, tokens, tokens)[0]
+        one, two = tokens.split([c // 2, c - c // 2], dim=-1)
+        tokens = torch.cat([two, one], dim=-1)
+        a, bb = tokens.chunk(2, dim=1)
+        tokens = torch.cat([bb, a], dim=1)
+        x = tokens.transpose(1, 2).reshape(b, c, h, w)
+        x = torch.roll(F.pad(x, (1, 1, 1, 1)), shifts=1, dims=2)[:, :, 1:-1, 1:-1]
+        x = self.unshuffle(self.shuffle(self.silu(x)))
+        seq = self.deconv1d(self.conv1d(x.flatten(2)))  # (B, C, 2N)
+        x = x + seq[:, :, : h * w].reshape(b, c, h, w)
+        vol = self.deconv3d(self.conv3d(self.hardswish(x).unsqueeze(2)))  # (B, C, 1, 2h, 2w)
+        x = F.avg_pool2d(vol.squeeze(2), 2) + torch.bmm(x.flatten(2), x.flatten(2).transpose(1, 2)
+                                                         ).mean() * x
+        return self.head(x.mean((2, 3)))
+
+
+def test_modern_blocks_match_the_running_network():
+    torch.manual_seed(0)
+    network = ModernBlocks().eval()
+    analysis = analyse(network)
+    assert not [layer.name for layer in analysis.layers if not layer.known]
+    assert_matches_running_network(analysis, network, 3, [(32, 32), (48, 64)])
+    assert analysis.total("weights") == sum(p.numel() for p in network.parameters())
+
+
+def test_layer_scale_owns_its_parameter():
+    analysis = analyse(ModernBlocks())
+    row = next(layer for layer in analysis.layers if layer.name == "mul")
+    assert row.weights == 8  # gamma (8, 1, 1), the element-wise product's row
+    assert sp.expand(row.connections - 2 * 8 * H * W / 16) == 0
+
+
+def test_modern_blocks_presets_equal_fvcore_and_torch():
+    analysis = analyse(ModernBlocks())
+    theirs = tool_numbers(lambda: ModernBlocks().eval(), 3, 32, 48)
+    for tool in ("fvcore", "torch"):
+        ours = analysis.with_convention(preset(tool)).totals_at([(32, 48)])
+        assert ours["connections"][0] == theirs[tool][0], tool
+        if theirs[tool][1] is not None:
+            assert ours["weights"][0] == theirs[tool][1], tool
