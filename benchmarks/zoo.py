@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.accounting import analyse  # noqa: E402
+from analysis.accounting import ResolutionError, analyse  # noqa: E402
 from analysis.conventions import preset  # noqa: E402
 
 COLUMNS = (
@@ -103,7 +103,14 @@ def measure(source: str, name: str, size, limit: int) -> dict:
             network, convention=preset("fvcore"), capture="auto", resolutions=[size],
             allow_unknown=True,
         )
-        totals = analysis.totals_at([size])
+        try:
+            totals = analysis.totals_at([size])
+        except ResolutionError:  # a published crop off the divisibility (299, 240, ...)
+            analysis = analyse(
+                network, convention=preset("fvcore"), capture="auto", resolutions=[size],
+                allow_unknown=True, exact=True,
+            )
+            totals = analysis.totals_at([size])
         row.update(
             capture=analysis.capture,
             symbolic=analysis.symbolic,
