@@ -295,6 +295,12 @@ def _readme(out: Path, index: list[str], today: str, machine: str) -> list[str]:
             (ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), path.stem
         ).lstrip("# ")
         extra.append(f"- `benchmarks/{path.name}`: {first}")
+    gpu = out / "gpu" / "README.md"  # written by benchmarks/gpu_evidence.py
+    if gpu.is_file():
+        first = next((ln for ln in gpu.read_text(encoding="utf-8").splitlines() if ln.strip()),
+                     "GPU evidence").lstrip("# ")
+        extra.append(f"- `gpu/`: {first}: training, verification and benchmarks on the GPU "
+                     "(`benchmarks/gpu_evidence.py`; see `gpu/README.md`)")
     if not extra:
         extra.append(
             "- none yet: accuracy needs `convtally train colour --model NAME`, "

@@ -53,15 +53,23 @@ def synchronize(device: torch.device) -> None:
 
 def benchmark_model(config: ColourConfig, gray: torch.Tensor, labels: torch.Tensor,
                     device: torch.device, max_full_seconds: float,
-                    warmup_batches: int = 3) -> dict[str, Any]:
-    """Return the measured throughput and (measured or projected) schedule time of one network."""
+                    warmup_batches: int = 3, compile_mode: str | None = None) -> dict[str, Any]:
+    """Return the measured throughput and (measured or projected) schedule time of one network.
+
+    `compile_mode` (e.g. "default", "reduce-overhead": CUDA graphs, "max-autotune") trains the
+    torch.compile'd network instead; compilation happens in the untimed warm-up batches.
+    """
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if compile_mode:
+        model = torch.compile(model, mode=compile_mode)
     warm = epoch_generator(device, config.seed, 0)
+    warmup_start = time.perf_counter()
     train_epoch(model, optimizer, gray[:warmup_batches * config.batch_size],
                 labels[:warmup_batches * config.batch_size], config.batch_size, warm)
     synchronize(device)
+    warmup_seconds = time.perf_counter() - warmup_start
 
     load_before = os.getloadavg()[0]
     epoch_seconds: list[float] = []
@@ -81,6 +89,8 @@ def benchmark_model(config: ColourConfig, gray: torch.Tensor, labels: torch.Tens
     return {
         "model": config.model,
         "device": device_description(device),
+        "compile": compile_mode or "none (eager)",
+        "warmup_seconds": round(warmup_seconds, 3),
         "images_per_second": round(len(gray) / typical_epoch, 1),
         "images_per_second_best_epoch": round(len(gray) / min(epoch_seconds), 1),
         "epoch_seconds_median": round(typical_epoch, 3),
@@ -111,7 +121,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         labels = repeat_to(data.train_labels, args.images)
         for model in args.models:
             config = ColourConfig(model=model, epochs=args.epochs, batch_size=args.batch_size)
-            result = benchmark_model(config, gray, labels, device, args.max_full_seconds)
+            result = benchmark_model(config, gray, labels, device, args.max_full_seconds,
+                                     compile_mode=args.compile)
             print(f"{model:>14} on {result['device']}: {result['images_per_second']:.0f} "
                   f"images/s, {args.epochs}-epoch schedule {result['schedule_seconds']:.1f} s "
                   f"({result['schedule']})", flush=True)
@@ -128,9 +139,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "note": "the category's training images repeated to images_per_epoch"},
         "settings": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": 0.001,
                      "kernel": 3, "filters": 32, "num_colours": 24, "num_in_channels": 1},
+        "compile": args.compile or "none (eager)",
         "timing": "train step only (forward, backward, Adam); no validation; after "
-                  "3 warm-up batches; images/s from the median epoch (and from the fastest "
-                  "epoch, the least disturbed by other jobs sharing the CPU)",
+                  "3 warm-up batches (compilation too, with --compile); images/s from the "
+                  "median epoch (and from the fastest epoch, the least disturbed by other jobs "
+                  "sharing the CPU)",
         "cpu_count": os.cpu_count(),
         "results": results,
     }
@@ -150,7 +163,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"K={settings['kernel']}, NF={settings['filters']}, NC={settings['num_colours']}, "
         f"NIC={settings['num_in_channels']}, Adam lr {settings['lr']}",
         f"- timing: {report['timing']}",
-        f"- software: torch {report['software']['torch']}, python {report['software']['python']}",
+        f"- software: torch {report['software']['torch']}, CUDA "
+        f"{report['software'].get('cuda', 'none')}, python {report['software']['python']}",
+        f"- torch.compile: {report.get('compile', 'none (eager)')}",
         "",
         f"| network | device | images/s (median epoch) | images/s (fastest epoch) "
         f"| epoch s (median) | {settings['epochs']}-epoch schedule s | schedule | load avg |",
@@ -185,7 +200,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--max-full-seconds", type=float, default=240.0,
                         help="project the schedule from one epoch when it would take longer")
+    parser.add_argument("--compile", default=None, metavar="MODE",
+                        choices=["default", "reduce-overhead", "max-autotune",
+                                 "max-autotune-no-cudagraphs"],
+                        help="train the torch.compile'd networks in this mode (reduce-overhead "
+                             "uses CUDA graphs); default: eager, as the trainer")
     parser.add_argument("--out-dir", default=str(REPO / "reports" / "benchmarks"))
+    parser.add_argument("--name", default="train_throughput",
+                        help="file name (without suffix) of the .json and .md written")
     args = parser.parse_args(argv)
     args.command_line = " ".join(["python benchmarks/train_throughput.py",
                                   *(argv if argv is not None else sys.argv[1:])])
@@ -197,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run(args)
     out = Path(args.out_dir)
-    atomic_write_json(out / "train_throughput.json", report)
-    atomic_write_text(out / "train_throughput.md", markdown(report))
-    print(f"wrote {out / 'train_throughput.json'} and {out / 'train_throughput.md'}")
+    atomic_write_json(out / f"{args.name}.json", report)
+    atomic_write_text(out / f"{args.name}.md", markdown(report))
+    print(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.md')}")
     return 0
 
 
