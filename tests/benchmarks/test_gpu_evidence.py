@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -56,6 +57,18 @@ def test_refuses_without_cuda_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no CUDA GPU" in err and "--quick" in err
     assert not (tmp_path / "gpu").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_the_script_runs_from_any_folder_and_refuses_without_cuda(tmp_path):
+    """As `make gpu-evidence` runs it: a script, not an import, from another working folder."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_evidence.py"),
+                             "--out", str(tmp_path / "gpu")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "gpu_evidence: error: no CUDA GPU here (torch.cuda.is_available() is False); run it on "
+        "a GPU machine, or rehearse with --device cpu --quick"]
 
 
 def test_quick_cpu_rehearsal_runs_every_step(tmp_path, data_dir):
