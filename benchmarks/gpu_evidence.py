@@ -26,7 +26,7 @@ step at small sizes in a minute or two (CI runs it, tests/benchmarks/test_gpu_ev
 With the device tool (its machine starts bare: its `python3` has torch, torchvision, sympy and
 matplotlib but not fvcore, and neither ../shared nor .venv travels; at most 8 files come back):
 
-    1. here, once:  .venv/bin/python benchmarks/gpu_evidence.py --prepare-carry
+    1. here, just before:  .venv/bin/python benchmarks/gpu_evidence.py --prepare-carry
        (copies the CIFAR-10 subset, fvcore and its pure-Python needs and the git commit into
        .cache/gpu-carry/, about 30 MB, ignored by git; the script finds them there)
     2. device run:  command "PYTHONUNBUFFERED=1 python3 benchmarks/gpu_evidence.py --out
