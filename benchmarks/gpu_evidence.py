@@ -30,7 +30,7 @@ matplotlib but not fvcore, and neither ../shared nor .venv travels; at most 8 fi
        (copies the CIFAR-10 subset, fvcore and its pure-Python needs and the git commit into
        .cache/gpu-carry/, about 30 MB, ignored by git; the script finds them there)
     2. device run:  command "PYTHONUNBUFFERED=1 python3 benchmarks/gpu_evidence.py --out
-       /tmp/gpu --archive $OUT/gpu_evidence.tar.gz", carry [".cache/gpu-carry"], timeout_s 540
+       /tmp/gpu --archive $OUT/gpu_evidence.tar.gz", carry [".cache/gpu-carry"], timeout_s 480
        (the whole evidence folder comes back as one archive, rewritten after every step, with
        its README beside it as $OUT/gpu_evidence.md)
     3. here:        rm -rf reports/gpu && mkdir -p reports/gpu &&
