@@ -33,7 +33,6 @@ from analysis.verification import render_verification, verify
 
 SEED_MODELS = ("poolupsample", "convtranspose", "unet")
 GENERATED = ("costs", "comparison", "check", "figures", "verification")
-LOCK_FILE = ".report.lock"
 REPOSITORY = Path(__file__).resolve().parents[1]
 HAND_TABLES = (
     REPOSITORY / "tests/data/writeup_table_32.csv",
@@ -53,17 +52,17 @@ def build_report(out: Path = Path("reports"), segmentation: bool = True) -> list
 @contextmanager
 def _exclusive(out: Path):
     """Hold an exclusive lock on `out` (the kernel drops it when the process dies)."""
-    with open(out / LOCK_FILE, "a+") as handle:
+    descriptor = os.open(out, os.O_RDONLY)  # the folder itself: no lock file is left behind
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(
                 f"another convtally report is writing {out}; wait for it to finish"
             ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def _recover(out: Path) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import warnings
-import zipfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -112,6 +112,14 @@ class Verification:
         }
 
 
+def _unsafe_global(message: str) -> str | None:
+    """Return the global a weights-only load refused ('posix.system'), None for other errors."""
+    match = re.search(r"unsupported GLOBAL ([\w.]+)|add_safe_globals\(\[([\w.]+)\]\)", message)
+    if match:
+        return match.group(1) or match.group(2)
+    return "an object" if "GLOBAL" in message or "global" in message.split("error:")[-1] else None
+
+
 def load_checkpoint(network: nn.Module, path: str | Path) -> None:
     """Load a state_dict file into `network` (weights_only), or raise a one-line CheckpointError."""
     path = Path(path)
@@ -122,17 +130,18 @@ def load_checkpoint(network: nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
+        unsafe = _unsafe_global(str(error))
+        if unsafe is None:
             raise CheckpointError(
                 f"checkpoint {path} is truncated or not a torch file (UnpicklingError); "
                 "save it with torch.save(model.state_dict(), PATH)"
             ) from None
         raise CheckpointError(
-            f"checkpoint {path} holds Python objects beyond tensors (a pickled module, or code), "
-            "which a weights-only load refuses because unpickling them could run code; nothing "
-            "was loaded: save torch.save(model.state_dict(), PATH) instead"
+            f"checkpoint {path} holds Python objects beyond tensors ({unsafe}: a pickled module "
+            "or code), which a weights-only load refuses because unpickling them could run "
+            "code; nothing was loaded: save torch.save(model.state_dict(), PATH) instead"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+    except Exception as error:  # weights_only: nothing ran; any failure means unreadable bytes
         raise CheckpointError(
             f"checkpoint {path} is truncated or not a torch file ({type(error).__name__}); "
             "save it with torch.save(model.state_dict(), PATH)"

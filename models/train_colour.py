@@ -484,7 +484,8 @@ def _add_shared_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
     parser.add_argument("--filters", type=int, default=defaults.filters, help="filters NF")
     parser.add_argument("--colours", type=int, default=defaults.num_colours,
                         help="colour classes NC (k-means centroids)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the weights, shuffling and k-means (default %(default)s)")
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="a cifar-10-batches-py folder (default: download into the cache)")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
@@ -502,7 +503,8 @@ def _add_shared_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
 def configure_colour_parser(parser: argparse.ArgumentParser) -> None:
     """Add the `train colour` arguments to `parser` and set its handler to run_colour."""
     parser.add_argument("--model", required=True, help=" | ".join(MODEL_NAMES))
-    parser.add_argument("--batch-size", type=int, default=ColourConfig.batch_size)
+    parser.add_argument("--batch-size", type=int, default=ColourConfig.batch_size,
+                        help="images per step (default %(default)s, as in the write-up)")
     _add_shared_arguments(parser, ColourConfig.epochs)
     parser.add_argument("--out", default=None, metavar="DIR", help="run folder (runs/<model>)")
     parser.set_defaults(handler=run_colour)
@@ -511,7 +513,9 @@ def configure_colour_parser(parser: argparse.ArgumentParser) -> None:
 def configure_sweep_parser(parser: argparse.ArgumentParser) -> None:
     """Add the `train colour-sweep` arguments to `parser` and set its handler to run_sweep."""
     parser.add_argument("--model", default="convtranspose", help=" | ".join(MODEL_NAMES))
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(SWEEP_BATCH_SIZES))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(SWEEP_BATCH_SIZES),
+                        help="one run per batch size (default: "
+                        f"{' '.join(map(str, SWEEP_BATCH_SIZES))})")
     _add_shared_arguments(parser, ColourConfig.epochs)
     parser.add_argument("--out", default="runs/sweep", metavar="DIR",
                         help="sweep folder (one subfolder per batch size)")

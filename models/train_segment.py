@@ -417,9 +417,11 @@ def configure_segment_parser(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--weights", default=defaults.weights,
                         help="coco (torchvision COCO_WITH_VOC_LABELS_V1), none (random) or the "
                         "PATH of a DeepLabV3 state_dict file; default %(default)s")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help=f"passes over the training images (default {defaults.epochs})")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help=f"images per step (default {defaults.batch_size})")
     parser.add_argument("--size", type=int, default=defaults.size,
                         help="images and masks are resized to SIZE x SIZE; default %(default)s")
     parser.add_argument("--data", default=defaults.data,
@@ -431,7 +433,8 @@ def configure_segment_parser(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--path", default=defaults.path,
                         help="fast (train the head on cached frozen features) or slow (the "
                         "write-up's full forward in train mode every step); default %(default)s")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the head's weights and the shuffling (default %(default)s)")
     parser.add_argument("--out", default=None,
                         help="run folder; default runs/segment-<backbone>-<loss>-<path>")
     parser.add_argument("--resume", action="store_true",

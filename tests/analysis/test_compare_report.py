@@ -84,7 +84,7 @@ def test_report_writes_every_part(built):
             assert (out / "figures" / f"per_layer_connections_{model}.{suffix}").exists()
     assert (out / "figures" / "connections_vs_resolution.png").exists()
     assert (out / "figures" / "accuracy_vs_connections.pdf").exists()
-    assert "32 wrong, 76 right" in (out / "check" / "writeup_table.md").read_text()
+    assert "24 wrong, 60 right, 24 not given" in (out / "check" / "writeup_table.md").read_text()
     readme = (out / "README.md").read_text()
     assert "convtally report" in readme and "training/poolupsample/" in readme
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
