@@ -467,7 +467,16 @@ def _unknown_output(
         return SymTensor(input_tensor.shape)
     if runs[0] == runs[1]:
         return SymTensor((BATCH, *(sp.Integer(d) for d in runs[0][1:])))
-    raise UnsupportedLayer(f"{node.target}: unknown layer whose output shape follows the input")
+    if not all(isinstance(run, tuple) and all(isinstance(d, int) for d in run) for run in runs):
+        raise UnsupportedLayer(
+            f"{node.target}: no rule for this layer, and its output is not one tensor, so its "
+            "shape cannot be read from a run either"
+        )
+    raise UnsupportedLayer(
+        f"{node.target}: no rule for this layer, and its output shape changes with the input "
+        f"size in a way that is not the input's shape ({tuple(runs[0][1:])} at 64x64, "
+        f"{tuple(runs[1][1:])} at 96x96), so no formula in H, W can be read from runs"
+    )
 
 
 CAPTURES = ("auto", "fx", "export", "concrete")
