@@ -55,6 +55,19 @@ def _to_sympy(value: Any) -> Any:
     return sp.Integer(value)
 
 
+def _probe(spec: ModelSpec, setting: Mapping[str, int]):
+    """Return a probe build; a memory refusal says it was a probe, not the user's setting."""
+    from analysis.limits import MemoryLimitError
+
+    try:
+        return spec.build(setting)
+    except MemoryLimitError as error:
+        raise MemoryLimitError(
+            f"fitting the formulas in {', '.join(setting)} needs probe builds near the setting "
+            f"asked for, and {error}"
+        ) from None
+
+
 def fit_attributes(spec: ModelSpec, settings: Mapping[str, int]) -> dict[str, dict[str, Any]]:
     """Return module name -> {attribute: sympy expression in the hyperparameter symbols}."""
     symbols = hyperparameter_symbols(spec)
@@ -65,9 +78,9 @@ def fit_attributes(spec: ModelSpec, settings: Mapping[str, int]) -> dict[str, di
     steps = {hp.symbol: hp.probe_step for hp in spec.hyperparameters}
     probes = {}
     for symbol, step in steps.items():
-        probes[symbol] = integer_attributes(spec.build({**base, symbol: base[symbol] + step}))
+        probes[symbol] = integer_attributes(_probe(spec, {**base, symbol: base[symbol] + step}))
     confirm_setting = {symbol: base[symbol] + 2 * step for symbol, step in steps.items()}
-    confirm_table = integer_attributes(spec.build(confirm_setting))
+    confirm_table = integer_attributes(_probe(spec, confirm_setting))
 
     fitted: dict[str, dict[str, Any]] = {}
     for name, attributes in base_table.items():
