@@ -337,6 +337,26 @@ def run_crosscheck(args: argparse.Namespace) -> int:
     return 1 if result.mismatches else 0
 
 
+def run_memory(args: argparse.Namespace) -> int:
+    """`convtally memory`: bytes per layer (parameters, gradients, optimizer state, saved
+    activations), the training and inference peaks, and with --budget what fits."""
+    from analysis.accounting import parse_settings
+    from analysis.limits import parse_bytes
+    from analysis.memory import memory_table, render_memory
+
+    if any(b < 1 for b in args.batch):
+        raise UsageError(f"--batch sizes must be positive integers, got {args.batch}")
+    budget = parse_bytes(args.budget) if args.budget is not None else None
+    if budget is not None and budget < 1:
+        raise UsageError(f"--budget must be positive, got {args.budget}")
+    data = memory_table(
+        args.model, resolutions_from(args, ("32",)), args.batch, args.dtype, args.optimizer,
+        parse_settings(args.set), budget, args.mode, args.exact,
+    )
+    emit(render_memory(data, args.format), args.output)
+    return 0
+
+
 def run_report(args: argparse.Namespace) -> int:
     """`convtally report`: regenerate reports/."""
     from analysis.report import build_report
@@ -385,6 +405,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="also plot total connections vs resolution to STEM.png/.pdf",
     )
     compare.set_defaults(handler=run_compare)
+
+    memory = commands.add_parser(
+        "memory", help="bytes per layer: parameters, gradients, optimizer state, saved "
+        "activations; training and inference peaks; the largest batch that fits"
+    )
+    memory.add_argument("model", metavar="MODEL", help="as for table")
+    add_size_arguments(memory, "32")
+    memory.add_argument("--batch", nargs="+", type=int, default=[1, 8, 64], metavar="B",
+                        help="batch sizes (default: 1 8 64)")
+    memory.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        default="float32", help="the dtype of parameters and activations")
+    memory.add_argument("--optimizer", choices=("sgd", "momentum", "adam", "adamw"),
+                        default="sgd", help="its state: sgd none, momentum 1x, adam/adamw 2x "
+                        "the trainable parameters (default: sgd)")
+    memory.add_argument("--mode", choices=("training", "inference"), default="training",
+                        help="the peak --budget sizes against (default: training)")
+    memory.add_argument("--budget", default=None, metavar="SIZE",
+                        help="e.g. 24GiB: the largest batch at each --res and the largest "
+                        "square resolution at each --batch that fit, from the formulas")
+    memory.add_argument("--exact", action="store_true",
+                        help="keep PyTorch's floor() in the formulas")
+    add_output_arguments(memory, ("text", "csv", "markdown", "json"))
+    memory.set_defaults(handler=run_memory)
 
     tools = [name for name in preset_names() if name != "default"]  # one preset per tool
     cross = commands.add_parser(

@@ -1,0 +1,185 @@
+"""Memory formulas against PyTorch: what autograd saves, what the optimizer keeps, the peaks.
+
+The witness for saved activations is `torch.autograd.graph.saved_tensors_hooks` around a
+training-mode forward pass (each storage once, parameters and buffers left out), run node by
+node on the traced network so every layer's bytes are checked, and run on the plain network for
+the total. Gradients and optimizer state are read off the tensors after a real step; peaks come
+from the profiler's memory events on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from analysis.accounting import analyse
+from analysis.cli import main
+from analysis.memory import (
+    largest_batch,
+    largest_square,
+    make_optimizer,
+    measure_forward_peak,
+    measure_saved,
+    memory_model,
+    memory_table,
+    peak_formula,
+)
+
+
+def channels(analysis) -> int:
+    return int(analysis.input_channels.subs(analysis.substitutions()))
+
+
+def assert_saved_matches_autograd(analysis, points, dtype="float32", network=None):
+    """Every layer's saved bytes equal what autograd keeps at each (B, H, W), and the total
+    equals what the untraced network keeps."""
+    network = analysis.network if network is None else network
+    model = memory_model(analysis, dtype)
+    result = model.evaluate(points)
+    for j, (batch, height, width) in enumerate(points):
+        x = torch.randn(batch, channels(analysis), height, width, dtype=network_dtype(network))
+        total, per_node = measure_saved(network, x, per_node=True)
+        plain_total, _ = measure_saved(network, x)
+        ours = {layer.node: int(result["layers"]["saved"][i, j])
+                for i, layer in enumerate(analysis.layers) if layer.node}
+        differing = {
+            node: (ours.get(node, 0), per_node.get(node, 0))
+            for node in set(ours) | set(per_node) if ours.get(node, 0) != per_node.get(node, 0)
+        }
+        assert not differing, (batch, height, width, differing)
+        assert sum(ours.values()) == total == plain_total
+
+
+def network_dtype(network) -> torch.dtype:
+    return next(network.parameters()).dtype
+
+
+@pytest.mark.parametrize("name", ["poolupsample", "convtranspose", "unet"])
+def test_seed_networks_save_what_autograd_saves(name):
+    analysis = analyse(name)
+    assert_saved_matches_autograd(analysis, [(2, 32, 32), (3, 64, 64)])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11", "mobilenet_v2", "shufflenet_v2_x0_5",
+                                  "efficientnet_b0"])
+def test_torchvision_families_save_what_autograd_saves(name):
+    """In-place ReLU/ReLU6/SiLU (a ReLU6 or SiLU in place saves a copy of its input), residual
+    adds, squeeze-excitation products, stochastic depth, dropout, channel shuffle and chunk
+    views (a conv on a chunk keeps the whole storage). (DenseNet-121's concatenations are
+    checked the same way by benchmarks/memory.py, which this suite leaves out for time.)"""
+    analysis = analyse(f"torchvision:{name}")
+    assert_saved_matches_autograd(analysis, [(2, 64, 64)])
+
+
+def test_bfloat16_bytes_match_autograd():
+    """Activations, BatchNorm statistics in the activation dtype; max-pool indices stay int64."""
+    analysis = analyse("poolupsample")
+    network = copy.deepcopy(analysis.network).to(torch.bfloat16)
+    model = memory_model(analysis, "bfloat16")
+    (value,) = model.values(model.total("saved"), [(2, 32, 32)])
+    total, _ = measure_saved(network, torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    assert value == total
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_parameters_gradients_and_optimizer_state_match_a_real_step(optimizer):
+    """A frozen first block: no gradients and no optimizer state for it, only parameters."""
+    analysis = analyse("poolupsample")
+    network = analysis.network
+    for parameter in network.block0.parameters():
+        parameter.requires_grad_(False)
+    try:
+        model = memory_model(analysis, "float32", optimizer)
+        runner = copy.deepcopy(network).train()
+        optim = make_optimizer([p for p in runner.parameters() if p.requires_grad], optimizer)
+        runner(torch.randn(2, 3, 32, 32)).mean().backward()
+        gradients = sum(p.grad.nbytes for p in runner.parameters() if p.grad is not None)
+        optim.step()
+        state = sum(t.nbytes for s in optim.state.values() for t in s.values()
+                    if isinstance(t, torch.Tensor))
+        parameters = sum(p.nbytes for p in runner.parameters())
+        buffers = sum(b.nbytes for b in runner.buffers())
+        values = {part: model.values(model.total(part), [(2, 32, 32)])[0]
+                  for part in ("parameters", "buffers", "gradients", "optimizer")}
+        assert values == {"parameters": parameters, "buffers": buffers,
+                          "gradients": gradients, "optimizer": state}
+        assert 0 < gradients < parameters
+    finally:
+        for parameter in network.parameters():
+            parameter.requires_grad_(True)
+
+
+def test_frozen_network_saves_only_where_gradients_flow():
+    """A fine-tune that trains only the last conv keeps only that conv's input."""
+    analysis = analyse("convtranspose")
+    network = analysis.network
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
+    for parameter in network.block4.parameters():
+        parameter.requires_grad_(True)
+    try:
+        assert_saved_matches_autograd(analysis, [(2, 32, 32)])
+        model = memory_model(analysis)
+        saving = [layer.name for layer in model.layers if layer.saved != 0]
+        assert saving == ["block4.0"]
+    finally:
+        for parameter in network.parameters():
+            parameter.requires_grad_(True)
+
+
+@pytest.mark.parametrize(("name", "batch", "side", "tolerance"), [
+    ("torchvision:resnet18", 4, 64, 0.05),
+    # oneDNN pads 3 and 24 channels to its 16-channel blocks and reorders a conv's input too:
+    # workspace the rules leave out, so the measured peak is up to a third above ours
+    ("unet", 4, 64, 0.35),
+])
+def test_inference_peak_against_the_profiler(name, batch, side, tolerance):
+    analysis = analyse(name)
+    model = memory_model(analysis)
+    result = model.evaluate([(batch, side, side)])
+    measured = measure_forward_peak(analysis.network, (batch, channels(analysis), side, side))
+    ratio = measured / result["inference_peak"][0]
+    assert 1 - tolerance <= ratio <= 1 + tolerance, ratio
+
+
+def test_largest_batch_is_the_last_that_fits_the_formula():
+    model = memory_model(analyse("unet"))
+    budget = 64 * 2**20
+    batch = largest_batch(model, budget, 64, 64)
+    peak = peak_formula(model, "training")
+    fits, over = peak([(batch, 64, 64), (batch + 1, 64, 64)])
+    assert fits <= budget < over
+    side = largest_square(model, budget, 8)
+    assert side % 4 == 0
+    fits, over = peak([(8, side, side), (8, side + 4, side + 4)])
+    assert fits <= budget < over
+
+
+def test_memory_command_json_and_budget(tmp_path):
+    path = tmp_path / "memory.json"
+    code = main(["memory", "poolupsample", "--res", "32", "--batch", "1", "4",
+                 "--budget", "64MiB", "--optimizer", "adam", "-o", str(path)])
+    assert code == 0
+    data = json.loads(path.read_text())
+    assert data["points"] == ["B=1 @32", "B=4 @32"]
+    assert data["budget"]["largest_batch"]["32"] > 4
+    tensors = sum(1 for _ in analyse("poolupsample").network.parameters())
+    assert data["totals"]["optimizer"]["values"]["B=1 @32"] == 2 * data["totals"][
+        "gradients"]["values"]["B=1 @32"] + 4 * tensors  # Adam's float32 step per tensor
+    from_python = memory_table("poolupsample", [(32, 32)], [1, 4], optimizer="adam")
+    assert from_python["totals"]["saved"] == data["totals"]["saved"]
+
+
+@pytest.mark.parametrize("arguments", [
+    ["--batch", "0"],
+    ["--budget", "12XB"],
+    ["--res", "30"],
+    ["--set", "NF=0"],
+])
+def test_memory_command_refuses_bad_input_in_one_line(arguments, capsys):
+    assert main(["memory", "poolupsample", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("convtally memory: error:") and error.count("\n") == 1
