@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from copy import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -141,8 +141,12 @@ class Analysis:
                 "every size"
             )
 
-    def evaluate(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
-        """Return quantity -> int array (layers x resolutions) at the given (H, W) pairs."""
+    def evaluate(
+        self, resolutions: Sequence[tuple[int, int]], explain: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Return quantity -> int array (layers x resolutions) at the given (H, W) pairs; a
+        ResolutionError names the first layer that cannot run (and, if `explain`, where it
+        can)."""
         if self.concrete is not None:
             return self._evaluate_concrete(resolutions)
         for height, width in resolutions:
@@ -158,9 +162,13 @@ class Analysis:
             index, (a, b, what) = self._requirement_owner[row]
             layer = self.layers[index]
             height, width = resolutions[column]
+            if not explain:
+                raise ResolutionError(f"{layer.name} cannot run at {height}x{width}")
+            sides = _holding_sides(a - b, self.substitutions())
+            runnable = [side for side in sides[:64] if _runs_at(self, side)]
             raise ResolutionError(
                 f"{layer.name} ({layer.type}) cannot run at {height}x{width}: {what} "
-                f"({a} = {b}){_where_it_holds(a - b, self.substitutions())}"
+                f"({a} = {b}){_where_it_holds(runnable)}"
             )
         if sizes.size and (sizes < 1).any():
             row, column = np.argwhere(sizes < 1)[0]
@@ -1014,23 +1022,104 @@ def _apply_divisibility(layers: list[Layer], exact: bool) -> tuple[tuple[int, in
     return (multiples[0], multiples[1]), assumptions
 
 
-def _where_it_holds(difference: sp.Expr, substitution: Mapping[sp.Symbol, int]) -> str:
-    """Return '; it holds at 32x32' for the square sizes up to 4096 where `difference` is 0.
+def answer_every_resolution(
+    analysis: Analysis,
+    resolutions: Sequence[tuple[int, int]],
+    exact_analysis: Callable[[], Analysis],
+) -> Analysis:
+    """Return an analysis that answers at every one of `resolutions`.
+
+    The simple formulas are kept where they hold; when a requested size breaks the divisibility
+    they assume, the exact formulas (with floor(), from `exact_analysis()`) are used instead and
+    the assumptions say so. A size the network cannot run at is refused with the nearest sizes
+    it can run at.
+    """
+    symbolic = analysis.concrete is None
+    broken = []
+    if symbolic and not analysis.exact:
+        for height, width in resolutions:
+            try:
+                analysis._check_divisibility(height, width)
+            except ResolutionError as error:
+                broken.append((height, width, str(error).split(";")[0]))
+    if broken:
+        analysis = exact_analysis()
+        sizes = ", ".join(f"{h}x{w}" for h, w, _ in broken)
+        analysis.assumptions.append(
+            f"formulas keep floor() (exact at every size) because {sizes} breaks the "
+            f"divisibility the simple ones assume ({broken[0][2]})"
+        )
+    for height, width in resolutions:
+        try:
+            analysis.evaluate([(height, width)])
+        except ResolutionError as error:
+            if not symbolic:
+                raise
+            reason = str(error).split("; it holds at")[0].split("; try a larger")[0]
+            near = nearest_runnable(analysis, height, width)
+            hint = f"; the nearest sizes it runs at: {', '.join(near)}" if near else ""
+            raise ResolutionError(
+                f"{analysis.model} cannot run at {height}x{width}: {reason}{hint}"
+            ) from None
+    return analysis
+
+
+def nearest_runnable(analysis: Analysis, height: int, width: int, reach: int = 64) -> list[str]:
+    """Return up to two sizes near height x width (squares when it is square) where every layer
+    of `analysis` runs, nearest first."""
+    if height == width:
+        candidates = [(side, side) for side in _around(height, reach)]
+    else:
+        candidates = [(h, width) for h in _around(height, reach)]
+        candidates += [(height, w) for w in _around(width, reach)]
+        candidates.sort(key=lambda pair: abs(pair[0] - height) + abs(pair[1] - width))
+    found = []
+    for h, w in candidates:
+        if _runs_at(analysis, h, w):
+            found.append(f"{h}x{w}")
+            if len(found) == 2:
+                break
+    return found
+
+
+def _around(value: int, reach: int) -> list[int]:
+    """Return value-1, value+1, value-2, value+2, ... (positive only), `reach` steps out."""
+    sides = []
+    for step in range(1, reach + 1):
+        sides.extend(side for side in (value - step, value + step) if side >= 1)
+    return sides
+
+
+def _holding_sides(difference: sp.Expr, substitution: Mapping[sp.Symbol, int]) -> list[int]:
+    """Return the square sides up to 4096 where `difference` is 0.
 
     Counted by evaluating at every size (floor() and all), not by solving: sympy's solver
     cannot invert floor().
     """
     square = sp.sympify(difference).subs(substitution).subs(W, H)
     if square.free_symbols - {H}:
-        return ""
+        return []
     sides = np.arange(1, 4097, dtype=object)
     values = IntegerEvaluator([square])(sides, sides)[0]
-    sizes = [int(side) for side, value in zip(sides, values, strict=True) if value == 0]
+    return [int(side) for side, value in zip(sides, values, strict=True) if value == 0]
+
+
+def _where_it_holds(sizes: Sequence[int]) -> str:
+    """Return '; it holds at 32x32' for the square sizes given, or '' when there are none."""
     if not sizes:
         return ""
     shown = ", ".join(f"{s}x{s}" for s in sizes[:6])
     more = f", ... ({len(sizes)} square sizes up to 4096)" if len(sizes) > 6 else ""
     return f"; it holds at {shown}{more}"
+
+
+def _runs_at(analysis: Analysis, side: int, width: int | None = None) -> bool:
+    """Return True when every layer of `analysis` can run at side x side (or side x width)."""
+    try:
+        analysis.evaluate([(side, side if width is None else width)], explain=False)
+    except (ResolutionError, rules.ShapeMismatch):
+        return False
+    return True
 
 
 def requirement_assumptions(analysis: Analysis) -> list[str]:
@@ -1048,10 +1137,15 @@ def requirement_assumptions(analysis: Analysis) -> list[str]:
                 )
             kept.append((a, b, what))
         layer.requirements = tuple(kept)
+    analysis._compiled = None  # the requirements changed
+    for layer in analysis.layers:
         for a, b, what in layer.requirements:
+            # a root of the equation is a size only where the whole network runs (24x24 can
+            # solve a Linear's size equation yet be too small for the layers before it)
+            sides = _holding_sides(a - b, analysis.substitutions())
+            runnable = [side for side in sides[:64] if _runs_at(analysis, side)]
             lines.append(
-                f"{layer.name} ({layer.type}): {what}, {a} = {b}"
-                f"{_where_it_holds(a - b, analysis.substitutions())}"
+                f"{layer.name} ({layer.type}): {what}, {a} = {b}{_where_it_holds(runnable)}"
             )
     return lines
 

@@ -198,19 +198,23 @@ def resolutions_from(args: argparse.Namespace, default: tuple[str, ...] = ("32",
     return [parse_resolution(r) for r in (args.res or default)]
 
 
-def analyse_from(args: argparse.Namespace, model: str):
+def analyse_from(args: argparse.Namespace, model: str, default: tuple[str, ...] = ("32", "64")):
     """Return the Analysis for `model` with the arguments' settings and convention."""
-    from analysis.accounting import analyse, parse_settings
+    from analysis.accounting import analyse, answer_every_resolution, parse_settings
 
-    return analyse(
-        model,
-        parse_settings(args.set),
-        convention_from(args),
-        exact=args.exact,
-        allow_unknown=not getattr(args, "strict", False),
-        capture=getattr(args, "capture", "auto"),
-        resolutions=resolutions_from(args),
-    )
+    def run(exact: bool):
+        return analyse(
+            model,
+            parse_settings(args.set),
+            convention_from(args),
+            exact=exact,
+            allow_unknown=not getattr(args, "strict", False),
+            capture=getattr(args, "capture", "auto"),
+            resolutions=resolutions,
+        )
+
+    resolutions = resolutions_from(args, default)
+    return answer_every_resolution(run(args.exact), resolutions, lambda: run(True))
 
 
 def run_table(args: argparse.Namespace) -> int:
@@ -290,7 +294,7 @@ def run_check_table(args: argparse.Namespace) -> int:
     """`convtally check-table`: every wrong cell of a hand table, diagnosed; 1 if any."""
     from analysis.handcheck import check_table, read_hand_table, render_check
 
-    analysis = analyse_from(args, args.model)
+    analysis = analyse_from(args, args.model, ("32",))
     tables: dict = {}
     resolutions = resolutions_from(args, ("32",))
     files = list(args.files)
@@ -328,6 +332,7 @@ def run_crosscheck(args: argparse.Namespace) -> int:
         resolutions_from(args, ("224",)),
         parse_settings(args.set) or None,
         tools=args.tools,
+        exact=args.exact,
     )
     for note in result.skipped:
         print(note, file=sys.stderr)
@@ -372,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="convtally",
         description="Weights, outputs and connections of CNNs as exact formulas, verified.",
     )
+    parser.add_argument("--version", action="version", version=f"convtally {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    parser.add_argument("--version", action="version", version=f"convtally {_version()}")
     table = commands.add_parser("table", help="per-layer weights, outputs and connections")
     add_model_arguments(table)
     add_output_arguments(table, ("text", "csv", "markdown", "latex", "json"))
@@ -448,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     cross.add_argument(
         "--layers", action="store_true", help="also list every tool's count per layer"
     )
+    cross.add_argument(
+        "--exact",
+        action="store_true",
+        help="formulas with floor() at every resolution (a resolution off the simple formulas' "
+        "divisibility gets them anyway)",
+    )
     add_output_arguments(cross, ("text", "json", "csv", "markdown"))
     cross.set_defaults(handler=run_crosscheck)
 
@@ -471,7 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_size_arguments(check, "32")
     add_convention_arguments(check)
-    check.set_defaults(exact=False, allow_unknown=False, strict=True)
+    check.add_argument(
+        "--exact",
+        action="store_true",
+        help="check values and formulas against the formulas with floor() that hold at every "
+        "size (a hand formula such as NF*H/2 is then wrong unless it keeps the floor)",
+    )
+    check.set_defaults(allow_unknown=False, strict=True)
     add_output_arguments(check, ("text", "markdown", "csv", "json"))
     check.set_defaults(handler=run_check_table)
 
@@ -514,8 +531,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 1 check failed, 2 bad input)."""
 def _version() -> str:
     """Return the installed convtally version (without importing torch)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -526,12 +541,14 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code (0 ok, 1 check failed, 2 bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        resolve_format(args)
         return int(args.handler(args) or 0)
     except (UsageError, ValueError) as error:
-        resolve_format(args)
         print(f"convtally {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except FileNotFoundError as error:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.accounting import QUANTITIES, Analysis, analyse
+from analysis.accounting import QUANTITIES, Analysis, analyse, answer_every_resolution
 from analysis.conventions import DEFAULT, Convention
 from analysis.formatting import resolution_label
 
@@ -61,7 +61,10 @@ def compare(
 ) -> pd.DataFrame:
     """Return one row per model and resolution (totals, ratios to the first model, accuracy)."""
     analyses = [
-        m if isinstance(m, Analysis) else analyse(m, _settings_for(m, settings), convention)
+        m if isinstance(m, Analysis) else answer_every_resolution(
+            analyse(m, _settings_for(m, settings), convention), resolutions,
+            lambda m=m: analyse(m, _settings_for(m, settings), convention, exact=True),
+        )
         for m in models
     ]
     rows = []

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.accounting import Analysis, analyse
+from analysis.accounting import Analysis, analyse, answer_every_resolution
 from analysis.conventions import make_convention, preset
 from analysis.formatting import resolution_label
 from models.registry import ModelSpec, resolve
@@ -383,12 +383,20 @@ def crosscheck(
     resolutions: Sequence[tuple[int, int]] = ((224, 224),),
     settings: Mapping[str, int] | None = None,
     tools: Sequence[str] = TOOLS,
+    exact: bool = False,
 ) -> CrossCheck:
-    """Return each installed tool's number next to our preset for it, with the breakdown."""
+    """Return each installed tool's number next to our preset for it, with the breakdown.
+
+    A resolution that breaks the simple formulas' divisibility is counted with the exact
+    (floor) formulas, as `exact=True` does for all of them.
+    """
     unknown = [t for t in tools if t not in TOOLS]
     if unknown:
         raise ValueError(f"unknown tool {unknown[0]!r}; use some of {', '.join(TOOLS)}")
-    analysis = analyse(model, settings)
+    analysis = answer_every_resolution(
+        analyse(model, settings, exact=exact), resolutions,
+        lambda: analyse(model, settings, exact=True),
+    )
     build = _builder(model, settings)
     channels = int(analysis.input_channels.subs(analysis.substitutions()))
     skipped, packages = [], {}

@@ -24,7 +24,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from analysis.accounting import Analysis, H, W, analyse, node_output_shapes
+from analysis.accounting import (
+    Analysis,
+    H,
+    W,
+    analyse,
+    answer_every_resolution,
+    node_output_shapes,
+)
 from analysis.conventions import DEFAULT, Convention
 from analysis.rules import BATCH
 
@@ -267,7 +274,13 @@ def verify(
     from analysis.limits import check_forward_fits
     from models.device import device_description, resolve_device
 
-    analysis = model if isinstance(model, Analysis) else analyse(model, settings, convention)
+    if isinstance(model, Analysis):
+        analysis = model
+    else:
+        analysis = answer_every_resolution(
+            analyse(model, settings, convention), resolutions,
+            lambda: analyse(model, settings, convention, exact=True),
+        )
     check_forward_fits(analysis, resolutions)  # before anything runs
     device = resolve_device(device) if isinstance(device, str) else device
     if checkpoint is not None:

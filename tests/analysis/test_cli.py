@@ -58,7 +58,7 @@ def test_table_convention_switches(capsys):
         (["table", "torchvision:nosuch"], "unknown torchvision model 'nosuch'"),
         (["table", "unet", "--set", "QQ=3"], "unknown hyperparameter 'QQ'"),
         (["table", "unet", "--set", "NF=x"], "bad --set 'NF=x'"),
-        (["table", "unet", "--res", "30"], "expected H divisible by 4 for block1.1 (MaxPool2d)"),
+        (["table", "unet", "--res", "30"], "unet cannot run at 30x30: cat (cat) cannot run"),
         (["table", "unet", "--res", "abc"], "bad resolution 'abc'"),
         (["verify", "unet", "--device", "cuda:7"], "no CUDA GPU is available"),
         (["padding", "--kernel", "4", "--stride", "1"], "no padding makes a kernel-4, stride-1"),

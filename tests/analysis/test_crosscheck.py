@@ -122,9 +122,9 @@ def test_a_preset_that_differs_from_its_tool_exits_1(monkeypatch, capsys):
 
 
 def test_bad_input_is_one_line_and_exit_2(capsys):
-    assert main(["crosscheck", "poolupsample", "--res", "30"]) == 2
+    assert main(["crosscheck", "unet", "--res", "30"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "H divisible by 4" in err
+    assert err.count("\n") == 1 and "unet cannot run at 30x30" in err
     assert main(["crosscheck", "nosuchnet"]) == 2
     assert "unknown model 'nosuchnet'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
