@@ -222,7 +222,7 @@ def run_table(args: argparse.Namespace) -> int:
     from analysis.formatting import render
 
     analysis = analyse_from(args, args.model)
-    emit(render(analysis, resolutions_from(args), args.format), args.output)
+    emit(render(analysis, resolutions_from(args), args.format, args.columns), args.output)
     return 0
 
 
@@ -383,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     table = commands.add_parser("table", help="per-layer weights, outputs and connections")
     add_model_arguments(table)
     add_output_arguments(table, ("text", "csv", "markdown", "latex", "json"))
+    table.add_argument(
+        "--columns",
+        choices=("both", "values", "formulas"),
+        default="both",
+        help="formula columns, value columns or both (default); a long network's total formula "
+        "does not fit a page next to the values",
+    )
     table.set_defaults(handler=run_table)
 
     verify = commands.add_parser(

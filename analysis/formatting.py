@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 
 import pandas as pd
@@ -130,8 +131,28 @@ def header_lines(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> 
     return lines
 
 
-def render(analysis: Analysis, resolutions: Sequence[tuple[int, int]], fmt: str) -> str:
-    """Return the cost table rendered in `fmt` (one of FORMATS)."""
+COLUMNS = ("both", "values", "formulas")
+
+
+def select_columns(frame: pd.DataFrame, columns: str) -> pd.DataFrame:
+    """Return `frame` with only the values ('values'), only the formulas ('formulas') or both."""
+    if columns not in COLUMNS:
+        raise ValueError(f"unknown --columns {columns!r}; use one of {', '.join(COLUMNS)}")
+    if columns == "values":
+        return frame.drop(columns=list(QUANTITIES))
+    if columns == "formulas":
+        return frame.drop(columns=[c for c in frame.columns if " @" in str(c)])
+    return frame
+
+
+def render(
+    analysis: Analysis,
+    resolutions: Sequence[tuple[int, int]],
+    fmt: str,
+    columns: str = "both",
+) -> str:
+    """Return the cost table rendered in `fmt` (one of FORMATS), with the formula columns, the
+    value columns or both (`columns`; JSON always has both)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "json":
@@ -143,9 +164,9 @@ def render(analysis: Analysis, resolutions: Sequence[tuple[int, int]], fmt: str)
         }
         return json.dumps(data, indent=2) + "\n"
     if fmt == "csv":
-        return cost_frame(analysis, resolutions).to_csv(index=False)
+        return select_columns(cost_frame(analysis, resolutions), columns).to_csv(index=False)
     if fmt == "latex":
-        return render_latex(analysis, resolutions)
+        return render_latex(analysis, resolutions, columns)
     frame = cost_frame(analysis, resolutions)
     header = header_lines(analysis, resolutions)
     if fmt == "markdown":
@@ -153,8 +174,9 @@ def render(analysis: Analysis, resolutions: Sequence[tuple[int, int]], fmt: str)
             frame[quantity] = frame[quantity].map(lambda f: f"`{f}`" if f else f)
         frame["output shape"] = frame["output shape"].map(lambda f: f"`{f}`" if f else f)
         notes = "\n".join(f"- {line}" for line in header)
-        return f"{notes}\n\n{frame.to_markdown(index=False)}\n"
-    return "\n".join(header) + "\n\n" + _text_table(frame) + "\n"
+        table = select_columns(frame, columns).to_markdown(index=False, intfmt=",")
+        return f"{notes}\n\n{table}\n"
+    return "\n".join(header) + "\n\n" + _text_table(select_columns(frame, columns)) + "\n"
 
 
 def _text_table(frame: pd.DataFrame) -> str:
@@ -170,9 +192,15 @@ def _text_table(frame: pd.DataFrame) -> str:
     )
 
 
-def render_latex(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> str:
-    """Return a booktabs LaTeX table (pandas Styler) with formulas in math mode."""
-    frame = cost_frame(analysis, resolutions, latex=True)
+LONGTABLE_ROWS = 40  # above this a table cannot fit one page: a longtable breaks across pages
+
+
+def render_latex(
+    analysis: Analysis, resolutions: Sequence[tuple[int, int]], columns: str = "both"
+) -> str:
+    """Return a booktabs LaTeX table (pandas Styler): formulas in math mode, numbers
+    right-aligned, a caption and a label, and a longtable when it is too long for one page."""
+    frame = select_columns(cost_frame(analysis, resolutions, latex=True), columns)
     frame["layer"] = frame["layer"].map(_escape_latex)
     frame["type"] = frame["type"].map(_escape_latex)
     frame.columns = pd.MultiIndex.from_tuples(
@@ -183,21 +211,28 @@ def render_latex(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> 
             for c in frame.columns
         ]
     )
-    styler = frame.style.hide(axis="index").format(
-        "{:,}", subset=[c for c in frame.columns if c[1] not in ("formula", "")]
-    )
+    numeric = [c for c in frame.columns if c[1] not in ("formula", "")]
+    styler = frame.style.hide(axis="index").format("{:,}", subset=numeric)
     caption = _escape_latex(
         f"{analysis.model}: weights, outputs and connections per layer "
         f"({'; '.join(analysis.assumptions) or 'no assumptions'}; {analysis.convention.describe()})"
     )
+    long = len(frame) > LONGTABLE_ROWS
+    label = "tab:costs-" + re.sub(r"[^A-Za-z0-9]+", "-", analysis.model).strip("-")
     body = styler.to_latex(
         hrules=True,
-        column_format="ll" + "l" * (frame.shape[1] - 2),
+        column_format="".join("r" if c in numeric else "l" for c in frame.columns),
         caption=caption,
+        label=label,
         multicol_align="c",
-        position="htbp",
+        position=None if long else "htbp",
+        environment="longtable" if long else None,
     )
-    return "% " + "\n% ".join(header_lines(analysis, resolutions)) + "\n" + body
+    packages = "booktabs, longtable" if long else "booktabs"
+    return (
+        f"% needs \\usepackage{{{packages}}}\n% "
+        + "\n% ".join(header_lines(analysis, resolutions)) + "\n" + body
+    )
 
 
 def _escape_latex(text: str) -> str:

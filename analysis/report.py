@@ -153,7 +153,8 @@ def _segmentation_costs(staging: Path, index: list[str]) -> None:
     )
     for fmt, suffix in (("csv", "csv"), ("json", "json"), ("latex", "tex")):
         atomic_write_text(
-            staging / "costs" / f"deeplabv3_flowers.{suffix}", render(analysis, resolutions, fmt)
+            staging / "costs" / f"deeplabv3_flowers.{suffix}",
+            render(analysis, resolutions, fmt, "values" if fmt == "latex" else "both"),
         )
     index.append(
         f"- `costs/deeplabv3_flowers.{{csv,md,tex,json}}`: the write-up's DeepLabV3-"
