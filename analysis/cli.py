@@ -48,7 +48,8 @@ def add_convention_arguments(parser: argparse.ArgumentParser) -> None:
         "--convention",
         choices=preset_names(),
         default="default",
-        help="count as DESIGN.md (default) or as fvcore, ptflops, thop, torchinfo or PyTorch's "
+        help="count as docs/counting.md says (default) or as fvcore, ptflops, thop, torchinfo or "
+        "PyTorch's "
         "FlopCounterMode (torch) do; the switches below apply on top",
     )
     parser.add_argument(

@@ -11,7 +11,7 @@ where `op` is the operation (relu, max_pool2d, upsample_bilinear, add, ...), `ki
 kind (conv, norm, activation, ...) and `via` how it was called (module, F, torch, Tensor,
 operator, ...). The presets reproduce what fvcore, ptflops, thop, torchinfo and PyTorch's
 FlopCounterMode count; each rule names the source file that says so. The three switches of
-DESIGN.md (biases, BatchNorm weights, element-wise layers) still apply on top of any preset.
+docs/counting.md (biases, BatchNorm weights, element-wise layers) still apply on top of any preset.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _table(rules: Mapping[str, Rule]) -> Mapping[str, Rule]:
 
 # --- the tables ----------------------------------------------------------------------------
 
-DESIGN = "DESIGN.md (counting conventions)"
+DESIGN = "docs/counting.md (the default counting convention)"
 FVCORE = "https://github.com/facebookresearch/fvcore/blob/main/fvcore/nn/"
 PTFLOPS = "https://github.com/sovrasov/flops-counter.pytorch/blob/master/ptflops/"
 THOP = "https://github.com/Lyken17/pytorch-OpCounter/blob/master/thop/"
@@ -549,7 +549,7 @@ class Convention:
             "batchnorm_in_weights": self.batchnorm_in_weights,
             "elementwise_in_connections": self.elementwise_in_connections,
             "bias_in_weights": self.bias_in_weights,
-            "counts": self.counts or "DESIGN.md",
+            "counts": self.counts or "docs/counting.md",
             "unit": self.unit,
             "connection_rules": {k: r.formula() for k, r in self.connection_rules.items()},
             "weight_rules": {k: r.formula() for k, r in self.weight_rules.items()},

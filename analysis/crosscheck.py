@@ -568,7 +568,7 @@ def render_crosscheck(result: CrossCheck, fmt: str = "text", layers: bool = Fals
         lines.append(table(_summary_rows(check)))
         lines += [
             "",
-            f"default convention (DESIGN.md): {check.default:,} connections, "
+            f"default convention (docs/counting.md): {check.default:,} connections, "
             f"{check.default_weights:,} weights; each tool's difference from it, by cause:",
             "",
         ]

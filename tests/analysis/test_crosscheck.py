@@ -56,7 +56,7 @@ def test_text_output_and_layers(capsys):
     assert "crosscheck poolupsample" in out
     for tool in ("fvcore", "ptflops", "thop", "torchinfo", "torch"):
         assert any(line.startswith(tool) and " yes " in line for line in out.splitlines())
-    assert "default convention (DESIGN.md): 14,032,896 connections, 50,304 weights" in out
+    assert "default convention (docs/counting.md): 14,032,896 connections, 50,304 weights" in out
     assert "normalisation" in out and "0 preset(s) differ from their tool" in out
     # --layers: one row per module with every tool's own per-module count
     row = next(line for line in out.splitlines() if line.startswith("block0.0 "))
