@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.accounting import Analysis  # noqa: E402
-from analysis.formatting import resolution_label  # noqa: E402
 from analysis.io import atomic_save_figure  # noqa: E402
 
 
@@ -62,7 +61,7 @@ def per_layer_connections(
     axis.set_yscale("log")
     axis.set_ylabel("connections (log scale)")
     axis.set_title(
-        f"{analysis.model}: connections per layer at {resolution_label(*resolution)}"
+        f"{analysis.model}: connections per layer at {resolution[0]}x{resolution[1]}"
         " (blue: convolutions)"
     )
     axis.grid(True, axis="y", alpha=0.3)
