@@ -503,19 +503,30 @@ class MemoryModel:
 def _evaluate(formulas: Sequence[sp.Expr], substitutions: Mapping[sp.Symbol, int],
               points: Sequence[tuple[int, int, int]]) -> np.ndarray:
     """Return an object array (formulas x points) of exact integers (Max() allowed)."""
+    return _compile(formulas, substitutions)(points)
+
+
+def _compile(formulas: Sequence[sp.Expr], substitutions: Mapping[sp.Symbol, int]
+             ) -> Callable[[Sequence[tuple[int, int, int]]], np.ndarray]:
+    """Return a function (B, H, W) points -> exact integer values, compiled once."""
     from analysis.accounting import IntegerEvaluator
 
-    batches = np.array([int(p[0]) for p in points], dtype=object)
-    heights = np.array([int(p[1]) for p in points], dtype=object)
-    widths = np.array([int(p[2]) for p in points], dtype=object)
     leaves: list[sp.Expr] = []
     plans = [_plan(sp.sympify(f).subs(substitutions), leaves) for f in formulas]
-    evaluated = (IntegerEvaluator(leaves)(heights, widths) if leaves
-                 else np.zeros((0, len(points)), dtype=object))
-    out = np.zeros((len(formulas), len(points)), dtype=object)
-    for index, plan in enumerate(plans):
-        out[index] = _run(plan, evaluated, batches)
-    return out
+    evaluator = IntegerEvaluator(leaves) if leaves else None
+
+    def run(points: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        batches = np.array([int(p[0]) for p in points], dtype=object)
+        heights = np.array([int(p[1]) for p in points], dtype=object)
+        widths = np.array([int(p[2]) for p in points], dtype=object)
+        evaluated = (evaluator(heights, widths) if evaluator is not None
+                     else np.zeros((0, len(points)), dtype=object))
+        out = np.zeros((len(formulas), len(points)), dtype=object)
+        for index, plan in enumerate(plans):
+            out[index] = _run(plan, evaluated, batches)
+        return out
+
+    return run
 
 
 def _plan(expression: sp.Expr, leaves: list[sp.Expr]) -> tuple:
@@ -841,7 +852,16 @@ def _flat(value: Any) -> list:
 
 def peak_formula(model: MemoryModel, mode: str) -> Callable[[Sequence[tuple[int, int, int]]],
                                                              list[int]]:
-    """Return a function (B, H, W) points -> the peak bytes of `mode` at each."""
+    """Return a function (B, H, W) points -> the peak bytes of `mode` at each (compiled once
+    per model and mode)."""
+    cache = model.__dict__.setdefault("_peaks", {})
+    if mode not in cache:
+        cache[mode] = _peak_formula(model, mode)
+    return cache[mode]
+
+
+def _peak_formula(model: MemoryModel, mode: str) -> Callable[[Sequence[tuple[int, int, int]]],
+                                                              list[int]]:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if mode == "training":
@@ -850,8 +870,10 @@ def peak_formula(model: MemoryModel, mode: str) -> Callable[[Sequence[tuple[int,
         rows = model.inference_rows()
         formula = sp.Max(*(model.layers[i].live for i in rows)) if rows else sp.Integer(0)
 
+    compiled = _compile([formula], model.substitutions)
+
     def peak(points: Sequence[tuple[int, int, int]]) -> list[int]:
-        return [int(v) for v in _evaluate([formula], model.substitutions, points)[0]]
+        return [int(v) for v in compiled(points)[0]]
 
     return peak
 
