@@ -18,7 +18,7 @@ def test_version_prints_and_exits_0(capsys):
 
 @pytest.mark.parametrize(
     "suffix, first_line",
-    [(".tex", "% model: poolupsample"), (".csv", "layer,type,output shape,weights"),
+    [(".tex", "% needs \\usepackage{booktabs}"), (".csv", "layer,type,output shape,weights"),
      (".md", "- model: poolupsample"), (".json", "{"), (".txt", "model: poolupsample")],
 )
 def test_output_format_follows_the_extension(tmp_path, suffix, first_line):
