@@ -71,18 +71,23 @@ def timm_models() -> list[tuple[str, str, tuple[int, int]]]:
     return rows
 
 
-def build(source: str, name: str):
-    """Return a fresh network in eval mode, without pretrained weights."""
+def build(source: str, name: str, size: tuple[int, int] | None = None):
+    """Return a fresh network in eval mode, without pretrained weights (nor a backbone's)."""
     if source.startswith("timm"):
         import timm
 
         return timm.create_model(name, pretrained=False).eval()
+    import inspect
+
     import torchvision.models as tvm
 
     builder = tvm.get_model_builder(name)
     kwargs = {"weights": None}
-    if "weights_backbone" in builder.__code__.co_varnames:
+    # the builders are wrapped by decorators: the signature, not __code__, lists the arguments
+    if "weights_backbone" in inspect.signature(builder).parameters:
         kwargs["weights_backbone"] = None
+    if name.startswith("vit_") and size is not None and size[0] != 224:
+        kwargs["image_size"] = size[0]  # the published weights' size (vit_h_14: 518)
     return builder(**kwargs).eval()
 
 
@@ -95,7 +100,7 @@ def measure(source: str, name: str, size, limit: int) -> dict:
     start = time.perf_counter()
     signal.alarm(limit)
     try:
-        network = build(source, name)
+        network = build(source, name, size)
         if size is None:
             size = tuple(network.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
         row["input"] = f"3x{size[0]}x{size[1]}"
