@@ -278,10 +278,11 @@ def plot_curves(epochs: Sequence[Mapping[str, float]], path: str | os.PathLike, 
     loss_axis.set_ylabel("loss")
     loss_axis.legend()
     loss_axis.grid(alpha=0.3)
-    metric_axis.plot(numbers, [row[metric_key] for row in epochs], marker="o", markersize=3,
-                     color="tab:green")
+    percent = "accuracy" in metric_key  # accuracies are read in %, as every other output
+    metric_axis.plot(numbers, [row[metric_key] * (100 if percent else 1) for row in epochs],
+                     marker="o", markersize=3, color="tab:green")
     metric_axis.set_xlabel("epoch")
-    metric_axis.set_ylabel(metric_label)
+    metric_axis.set_ylabel(f"{metric_label} (%)" if percent else metric_label)
     metric_axis.grid(alpha=0.3)
     for axis in (loss_axis, metric_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
