@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from analysis.accounting import Analysis, analyse, answer_every_resolution
 from analysis.conventions import make_convention, preset
@@ -420,11 +421,16 @@ def crosscheck(
             make_convention(bias_in_connections=False, base=convention)
         ).evaluate(resolutions)["connections"]
     checks = []
+    # a bar on a terminal only (tqdm turns itself off when stderr is not one)
+    progress = tqdm(total=len(resolutions) * len(packages), desc="crosscheck", unit="run",
+                    disable=None, leave=False)
     for j, resolution in enumerate(resolutions):
         x = torch.zeros(1, channels, *resolution)
         tool_checks, presets, results = [], {}, {}
         for tool, package in packages.items():
+            progress.set_postfix_str(f"{tool} at {resolution[0]}x{resolution[1]}")
             result = run_tool(tool, build(), x)
+            progress.update()
             connections = counted[tool]["connections"][:, j]
             tool_checks.append(
                 ToolCheck(
@@ -451,6 +457,7 @@ def crosscheck(
                 layers=_layer_rows(analysis, default["connections"][:, j], presets, results),
             )
         )
+    progress.close()
     return CrossCheck(analysis.model, [channels], checks, skipped)
 
 

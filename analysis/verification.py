@@ -23,6 +23,7 @@ import sympy as sp
 import torch
 import torch.fx
 from torch import nn
+from tqdm import tqdm
 
 from analysis.accounting import (
     Analysis,
@@ -290,7 +291,10 @@ def verify(
     values = analysis.evaluate(resolutions)
     substitution = analysis.substitutions()
     checks = []
-    for j, (height, width) in enumerate(resolutions):
+    # a bar on a terminal only (tqdm turns itself off when stderr is not one)
+    for j, (height, width) in enumerate(
+        tqdm(resolutions, desc="verify", unit="resolution", disable=None, leave=False)
+    ):
         label = resolution_label(height, width)
         measured, fvcore, torch_counts = measure(analysis, height, width, device)
         at = {H: height, W: width, BATCH: 1, **substitution}
