@@ -232,11 +232,32 @@ class _Sizes:
             torch_functions.FloorDiv: floor_div,
             torch_functions.CleanDiv: lambda a, b: a / b,
             torch_functions.IntTrueDiv: lambda a, b: a / b,
+            torch_functions.FloatTrueDiv: lambda a, b: a / b,
+            torch_functions.CeilDiv: lambda a, b: sp.ceiling(a / b),
+            torch_functions.CeilToInt: sp.ceiling,
+            torch_functions.FloorToInt: sp.floor,
+            torch_functions.TruncToInt: sp.floor,  # sizes are never negative
+            torch_functions.ToFloat: lambda a: a,
+            torch_functions.PowByNatural: lambda a, b: a**b,
+            torch_functions.Mod: lambda a, b: a - b * sp.floor(a / b),
+            torch_functions.PythonMod: lambda a, b: a - b * sp.floor(a / b),
         }
         for function, replacement in replacements.items():
             expression = expression.replace(
                 lambda e, f=function: isinstance(e, f),
                 lambda e, r=replacement: r(*e.args),
+            )
+        # any other function of torch's symbolic shapes is refused here, not left to crash the
+        # evaluator later (mobilevit's CeilToInt did, with a NameError)
+        foreign = {
+            type(node).__name__ for node in sp.preorder_traversal(sp.sympify(expression))
+            if type(node).__module__.startswith("torch")
+            or (isinstance(node, sp.Function) and not isinstance(node, (sp.floor, sp.ceiling)))
+        }
+        if foreign:
+            raise UnsupportedLayer(
+                f"a size uses {', '.join(sorted(foreign))} of torch's symbolic shapes, which "
+                "has no exact integer form here"
             )
         unknown = expression.free_symbols - {H, W}
         if unknown:

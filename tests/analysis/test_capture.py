@@ -145,3 +145,27 @@ def test_timm_reference_resolves():
     assert spec.name == "timm:convnext_atto"
     with pytest.raises(ValueError, match="unknown timm model 'nosuch'"):
         resolve("timm:nosuch")
+
+
+def test_torch_symbolic_functions_become_exact_integer_forms():
+    """torch.export's CeilToInt, FloorDiv, Mod, ... map onto floor/ceiling (mobilevit's
+    CeilToInt once crashed the evaluator); an unmapped one is refused, not left to crash."""
+    import numpy as np
+    import sympy as sp
+    from torch.utils._sympy import functions as torch_functions
+
+    from analysis.accounting import H, IntegerEvaluator, W
+    from analysis.export_capture import _Sizes
+    from analysis.rules import UnsupportedLayer
+
+    sizes = _Sizes(0, 0)  # plain ints: no SymInt to map
+    s0, s1 = sp.symbols("s0 s1", integer=True, positive=True)
+    sizes.mapping = {s0: H, s1: W}
+    expression = (torch_functions.CeilToInt(s0 / 3) + torch_functions.FloorDiv(s1, 4)
+                  + torch_functions.PythonMod(s0, 5))
+    converted = sizes.convert(expression)
+    values = IntegerEvaluator([converted])(
+        np.array([7, 8, 30], dtype=object), np.array([9, 12, 31], dtype=object))[0]
+    assert list(values) == [-(-h // 3) + w // 4 + h % 5 for h, w in ((7, 9), (8, 12), (30, 31))]
+    with pytest.raises(UnsupportedLayer, match="Max"):
+        sizes.convert(torch_functions.Max(s0, s1))
