@@ -605,15 +605,21 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
 
 def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown) -> Analysis:
     graph_module = trace(prepared.network)
-    layers = _interpret(
+    layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown, (H, W))
+    return _finish(prepared, graph_module, layers, convention, exact)
+
+
+def _interpret_prepared(prepared, graph_module, convention, allow_unknown, size) -> list[Layer]:
+    """Return the rows of `prepared`'s traced graph with the input H x W = `size`."""
+    return _interpret(
         graph_module,
         prepared.attributes,
         prepared.input_channels,
         convention,
         allow_unknown,
         prepared.channels,
+        size=size,
     )
-    return _finish(prepared, graph_module, layers, convention, exact)
 
 
 def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analysis:
@@ -629,14 +635,9 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
     per_resolution: dict[tuple[int, int], list[Layer]] = {}
     for height, width in resolutions:
         try:
-            per_resolution[(height, width)] = _interpret(
-                graph_module,
-                prepared.attributes,
-                prepared.input_channels,
-                convention,
-                allow_unknown,
-                prepared.channels,
-                size=(sp.Integer(height), sp.Integer(width)),
+            per_resolution[(height, width)] = _interpret_prepared(
+                prepared, graph_module, convention, allow_unknown,
+                (sp.Integer(height), sp.Integer(width)),
             )
         except UnsupportedLayer as error:
             raise UnsupportedLayer(f"at {height}x{width}: {error}") from None

@@ -28,6 +28,8 @@ from analysis.accounting import (
     Layer,
     W,
     _finish,
+    _first_input,
+    _new_parameters,
     _Prepared,
     concrete_analysis,
 )
@@ -370,11 +372,11 @@ def interpret_exported(
             except UnsupportedLayer as error:
                 raise UnsupportedLayer(f"{label} (aten.{op}): {error}") from None
         cost = _with_output(cost, output)
-        weights = _own(args, owned)
+        weights = _new_parameters(args, owned)
         cost = replace(
             cost, op=cost.op or op, via="aten", weights=cost.weights + weights,
             parameters=cost.weights + weights,
-            inputs=_first_values(args) if cost.inputs is None else cost.inputs,
+            inputs=_first_input(args, {}) if cost.inputs is None else cost.inputs,
         )
         env[node.name] = output
         shape = output.shape[1:] if isinstance(output, SymTensor) else ()
@@ -455,30 +457,7 @@ def _with_output(cost: LayerCost, output: Any) -> LayerCost:
         cost = replace(cost, connections=cost.outputs * extra["per_output"])
     if cost.kind == "conv" and "has_bias" in extra:  # transposed: bias per output value
         cost = replace(cost, bias_connections=cost.outputs * extra["has_bias"])
-    if cost.kind == "conv" and cost.op.startswith("conv") and "has_bias" not in extra:
-        pass
     return cost
-
-
-def _own(args: Any, owned: set[str]) -> sp.Expr:
-    found: list[ParameterTensor] = []
-    torch.fx.node.map_aggregate(
-        args, lambda v: found.append(v) if isinstance(v, ParameterTensor) else None
-    )
-    total = 0
-    for parameter in found:
-        if parameter.target not in owned:
-            owned.add(parameter.target)
-            total += parameter.numel
-    return sp.Integer(total)
-
-
-def _first_values(args: Any) -> sp.Expr | None:
-    found: list[SymTensor] = []
-    torch.fx.node.map_aggregate(
-        args, lambda v: found.append(v) if isinstance(v, SymTensor) else None
-    )
-    return found[0].per_example if found else None
 
 
 # --- the rungs -------------------------------------------------------------------------------

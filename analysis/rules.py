@@ -354,17 +354,22 @@ def layer_norm(module: nn.LayerNorm, attrs: Attributes, x: SymTensor) -> LayerCo
     )
 
 
-def group_norm(module: nn.GroupNorm, attrs: Attributes, x: SymTensor) -> LayerCost:
-    """GroupNorm: weights 2*C when affine, 1 connection per output."""
-    weights = 2 * attrs["num_channels"] if module.affine else sp.Integer(0)
+def _channel_norm(module: nn.Module, channels: sp.Expr, x: SymTensor, op: str) -> LayerCost:
+    """A norm with one scale and one shift per channel: weights 2*C when affine, 1 connection
+    per output."""
     return LayerCost(
         "norm",
         SymTensor(x.shape),
-        weights=weights,
+        weights=2 * channels if module.affine else sp.Integer(0),
         connections=x.per_example,
-        op="group_norm",
+        op=op,
         affine=module.affine,
     )
+
+
+def group_norm(module: nn.GroupNorm, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """GroupNorm: weights 2*C when affine, 1 connection per output."""
+    return _channel_norm(module, attrs["num_channels"], x, "group_norm")
 
 
 def activation(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
@@ -436,15 +441,7 @@ def upsample(module: nn.Upsample, attrs: Attributes, x: SymTensor) -> LayerCost:
 
 def instance_norm(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
     """InstanceNorm1d/2d/3d: weights 2*C when affine, 1 connection per output."""
-    weights = 2 * attrs["num_features"] if module.affine else sp.Integer(0)
-    return LayerCost(
-        "norm",
-        SymTensor(x.shape),
-        weights=weights,
-        connections=x.per_example,
-        op="instance_norm",
-        affine=module.affine,
-    )
+    return _channel_norm(module, attrs["num_features"], x, "instance_norm")
 
 
 def rms_norm(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:

@@ -24,6 +24,9 @@ class Hyperparameter:
     probe_step: int = 1  # how far a probe moves it (kernel moves by 2 to keep 'same' padding)
 
 
+_SIZES: dict[tuple, int | None] = {}  # (spec name, settings) -> bytes of its parameters
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A network that can be built by name, with the hyperparameters its formulas use."""
@@ -56,7 +59,11 @@ class ModelSpec:
 
         values = self.settings(settings)
         kwargs = {hp.name: values[hp.symbol] for hp in self.hyperparameters}
-        needed = meta_parameter_bytes(lambda: self.factory(**kwargs))
+        key = (self.name, tuple(sorted(values.items())))
+        # one analysis builds the same setting up to three times; size it on the first only
+        if key not in _SIZES:
+            _SIZES[key] = meta_parameter_bytes(lambda: self.factory(**kwargs))
+        needed = _SIZES[key]
         if needed is not None:
             at = ", ".join(f"{s}={v}" for s, v in values.items())
             check_fits(

@@ -2,53 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from models import cifar
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_evidence",
-                                                  REPO / "benchmarks" / "gpu_evidence.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_evidence = load_script()
-
-
-def blocky_images(count: int, seed: int) -> np.ndarray:
-    """Return `count` uint8 images made of 4x4 blocks of random colours."""
-    rng = np.random.default_rng(seed)
-    palette = rng.integers(0, 256, (30, 3))
-    blocks = palette[rng.integers(0, len(palette), (count, 8, 8))]
-    images = blocks.repeat(4, axis=1).repeat(4, axis=2).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(images, dtype=np.uint8)
-
-
-@pytest.fixture
-def data_dir(tmp_path) -> Path:
-    """An official-layout CIFAR folder: 8 horses in each train file, 6 in the test file."""
-    directory = tmp_path / cifar.CIFAR_DIRNAME
-    directory.mkdir()
-    for index, name in enumerate((*cifar.TRAIN_FILES, cifar.TEST_FILE)):
-        count = 6 if name == cifar.TEST_FILE else 8
-        cifar.write_batch_file(directory / name, blocky_images(count + 2, index),
-                               np.array([7] * count + [1, 2]))
-    return directory
+gpu_evidence = load_script("benchmarks/gpu_evidence.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

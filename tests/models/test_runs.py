@@ -29,7 +29,7 @@ from models import cifar, runs, train_colour
 from models.flowers import write_synthetic_flowers
 from models.train_colour import ColourConfig, train_colourization
 from models.train_segment import SegmentConfig, train_segmentation
-from tests.models.test_train_colour import blocky_images
+from tests.conftest import blocky_images
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD_TIMEOUT = 300  # seconds; only a hung child process ever gets near it

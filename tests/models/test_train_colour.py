@@ -18,28 +18,6 @@ from models.train_colour import ColourConfig, train_colourization
 REAL_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / cifar.CIFAR_DIRNAME
 
 
-def blocky_images(count: int, seed: int) -> np.ndarray:
-    """Return `count` uint8 images made of 4x4 blocks of random colours (learnable colours)."""
-    rng = np.random.default_rng(seed)
-    palette = rng.integers(0, 256, (6, 3))
-    blocks = palette[rng.integers(0, len(palette), (count, 8, 8))]  # N x 8 x 8 x 3
-    images = blocks.repeat(4, axis=1).repeat(4, axis=2).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(images, dtype=np.uint8)
-
-
-@pytest.fixture
-def data_dir(tmp_path) -> Path:
-    """An official-layout CIFAR folder: 8 horses in each train file, 6 in the test file."""
-    directory = tmp_path / cifar.CIFAR_DIRNAME
-    directory.mkdir()
-    for index, name in enumerate((*cifar.TRAIN_FILES, cifar.TEST_FILE)):
-        count = 6 if name == cifar.TEST_FILE else 8
-        labels = np.array([7] * count + [1, 2])
-        cifar.write_batch_file(directory / name, blocky_images(count + 2, index), labels,
-                               bytes_keys=(name == "data_batch_2"))
-    return directory
-
-
 @pytest.fixture
 def config(tmp_path, data_dir) -> ColourConfig:
     """A tiny, fast run on the generated data."""
