@@ -13,6 +13,12 @@ report: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest
 
+# The wheel, installed (not editable) into a fresh environment: `import convtally` and
+# `convtally report` from outside the checkout, and nothing but convtally at its top level.
+.PHONY: wheel-check
+wheel-check: $(VENV)/.installed
+	bash .ci/wheel_check
+
 # GPU evidence (issue 15; benchmarks/gpu_evidence.py says how to run it with the device tool):
 # on a CUDA machine, train, verify and benchmark into $(GPU_OUT). No install step: a GPU machine
 # may have no package index, so this uses .venv's python where it exists, else python3.

@@ -20,13 +20,16 @@ import numpy as np
 import sympy as sp
 import torch
 import torch.fx
+from convtally.analysis import rules
+from convtally.analysis.conventions import DEFAULT, Convention
+from convtally.analysis.hyperparameters import (
+    concrete_attributes,
+    fit_attributes,
+    hyperparameter_symbols,
+)
+from convtally.analysis.rules import BATCH, LayerCost, PlainValue, SymTensor, UnsupportedLayer
+from convtally.models.registry import ModelSpec, resolve
 from torch import nn
-
-from analysis import rules
-from analysis.conventions import DEFAULT, Convention
-from analysis.hyperparameters import concrete_attributes, fit_attributes, hyperparameter_symbols
-from analysis.rules import BATCH, LayerCost, PlainValue, SymTensor, UnsupportedLayer
-from models.registry import ModelSpec, resolve
 
 H = sp.Symbol("H", integer=True, positive=True)
 W = sp.Symbol("W", integer=True, positive=True)
@@ -564,7 +567,7 @@ def analyse(
     if capture == "concrete":
         return _analyse_concrete(prepared, convention, allow_unknown, resolutions)
     if capture == "export":
-        from analysis.export_capture import analyse_exported
+        from convtally.analysis.export_capture import analyse_exported
 
         return analyse_exported(prepared, convention, exact, allow_unknown, resolutions)
     return _analyse_auto(prepared, convention, exact, allow_unknown, resolutions)
@@ -575,7 +578,7 @@ def _first_line(error: Exception) -> str:
 
 
 def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> Analysis:
-    from analysis.export_capture import analyse_exported
+    from convtally.analysis.export_capture import analyse_exported
 
     reasons: list[str] = []
     first_error: Exception | None = None
@@ -629,7 +632,7 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
     try:
         graph_module = trace(prepared.network)
     except ValueError:
-        from analysis.export_capture import analyse_exported_concrete
+        from convtally.analysis.export_capture import analyse_exported_concrete
 
         return analyse_exported_concrete(prepared, convention, allow_unknown, resolutions)
     per_resolution: dict[tuple[int, int], list[Layer]] = {}

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from analysis.io import atomic_write_text
+from convtally.analysis.io import atomic_write_text
 
 
 class UsageError(Exception):
@@ -17,7 +17,7 @@ class UsageError(Exception):
 
 def preset_names() -> list[str]:
     """Return the names of the convention presets, for --convention."""
-    from analysis.conventions import PRESETS
+    from convtally.analysis.conventions import PRESETS
 
     return list(PRESETS)
 
@@ -176,7 +176,7 @@ def emit(text: str, output: Path | None) -> None:
 
 def convention_from(args: argparse.Namespace):
     """Return the Convention of --convention (a preset) with the switches applied on top."""
-    from analysis.conventions import make_convention, preset
+    from convtally.analysis.conventions import make_convention, preset
 
     if args.bias_connections and getattr(args, "no_bias_connections", False):
         raise UsageError("--bias-connections and --no-bias-connections contradict; give one")
@@ -194,14 +194,14 @@ def convention_from(args: argparse.Namespace):
 
 def resolutions_from(args: argparse.Namespace, default: tuple[str, ...] = ("32", "64")):
     """Return the (H, W) pairs of --res."""
-    from analysis.accounting import parse_resolution
+    from convtally.analysis.accounting import parse_resolution
 
     return [parse_resolution(r) for r in (args.res or default)]
 
 
 def analyse_from(args: argparse.Namespace, model: str, default: tuple[str, ...] = ("32", "64")):
     """Return the Analysis for `model` with the arguments' settings and convention."""
-    from analysis.accounting import analyse, answer_every_resolution, parse_settings
+    from convtally.analysis.accounting import analyse, answer_every_resolution, parse_settings
 
     def run(exact: bool):
         return analyse(
@@ -220,7 +220,7 @@ def analyse_from(args: argparse.Namespace, model: str, default: tuple[str, ...] 
 
 def run_table(args: argparse.Namespace) -> int:
     """`convtally table`: print the per-layer cost table."""
-    from analysis.formatting import render
+    from convtally.analysis.formatting import render
 
     analysis = analyse_from(args, args.model)
     emit(render(analysis, resolutions_from(args), args.format, args.columns), args.output)
@@ -229,7 +229,7 @@ def run_table(args: argparse.Namespace) -> int:
 
 def run_padding(args: argparse.Namespace) -> int:
     """`convtally padding`: the padding that halves (Conv2d) and doubles (ConvTranspose2d)."""
-    from analysis.shapes import halving_and_doubling_padding
+    from convtally.analysis.shapes import halving_and_doubling_padding
 
     if args.kernel < 1 or args.stride < 1:
         raise UsageError(
@@ -250,7 +250,7 @@ def run_padding(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     """`convtally verify`: check every formula against the running network; 1 on a mismatch."""
-    from analysis.verification import CheckpointError, render_verification, verify
+    from convtally.analysis.verification import CheckpointError, render_verification, verify
 
     analysis = analyse_from(args, args.model)
     try:
@@ -267,9 +267,9 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     """`convtally compare`: totals per model and resolution, ratios, accuracy when runs exist."""
-    from analysis.accounting import parse_settings
-    from analysis.compare import compare, render_comparison
-    from analysis.figures import connections_vs_resolution
+    from convtally.analysis.accounting import parse_settings
+    from convtally.analysis.compare import compare, render_comparison
+    from convtally.analysis.figures import connections_vs_resolution
 
     resolutions = resolutions_from(args, ("32", "64", "128", "256"))
     if args.figure is not None and any(h != w for h, w in resolutions):
@@ -279,7 +279,7 @@ def run_compare(args: argparse.Namespace) -> int:
     frame = compare(args.model, resolutions, parse_settings(args.set), convention_from(args))
     emit(render_comparison(frame, args.format), args.output)
     if args.figure is not None:
-        from analysis.accounting import analyse
+        from convtally.analysis.accounting import analyse
 
         analyses = [
             analyse(m, parse_settings(args.set) if ":" not in m else None, convention_from(args))
@@ -293,7 +293,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def run_check_table(args: argparse.Namespace) -> int:
     """`convtally check-table`: every wrong cell of a hand table, diagnosed; 1 if any."""
-    from analysis.handcheck import check_table, read_hand_table, render_check
+    from convtally.analysis.handcheck import check_table, read_hand_table, render_check
 
     analysis = analyse_from(args, args.model, ("32",))
     tables: dict = {}
@@ -305,7 +305,7 @@ def run_check_table(args: argparse.Namespace) -> int:
                 f"{len(files)} table files but {len(resolutions)} --res values; "
                 "give one resolution per file, in the same order"
             )
-        from analysis.formatting import resolution_label
+        from convtally.analysis.formatting import resolution_label
 
         for path, resolution in zip(files, resolutions, strict=True):
             tables[resolution_label(*resolution)] = read_hand_table(path).get(None) or []
@@ -325,8 +325,8 @@ def run_check_table(args: argparse.Namespace) -> int:
 
 def run_crosscheck(args: argparse.Namespace) -> int:
     """`convtally crosscheck`: each FLOP counter next to our preset for it; 1 if any differs."""
-    from analysis.accounting import parse_settings
-    from analysis.crosscheck import crosscheck, render_crosscheck
+    from convtally.analysis.accounting import parse_settings
+    from convtally.analysis.crosscheck import crosscheck, render_crosscheck
 
     result = crosscheck(
         args.model,
@@ -346,9 +346,9 @@ def run_crosscheck(args: argparse.Namespace) -> int:
 def run_memory(args: argparse.Namespace) -> int:
     """`convtally memory`: bytes per layer (parameters, gradients, optimizer state, saved
     activations), the training and inference peaks, and with --budget what fits."""
-    from analysis.accounting import parse_settings
-    from analysis.limits import parse_bytes
-    from analysis.memory import memory_table, render_memory
+    from convtally.analysis.accounting import parse_settings
+    from convtally.analysis.limits import parse_bytes
+    from convtally.analysis.memory import memory_table, render_memory
 
     if any(b < 1 for b in args.batch):
         raise UsageError(f"--batch sizes must be positive integers, got {args.batch}")
@@ -365,7 +365,7 @@ def run_memory(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     """`convtally report`: regenerate reports/."""
-    from analysis.report import build_report
+    from convtally.analysis.report import build_report
 
     lines = build_report(args.out, segmentation=not args.skip_segmentation)
     print("\n".join(lines))
@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a network (colourization or segmentation)")
     tasks = train.add_subparsers(dest="task", required=True, metavar="TASK")
-    from models import train_colour, train_segment
+    from convtally.models import train_colour, train_segment
 
     train_colour.configure_colour_parser(
         tasks.add_parser("colour", help="train a colourization CNN on CIFAR-10")

@@ -7,10 +7,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
-
-from analysis.accounting import QUANTITIES, Analysis, analyse, answer_every_resolution
-from analysis.conventions import DEFAULT, Convention
-from analysis.formatting import resolution_label
+from convtally.analysis.accounting import QUANTITIES, Analysis, analyse, answer_every_resolution
+from convtally.analysis.conventions import DEFAULT, Convention
+from convtally.analysis.formatting import resolution_label
 
 # The seed write-up's own numbers (Parts A.2, B.2, C.2): CSC2516 PA2, full CIFAR-10 horses,
 # 25 epochs, batch 100, kernel 3, 32 filters, on the course's machine.
@@ -139,7 +138,7 @@ def compare(
 
 
 def _settings_for(model: str, settings: Mapping[str, int] | None) -> Mapping[str, int] | None:
-    from models.registry import resolve
+    from convtally.models.registry import resolve
 
     spec = resolve(model)
     return settings if spec.hyperparameters else None
@@ -214,7 +213,7 @@ def render_comparison(frame: pd.DataFrame, fmt: str) -> str:
     if fmt == "markdown":
         return shown.to_markdown(index=False) + "\n"
     if fmt == "latex":
-        from analysis.formatting import _escape_latex
+        from convtally.analysis.formatting import _escape_latex
 
         escaped = shown.map(lambda v: _escape_latex(str(v)))
         escaped.columns = [_escape_latex(c) for c in escaped.columns]

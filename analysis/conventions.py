@@ -21,8 +21,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import sympy as sp
-
-from analysis.rules import LayerCost
+from convtally.analysis.rules import LayerCost
 
 ELEMENTWISE_KINDS = frozenset({"norm", "activation", "elementwise"})
 # how a call reached its op when it is not a module call (rules.call_via)

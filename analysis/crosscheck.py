@@ -23,13 +23,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from convtally.analysis.accounting import Analysis, analyse, answer_every_resolution
+from convtally.analysis.conventions import make_convention, preset
+from convtally.analysis.formatting import resolution_label
+from convtally.models.registry import ModelSpec, resolve
 from torch import nn
 from tqdm import tqdm
-
-from analysis.accounting import Analysis, analyse, answer_every_resolution
-from analysis.conventions import make_convention, preset
-from analysis.formatting import resolution_label
-from models.registry import ModelSpec, resolve
 
 TOOLS = ("fvcore", "ptflops", "thop", "torchinfo", "torch")
 PACKAGES = {

@@ -20,10 +20,8 @@ from typing import Any
 
 import sympy as sp
 import torch
-from torch import nn
-
-from analysis import rules
-from analysis.accounting import (
+from convtally.analysis import rules
+from convtally.analysis.accounting import (
     H,
     Layer,
     W,
@@ -33,8 +31,9 @@ from analysis.accounting import (
     _Prepared,
     concrete_analysis,
 )
-from analysis.conventions import Convention
-from analysis.rules import BATCH, LayerCost, ParameterTensor, SymTensor, UnsupportedLayer
+from convtally.analysis.conventions import Convention
+from convtally.analysis.rules import BATCH, LayerCost, ParameterTensor, SymTensor, UnsupportedLayer
+from torch import nn
 
 aten = torch.ops.aten
 

@@ -10,9 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-
-from analysis.accounting import Analysis  # noqa: E402
-from analysis.io import atomic_save_figure  # noqa: E402
+from convtally.analysis.accounting import Analysis  # noqa: E402
+from convtally.analysis.io import atomic_save_figure  # noqa: E402
 
 
 def save(figure, stem: Path) -> list[Path]:

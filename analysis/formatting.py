@@ -8,8 +8,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 import sympy as sp
-
-from analysis.accounting import QUANTITIES, Analysis, H, W
+from convtally.analysis.accounting import QUANTITIES, Analysis, H, W
 
 FORMATS = ("text", "csv", "markdown", "latex", "json")
 

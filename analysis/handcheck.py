@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import sympy as sp
-
-from analysis.accounting import QUANTITIES, Analysis, H, W
-from analysis.conventions import make_convention
-from analysis.formatting import order_in_hw, resolution_label
-from analysis.formula import FormulaError, formula_symbols, parse_formula_text
+from convtally.analysis.accounting import QUANTITIES, Analysis, H, W
+from convtally.analysis.conventions import make_convention
+from convtally.analysis.formatting import order_in_hw, resolution_label
+from convtally.analysis.formula import FormulaError, formula_symbols, parse_formula_text
 
 REQUIRED = ("layer", "type")
 NOT_GIVEN = frozenset({"", "-", "--", "n/a", "na", "?", "\u2013", "\u2014", "\u2012"})

@@ -11,9 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import sympy as sp
+from convtally.models.registry import ModelSpec
 from torch import nn
-
-from models.registry import ModelSpec
 
 
 def hyperparameter_symbols(spec: ModelSpec) -> dict[str, sp.Symbol]:
@@ -57,7 +56,7 @@ def _to_sympy(value: Any) -> Any:
 
 def _probe(spec: ModelSpec, setting: Mapping[str, int]):
     """Return a probe build; a memory refusal says it was a probe, not the user's setting."""
-    from analysis.limits import MemoryLimitError
+    from convtally.analysis.limits import MemoryLimitError
 
     try:
         return spec.build(setting)

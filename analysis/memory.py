@@ -37,9 +37,8 @@ import pandas as pd
 import sympy as sp
 import torch
 import torch.fx
+from convtally.analysis.rules import BATCH, LayerCost, SymTensor
 from torch import nn
-
-from analysis.rules import BATCH, LayerCost, SymTensor
 
 H = sp.Symbol("H", integer=True, positive=True)
 W = sp.Symbol("W", integer=True, positive=True)
@@ -509,7 +508,7 @@ def _evaluate(formulas: Sequence[sp.Expr], substitutions: Mapping[sp.Symbol, int
 def _compile(formulas: Sequence[sp.Expr], substitutions: Mapping[sp.Symbol, int]
              ) -> Callable[[Sequence[tuple[int, int, int]]], np.ndarray]:
     """Return a function (B, H, W) points -> exact integer values, compiled once."""
-    from analysis.accounting import IntegerEvaluator
+    from convtally.analysis.accounting import IntegerEvaluator
 
     leaves: list[sp.Expr] = []
     plans = [_plan(sp.sympify(f).subs(substitutions), leaves) for f in formulas]
@@ -926,7 +925,7 @@ def largest_square(model: MemoryModel, budget: int, batch: int, mode: str = "tra
 
 
 def _smallest_valid_side(model: MemoryModel, step: int) -> int | None:
-    from analysis.accounting import ResolutionError
+    from convtally.analysis.accounting import ResolutionError
 
     for multiple in range(1, 1025):
         side = multiple * step
@@ -963,7 +962,7 @@ def memory_table(model: str | Any, resolutions: Sequence[tuple[int, int]] = ((32
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if not batches or min(batches) < 1:
         raise ValueError(f"batch sizes must be positive integers, got {list(batches)}")
-    from analysis.accounting import Analysis, analyse
+    from convtally.analysis.accounting import Analysis, analyse
 
     analysis = model if isinstance(model, Analysis) else analyse(
         model, settings, exact=exact, capture="fx")
@@ -1031,7 +1030,7 @@ def render_memory(data: Mapping[str, Any], fmt: str) -> str:
         return json.dumps(data, indent=2) + "\n"
     if fmt not in ("text", "csv", "markdown"):
         raise ValueError(f"unknown format {fmt!r}; use text, csv, markdown or json")
-    from analysis.limits import format_bytes
+    from convtally.analysis.limits import format_bytes
 
     labels = data["points"]
     rows = []
@@ -1125,7 +1124,7 @@ def measure_saved(network: nn.Module, x: torch.Tensor,
     mode (analysis.accounting.trace) and run node by node. The network's modes and buffers
     (BatchNorm's running statistics) are restored afterwards.
     """
-    from analysis.accounting import trace
+    from convtally.analysis.accounting import trace
 
     modes = {module: module.training for module in network.modules()}
     buffers = {name: buffer.clone() for name, buffer in network.named_buffers()}

@@ -17,26 +17,24 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tqdm import tqdm
-
-from analysis.accounting import analyse
-from analysis.compare import compare, find_runs, render_comparison
-from analysis.figures import (
+from convtally.analysis.accounting import analyse
+from convtally.analysis.compare import compare, find_runs, render_comparison
+from convtally.analysis.figures import (
     accuracy_vs_connections,
     connections_vs_resolution,
     per_layer_connections,
 )
-from analysis.formatting import render
-from analysis.handcheck import check_table, read_hand_table, render_check
-from analysis.io import atomic_write_text
-from analysis.verification import render_verification, verify
+from convtally.analysis.formatting import render
+from convtally.analysis.handcheck import check_table, read_hand_table, render_check
+from convtally.analysis.io import atomic_write_text
+from convtally.analysis.verification import render_verification, verify
+from tqdm import tqdm
 
 SEED_MODELS = ("poolupsample", "convtranspose", "unet")
 GENERATED = ("costs", "comparison", "check", "figures", "verification")
-REPOSITORY = Path(__file__).resolve().parents[1]
-HAND_TABLES = (
-    REPOSITORY / "tests/data/writeup_table_32.csv",
-    REPOSITORY / "tests/data/writeup_table_64.csv",
+HAND_TABLES = (  # package data: they ship in the wheel
+    Path(__file__).resolve().parent / "tables" / "writeup_table_32.csv",
+    Path(__file__).resolve().parent / "tables" / "writeup_table_64.csv",
 )
 
 
@@ -215,8 +213,8 @@ def _hand_check(staging: Path, index: list[str]) -> None:
     index.append(
         f"- `check/writeup_table.{{md,txt,json}}`: the write-up's hand-derived "
         f"PoolUpsampleNet tables checked cell by cell: {result.summary()} "
-        "(`convtally check-table tests/data/writeup_table_32.csv "
-        "tests/data/writeup_table_64.csv --model poolupsample --res 32 64`)"
+        "(`convtally check-table analysis/tables/writeup_table_32.csv "
+        "analysis/tables/writeup_table_64.csv --model poolupsample --res 32 64`)"
     )
 
 

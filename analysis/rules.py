@@ -16,9 +16,8 @@ from typing import Any
 import sympy as sp
 import torch
 import torch.nn.functional as F
+from convtally.analysis import shapes
 from torch import nn
-
-from analysis import shapes
 
 BATCH = sp.Symbol("B", integer=True, positive=True)
 

@@ -22,10 +22,7 @@ from typing import Any
 import sympy as sp
 import torch
 import torch.fx
-from torch import nn
-from tqdm import tqdm
-
-from analysis.accounting import (
+from convtally.analysis.accounting import (
     Analysis,
     H,
     W,
@@ -33,8 +30,10 @@ from analysis.accounting import (
     answer_every_resolution,
     node_output_shapes,
 )
-from analysis.conventions import DEFAULT, Convention
-from analysis.rules import BATCH
+from convtally.analysis.conventions import DEFAULT, Convention
+from convtally.analysis.rules import BATCH
+from torch import nn
+from tqdm import tqdm
 
 MUST_MATCH_FVCORE = ("conv", "linear")
 FVCORE_CONVENTION = {
@@ -271,9 +270,9 @@ def verify(
     device: str | torch.device = "cpu",
 ) -> Verification:
     """Return every layer's formula values checked against hooks, fvcore and FlopCounterMode."""
-    from analysis.formatting import resolution_label
-    from analysis.limits import check_forward_fits
-    from models.device import device_description, resolve_device
+    from convtally.analysis.formatting import resolution_label
+    from convtally.analysis.limits import check_forward_fits
+    from convtally.models.device import device_description, resolve_device
 
     if isinstance(model, Analysis):
         analysis = model

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.accounting import analyse  # noqa: E402
-from analysis.io import atomic_write_json, atomic_write_text  # noqa: E402
-from models.registry import resolve  # noqa: E402
+from convtally.analysis.accounting import analyse  # noqa: E402
+from convtally.analysis.io import atomic_write_json, atomic_write_text  # noqa: E402
+from convtally.models.registry import resolve  # noqa: E402
 
 
 def main() -> int:

@@ -69,11 +69,10 @@ if (CARRY / "site").is_dir() and str(CARRY / "site") not in sys.path:
     sys.path.append(str(CARRY / "site"))  # after the installed packages: only fills gaps
 
 import torch  # noqa: E402
-
-from analysis.io import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
-from models import cifar, runs  # noqa: E402
-from models.device import device_description  # noqa: E402
-from models.train_colour import MODEL_NAMES, ColourConfig, train_colourization  # noqa: E402
+from convtally.analysis.io import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from convtally.models import cifar, runs  # noqa: E402
+from convtally.models.device import device_description  # noqa: E402
+from convtally.models.train_colour import MODEL_NAMES, ColourConfig, train_colourization  # noqa: E402
 
 STEPS = ("train", "verify", "throughput", "segment", "compile")
 SHARED_DATA = REPO.parent / "shared" / "data" / cifar.CIFAR_DIRNAME
@@ -181,7 +180,7 @@ def verify_argv(model: str, checkpoint: Path, device: str, fmt: str, output: Pat
 
 def step_verify(args: argparse.Namespace, sizes: Sizes, out: Path, step: Step) -> None:
     """Run `convtally verify` (text and JSON) on every checkpoint the train step wrote."""
-    from analysis.cli import main as convtally
+    from convtally.analysis.cli import main as convtally
 
     results, failures = [], []
     for model in args.models:

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.accounting import analyse  # noqa: E402
-from analysis.io import atomic_write_json, atomic_write_text  # noqa: E402
-from analysis.limits import format_bytes  # noqa: E402
-from analysis.memory import (  # noqa: E402
+from convtally.analysis.accounting import analyse  # noqa: E402
+from convtally.analysis.io import atomic_write_json, atomic_write_text  # noqa: E402
+from convtally.analysis.limits import format_bytes  # noqa: E402
+from convtally.analysis.memory import (  # noqa: E402
     largest_batch,
     measure_forward_peak,
     measure_saved,

@@ -30,11 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from analysis.io import atomic_write_json, atomic_write_text  # noqa: E402
-from models.device import device_description, resolve_device  # noqa: E402
-from models.flowers import write_synthetic_flowers  # noqa: E402
-from models.segmentation import build_finetune_model  # noqa: E402
-from models.train_segment import SegmentConfig, train_segmentation  # noqa: E402
+from convtally.analysis.io import atomic_write_json, atomic_write_text  # noqa: E402
+from convtally.models.device import device_description, resolve_device  # noqa: E402
+from convtally.models.flowers import write_synthetic_flowers  # noqa: E402
+from convtally.models.segmentation import build_finetune_model  # noqa: E402
+from convtally.models.train_segment import SegmentConfig, train_segmentation  # noqa: E402
 
 
 def warm_up(backbone: str, size: int, batch_size: int, device: torch.device) -> None:

@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from analysis.io import atomic_write_json, atomic_write_text  # noqa: E402
-from models import runs  # noqa: E402
-from models.device import device_description, resolve_device  # noqa: E402
-from models.train_colour import (  # noqa: E402
+from convtally.analysis.io import atomic_write_json, atomic_write_text  # noqa: E402
+from convtally.models import runs  # noqa: E402
+from convtally.models.device import device_description, resolve_device  # noqa: E402
+from convtally.models.train_colour import (  # noqa: E402
     MODEL_NAMES,
     ColourConfig,
     build_model,

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.accounting import ResolutionError, analyse  # noqa: E402
-from analysis.conventions import preset  # noqa: E402
+from convtally.analysis.accounting import ResolutionError, analyse  # noqa: E402
+from convtally.analysis.conventions import preset  # noqa: E402
 
 COLUMNS = (
     "source", "model", "input", "capture", "symbolic", "weights", "parameters", "weights_equal",

@@ -52,7 +52,7 @@ def _checkpoints() -> dict[str, bytes]:
         torch.save(obj, buffer)
         return buffer.getvalue()
 
-    from models.registry import resolve
+    from convtally.models.registry import resolve
 
     valid = saved(resolve("poolupsample").build({"NIC": 1}).state_dict())
     return {

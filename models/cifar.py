@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from analysis.io import atomic_write
+from convtally.analysis.io import atomic_write
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"

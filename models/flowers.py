@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 import torch
+from convtally.analysis.io import atomic_write
 from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.datasets.utils import download_and_extract_archive, download_url
-
-from analysis.io import atomic_write
 
 FLOWERS_PAGE = "https://www.robots.ox.ac.uk/~vgg/data/flowers/17/"
 IMAGE_COUNT = 1360

@@ -9,9 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from convtally.models.colourization import ConvTransposeNet, PoolUpsampleNet, UNet
 from torch import nn
-
-from models.colourization import ConvTransposeNet, PoolUpsampleNet, UNet
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class ModelSpec:
 
     def build(self, settings: Mapping[str, int] | None = None) -> nn.Module:
         """Return a fresh network built at `settings` (symbol->value; defaults where missing)."""
-        from analysis.limits import check_fits, meta_parameter_bytes
+        from convtally.analysis.limits import check_fits, meta_parameter_bytes
 
         values = self.settings(settings)
         kwargs = {hp.name: values[hp.symbol] for hp in self.hyperparameters}
@@ -123,7 +122,7 @@ REGISTRY: dict[str, ModelSpec] = {
 
 
 def _deeplabv3_flowers() -> nn.Module:
-    from models.segmentation import build_finetune_model
+    from convtally.models.segmentation import build_finetune_model
 
     return build_finetune_model("resnet101", weights="none", num_classes=2)
 

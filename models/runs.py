@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from analysis.io import atomic_save_figure, atomic_torch_save, atomic_write_json
+from convtally.analysis.io import atomic_save_figure, atomic_torch_save, atomic_write_json
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pt"

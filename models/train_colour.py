@@ -22,13 +22,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from convtally.analysis.io import atomic_write_text
+from convtally.models import cifar, runs
+from convtally.models.device import device_description, resolve_device
+from convtally.models.registry import REGISTRY
 from torch import nn
 from tqdm import tqdm
-
-from analysis.io import atomic_write_text
-from models import cifar, runs
-from models.device import device_description, resolve_device
-from models.registry import REGISTRY
 
 MODEL_NAMES = ("poolupsample", "convtranspose", "unet")
 NUM_IN_CHANNELS = 1  # training input is grayscale (the analysis tables use NIC=3)

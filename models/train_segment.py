@@ -27,23 +27,18 @@ from pathlib import Path
 
 import torch
 import torchvision
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-from torch import Tensor, nn
-from tqdm import tqdm
-
-from analysis.io import atomic_save_figure, atomic_torch_save
-from models import runs
-from models.device import device_description, resolve_device
-from models.flowers import (
+from convtally.analysis.io import atomic_save_figure, atomic_torch_save
+from convtally.models import runs
+from convtally.models.device import device_description, resolve_device
+from convtally.models.flowers import (
     FLOWERS_PAGE,
     FlowerSplit,
     ensure_flowers,
     load_flower_split,
     normalize_images,
 )
-from models.runs import software_versions, utc_timestamp, write_metrics
-from models.segmentation import (
+from convtally.models.runs import software_versions, utc_timestamp, write_metrics
+from convtally.models.segmentation import (
     BACKBONES,
     LOSSES,
     build_finetune_model,
@@ -54,6 +49,10 @@ from models.segmentation import (
     predicted_foreground,
     segmentation_scores,
 )
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch import Tensor, nn
+from tqdm import tqdm
 
 PATHS = ("fast", "slow")
 METRIC_DEFINITIONS = {

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from models import cifar
+from convtally.models import cifar
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10-batches-py"
 WITNESSES = {

@@ -7,10 +7,7 @@ import warnings
 import pytest
 import sympy as sp
 import torch
-from fvcore.nn import FlopCountAnalysis
-from torch import nn
-
-from analysis.accounting import (
+from convtally.analysis.accounting import (
     H,
     IntegerEvaluator,
     ResolutionError,
@@ -19,9 +16,11 @@ from analysis.accounting import (
     parse_resolution,
     parse_settings,
 )
-from analysis.conventions import make_convention
-from analysis.rules import UnsupportedLayer
-from models.registry import REGISTRY
+from convtally.analysis.conventions import make_convention
+from convtally.analysis.rules import UnsupportedLayer
+from convtally.models.registry import REGISTRY
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
 
 K, NF, NC, NIC = sp.symbols("K NF NC NIC", integer=True, positive=True)
 

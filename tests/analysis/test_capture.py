@@ -6,11 +6,10 @@ import warnings
 
 import pytest
 import torch
+from convtally.analysis.accounting import H, ResolutionError, analyse
+from convtally.analysis.conventions import preset
+from convtally.analysis.formatting import render
 from torch import nn
-
-from analysis.accounting import H, ResolutionError, analyse
-from analysis.conventions import preset
-from analysis.formatting import render
 
 
 def fvcore_total(network: nn.Module, size: tuple[int, int]) -> int:
@@ -126,7 +125,7 @@ def test_torchvision_vit_concrete_at_its_crop():
 
 
 def test_strict_refuses_and_default_marks_incomplete():
-    from analysis.rules import UnsupportedLayer
+    from convtally.analysis.rules import UnsupportedLayer
 
     network = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LocalResponseNorm(2))
     with pytest.raises(UnsupportedLayer, match="no rule for 1"):
@@ -139,7 +138,7 @@ def test_strict_refuses_and_default_marks_incomplete():
 
 def test_timm_reference_resolves():
     pytest.importorskip("timm")
-    from models.registry import resolve
+    from convtally.models.registry import resolve
 
     spec = resolve("timm:convnext_atto")
     assert spec.name == "timm:convnext_atto"
@@ -152,11 +151,10 @@ def test_torch_symbolic_functions_become_exact_integer_forms():
     CeilToInt once crashed the evaluator); an unmapped one is refused, not left to crash."""
     import numpy as np
     import sympy as sp
+    from convtally.analysis.accounting import H, IntegerEvaluator, W
+    from convtally.analysis.export_capture import _Sizes
+    from convtally.analysis.rules import UnsupportedLayer
     from torch.utils._sympy import functions as torch_functions
-
-    from analysis.accounting import H, IntegerEvaluator, W
-    from analysis.export_capture import _Sizes
-    from analysis.rules import UnsupportedLayer
 
     sizes = _Sizes(0, 0)  # plain ints: no SymInt to map
     s0, s1 = sp.symbols("s0 s1", integer=True, positive=True)

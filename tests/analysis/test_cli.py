@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from convtally.analysis.cli import main
+from convtally.analysis.shapes import halving_and_doubling_padding
 from torch import nn
-
-from analysis.cli import main
-from analysis.shapes import halving_and_doubling_padding
 
 
 def test_table_json_to_file(tmp_path, capsys):
@@ -40,7 +39,7 @@ def test_table_json_to_file(tmp_path, capsys):
 def test_table_torchvision_and_callable(capsys):
     assert main(["table", "torchvision:resnet18", "--res", "224", "--format", "csv"]) == 0
     assert "fc,Linear" in capsys.readouterr().out
-    assert main(["table", "models.colourization:PoolUpsampleNet", "--res", "32"]) == 2
+    assert main(["table", "convtally.models.colourization:PoolUpsampleNet", "--res", "32"]) == 2
     assert "error:" in capsys.readouterr().err
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
-
-from analysis.cli import build_parser, main
+from convtally.analysis.cli import build_parser, main
 
 
 def test_version_prints_and_exits_0(capsys):

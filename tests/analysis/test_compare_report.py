@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from analysis import report
-from analysis.accounting import analyse
-from analysis.cli import main
-from analysis.compare import WRITE_UP_RESULTS, compare
+from convtally.analysis import report
+from convtally.analysis.accounting import analyse
+from convtally.analysis.cli import main
+from convtally.analysis.compare import WRITE_UP_RESULTS, compare
 
 
 def write_run(directory, model, val_accuracy=0.5):

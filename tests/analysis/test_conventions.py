@@ -17,10 +17,8 @@ import pytest
 import sympy as sp
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from analysis.accounting import H, W, analyse
-from analysis.conventions import (
+from convtally.analysis.accounting import H, W, analyse
+from convtally.analysis.conventions import (
     DEFAULT,
     PRESETS,
     Convention,
@@ -28,8 +26,9 @@ from analysis.conventions import (
     make_convention,
     preset,
 )
-from analysis.rules import BATCH, LayerCost, SymTensor
-from models.registry import resolve
+from convtally.analysis.rules import BATCH, LayerCost, SymTensor
+from convtally.models.registry import resolve
+from torch import nn
 
 fvcore_nn = pytest.importorskip("fvcore.nn")
 ptflops = pytest.importorskip("ptflops")

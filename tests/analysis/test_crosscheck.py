@@ -7,10 +7,9 @@ import json
 from dataclasses import replace
 
 import pytest
-
-from analysis.cli import main
-from analysis.conventions import PRESETS, count
-from analysis.crosscheck import crosscheck, render_crosscheck
+from convtally.analysis.cli import main
+from convtally.analysis.conventions import PRESETS, count
+from convtally.analysis.crosscheck import crosscheck, render_crosscheck
 
 pytest.importorskip("ptflops")
 pytest.importorskip("thop")

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import sympy as sp
-
-from analysis.accounting import H, W, analyse
-from analysis.formatting import growth_factors, order_in_hw, render
+from convtally.analysis.accounting import H, W, analyse
+from convtally.analysis.formatting import growth_factors, order_in_hw, render
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = [

@@ -8,14 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-
-from analysis.accounting import analyse
-from analysis.cli import main
-from analysis.conventions import make_convention
-from analysis.handcheck import check_table, parse_formula, read_hand_table
+from convtally.analysis.accounting import analyse
+from convtally.analysis.cli import main
+from convtally.analysis.conventions import make_convention
+from convtally.analysis.handcheck import check_table, parse_formula, read_hand_table
+from convtally.analysis.report import HAND_TABLES
 
 DATA = Path(__file__).parents[1] / "data"
-TABLE_32, TABLE_64 = DATA / "writeup_table_32.csv", DATA / "writeup_table_64.csv"
+TABLE_32, TABLE_64 = HAND_TABLES  # package data (analysis/tables/)
 
 
 @pytest.fixture(scope="module")

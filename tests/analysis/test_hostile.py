@@ -20,22 +20,21 @@ from pathlib import Path
 import pytest
 import sympy as sp
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from analysis import report
-from analysis.accounting import parse_resolution, parse_settings
-from analysis.cli import main
-from analysis.formula import (
+from convtally.analysis import report
+from convtally.analysis.accounting import parse_resolution, parse_settings
+from convtally.analysis.cli import main
+from convtally.analysis.formula import (
     MAX_DEGREE,
     MAX_EXPONENT,
     FormulaError,
     formula_symbols,
     parse_formula_text,
 )
-from analysis.handcheck import read_hand_table
-from analysis.shapes import halving_and_doubling_padding
-from analysis.verification import CheckpointError, load_checkpoint
+from convtally.analysis.handcheck import read_hand_table
+from convtally.analysis.shapes import halving_and_doubling_padding
+from convtally.analysis.verification import CheckpointError, load_checkpoint
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 NAMES = formula_symbols(["H", "W", "B", "NF", "NIC", "NC", "K"])
 BOUNDED = settings(
@@ -452,7 +451,7 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
 
 
 def test_an_internal_error_is_one_line(monkeypatch, capsys):
-    import analysis.cli as cli
+    import convtally.analysis.cli as cli
 
     def broken(args):
         raise AttributeError("'NoneType' object has no attribute 'gens'")

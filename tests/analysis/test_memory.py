@@ -14,10 +14,9 @@ import json
 
 import pytest
 import torch
-
-from analysis.accounting import analyse
-from analysis.cli import main
-from analysis.memory import (
+from convtally.analysis.accounting import analyse
+from convtally.analysis.cli import main
+from convtally.analysis.memory import (
     largest_batch,
     largest_square,
     make_optimizer,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import sympy as sp
 import torch
 import torch.nn.functional as F
+from convtally.analysis.accounting import H, W, analyse
+from convtally.analysis.conventions import preset
 from torch import nn
 
-from analysis.accounting import H, W, analyse
-from analysis.conventions import preset
 from tests.analysis.test_accounting import assert_matches_running_network
 from tests.analysis.test_conventions import tool_numbers
 

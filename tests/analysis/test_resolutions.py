@@ -7,11 +7,10 @@ import textwrap
 
 import pytest
 import torch
-
-from analysis.accounting import analyse, answer_every_resolution
-from analysis.cli import main
-from analysis.crosscheck import crosscheck
-from analysis.verification import verify
+from convtally.analysis.accounting import analyse, answer_every_resolution
+from convtally.analysis.cli import main
+from convtally.analysis.crosscheck import crosscheck
+from convtally.analysis.verification import verify
 
 
 def one_line(message: str) -> bool:

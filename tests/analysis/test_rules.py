@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from convtally.analysis.accounting import analyse
 from torch import nn
 
-from analysis.accounting import analyse
 from tests.analysis.test_accounting import assert_matches_running_network
 
 

@@ -6,14 +6,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from convtally.analysis import rules
+from convtally.analysis.accounting import analyse
+from convtally.analysis.cli import main
+from convtally.analysis.rules import LayerCost
+from convtally.analysis.verification import CheckpointError, load_checkpoint, verify
+from convtally.models.registry import REGISTRY
 from torch import nn
-
-from analysis import rules
-from analysis.accounting import analyse
-from analysis.cli import main
-from analysis.rules import LayerCost
-from analysis.verification import CheckpointError, load_checkpoint, verify
-from models.registry import REGISTRY
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from convtally.models import cifar
 
-from models import cifar
 from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +117,7 @@ def test_prepare_carry_copies_data_fvcore_and_the_commit(tmp_path, data_dir, mon
 
 
 def test_reports_readme_indexes_the_gpu_evidence(tmp_path):
-    from analysis.report import _readme
+    from convtally.analysis.report import _readme
 
     assert not any("gpu/" in line for line in _readme(tmp_path, [], "today", "machine"))
     (tmp_path / "gpu").mkdir()

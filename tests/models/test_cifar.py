@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from models import cifar
+from convtally.models import cifar
 
 REAL_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / cifar.CIFAR_DIRNAME
 needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"{REAL_DATA} not present")

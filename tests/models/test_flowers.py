@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from PIL import Image
-
-from models import flowers
-from models.flowers import (
+from convtally.models import flowers
+from convtally.models.flowers import (
     ensure_flowers,
     foreground_mask,
     load_flower_split,
@@ -20,6 +18,7 @@ from models.flowers import (
     trimap_path,
     write_synthetic_flowers,
 )
+from PIL import Image
 
 
 @pytest.fixture

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from convtally.analysis import io
+from convtally.models import cifar, runs, train_colour
+from convtally.models.flowers import write_synthetic_flowers
+from convtally.models.train_colour import ColourConfig, train_colourization
+from convtally.models.train_segment import SegmentConfig, train_segmentation
 
-from analysis import io
-from models import cifar, runs, train_colour
-from models.flowers import write_synthetic_flowers
-from models.train_colour import ColourConfig, train_colourization
-from models.train_segment import SegmentConfig, train_segmentation
 from tests.conftest import blocky_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -302,7 +302,7 @@ def test_segment_resume_refuses_another_backbone_or_loss(segment, tmp_path):
 
 HOLD_FOLDER = """
 import sys
-from models import runs
+from convtally.models import runs
 with runs.run_folder_lock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.readline()
@@ -311,7 +311,7 @@ with runs.run_folder_lock(sys.argv[1]):
 PAUSED_COLOUR_RUN = """
 import json, sys
 import torch
-from models.train_colour import ColourConfig, train_colourization
+from convtally.models.train_colour import ColourConfig, train_colourization
 torch.set_num_threads(1)
 
 def log(line):
@@ -358,7 +358,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_the_first_finishes(
         with pytest.raises(runs.RunFolderBusyError, match=busy):
             train_colour_quietly(config)
 
-    from analysis.cli import main
+    from convtally.analysis.cli import main
 
     argv = ["train", "colour", "--model", colour.model, "--epochs", "2", "--data",
             colour.data_dir, "--cache-dir", colour.cache_dir, "--out", colour.out,

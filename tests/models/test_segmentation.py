@@ -7,10 +7,8 @@ from urllib.error import URLError
 
 import pytest
 import torch
-from torch import nn
-
-from models import segmentation
-from models.segmentation import (
+from convtally.models import segmentation
+from convtally.models.segmentation import (
     build_finetune_model,
     iou_counts,
     learned_parameters,
@@ -18,6 +16,7 @@ from models.segmentation import (
     segmentation_scores,
     soft_iou_loss,
 )
+from torch import nn
 
 
 def pretrained_mobilenet_state() -> dict[str, torch.Tensor]:

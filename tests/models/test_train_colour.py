@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from models import cifar, runs, train_colour
-from models.train_colour import ColourConfig, train_colourization
+from convtally.models import cifar, runs, train_colour
+from convtally.models.train_colour import ColourConfig, train_colourization
 
 REAL_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / cifar.CIFAR_DIRNAME
 
@@ -220,8 +219,9 @@ def test_sweep_writes_one_run_per_batch_size_and_a_summary(config, tmp_path, cap
 
 
 def test_cli_runs_train_colour(config):
-    pytest.importorskip("models.train_segment", reason="the CLI also needs models/train_segment")
-    from analysis.cli import main
+    pytest.importorskip("convtally.models.train_segment",
+                        reason="the CLI also needs models/train_segment")
+    from convtally.analysis.cli import main
 
     common = ["--data", config.data_dir, "--cache-dir", config.cache_dir, "--out", config.out,
               "--device", "cpu", "--no-progress", "--filters", "4", "--colours", "6"]

@@ -8,11 +8,10 @@ from urllib.error import URLError
 
 import pytest
 import torch
-
-from models import flowers
-from models.flowers import load_flower_split, normalize_images, write_synthetic_flowers
-from models.segmentation import LOSSES, build_finetune_model, frozen_features, head_logits
-from models.train_segment import (
+from convtally.models import flowers
+from convtally.models.flowers import load_flower_split, normalize_images, write_synthetic_flowers
+from convtally.models.segmentation import LOSSES, build_finetune_model, frozen_features, head_logits
+from convtally.models.train_segment import (
     SegmentConfig,
     batches,
     build_optimizer,
