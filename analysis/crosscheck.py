@@ -10,15 +10,9 @@ are witnesses only: the presets never call them.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib.metadata
-import importlib.util
-import io
 import json
-import warnings
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,18 +20,11 @@ import torch
 from convtally.analysis.accounting import Analysis, analyse, answer_every_resolution
 from convtally.analysis.conventions import make_convention, preset
 from convtally.analysis.formatting import resolution_label
+from convtally.analysis.peers import TOOLS, ToolResult, run_tool, tool_package
 from convtally.models.registry import ModelSpec, resolve
 from torch import nn
 from tqdm import tqdm
 
-TOOLS = ("fvcore", "ptflops", "thop", "torchinfo", "torch")
-PACKAGES = {
-    "fvcore": "fvcore",
-    "ptflops": "ptflops",
-    "thop": "thop",
-    "torchinfo": "torchinfo",
-    "torch": "torch",
-}
 CAUSES = {
     "bias": "bias terms",
     "macs": "conv/linear multiply-adds (unit or formula)",
@@ -60,15 +47,6 @@ KIND_CAUSE = {
     "routing": "elementwise",
     "unknown": "unseen",
 }
-
-
-@dataclass
-class ToolResult:
-    """What one tool reported for one input: its headline number, parameters, per-module counts."""
-
-    total: int
-    parameters: int | None
-    per_module: dict[str, int] | None
 
 
 @dataclass
@@ -170,144 +148,6 @@ class CrossCheck:
         }
 
 
-# --- running the tools ---------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # The tools print (thop's [INFO] lines, ptflops' tables) and warn (jit tracing); their
-    # counts do not depend on threads, and batch-1 passes run fastest on one thread where
-    # cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def run_fvcore(network: nn.Module, x: torch.Tensor) -> ToolResult:
-    """Return fvcore's FlopCountAnalysis(network, x).total() and parameter_count."""
-    from fvcore.nn import FlopCountAnalysis, parameter_count
-
-    counter = FlopCountAnalysis(network, x)
-    counter.unsupported_ops_warnings(False)
-    counter.uncalled_modules_warnings(False)
-    total = int(counter.total())
-    per_module = {k: int(v) for k, v in counter.by_module().items() if k}
-    return ToolResult(total, int(parameter_count(network)[""]), per_module)
-
-
-def run_ptflops(network: nn.Module, x: torch.Tensor) -> ToolResult:
-    """Return ptflops' get_model_complexity_info (pytorch backend) MACs and parameters."""
-    from ptflops import get_model_complexity_info
-
-    names = {module: name for name, module in network.named_modules()}
-    per_module: dict[str, int] = {}
-
-    def snapshot(module, inputs, output) -> None:  # the root's hook runs after every child's
-        per_module.update(
-            {names[m]: int(m.__flops__) for m in network.modules() if hasattr(m, "__flops__")}
-        )
-
-    handle = network.register_forward_hook(snapshot)
-    try:
-        macs, params = get_model_complexity_info(
-            network,
-            tuple(x.shape[1:]),
-            as_strings=False,
-            print_per_layer_stat=False,
-            ost=io.StringIO(),
-        )
-    finally:
-        handle.remove()
-    if macs is None:
-        raise RuntimeError("ptflops failed on this network (it printed the traceback)")
-    per_module.pop("", None)
-    return ToolResult(int(macs), int(params), per_module)
-
-
-def run_thop(network: nn.Module, x: torch.Tensor) -> ToolResult:
-    """Return thop's profile(network, inputs=(x,)) operations and parameters."""
-    from thop import profile
-
-    ops, params, layers = profile(network, inputs=(x,), ret_layer_info=True)
-    per_module: dict[str, int] = {}
-
-    def flatten(info: Mapping, prefix: str) -> None:
-        for name, (module_ops, _, children) in info.items():
-            per_module[prefix + name] = int(module_ops)
-            flatten(children, prefix + name + ".")
-
-    flatten(layers, "")
-    return ToolResult(int(ops), int(params), per_module)
-
-
-def run_torchinfo(network: nn.Module, x: torch.Tensor) -> ToolResult:
-    """Return torchinfo's summary(network, input_size=x.shape).total_mult_adds and parameters."""
-    from torchinfo import summary
-
-    statistics = summary(network, input_size=tuple(x.shape), verbose=0)
-    per_module: dict[str, int] = defaultdict(int)
-    for info in statistics.summary_list:
-        if info.is_leaf_layer:
-            parts, node = [], info
-            while node is not None and node.depth > 0:
-                parts.append(node.var_name)
-                node = node.parent_info
-            per_module[".".join(reversed(parts))] += int(info.macs)
-    return ToolResult(
-        int(statistics.total_mult_adds), int(statistics.total_params), dict(per_module)
-    )
-
-
-def run_torch(network: nn.Module, x: torch.Tensor) -> ToolResult:
-    """Return FlopCounterMode's total FLOPs (it reports no parameters)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        network(x)
-    root = type(network).__name__ + "."
-    per_module = {
-        key[len(root) :]: int(sum(counts.values()))
-        for key, counts in counter.get_flop_counts().items()
-        if key.startswith(root)
-    }
-    return ToolResult(int(counter.get_total_flops()), None, per_module)
-
-
-RUNNERS: dict[str, Callable[[nn.Module, torch.Tensor], ToolResult]] = {
-    "fvcore": run_fvcore,
-    "ptflops": run_ptflops,
-    "thop": run_thop,
-    "torchinfo": run_torchinfo,
-    "torch": run_torch,
-}
-
-
-def tool_package(tool: str) -> str:
-    """Return 'package version' for a tool, or raise ImportError naming the package."""
-    package = PACKAGES[tool]
-    if importlib.util.find_spec(package) is None:
-        raise ImportError(package)
-    try:
-        return f"{package} {importlib.metadata.version(package)}"
-    except importlib.metadata.PackageNotFoundError:
-        return package
-
-
-def run_tool(tool: str, network: nn.Module, x: torch.Tensor) -> ToolResult:
-    """Return what `tool` reports for a copy of `network` (eval mode) on input `x`."""
-    with _quiet():
-        return RUNNERS[tool](network, x)
-
-
 # --- our side ------------------------------------------------------------------------------
 
 
@@ -405,7 +245,7 @@ def crosscheck(
             packages[tool] = tool_package(tool)
         except ImportError:
             skipped.append(
-                f"{tool}: skipped, package {PACKAGES[tool]!r} is not installed "
+                f"{tool}: skipped, package {tool!r} is not installed "
                 "(pip install 'convtally[peers]')"
             )
     for resolution in resolutions:

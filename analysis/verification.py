@@ -22,6 +22,7 @@ from typing import Any
 import sympy as sp
 import torch
 import torch.fx
+from convtally.analysis import peers
 from convtally.analysis.accounting import (
     Analysis,
     H,
@@ -213,11 +214,6 @@ def _shape_of(value: Any) -> Any:
 
 def measure(analysis: Analysis, height: int, width: int, device: torch.device):
     """Return (per-node measured output shapes, fvcore by module, torch FLOPs by module)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fvcore's import scripts a function with torch.jit
-        from fvcore.nn import FlopCountAnalysis
-    from torch.utils.flop_counter import FlopCounterMode
-
     network = analysis.network
     channels = int(analysis.input_channels.subs(analysis.substitutions()))
     x = torch.zeros(1, channels, height, width, device=device)
@@ -246,18 +242,8 @@ def measure(analysis: Analysis, height: int, width: int, device: torch.device):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore's jit tracing warns about deprecations
         measured.update(_record_functional_shapes(analysis.graph_module, x))
-        counter = FlopCountAnalysis(network, x)
-        counter.unsupported_ops_warnings(False)
-        counter.uncalled_modules_warnings(False)
-        fvcore = dict(counter.by_module())
-        with FlopCounterMode(display=False) as flop_counter:
-            network(x)
-    root = type(network).__name__
-    torch_counts = {}
-    for key, per_op in flop_counter.get_flop_counts().items():
-        name = key[len(root) + 1 :] if key.startswith(root + ".") else ("" if key == root else None)
-        if name is not None:
-            torch_counts[name] = int(sum(per_op.values()))
+        fvcore = peers.run_tool("fvcore", network, x, threads=None).per_module
+        torch_counts = peers.run_tool("torch", network, x, threads=None).per_module
     return measured, fvcore, torch_counts
 
 
