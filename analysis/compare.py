@@ -1,4 +1,4 @@
-"""Comparing architectures: total cost per model and resolution, next to measured accuracy."""
+"""Comparing architectures: total cost and memory per model and resolution, next to accuracy."""
 
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ WRITE_UP_RESULTS = {
     "unet": {"train_loss": 1.3075, "val_loss": 1.3323, "val_accuracy": 0.482, "seconds": 34.52},
 }
 DEFAULT_RUN_DIRS = (Path("reports/training"), Path("runs"))
+# Memory columns (analysis/memory.py): float32, plain SGD, at one batch size.
+MEMORY_COLUMNS = ("saved for backward", "training peak", "inference peak")
+
+
+def memory_column(name: str, batch: int) -> str:
+    """Return the compare column of one memory figure at a batch size, e.g. 'training peak B=1'."""
+    return f"{name} B={batch}"
 
 
 def find_runs(model: str, run_dirs: Sequence[Path] = DEFAULT_RUN_DIRS) -> list[dict]:
@@ -57,8 +64,10 @@ def compare(
     convention: Convention = DEFAULT,
     run_dirs: Sequence[Path] = DEFAULT_RUN_DIRS,
     include_reference: bool = True,
+    memory_batch: int | None = 1,
 ) -> pd.DataFrame:
-    """Return one row per model and resolution (totals, ratios to the first model, accuracy)."""
+    """Return one row per model and resolution (totals, ratios to the first model, memory in
+    bytes at batch `memory_batch` (None: no memory columns), accuracy)."""
     analyses = [
         m if isinstance(m, Analysis) else answer_every_resolution(
             analyse(m, _settings_for(m, settings), convention), resolutions,
@@ -70,6 +79,7 @@ def compare(
     first_totals = analyses[0].totals_at(resolutions)
     for analysis in analyses:
         totals = analysis.totals_at(resolutions)
+        memory = _memory_at(analysis, resolutions, memory_batch)
         runs = find_runs(analysis.model, run_dirs)
         for j, resolution in enumerate(resolutions):
             row = {
@@ -82,6 +92,8 @@ def compare(
             for quantity in QUANTITIES:
                 base = first_totals[quantity][j]
                 row[f"{quantity} ratio"] = round(totals[quantity][j] / base, 3) if base else None
+            for name, values in memory.items():
+                row[memory_column(name, memory_batch)] = values[j]  # type: ignore[arg-type]
             run = _run_at(runs, resolution, analysis.hyperparameters)
             if run is not None:
                 final = run["final"]
@@ -131,10 +143,32 @@ def compare(
                 }
             )
     frame = pd.DataFrame(rows)
-    for column in (*QUANTITIES, "trained-net connections"):
+    memory_columns = [memory_column(n, memory_batch) for n in MEMORY_COLUMNS] if (
+        memory_batch is not None) else []
+    for column in (*QUANTITIES, *memory_columns, "trained-net connections"):
         if column in frame:
             frame[column] = frame[column].astype("Int64")  # exact counts, blank where no value
     return frame
+
+
+def _memory_at(analysis: Analysis, resolutions: Sequence[tuple[int, int]],
+               batch: int | None) -> dict[str, list[int | None]]:
+    """Return saved-for-backward bytes and the training and inference peaks (float32, SGD) at
+    `batch` and each resolution; None where memory has no formulas (not an fx capture)."""
+    if batch is None:
+        return {}
+    from convtally.analysis.memory import memory_model
+
+    try:
+        model = memory_model(analysis, "float32", "sgd")
+    except ValueError:
+        return {name: [None] * len(resolutions) for name in MEMORY_COLUMNS}
+    result = model.evaluate([(batch, h, w) for h, w in resolutions])
+    return {
+        "saved for backward": result["totals"]["saved"],
+        "training peak": result["training_peak"],
+        "inference peak": result["inference_peak"],
+    }
 
 
 def _settings_for(model: str, settings: Mapping[str, int] | None) -> Mapping[str, int] | None:
@@ -206,9 +240,15 @@ def render_comparison(frame: pd.DataFrame, fmt: str) -> str:
         return frame.to_csv(index=False)
     if fmt == "json":
         return frame.to_json(orient="records", indent=2) + "\n"
+    from convtally.analysis.limits import format_bytes
+
     shown = frame.copy()
     for quantity in QUANTITIES:
         shown[quantity] = shown[quantity].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
+    for column in shown.columns:
+        if any(column.startswith(f"{name} B=") for name in MEMORY_COLUMNS):
+            shown[column] = shown[column].map(
+                lambda v: "" if pd.isna(v) else format_bytes(int(v)))
     shown = shown.astype(object).where(shown.notna(), "")
     if fmt == "markdown":
         return shown.to_markdown(index=False) + "\n"

@@ -90,3 +90,27 @@ def accuracy_vs_connections(frame: pd.DataFrame, stem: Path) -> list[Path] | Non
     axis.grid(True, alpha=0.3)
     axis.legend()
     return save(figure, stem)
+
+
+def memory_vs_batch(models: Sequence, batches: Sequence[int], resolution: tuple[int, int],
+                    stem: Path) -> list[Path]:
+    """Plot the training peak (solid) and the inference peak (dashed) against the batch size,
+    one colour per model (analysis.memory.MemoryModel), log-log."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    points = [(b, *resolution) for b in batches]
+    for number, model in enumerate(models):
+        result = model.evaluate(points)
+        colour = f"C{number}"
+        axis.plot(batches, [v / 2**20 for v in result["training_peak"]], marker="o",
+                  color=colour, label=f"{model.model}: training ({model.optimizer})")
+        axis.plot(batches, [v / 2**20 for v in result["inference_peak"]], linestyle="--",
+                  color=colour, label=f"{model.model}: inference")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xticks(list(batches), [str(b) for b in batches])
+    axis.set_xlabel("batch size B")
+    axis.set_ylabel(f"peak memory (MiB, {models[0].dtype})" if models else "peak memory (MiB)")
+    axis.set_title(f"Memory against batch size at {resolution[0]}x{resolution[1]}")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    return save(figure, stem)

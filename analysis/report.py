@@ -22,16 +22,21 @@ from convtally.analysis.compare import compare, find_runs, render_comparison
 from convtally.analysis.figures import (
     accuracy_vs_connections,
     connections_vs_resolution,
+    memory_vs_batch,
     per_layer_connections,
 )
 from convtally.analysis.formatting import render
 from convtally.analysis.handcheck import check_table, read_hand_table, render_check
 from convtally.analysis.io import atomic_write_text
+from convtally.analysis.limits import format_bytes
+from convtally.analysis.memory import memory_model, memory_table, render_memory
 from convtally.analysis.verification import render_verification, verify
 from tqdm import tqdm
 
 SEED_MODELS = ("poolupsample", "convtranspose", "unet")
-GENERATED = ("costs", "comparison", "check", "figures", "verification")
+GENERATED = ("costs", "memory", "comparison", "check", "figures", "verification")
+MEMORY_BATCHES = (1, 8, 100)  # 100: the write-up's training batch
+SEGMENTATION_BATCHES = (1, 8)
 HAND_TABLES = (  # package data: they ship in the wheel
     Path(__file__).resolve().parent / "tables" / "writeup_table_32.csv",
     Path(__file__).resolve().parent / "tables" / "writeup_table_64.csv",
@@ -87,6 +92,7 @@ def _build_report(out: Path, segmentation: bool) -> list[str]:
             if segmentation
             else _keep_segmentation_costs(out, staging, index),
         ),
+        ("memory", lambda: _memory(staging, index, out, segmentation)),
         ("comparison", lambda: _comparison(staging, index, out)),
         ("hand-table check", lambda: _hand_check(staging, index)),
         ("verification", lambda: _verification(staging, index)),
@@ -171,6 +177,51 @@ def _keep_segmentation_costs(out: Path, staging: Path, index: list[str]) -> None
     if kept:
         index.append("- `costs/deeplabv3_flowers.{csv,md,tex,json}`: kept from an earlier "
                      "`convtally report` (this run had --skip-segmentation)")
+
+
+def _memory(staging: Path, index: list[str], out: Path, segmentation: bool) -> None:
+    """Memory tables of the seed networks and the DeepLabV3 fine-tune, and the batch figure."""
+    for model in SEED_MODELS:
+        data = memory_table(model, [(32, 32), (64, 64)], MEMORY_BATCHES)
+        for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("json", "json")):
+            atomic_write_text(staging / "memory" / f"{model}.{suffix}", render_memory(data, fmt))
+    batches = " ".join(map(str, MEMORY_BATCHES))
+    index.append(
+        "- `memory/{poolupsample,convtranspose,unet}.{md,csv,json}`: bytes per layer (parameters, "
+        "gradients, optimizer state, activations saved for backward) as formulas in B, H, W, and "
+        f"the training and inference peaks at B = {batches.replace(' ', ', ')} and 32x32, 64x64 "
+        f"(`convtally memory MODEL --res 32 64 --batch {batches}`); float32, SGD"
+    )
+    if segmentation:
+        data = memory_table("deeplabv3_flowers", [(224, 224), (520, 520)], SEGMENTATION_BATCHES)
+        for fmt, suffix in (("markdown", "md"), ("json", "json")):
+            atomic_write_text(staging / "memory" / f"deeplabv3_flowers.{suffix}",
+                              render_memory(data, fmt))
+        peaks = data["totals"]["training_peak"]["values"]
+        gradients = data["totals"]["gradients"]["values"]
+        first = data["points"][0]
+        index.append(
+            "- `memory/deeplabv3_flowers.{md,json}`: the DeepLabV3 fine-tune's memory at 224x224 "
+            f"and 520x520, B = {', '.join(map(str, SEGMENTATION_BATCHES))}: only classifier.4 "
+            f"trains, so gradients are {gradients[first]:,} bytes; training peak "
+            + ", ".join(f"{format_bytes(v)} at {k}" for k, v in peaks.items())
+            + " (`convtally memory deeplabv3_flowers --res 224 520 --batch "
+            f"{' '.join(map(str, SEGMENTATION_BATCHES))}`)"
+        )
+    else:
+        kept = sorted((out / "memory").glob("deeplabv3_flowers.*"))
+        for path in kept:
+            shutil.copy2(path, staging / "memory" / path.name)
+        if kept:
+            index.append("- `memory/deeplabv3_flowers.{md,json}`: kept from an earlier "
+                         "`convtally report` (this run had --skip-segmentation)")
+    sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    models = [memory_model(analyse(m, capture="fx")) for m in SEED_MODELS]
+    memory_vs_batch(models, sizes, (32, 32), staging / "figures" / "memory_vs_batch")
+    index.append(
+        "- `figures/memory_vs_batch.{png,pdf}`: training peak (SGD) and inference peak of the "
+        "three networks against the batch size, 1 to 256, at 32x32, float32, log-log"
+    )
 
 
 def _comparison(staging: Path, index: list[str], out: Path) -> None:

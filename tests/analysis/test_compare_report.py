@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from convtally.analysis import report
 from convtally.analysis.accounting import analyse
 from convtally.analysis.cli import main
-from convtally.analysis.compare import WRITE_UP_RESULTS, compare
+from convtally.analysis.compare import WRITE_UP_RESULTS, compare, render_comparison
+from convtally.analysis.memory import measure_saved, memory_model
 
 
 def write_run(directory, model, val_accuracy=0.5):
@@ -56,6 +58,28 @@ def test_compare_picks_up_runs(tmp_path):
     )
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compare_memory_columns(tmp_path, batch):
+    """Saved-for-backward bytes equal what autograd keeps; the peaks are the memory model's."""
+    resolutions = [(32, 32), (64, 64)]
+    frame = compare(["poolupsample", "unet"], resolutions, run_dirs=[tmp_path],
+                    include_reference=False, memory_batch=batch)
+    for name in ("poolupsample", "unet"):
+        analysis = analyse(name)
+        result = memory_model(analysis).evaluate([(batch, h, w) for h, w in resolutions])
+        rows = frame[frame["model"] == name]
+        for j, (height, width) in enumerate(resolutions):
+            row = rows.iloc[j]
+            autograd, _ = measure_saved(analysis.network, torch.randn(batch, 3, height, width))
+            assert row[f"saved for backward B={batch}"] == autograd
+            assert row[f"training peak B={batch}"] == result["training_peak"][j]
+            assert row[f"inference peak B={batch}"] == result["inference_peak"][j]
+    assert f"training peak B={batch}" in render_comparison(frame, "markdown")
+    assert "MiB" in render_comparison(frame, "text")  # bytes for people; exact in csv and json
+    assert not compare(["unet"], resolutions[:1], run_dirs=[tmp_path],
+                       memory_batch=None).columns.str.contains("peak").any()
+
+
 def test_compare_cli_mixes_registry_and_torchvision(capsys):
     assert (
         main(["compare", "poolupsample", "torchvision:resnet18", "--res", "64", "--format", "csv"])
@@ -81,7 +105,13 @@ def test_report_writes_every_part(built):
         assert (out / "verification" / f"{model}.txt").read_text().count("0 mismatch(es)") == 1
         for suffix in ("png", "pdf"):
             assert (out / "figures" / f"per_layer_connections_{model}.{suffix}").exists()
+        for suffix in ("md", "csv", "json"):
+            assert (out / "memory" / f"{model}.{suffix}").stat().st_size > 100
+        data = json.loads((out / "memory" / f"{model}.json").read_text())
+        assert data["points"] == [f"B={b} @{s}" for s in (32, 64) for b in report.MEMORY_BATCHES]
     assert (out / "figures" / "connections_vs_resolution.png").exists()
+    for suffix in ("png", "pdf"):
+        assert (out / "figures" / f"memory_vs_batch.{suffix}").stat().st_size > 1000
     assert (out / "figures" / "accuracy_vs_connections.pdf").exists()
     assert "24 wrong, 60 right, 24 not given" in (out / "check" / "writeup_table.md").read_text()
     readme = (out / "README.md").read_text()
