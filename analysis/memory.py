@@ -218,6 +218,21 @@ def divide(call: Call) -> Saved:
     return Saved((1, 0) if flags[1] else (1,), source=DERIVATIVES + " div.Tensor")
 
 
+def convolution(call: Call) -> Saved:
+    """Convolution: its input; with padding='same' and an odd total padding (an even kernel)
+    PyTorch first pads the input by one on the far side and saves that padded copy."""
+    module = call.module
+    if isinstance(module, nn.modules.conv._ConvNd) and module.padding == "same":
+        extra = [d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)]
+        if any(extra):
+            sizes = [size + e for size, e in zip(call.shape()[2:], extra)]
+            padded = NewTensor("input padded for 'same'", BATCH * module.in_channels
+                               * math.prod(sizes))
+            return Saved(new=(padded,), source="aten/src/ATen/native/Convolution.cpp "
+                         "_convolution_mode: asymmetric 'same' padding pads the input first")
+    return Saved((0,), source=DERIVATIVES + " convolution: input, weight")
+
+
 def linear(call: Call) -> Saved:
     """Linear: its input (addmm's mat1; mat2 is the weight, a parameter)."""
     return Saved((0,), source=DERIVATIVES + " addmm / mm: mat1, mat2 (weight.t())")
@@ -254,7 +269,7 @@ ROUTING = nothing("derivatives.yaml: view/cat/permute/flatten backward needs siz
 
 # Looked up as conventions are: "op@via", "kind@via", "*@via", "op", "kind", "*".
 SAVED_RULES: Mapping[str, Rule] = {
-    "conv": saves(0, source=DERIVATIVES + " convolution: input, weight"),
+    "conv": convolution,
     "linear": linear,
     "batch_norm": batch_norm,
     "group_norm": group_norm,

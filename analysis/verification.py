@@ -3,11 +3,13 @@
 Weights and outputs must equal what the network has and produces; conv and linear connections
 must equal fvcore's count (one per multiply-add) and half of PyTorch's FlopCounterMode count
 (two FLOPs per multiply-add). For other layers the tools follow other conventions: both
-numbers are shown, and a difference there is not a mismatch.
+numbers are shown, and a difference there is not a mismatch. Each layer's bytes saved for
+backward (analysis/memory.py) must equal what autograd keeps (saved_tensors_hooks, on the CPU).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import pickle
@@ -48,6 +50,10 @@ FVCORE_CONVENTION = {
 }
 
 
+# BatchNorm in training needs more than one value per channel; the saved bytes are checked at B=2
+MEMORY_BATCH = 2
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used for the named network."""
 
@@ -71,6 +77,8 @@ class LayerCheck:
     torch_flops: int | None
     problems: list[str] = field(default_factory=list)
     note: str = ""
+    saved_formula: int | None = None  # bytes kept for backward at B=2 (None: not checked)
+    saved_measured: int | None = None  # what autograd keeps (saved_tensors_hooks, CPU)
 
     @property
     def verdict(self) -> str:
@@ -275,6 +283,7 @@ def verify(
     warnings.filterwarnings("ignore", message="Using padding='same'")
     values = analysis.evaluate(resolutions)
     substitution = analysis.substitutions()
+    memory = _memory_model(analysis)
     checks = []
     # a bar on a terminal only (tqdm turns itself off when stderr is not one)
     for j, (height, width) in enumerate(
@@ -282,6 +291,7 @@ def verify(
     ):
         label = resolution_label(height, width)
         measured, fvcore, torch_counts = measure(analysis, height, width, device)
+        saved = measure_saved_bytes(analysis, memory, height, width) if memory else None
         at = {H: height, W: width, BATCH: 1, **substitution}
         owners = set()
         # fvcore and FlopCounterMode report a module called twice as the sum of its calls
@@ -352,6 +362,8 @@ def verify(
                 fv = check.fvcore or 0
                 if fv != check.connections_formula:
                     check.note = FVCORE_CONVENTION.get(layer.kind, "conventions differ")
+            if saved is not None and layer.node:
+                _check_saved(check, layer, *saved)
             if module_name is not None and module_calls[module_name] > 1 and not check.note:
                 check.note = (
                     f"module called {module_calls[module_name]} times: fvcore and "
@@ -366,6 +378,53 @@ def verify(
         checks=checks,
         checkpoint=str(checkpoint) if checkpoint else None,
     )
+
+
+def _memory_model(analysis: Analysis) -> Any:
+    """Return the analysis' memory model (float32, SGD), None where it has no formulas."""
+    from convtally.analysis.memory import memory_model
+
+    try:
+        return memory_model(analysis)
+    except ValueError:  # not an fx capture: no memory formulas to check
+        return None
+
+
+def measure_saved_bytes(analysis: Analysis, memory: Any, height: int, width: int
+                        ) -> tuple[dict[str, int], dict[str, int], dict[str, bool]] | None:
+    """Return (ours, autograd's, rule known) saved bytes per graph node at B=2 on the CPU, or
+    None when a training-mode pass would not fit in memory (the check is then left out)."""
+    from convtally.analysis.limits import available_memory
+    from convtally.analysis.memory import measure_saved
+
+    point = [(MEMORY_BATCH, height, width)]
+    result = memory.evaluate(point)
+    if 4 * (result["totals"]["saved"][0] + result["transient"][0]) > available_memory():
+        return None
+    network = analysis.network
+    if next(network.parameters(), torch.empty(0)).device.type != "cpu":
+        network = copy.deepcopy(network).cpu()  # the witness is exact on the CPU
+    channels = int(analysis.input_channels.subs(analysis.substitutions()))
+    x = torch.randn(MEMORY_BATCH, channels, height, width)
+    _, autograd = measure_saved(network, x, per_node=True)
+    rows = list(zip(analysis.layers, memory.layers, strict=True))
+    ours = {layer.node: int(result["layers"]["saved"][i, 0])
+            for i, (layer, _) in enumerate(rows) if layer.node}
+    known = {layer.node: row.known for layer, row in rows if layer.node}
+    return ours, autograd, known
+
+
+def _check_saved(check: LayerCheck, layer: Any, ours: Mapping[str, int],
+                 autograd: Mapping[str, int], known: Mapping[str, bool]) -> None:
+    check.saved_formula = ours.get(layer.node, 0)
+    check.saved_measured = autograd.get(layer.node, 0)
+    if check.saved_formula == check.saved_measured:
+        return
+    if known.get(layer.node, True):
+        check.problems.append(
+            f"saved {check.saved_formula} bytes != autograd {check.saved_measured}")
+    elif not check.note:
+        check.note = "no memory rule: its saved bytes are unknown (counted 0)"
 
 
 def _fvcore_blind(analysis: Analysis, module_name: str | None, count: int | None) -> bool:
@@ -402,6 +461,8 @@ def render_verification(result: Verification, fmt: str) -> str:
             "connections": c.connections_formula,
             "fvcore": "" if c.fvcore is None else c.fvcore,
             "torch (2/MAC)": "" if c.torch_flops is None else c.torch_flops,
+            f"saved B={MEMORY_BATCH}": "" if c.saved_formula is None else c.saved_formula,
+            "saved (autograd)": "" if c.saved_measured is None else c.saved_measured,
             "verdict": c.verdict + (f" [{c.note}]" if c.note and fmt == "csv" else ""),
         }
         for c in result.checks
@@ -417,7 +478,9 @@ def render_verification(result: Verification, fmt: str) -> str:
         + (f"  checkpoint: {result.checkpoint}" if result.checkpoint else ""),
         "weights and outputs must equal the running network (parameter counts, forward hooks);",
         "conv/linear connections must equal fvcore (1 per multiply-add) and half of PyTorch's",
-        "FlopCounterMode (2 FLOPs per multiply-add); elsewhere the conventions differ:",
+        "FlopCounterMode (2 FLOPs per multiply-add); bytes saved for backward at "
+        f"B={MEMORY_BATCH} must equal",
+        "what autograd keeps (saved_tensors_hooks, CPU); elsewhere the conventions differ:",
         *[f"  {n}" for n in notes],
     ]
     body = tabulate(frame, headers="keys", tablefmt="simple", showindex=False, intfmt=",")

@@ -56,9 +56,15 @@ def network_dtype(network) -> torch.dtype:
     return next(network.parameters()).dtype
 
 
-@pytest.mark.parametrize("name", ["poolupsample", "convtranspose", "unet"])
-def test_seed_networks_save_what_autograd_saves(name):
-    analysis = analyse(name)
+@pytest.mark.parametrize(("name", "settings"), [
+    ("poolupsample", {}),
+    ("convtranspose", {}),
+    ("unet", {}),
+    # an even kernel with padding='same': PyTorch pads the input by one and saves that copy
+    ("convtranspose", {"K": 4, "NF": 4, "NC": 3, "NIC": 2}),
+])
+def test_seed_networks_save_what_autograd_saves(name, settings):
+    analysis = analyse(name, settings)
     assert_saved_matches_autograd(analysis, [(2, 32, 32), (3, 64, 64)])
 
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from convtally.analysis import rules
+from convtally.analysis import memory, rules
 from convtally.analysis.accounting import analyse
 from convtally.analysis.cli import main
 from convtally.analysis.rules import LayerCost
@@ -33,6 +33,8 @@ def test_seed_networks_verify(name, settings):
     conv = next(c for c in result.checks if c.layer == "block0.0")
     assert conv.connections_formula == conv.fvcore
     assert conv.torch_flops == 2 * conv.fvcore
+    assert all(c.saved_formula == c.saved_measured is not None for c in result.checks)
+    assert conv.saved_measured == 2 * settings.get("NIC", 3) * 32 * 32 * 4  # B=2 float32 input
 
 
 @pytest.mark.parametrize(
@@ -70,6 +72,20 @@ def test_broken_rule_is_caught(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "block0.0" in out and "MISMATCH: connections 884737 != fvcore 884736" in out
     assert "5 mismatch(es)" in out
+
+
+@pytest.mark.parametrize(("key", "layers"), [
+    # block0.0 alone: every other conv's input is a ReLU's output, which the ReLU keeps first
+    ("conv", 1),
+    ("max_pool2d", 2),  # block0.1 and block1.1: their input and int64 indices
+])
+def test_broken_memory_rule_is_caught(monkeypatch, capsys, key, layers):
+    """A rule that forgets what autograd saves is a mismatch, with verify's exit code 1."""
+    monkeypatch.setitem(memory.SAVED_RULES, key, memory.nothing("wrong on purpose"))
+    assert main(["verify", "poolupsample", "--res", "32", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH: saved 0 bytes != autograd" in out
+    assert f"{layers} mismatch(es)" in out
 
 
 def test_broken_weights_rule_is_caught(monkeypatch):
