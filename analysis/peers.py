@@ -72,18 +72,49 @@ def run_fvcore(network: nn.Module, x: torch.Tensor) -> ToolResult:
 
 
 def run_ptflops(network: nn.Module, x: torch.Tensor) -> ToolResult:
-    """Return ptflops' get_model_complexity_info (pytorch backend) MACs and parameters."""
-    from ptflops import get_model_complexity_info
+    """Return ptflops' get_model_complexity_info (pytorch backend) MACs and parameters.
+
+    ptflops adds the F.* and tensor-method calls it patches to its total outside any module
+    (nn.ReLU is counted by its module hook and again as F.relu); here each such call is put
+    on the innermost module that made it, so the per-module counts add up to the total.
+    """
+    from ptflops import get_model_complexity_info, pytorch_engine
 
     names = {module: name for name, module in network.named_modules()}
-    per_module: dict[str, int] = {}
+    per_module: dict[str, int] = defaultdict(int)
+    hooked: dict[str, int] = {}
+    running: list[str] = [""]
 
-    def snapshot(module, inputs, output) -> None:  # the root's hook runs after every child's
-        per_module.update(
-            {names[m]: int(m.__flops__) for m in network.modules() if hasattr(m, "__flops__")}
-        )
+    class Attributing(list):
+        """ptflops' collector of patched calls, also counting each call for its module."""
 
-    handle = network.register_forward_hook(snapshot)
+        def __init__(self, collector: list) -> None:
+            super().__init__()
+            self.collector = collector
+
+        def append(self, flops) -> None:
+            self.collector.append(flops)
+            per_module[running[-1]] += int(flops)
+
+    def enter(module, inputs) -> None:
+        running.append(names[module])
+
+    def leave(module, inputs, output) -> None:
+        running.pop()
+        if module is network:  # the root's hook runs after every child's
+            hooked.update(
+                {names[m]: int(m.__flops__) for m in network.modules() if hasattr(m, "__flops__")}
+            )
+
+    handles = [m.register_forward_pre_hook(enter) for m in network.modules()]
+    handles += [m.register_forward_hook(leave) for m in network.modules()]
+    patches = {
+        "patch_functional": pytorch_engine.patch_functional,
+        "patch_tensor_ops": pytorch_engine.patch_tensor_ops,
+    }
+    for attribute, patch in patches.items():
+        setattr(pytorch_engine, attribute,
+                lambda collector, patch=patch: patch(Attributing(collector)))
     try:
         macs, params = get_model_complexity_info(
             network,
@@ -93,11 +124,16 @@ def run_ptflops(network: nn.Module, x: torch.Tensor) -> ToolResult:
             ost=io.StringIO(),
         )
     finally:
-        handle.remove()
+        for attribute, patch in patches.items():
+            setattr(pytorch_engine, attribute, patch)
+        for handle in handles:
+            handle.remove()
     if macs is None:
         raise RuntimeError("ptflops failed on this network (it printed the traceback)")
+    for name, flops in hooked.items():
+        per_module[name] += flops
     per_module.pop("", None)
-    return ToolResult(int(macs), int(params), per_module)
+    return ToolResult(int(macs), int(params), dict(per_module))
 
 
 def run_thop(network: nn.Module, x: torch.Tensor) -> ToolResult:

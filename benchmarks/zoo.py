@@ -19,13 +19,13 @@ import platform
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from convtally.analysis import peers  # noqa: E402
 from convtally.analysis.accounting import ResolutionError, analyse  # noqa: E402
 from convtally.analysis.conventions import preset  # noqa: E402
 
@@ -93,8 +93,6 @@ def build(source: str, name: str, size: tuple[int, int] | None = None):
 
 def measure(source: str, name: str, size, limit: int) -> dict:
     """Return one report row for one model (refusal reason instead of numbers on failure)."""
-    from fvcore.nn import FlopCountAnalysis
-
     row = dict.fromkeys(COLUMNS, "")
     row.update(source=source, model=name)
     start = time.perf_counter()
@@ -127,12 +125,9 @@ def measure(source: str, name: str, size, limit: int) -> dict:
         if analysis.capture_note:
             row["refusal"] = analysis.capture_note[:300]
         # fvcore's default call (grad mode on: MultiheadAttention's unfused path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            counter = FlopCountAnalysis(network, torch.zeros(1, 3, *size))
-            counter.unsupported_ops_warnings(False)
-            counter.uncalled_modules_warnings(False)
-            row["fvcore_total"] = int(counter.total())
+        row["fvcore_total"] = peers.run_tool(
+            "fvcore", network, torch.zeros(1, 3, *size), threads=None
+        ).total
         row["weights_equal"] = row["weights"] == row["parameters"]
         row["connections_equal"] = row["connections_fvcore_preset"] == row["fvcore_total"]
     except TimeLimit:

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import sympy as sp
 import torch
+from convtally.analysis import peers
 from convtally.analysis.accounting import (
     H,
     IntegerEvaluator,
@@ -19,7 +20,6 @@ from convtally.analysis.accounting import (
 from convtally.analysis.conventions import make_convention
 from convtally.analysis.rules import UnsupportedLayer
 from convtally.models.registry import REGISTRY
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 K, NF, NC, NIC = sp.symbols("K NF NC NIC", integer=True, positive=True)
@@ -44,10 +44,7 @@ def running_network_counts(network: nn.Module, channels: int, height: int, width
         network.eval()(x)
         for handle in handles:
             handle.remove()
-        flops = FlopCountAnalysis(network, x)
-        flops.unsupported_ops_warnings(False)
-        flops.uncalled_modules_warnings(False)
-        by_module = dict(flops.by_module())
+        by_module = peers.run_fvcore(network, x).per_module
     return calls, by_module
 
 

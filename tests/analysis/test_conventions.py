@@ -3,20 +3,20 @@
 Every number on the tools' side is computed here by the tool itself, with its default call
 (fvcore FlopCountAnalysis(m, x).total(), ptflops get_model_complexity_info(m, (C, H, W),
 as_strings=False), thop profile(m, inputs=(x,)), torchinfo summary(m, input_size).total_mult_adds,
-FlopCounterMode's total), and our side is the preset's formulas evaluated at that input.
+FlopCounterMode's total), run through analysis.peers (the runners verify and crosscheck use),
+and our side is the preset's formulas evaluated at that input: in total, in parameters, and
+module by module (totals can hide two errors that cancel).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 from collections.abc import Callable
 
 import pytest
 import sympy as sp
 import torch
 import torch.nn.functional as F
+from convtally.analysis import peers
 from convtally.analysis.accounting import H, W, analyse
 from convtally.analysis.conventions import (
     DEFAULT,
@@ -36,76 +36,69 @@ thop = pytest.importorskip("thop")
 torchinfo = pytest.importorskip("torchinfo")
 
 K, NF, NC, NIC = sp.symbols("K NF NC NIC", integer=True, positive=True)
-TOOLS = ("fvcore", "ptflops", "thop", "torchinfo", "torch")
 
 
-@contextlib.contextmanager
-def quiet_one_thread():
-    """Silence the tools' printing; one thread (batch-1 passes, shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def tool_numbers(build: Callable[[], nn.Module], channels: int, height: int, width: int):
-    """Return tool -> (headline number, reported parameters or None), each on a fresh network."""
-    from fvcore.nn import FlopCountAnalysis, parameter_count
-    from ptflops import get_model_complexity_info
-    from thop import profile
-    from torch.utils.flop_counter import FlopCounterMode
-    from torchinfo import summary
-
+def tool_results(build: Callable[[], nn.Module], channels: int, height: int, width: int):
+    """Return tool -> what the tool reports (peers.ToolResult), each on a fresh network."""
     x = torch.zeros(1, channels, height, width)
-    numbers = {}
-    with quiet_one_thread():
-        network = build().eval()
-        numbers["fvcore"] = (
-            int(FlopCountAnalysis(network, x).total()),
-            int(parameter_count(network)[""]),
-        )
-        macs, params = get_model_complexity_info(
-            build().eval(), (channels, height, width), as_strings=False, ost=io.StringIO()
-        )
-        numbers["ptflops"] = (int(macs), int(params))
-        ops, params = profile(build().eval(), inputs=(x,))
-        numbers["thop"] = (int(ops), int(params))
-        statistics = summary(build().eval(), input_size=(1, channels, height, width), verbose=0)
-        numbers["torchinfo"] = (int(statistics.total_mult_adds), int(statistics.total_params))
-        network = build().eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            network(x)
-        numbers["torch"] = (int(counter.get_total_flops()), None)
-    return numbers
+    return {tool: peers.run_tool(tool, build().eval(), x) for tool in peers.TOOLS}
 
 
-def preset_numbers(analysis, height: int, width: int):
-    """Return tool -> (connections, weights) of our formulas under the tool's preset."""
-    numbers = {}
-    for tool in TOOLS:
+def preset_per_module(analysis, tool: str, height: int, width: int) -> dict[str, int]:
+    """Return module name -> our connections under `tool`'s preset, summed over its calls."""
+    values = analysis.with_convention(preset(tool)).evaluate([(height, width)])["connections"]
+    per_module: dict[str, int] = {}
+    for index, layer in enumerate(analysis.layers):
+        if layer.cost.via in ("module", "module_subclass"):
+            module = layer.name.split(":")[0]
+            per_module[module] = per_module.get(module, 0) + int(values[index, 0])
+    return per_module
+
+
+def preset_problems(analysis, results, height: int, width: int) -> list[str]:
+    """Return where our presets differ from the tools' `results`: total, parameters, module."""
+    problems = []
+    for tool, result in results.items():
         totals = analysis.with_convention(preset(tool)).totals_at([(height, width)])
-        numbers[tool] = (totals["connections"][0], totals["weights"][0])
-    return numbers
+        connections, weights = totals["connections"][0], totals["weights"][0]
+        at = f"{tool} at {height}x{width}"
+        if result.total != connections:
+            problems.append(f"{at}: tool {result.total}, preset {connections}")
+        if result.parameters is not None and result.parameters != weights:
+            problems.append(f"{at}: parameters {result.parameters}, preset weights {weights}")
+        # per layer: totals can hide two errors that cancel
+        for module, ours in preset_per_module(analysis, tool, height, width).items():
+            counted = (result.per_module or {}).get(module, 0)
+            if counted != ours:
+                problems.append(f"{at}: {module} tool {counted}, preset {ours}")
+    return problems
 
 
 def assert_presets_match(analysis, build, channels, resolutions):
+    """Our preset equals each tool in total, in parameters, and module by module."""
     problems = []
     for height, width in resolutions:
-        theirs = tool_numbers(build, channels, height, width)
-        ours = preset_numbers(analysis, height, width)
-        for tool in TOOLS:
-            (number, params), (connections, weights) = theirs[tool], ours[tool]
-            if number != connections:
-                problems.append(f"{tool} at {height}x{width}: tool {number}, preset {connections}")
-            if params is not None and params != weights:
-                problems.append(
-                    f"{tool} at {height}x{width}: parameters {params}, preset weights {weights}"
-                )
+        problems += preset_problems(
+            analysis, tool_results(build, channels, height, width), height, width
+        )
     assert problems == []
+
+
+def test_per_layer_comparison_catches_errors_that_cancel():
+    """A tool's count moved from one layer to another keeps its total and must still differ."""
+    spec = resolve("poolupsample")
+    analysis = analyse(spec)
+    results = tool_results(spec.build, 3, 32, 32)
+    assert preset_problems(analysis, results, 32, 32) == []
+    fvcore = results["fvcore"]
+    fvcore.per_module["block1.0"] += 1000
+    fvcore.per_module["block2.0"] -= 1000
+    assert preset_problems(analysis, results, 32, 32) == [
+        f"fvcore at 32x32: block1.0 tool {fvcore.per_module['block1.0']}, "
+        f"preset {fvcore.per_module['block1.0'] - 1000}",
+        f"fvcore at 32x32: block2.0 tool {fvcore.per_module['block2.0']}, "
+        f"preset {fvcore.per_module['block2.0'] + 1000}",
+    ]
 
 
 # --- the proof: torchvision CNNs of several families, seed networks, every rule ------------
@@ -300,7 +293,10 @@ def test_lookup_goes_from_the_most_specific_key():
 def test_switches_apply_on_top_of_a_preset():
     spec = resolve("poolupsample")
     analysis = analyse(spec)
-    theirs = tool_numbers(spec.build, 3, 32, 32)
+    theirs = {
+        tool: (result.total, result.parameters)
+        for tool, result in tool_results(spec.build, 3, 32, 32).items()
+    }
     at = [(32, 32)]
 
     def total(convention: Convention, quantity: str = "connections") -> int:

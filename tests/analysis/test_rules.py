@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from convtally.analysis import peers
 from convtally.analysis.accounting import analyse
 from torch import nn
 
@@ -67,14 +68,9 @@ def test_registered_model_with_cat_keeps_symbolic_channels():
 
 def test_zoo_convolutions_match_pytorch_flop_counter():
     """fvcore reports 0 for padding='same'; PyTorch's counter (2 per multiply-add) sees it."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     analysis = analyse(Zoo())
     values = analysis.evaluate([(96, 96)])
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        analysis.network(torch.zeros(1, 3, 96, 96))
-    counts = {k.split(".", 1)[1]: sum(v.values()) for k, v in counter.get_flop_counts().items()
-              if k.startswith("Zoo.")}
+    counts = peers.run_torch(analysis.network, torch.zeros(1, 3, 96, 96)).per_module
     convs = [(i, layer) for i, layer in enumerate(analysis.layers)
              if layer.kind in ("conv", "linear")]
     assert {layer.name for _, layer in convs} == {"same", "dilated", "strided", "valid", "up",
