@@ -22,6 +22,7 @@ from convtally.analysis.accounting import QUANTITIES, Analysis, H, W
 from convtally.analysis.conventions import make_convention
 from convtally.analysis.formatting import order_in_hw, resolution_label
 from convtally.analysis.formula import FormulaError, formula_symbols, parse_formula_text
+from tqdm import tqdm
 
 REQUIRED = ("layer", "type")
 NOT_GIVEN = frozenset({"", "-", "--", "n/a", "na", "?", "\u2013", "\u2014", "\u2012"})
@@ -333,7 +334,9 @@ def check_table(
         for row in rows:
             if row.is_input:
                 check.cells.extend(_check_input_row(row, context, check))
-        for row, index in alignment:
+        # a bar on a terminal only, for tables big enough to take a while (formula cells)
+        for row, index in tqdm(alignment, desc=f"check-table {label}", unit="row", leave=False,
+                               disable=None if len(alignment) > 50 else True):
             if index is None:
                 check.unmatched_rows.append(f"line {row.line}: {row.label} {row.type}".strip())
                 continue

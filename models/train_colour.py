@@ -409,7 +409,9 @@ def sweep_colourization(base: ColourConfig, batch_sizes: Sequence[int], out: str
     with runs.run_folder_lock(out) as out:
         runs.remove_stale_temporaries(out)
         rows = []
-        for batch_size in batch_sizes:
+        # the sweep as a whole (each run also has its own bar per epoch); terminal only
+        for batch_size in tqdm(batch_sizes, desc="sweep", unit="run", file=sys.stderr,
+                               disable=None if base.progress else True):
             config = sweep_run_config(base, out, batch_size)
             log(f"--- {base.model}, batch size {batch_size} ---")
             metrics = train_colourization(config, log=log)
