@@ -38,10 +38,11 @@ torchinfo = pytest.importorskip("torchinfo")
 K, NF, NC, NIC = sp.symbols("K NF NC NIC", integer=True, positive=True)
 
 
-def tool_results(build: Callable[[], nn.Module], channels: int, height: int, width: int):
+def tool_results(build: Callable[[], nn.Module], channels: int, height: int, width: int,
+                 tools: tuple[str, ...] = peers.TOOLS):
     """Return tool -> what the tool reports (peers.ToolResult), each on a fresh network."""
     x = torch.zeros(1, channels, height, width)
-    return {tool: peers.run_tool(tool, build().eval(), x) for tool in peers.TOOLS}
+    return {tool: peers.run_tool(tool, build().eval(), x) for tool in tools}
 
 
 def preset_per_module(analysis, tool: str, height: int, width: int) -> dict[str, int]:

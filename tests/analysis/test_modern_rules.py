@@ -11,11 +11,10 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 from convtally.analysis.accounting import H, W, analyse
-from convtally.analysis.conventions import preset
 from torch import nn
 
 from tests.analysis.test_accounting import assert_matches_running_network
-from tests.analysis.test_conventions import tool_numbers
+from tests.analysis.test_conventions import preset_problems, tool_results
 
 
 class ModernBlocks(nn.Module):
@@ -89,9 +88,5 @@ def test_layer_scale_owns_its_parameter():
 
 def test_modern_blocks_presets_equal_fvcore_and_torch():
     analysis = analyse(ModernBlocks())
-    theirs = tool_numbers(lambda: ModernBlocks().eval(), 3, 32, 48)
-    for tool in ("fvcore", "torch"):
-        ours = analysis.with_convention(preset(tool)).totals_at([(32, 48)])
-        assert ours["connections"][0] == theirs[tool][0], tool
-        if theirs[tool][1] is not None:
-            assert ours["weights"][0] == theirs[tool][1], tool
+    theirs = tool_results(lambda: ModernBlocks(), 3, 32, 48, tools=("fvcore", "torch"))
+    assert preset_problems(analysis, theirs, 32, 48) == []
