@@ -310,6 +310,23 @@ def saved_rule(cost: LayerCost, table: Mapping[str, Rule] = SAVED_RULES) -> tupl
 ONEDNN = "aten/src/ATen/native/mkldnn/Conv.cpp (oneDNN)"
 
 
+# oneDNN's blocked layouts (nChw16c on x86 with AVX-512, as on the machine the benchmarks ran):
+# a reordered copy pads the channels to a multiple of the block
+ONEDNN_BLOCK = 16
+
+
+def _blocked_copies(module: nn.Module | None, outputs: sp.Expr, inputs: sp.Expr) -> sp.Expr:
+    """Return the values of blocked copies of a convolution's output and input (per example):
+    each channel count padded to oneDNN's block (a convolution called functionally: unpadded)."""
+    if not isinstance(module, nn.modules.conv._ConvNd):
+        return outputs + inputs
+
+    def padded(values: sp.Expr, channels: int) -> sp.Expr:
+        return values * sp.Rational(-(-channels // ONEDNN_BLOCK) * ONEDNN_BLOCK, channels)
+
+    return padded(outputs, module.out_channels) + padded(inputs, module.in_channels)
+
+
 def conv_workspace(call: Call, size: int) -> sp.Expr:
     """oneDNN convolution on the CPU: a blocked-layout copy of its output and of its weight."""
     return (call.output_elements() + call.cost.macs_per_output * call.shape()[1]) * size
@@ -417,6 +434,8 @@ class LayerMemory:
     saved: sp.Expr  # bytes of the storages this layer is the first to keep for backward
     transient: sp.Expr  # bytes of its output's and input's gradients during backward
     live: sp.Expr | None  # inference: bytes alive while it runs (None: not a running layer)
+    training_live: sp.Expr | None = None  # the same in a training step's forward pass
+    backward_live: sp.Expr | None = None  # held while its backward runs (None: it has none)
 
 
 PARTS = ("parameters", "buffers", "gradients", "optimizer", "saved")
@@ -447,14 +466,32 @@ class MemoryModel:
         candidates = [layer.transient for layer in self.layers if layer.transient != 0]
         return sp.Max(*candidates) if candidates else sp.Integer(0)
 
-    def training_peak(self) -> sp.Expr:
-        """Return parameters + buffers + gradients + optimizer state + the larger of (saved
-        activations + the largest backward transient) and the optimizer step's temporaries."""
-        held = sum((self.total(p) for p in ("parameters", "buffers", "gradients", "optimizer")),
+    def held(self) -> sp.Expr:
+        """Return what a training step holds throughout: parameters, buffers, optimizer state."""
+        return sum((self.total(p) for p in ("parameters", "buffers", "optimizer")),
                    sp.Integer(0))
+
+    def training_phases(self) -> list[tuple[str, sp.Expr]]:
+        """Return (where, bytes alive beyond held()) for every moment of a training step that
+        can be its peak: each layer's forward and backward, and the optimizer step."""
+        phases = [(f"forward {layer.name}", layer.training_live) for layer in self.layers
+                  if layer.training_live is not None]
+        phases += [(f"backward {layer.name}", layer.backward_live)
+                   for layer in reversed(self.layers) if layer.backward_live is not None]
+        phases.append(("optimizer step", self.total("gradients") + self.step_transient))
+        return phases
+
+    def training_peak(self) -> sp.Expr:
+        """Return the peak of a training step: held() + the largest of training_phases()."""
+        return self.held() + sp.Max(*(bytes_ for _, bytes_ in self.training_phases()))
+
+    def training_bound(self) -> sp.Expr:
+        """Return the simple upper bound: parameters + buffers + gradients + optimizer state +
+        the larger of (every saved activation + the largest backward transient + the output)
+        and the optimizer step's temporaries, all as if alive at once."""
         backward = self.total("saved") + self.transient() + self.output_bytes
-        return held + (sp.Max(backward, self.step_transient) if self.step_transient != 0
-                       else backward)
+        return self.held() + self.total("gradients") + (
+            sp.Max(backward, self.step_transient) if self.step_transient != 0 else backward)
 
     def inference_rows(self) -> list[int]:
         """Return the indices of the rows with an inference live set."""
@@ -471,17 +508,20 @@ class MemoryModel:
         transients = [layer.transient for layer in self.layers]
         live_rows = self.inference_rows()
         lives = [self.layers[i].live for i in live_rows]
-        values = _evaluate(formulas + transients + lives, self.substitutions, points)
+        phases = self.training_phases()
+        values = _evaluate(formulas + transients + lives + [f for _, f in phases]
+                           + [self.step_transient], self.substitutions, points)
         count = len(self.layers)
         per_part = {p: values[i * count:(i + 1) * count] for i, p in enumerate(PARTS)}
         transient = values[len(PARTS) * count:(len(PARTS) + 1) * count]
-        live = values[(len(PARTS) + 1) * count:]
+        live = values[(len(PARTS) + 1) * count:(len(PARTS) + 1) * count + len(live_rows)]
+        phase_values = values[(len(PARTS) + 1) * count + len(live_rows):-1]
+        step = values[-1]
         totals = {p: per_part[p].sum(axis=0) for p in PARTS}
         largest = transient.max(axis=0) if count else np.zeros(len(points), dtype=object)
-        step = np.array(self.values(self.step_transient, points), dtype=object)
-        held = sum(totals[p] for p in ("parameters", "buffers", "gradients", "optimizer"))
-        output = np.array(self.values(self.output_bytes, points), dtype=object)
-        training = held + np.maximum(totals["saved"] + largest + output, step)
+        held = sum(totals[p] for p in ("parameters", "buffers", "optimizer"))
+        training = held + phase_values.max(axis=0)
+        training_at = [phases[int(r)][0] for r in phase_values.argmax(axis=0)]
         peak_rows = live.argmax(axis=0) if len(live_rows) else [None] * len(points)
         inference = [int(live[r, j]) if r is not None else 0 for j, r in enumerate(peak_rows)]
         return {
@@ -492,6 +532,7 @@ class MemoryModel:
             if count else [],
             "step_transient": [int(v) for v in step],
             "training_peak": [int(v) for v in training],
+            "training_at": training_at,
             "inference_peak": inference,
             "inference_layer": [
                 self.layers[live_rows[int(r)]].name if r is not None else "" for r in peak_rows
@@ -645,14 +686,17 @@ def memory_model(analysis: Any, dtype: str = "float32", optimizer: str = "sgd",
             saved=simplify(row_training.get("saved", 0)),
             transient=simplify(row_training.get("transient", 0)),
             live=simplify(row_inference["live"]) if "live" in row_inference else None,
+            training_live=simplify(row_training["live"]) if "live" in row_training else None,
         ))
+    output_bytes = simplify(training.get("(output)", {}).get("bytes", 0))
+    _backward_liveness(layers, output_bytes)
     input_bytes = simplify(BATCH * analysis.input_channels * H * W * size)
     largest_parameter = max((p.numel() for p in graph_module.parameters() if p.requires_grad),
                             default=0)
     step = STEP_TEMPORARIES[optimizer] * largest_parameter * size
     model = MemoryModel(analysis.model, dtype, optimizer, layers, analysis.substitutions(),
-                        analysis.divisor, input_bytes, sp.Integer(step),
-                        simplify(training.get("(output)", {}).get("bytes", 0)), analysis=analysis)
+                        analysis.divisor, input_bytes, sp.Integer(step), output_bytes,
+                        analysis=analysis)
     unknown = [layer.name for layer in layers if not layer.known]
     if unknown:
         model.notes.append(
@@ -663,6 +707,22 @@ def memory_model(analysis: Any, dtype: str = "float32", optimizer: str = "sgd",
         model.notes.append("dropout keeps an input-sized noise tensor on the CPU (PyTorch "
                            "_dropout_impl); on CUDA native_dropout keeps a 1-byte mask instead")
     return model
+
+
+def _backward_liveness(layers: list[LayerMemory], output_bytes: sp.Expr) -> None:
+    """Set each layer's backward live set: backward runs the layers in reverse, freeing what a
+    layer keeps once it has run and adding its parameters' gradients, so while layer i runs
+    what the layers up to i keep, the gradients of the layers from i on, its output's and
+    input's gradients (the transient) and the network's output are alive."""
+    gradients_after = [sp.Integer(0)] * (len(layers) + 1)
+    for i in range(len(layers) - 1, -1, -1):
+        gradients_after[i] = sp.expand(gradients_after[i + 1] + layers[i].gradients)
+    kept = sp.Integer(0)
+    for i, layer in enumerate(layers):
+        kept = sp.expand(kept + layer.saved)
+        if layer.transient != 0:
+            layer.backward_live = sp.expand(kept + gradients_after[i] + layer.transient
+                                            + output_bytes)
 
 
 def _layer_parameters(layer: Any, graph_module: torch.fx.GraphModule,
@@ -788,29 +848,37 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
                     shared.append(kept[number])
             if shared:
                 row["saves"] += f" (kept by {', '.join(dict.fromkeys(shared))})"
+            new = sp.Integer(0)
             for tensor in saved.new:
-                total += tensor.elements * (8 if tensor.dtype == "int64" else size)
-            row["saved"] = total
+                new += tensor.elements * (8 if tensor.dtype == "int64" else size)
+            row["saved"] = total + new
+            row["new"] = new
             first = layer.cost.inputs if layer.cost.inputs is not None else 0
             # backward holds the output's and the input's gradient; oneDNN's convolution
             # backward on the CPU also reorders both into blocked copies
-            copies = 2 if layer.kind == "conv" else 1
-            row["transient"] = (copies * BATCH * (layer.cost.outputs + first) * size
-                                if requires_grad else sp.Integer(0))
-        if not training:
-            workspace = saved_rule(layer.cost, WORKSPACE_RULES)[1](call, size)
-            row["workspace"] = sp.sympify(workspace) if _allocates(call, op, inputs) else 0
+            gradients = layer.cost.outputs + first
+            if layer.kind == "conv":
+                gradients += _blocked_copies(module, layer.cost.outputs, first)
+            row["transient"] = (BATCH * gradients * size if requires_grad else sp.Integer(0))
+        workspace = saved_rule(layer.cost, WORKSPACE_RULES)[1](call, size)
+        row["workspace"] = sp.sympify(workspace) if _allocates(call, op, inputs) else 0
         rows[node.name] = row
     returned = [values[a.name].storage for a in _flat((nodes[-1].args,))
                 if isinstance(a, torch.fx.Node) and a.name in values] if nodes else []
     rows["(output)"] = {"bytes": sp.Add(*(storages[n].bytes for n in set(returned)
                                           if n is not None))}
-    if not training:
-        for index, node in enumerate(nodes):
-            if node.name in rows:
-                rows[node.name]["live"] = rows[node.name]["workspace"] + sp.Add(*(
-                    s.bytes for s in storages if s.produced <= index <= max(s.last_use,
-                                                                             s.produced)))
+    # alive while a layer runs: every storage from the layer that makes it to its last reader
+    # (in training, a storage kept for backward to the end of the pass), the new tensors kept
+    # so far (statistics, indices, noise) and the layer's workspace
+    end = len(nodes)
+    kept_so_far = sp.Integer(0)
+    for index, node in enumerate(nodes):
+        if node.name in rows:
+            kept_so_far += rows[node.name].get("new", 0)
+            rows[node.name]["live"] = rows[node.name]["workspace"] + kept_so_far + sp.Add(*(
+                s.bytes for number, s in enumerate(storages)
+                if s.produced <= index <= max(end if number in kept else s.last_use,
+                                              s.produced)))
     return rows
 
 
@@ -878,16 +946,17 @@ def _peak_formula(model: MemoryModel, mode: str) -> Callable[[Sequence[tuple[int
                                                               list[int]]:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    if mode == "training":
-        formula = model.training_peak()
+    if mode == "training":  # the phases compiled apart: a Max of hundreds is slow in sympy
+        held = model.held()
+        formulas = [held + bytes_ for _, bytes_ in model.training_phases()]
     else:
         rows = model.inference_rows()
-        formula = sp.Max(*(model.layers[i].live for i in rows)) if rows else sp.Integer(0)
+        formulas = [model.layers[i].live for i in rows] or [sp.Integer(0)]
 
-    compiled = _compile([formula], model.substitutions)
+    compiled = _compile(formulas, model.substitutions)
 
     def peak(points: Sequence[tuple[int, int, int]]) -> list[int]:
-        return [int(v) for v in compiled(points)[0]]
+        return [int(v) for v in compiled(points).max(axis=0)]
 
     return peak
 
@@ -1004,7 +1073,10 @@ def memory_table(model: str | Any, resolutions: Sequence[tuple[int, int]] = ((32
     totals["step_transient"] = {"formula": str(memory.step_transient),
                                 "values": dict(zip(labels, result["step_transient"]))}
     totals["training_peak"] = {"formula": str(memory.training_peak()),
-                               "values": dict(zip(labels, result["training_peak"]))}
+                               "values": dict(zip(labels, result["training_peak"])),
+                               "at": dict(zip(labels, result["training_at"])),
+                               "bound": dict(zip(labels, memory.values(memory.training_bound(),
+                                                                        points)))}
     totals["inference_peak"] = {"values": dict(zip(labels, result["inference_peak"])),
                                 "layer": dict(zip(labels, result["inference_layer"]))}
     dominant = {}
@@ -1075,6 +1147,7 @@ def render_memory(data: Mapping[str, Any], fmt: str) -> str:
             "saved": parts["saved"],
             "transient": totals["transient"]["values"][label],
             "training peak": totals["training_peak"]["values"][label],
+            "training peak at": totals["training_peak"]["at"][label],
             "dominant": totals["training_peak"]["dominant"][label],
             "inference peak": totals["inference_peak"]["values"][label],
             "inference peak at": totals["inference_peak"]["layer"][label],
@@ -1089,15 +1162,18 @@ def render_memory(data: Mapping[str, Any], fmt: str) -> str:
         f"dtype {data['dtype']}, optimizer {data['optimizer']}, mode {data['mode']}",
         "saved: bytes autograd keeps for backward in training, each storage charged to the "
         "first layer that keeps it",
-        "training peak = parameters + buffers + gradients + optimizer state + max(saved + the "
-        "largest backward transient + the output, the optimizer step's temporaries): "
-        f"{totals['training_peak']['formula']}",
+        "training peak = parameters + buffers + optimizer state + the most alive at once in "
+        "the step: in the forward pass (what layers keep for backward stays), in the backward "
+        "pass (what the layers not yet run keep, the gradients made so far, the layer's output "
+        "and input gradients and the network's output) or in the optimizer step: "
+        + _short(totals['training_peak']['formula']),
         *data["assumptions"],
         *data["notes"],
     ]
     for label in labels:
         header.append(
             f"{label}: training peak {format_bytes(totals['training_peak']['values'][label])} "
+            f"at {totals['training_peak']['at'][label]} "
             f"({totals['training_peak']['dominant'][label]} dominates), inference peak "
             f"{format_bytes(totals['inference_peak']['values'][label])} at "
             f"{totals['inference_peak']['layer'][label]}"
@@ -1120,6 +1196,13 @@ def render_memory(data: Mapping[str, Any], fmt: str) -> str:
     tables = [tabulate(f, headers="keys", tablefmt="simple", showindex=False, intfmt=",")
               for f in (frame, summary_frame)]
     return "\n".join(header) + "\n\n" + "\n\n".join(tables) + "\n"
+
+
+def _short(formula: str, limit: int = 600) -> str:
+    """Return a formula, or where it is too long to read its length and where to find it."""
+    if len(formula) <= limit:
+        return formula
+    return f"a Max of {len(formula):,} characters (the whole formula is in --format json)"
 
 
 # --- the witnesses: what PyTorch keeps and allocates ---------------------------------------

@@ -22,6 +22,7 @@ from convtally.analysis.memory import (
     make_optimizer,
     measure_forward_peak,
     measure_saved,
+    measure_training_peak,
     memory_model,
     memory_table,
     peak_formula,
@@ -148,6 +149,36 @@ def test_inference_peak_against_the_profiler(name, batch, side, tolerance):
     measured = measure_forward_peak(analysis.network, (batch, channels(analysis), side, side))
     ratio = measured / result["inference_peak"][0]
     assert 1 - tolerance <= ratio <= 1 + tolerance, ratio
+
+
+@pytest.mark.parametrize(("name", "batch", "side"), [
+    ("poolupsample", 8, 32),
+    ("unet", 3, 128),
+    ("torchvision:resnet18", 4, 64),
+    ("torchvision:mobilenet_v2", 4, 96),
+])
+def test_training_peak_against_the_profiler(name, batch, side):
+    """Backward liveness: what the layers not yet run keep, the gradients made so far and the
+    running layer's gradients (oneDNN's blocked copies padded to 16 channels) are alive at once;
+    measured within 2 % (issue 14's goal: 10 %)."""
+    analysis = analyse(name)
+    model = memory_model(analysis)
+    ours = model.evaluate([(batch, side, side)])["training_peak"][0]
+    measured = measure_training_peak(analysis.network, (batch, channels(analysis), side, side))
+    assert 0.98 <= measured / ours <= 1.02, (measured, ours)
+
+
+@pytest.mark.parametrize(("name", "side"), [("unet", 256), ("torchvision:resnet18", 224)])
+def test_largest_batch_runs_and_the_next_does_not_fit(name, side):
+    """The --budget answer, run: one training step at that batch fits 256 MiB (measured with
+    the profiler on the CPU), one at the next batch size up does not."""
+    analysis = analyse(name)
+    budget = 256 * 2**20
+    batch = largest_batch(memory_model(analysis), budget, side, side)
+    shape = (channels(analysis), side, side)
+    fits = measure_training_peak(analysis.network, (batch, *shape))
+    over = measure_training_peak(analysis.network, (batch + 1, *shape))
+    assert fits <= budget < over, (batch, fits, over)
 
 
 def test_largest_batch_is_the_last_that_fits_the_formula():
