@@ -9,6 +9,7 @@ assumed, so formulas read like the write-up's (`H*NF*W/4`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -79,8 +80,8 @@ class Analysis:
     assumptions: list[str]
     unused_weights: int = 0
     unused_trainable_weights: int = 0
-    network: nn.Module | None = field(default=None, repr=False)
-    graph_module: torch.fx.GraphModule | None = field(default=None, repr=False)
+    # the network counted and its traced graph; see the network and graph_module properties
+    _source: _NetworkSource | None = field(default=None, repr=False, compare=False)
     capture: str = "fx"  # fx, export or concrete (CAPTURES)
     capture_note: str = ""  # why this rung: what the rungs above it could not do
     # concrete capture: resolution -> the rows' raw costs there (formulas in H, W unavailable)
@@ -90,6 +91,34 @@ class Analysis:
     def symbolic(self) -> bool:
         """Return True when outputs and connections are formulas in H and W."""
         return self.concrete is None
+
+    @property
+    def network(self) -> nn.Module | None:
+        """Return the network counted, with real weights (built on first use when the analysis
+        counted a meta-device build, which has shapes but no weights)."""
+        return self._source.real().network if self._source else None
+
+    @network.setter
+    def network(self, value: nn.Module | None) -> None:
+        graph_module = self._source.real().graph_module if self._source else None
+        self._source = _NetworkSource(value, graph_module)
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule | None:
+        """Return the traced graph of `network` (None for an exported or concrete capture
+        without one), over the network with real weights."""
+        return self._source.real().graph_module if self._source else None
+
+    @graph_module.setter
+    def graph_module(self, value: torch.fx.GraphModule | None) -> None:
+        network = self._source.real().network if self._source else None
+        self._source = _NetworkSource(network, value)
+
+    @property
+    def shape_graph_module(self) -> torch.fx.GraphModule | None:
+        """Return the traced graph the rows were counted from, without building weights: on
+        the meta device when the network was built there (shapes and parameter counts only)."""
+        return self._source.graph_module if self._source else None
 
     @property
     def unknown_layers(self) -> list[Layer]:
@@ -221,19 +250,27 @@ class Analysis:
     def _compiled_formulas(self) -> IntegerEvaluator:
         if getattr(self, "_compiled", None) is None:
             substitution = self.substitutions()
+            substituted: dict[sp.Expr, sp.Expr] = {}  # layers repeat few distinct formulas
+
+            def at_setting(expression: sp.Expr) -> sp.Expr:
+                expression = sp.sympify(expression)
+                if expression not in substituted:
+                    substituted[expression] = expression.subs(substitution)
+                return substituted[expression]
+
             formulas = [
-                layer.formula(q).subs(substitution) for q in QUANTITIES for layer in self.layers
+                at_setting(layer.formula(q)) for q in QUANTITIES for layer in self.layers
             ]
             self._size_owner = []
             for index, layer in enumerate(self.layers):
                 for dimension in layer.output_shape:
                     if sp.sympify(dimension).has(H, W):
-                        formulas.append(sp.sympify(dimension).subs(substitution))
+                        formulas.append(at_setting(dimension))
                         self._size_owner.append(index)
             self._requirement_owner = []
             for index, layer in enumerate(self.layers):
                 for requirement in layer.requirements:
-                    formulas.append((requirement[0] - requirement[1]).subs(substitution))
+                    formulas.append(at_setting(requirement[0] - requirement[1]))
                     self._requirement_owner.append((index, requirement))
             self._compiled = IntegerEvaluator(formulas)
         return self._compiled
@@ -281,27 +318,45 @@ class Analysis:
         values = self.evaluate(resolutions)
         return {q: [int(v) for v in values[q].sum(axis=0)] for q in QUANTITIES}
 
-    def to_dict(self, resolutions: Sequence[tuple[int, int]], labels: Sequence[str]) -> dict:
+    def to_dict(
+        self,
+        resolutions: Sequence[tuple[int, int]],
+        labels: Sequence[str],
+        values_as: Callable[[list[str], list[int]], Any] | None = None,
+    ) -> dict:
         """Return the JSON contract: model, hyperparameters, convention, assumptions, layers,
-        totals (formula and values per resolution label)."""
+        totals (formula and values per resolution label). `values_as(labels, ints)` makes each
+        "values" entry (default: the dict label -> int); a renderer may keep them as lists."""
         values = self.evaluate(resolutions)
+        labels = list(labels)
+
+        def labelled(ints: list[int]) -> Any:
+            if values_as is None:
+                return dict(zip(labels, ints))
+            return values_as(labels, ints)
+
+        printed: dict[sp.Expr, str] = {}  # a network's layers repeat few distinct formulas
+
+        def text(expression: sp.Expr) -> str:
+            if expression not in printed:
+                printed[expression] = str(expression)
+            return printed[expression]
+
         layers = []
         for index, layer in enumerate(self.layers):
             row = {
                 "name": layer.name,
                 "type": layer.type,
                 "kind": layer.kind,
-                "output_shape": [str(d) for d in layer.output_shape],
+                "output_shape": [text(d) for d in layer.output_shape],
                 "known": layer.known,  # False: no rule, counted from the running network
             }
             for quantity in QUANTITIES:
                 row[quantity] = {
-                    "formula": str(layer.formula(quantity))
+                    "formula": text(layer.formula(quantity))
                     if self._has_formula(quantity)
                     else None,
-                    "values": {
-                        label: int(values[quantity][index, j]) for j, label in enumerate(labels)
-                    },
+                    "values": labelled(list(map(int, values[quantity][index].tolist()))),
                 }
             layers.append(row)
         totals = {}
@@ -309,7 +364,7 @@ class Analysis:
             sums = values[quantity].sum(axis=0)
             totals[quantity] = {
                 "formula": str(self.total(quantity)) if self._has_formula(quantity) else None,
-                "values": {label: int(sums[j]) for j, label in enumerate(labels)},
+                "values": labelled(list(map(int, sums.tolist()))),
             }
         totals["connections"]["complete"] = self.complete
         return {
@@ -332,17 +387,40 @@ class Analysis:
         return self.symbolic or quantity == "weights"
 
 
+@dataclass
+class _NetworkSource:
+    """The network an analysis counted and its traced graph; `build` is set while they are a
+    meta-device build, and makes the network with real weights (and retraces it) on first use."""
+
+    network: nn.Module | None
+    graph_module: torch.fx.GraphModule | None
+    build: Callable[[], nn.Module] | None = None
+
+    def real(self) -> _NetworkSource:
+        """Return this source with a network that has real weights (built now if need be)."""
+        if self.build is not None:
+            network = self.build().eval()
+            self.graph_module = trace(network) if self.graph_module is not None else None
+            self.network = network
+            self.build = None
+        return self
+
+
 class IntegerEvaluator:
     """Evaluates many floor-containing rational formulas exactly, vectorised over (H, W).
 
     floor(p/q) and ceiling(p/q) become integer floor division of the numerator and denominator
     polynomials, and each formula is scaled by its common denominator and divided back exactly,
-    so no float ever rounds a count.
+    so no float ever rounds a count. A network repeats few distinct formulas (resnet152: 46
+    among 2,569), so each distinct one is compiled and evaluated once and its row shared.
     """
 
     def __init__(self, formulas: Sequence[sp.Expr]):
+        positions: dict[sp.Expr, int] = {}
+        index = [positions.setdefault(sp.sympify(f), len(positions)) for f in formulas]
+        self.index = np.array(index, dtype=np.intp)
         scaled, self.denominators = [], []
-        for formula in formulas:
+        for formula in positions:
             integral = _integer_divisions(sp.sympify(formula))
             denominator = _common_denominator(integral)
             scaled.append(sp.expand(integral * denominator))
@@ -357,10 +435,12 @@ class IntegerEvaluator:
 
     def __call__(self, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
         """Return an object array of exact ints, formulas x resolutions."""
+        if not len(self.index):
+            return np.zeros((0, len(heights)), dtype=object)
         raw = self.function(heights, widths)
         rows = [np.broadcast_to(np.asarray(r, dtype=object), heights.shape) for r in raw]
-        scaled = np.stack(rows) if rows else np.zeros((0, len(heights)), dtype=object)
-        return scaled // self.denominators[:, None]
+        distinct = np.stack(rows) // self.denominators[:, None]
+        return distinct[self.index]
 
 
 _IFLOOR = sp.Function("ifloor")
@@ -452,7 +532,10 @@ def node_output_shapes(graph_module: torch.fx.GraphModule, x: torch.Tensor) -> d
 
 
 def _concrete_shapes(graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...]):
-    return node_output_shapes(graph_module, torch.zeros(input_shape))
+    # on the meta device when the network was built there: the same shapes, nothing computed
+    meta = any(p.is_meta for p in graph_module.parameters())
+    device = torch.device("meta") if meta else None
+    return node_output_shapes(graph_module, torch.zeros(input_shape, device=device))
 
 
 def _unknown_output(
@@ -495,14 +578,28 @@ CAPTURES = ("auto", "fx", "export", "concrete")
 
 @dataclass
 class _Prepared:
-    """A network built for analysis, with its hyperparameters and attribute table."""
+    """A network built for analysis, with its hyperparameters and attribute table.
 
-    network: nn.Module
+    `shapes` is the network built on the meta device (structure and shapes, no weights), which
+    is all the fx rung needs; `network` is built with real weights on first use (the export
+    and concrete rungs run it), or is the module the caller gave.
+    """
+
+    built: nn.Module | None
     values: dict[str, int]
     names: dict[str, str]
     attributes: dict
     input_channels: sp.Expr
     name: str
+    build: Callable[[], nn.Module] | None = None
+    shapes: nn.Module | None = None
+
+    @property
+    def network(self) -> nn.Module:
+        """Return the network with real weights, building it on first use."""
+        if self.built is None:
+            self.built = self.build().eval()
+        return self.built
 
     @property
     def channels(self) -> int:
@@ -519,19 +616,24 @@ def _prepare(model: str | ModelSpec | nn.Module, settings: Mapping[str, int] | N
     if isinstance(model, ModelSpec):
         spec = model
         values = spec.settings(settings)
-        network = spec.build(values).eval()
+        # counting needs shapes, not weights: build on the meta device (no initialisation, no
+        # memory) and make real weights only when something runs the network
+        shapes = spec.build_meta(values)
+        built = spec.build(values).eval() if shapes is None else None
         symbols = hyperparameter_symbols(spec)
         if isinstance(spec.input_channels, str):
             input_channels = symbols[spec.input_channels]
         else:
             input_channels = sp.Integer(spec.input_channels)
         return _Prepared(
-            network,
+            built,
             values,
             {hp.symbol: hp.name for hp in spec.hyperparameters},
-            fit_attributes(spec, values),
+            fit_attributes(spec, values, shapes if shapes is not None else built),
             input_channels,
             spec.name,
+            build=lambda: spec.build(values),
+            shapes=shapes.eval() if shapes is not None else None,
         )
     network = model.eval()
     return _Prepared(
@@ -607,6 +709,16 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
 
 
 def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown) -> Analysis:
+    if prepared.shapes is not None:
+        # the meta-device build: the same graph and shapes without weights; anything it cannot
+        # do (a layer without a rule run for its shape, code that reads tensor values) falls
+        # back to the real build below, so the answer and the errors are the real build's
+        try:
+            graph_module = trace(prepared.shapes)
+            layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown, (H, W))
+            return _finish(prepared, graph_module, layers, convention, exact, shapes=True)
+        except Exception:
+            prepared.shapes = None
     graph_module = trace(prepared.network)
     layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown, (H, W))
     return _finish(prepared, graph_module, layers, convention, exact)
@@ -669,8 +781,9 @@ def concrete_analysis(
 
 
 def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
-            used_targets: set[str] | None = None) -> Analysis:
-    network = prepared.network
+            used_targets: set[str] | None = None, shapes: bool = False) -> Analysis:
+    """Return the Analysis of `layers`; `shapes`: they were counted from `prepared.shapes`."""
+    network = prepared.shapes if shapes else prepared.network
     if graph_module is not None:
         used = {id(p) for p in _used_parameters(graph_module)}
     else:  # an exported graph: the parameters its rows own
@@ -702,8 +815,9 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
         assumptions=assumptions,
         unused_weights=unused_weights,
         unused_trainable_weights=unused_trainable,
-        network=network,
-        graph_module=graph_module,
+        _source=_NetworkSource(
+            network, graph_module, (lambda: prepared.network) if shapes else None
+        ),
     )
     analysis.assumptions.extend(requirement_assumptions(analysis))
     return analysis
@@ -958,8 +1072,10 @@ def _python_call(node, args, kwargs):
 # --- divisibility --------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16384)
 def _required_multiple(expression: sp.Expr, symbol: sp.Symbol, multiple: int) -> int | None:
-    """Return the smallest multiple m' of `multiple` with no floor left after symbol -> m'*t."""
+    """Return the smallest multiple m' of `multiple` with no floor left after symbol -> m'*t
+    (remembered: the layers of a network repeat few distinct sizes)."""
     t = sp.Symbol("t", integer=True, positive=True)
     for _ in range(32):
         substituted = sp.sympify(expression).subs(symbol, multiple * t)
@@ -1157,6 +1273,16 @@ def requirement_assumptions(analysis: Analysis) -> list[str]:
 def _simplify(expression: sp.Expr, divisor: tuple[int, int]) -> sp.Expr:
     """Return `expression` with H, W divisible by `divisor` assumed (floors removed), expanded."""
     expression = sp.sympify(expression)
+    try:
+        return _simplify_once(expression, tuple(divisor))
+    except TypeError:  # an unhashable expression (none known): simplify it uncached
+        return _simplify_once.__wrapped__(expression, tuple(divisor))
+
+
+@functools.lru_cache(maxsize=16384)
+def _simplify_once(expression: sp.Expr, divisor: tuple[int, int]) -> sp.Expr:
+    """Return _simplify's answer; a network's layers repeat few distinct formulas (resnet152:
+    67 among 3,086), and sympy expressions are immutable, so each is simplified once."""
     if not expression.has(H, W):
         return sp.expand(expression)
     t_h, t_w = sp.symbols("t_h t_w", integer=True, positive=True)

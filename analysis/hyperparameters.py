@@ -54,12 +54,19 @@ def _to_sympy(value: Any) -> Any:
     return sp.Integer(value)
 
 
+def _shapes_build(spec: ModelSpec, setting: Mapping[str, int]) -> nn.Module:
+    """Return the network at `setting` built on the meta device (attributes need no weights),
+    or built for real when its factory cannot build there."""
+    network = spec.build_meta(setting)
+    return network if network is not None else spec.build(setting)
+
+
 def _probe(spec: ModelSpec, setting: Mapping[str, int]):
     """Return a probe build; a memory refusal says it was a probe, not the user's setting."""
     from convtally.analysis.limits import MemoryLimitError
 
     try:
-        return spec.build(setting)
+        return _shapes_build(spec, setting)
     except MemoryLimitError as error:
         raise MemoryLimitError(
             f"fitting the formulas in {', '.join(setting)} needs probe builds near the setting "
@@ -67,13 +74,21 @@ def _probe(spec: ModelSpec, setting: Mapping[str, int]):
         ) from None
 
 
-def fit_attributes(spec: ModelSpec, settings: Mapping[str, int]) -> dict[str, dict[str, Any]]:
-    """Return module name -> {attribute: sympy expression in the hyperparameter symbols}."""
+def fit_attributes(
+    spec: ModelSpec, settings: Mapping[str, int], network: nn.Module | None = None
+) -> dict[str, dict[str, Any]]:
+    """Return module name -> {attribute: sympy expression in the hyperparameter symbols}.
+
+    `network` is the spec built at `settings` when the caller has it (on any device: only its
+    integer attributes are read); the probes are built on the meta device where they can be.
+    """
     symbols = hyperparameter_symbols(spec)
     base = spec.settings(settings)
-    base_table = integer_attributes(spec.build(base))
+    if network is None:
+        network = _shapes_build(spec, base)
     if not spec.hyperparameters:
-        return concrete_attributes(spec.build(base))
+        return concrete_attributes(network)
+    base_table = integer_attributes(network)
     steps = {hp.symbol: hp.probe_step for hp in spec.hyperparameters}
     probes = {}
     for symbol, step in steps.items():

@@ -25,6 +25,35 @@ class Hyperparameter:
 
 _SIZES: dict[tuple, int | None] = {}  # (spec name, settings) -> bytes of its parameters
 
+# in-place fills that leave a tensor's shape as it is: on the meta device they do nothing, yet
+# cost as much as the build itself (torch runs their Python reference implementations)
+_META_FILLS = frozenset({
+    "normal_", "uniform_", "zero_", "fill_", "random_", "exponential_", "bernoulli_", "cauchy_",
+    "log_normal_", "geometric_", "erfinv_", "mul_", "add_", "sub_", "div_", "clamp_",
+    "clamp_min_", "clamp_max_",
+})
+
+
+def _skip_meta_initialisation():
+    """Return a torch function mode that skips weight initialisation on meta tensors."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class SkipMetaInitialisation(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            first = args[0] if args else None
+            if isinstance(first, torch.Tensor) and first.is_meta and name.endswith("_"):
+                scalars = not any(isinstance(a, torch.Tensor) for a in (*args[1:],
+                                                                         *(kwargs or {}).values()))
+                if getattr(func, "__module__", None) == "torch.nn.init" or (
+                    name in _META_FILLS and scalars
+                ):
+                    return first
+            return func(*args, **(kwargs or {}))
+
+    return SkipMetaInitialisation()
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -54,15 +83,42 @@ class ModelSpec:
 
     def build(self, settings: Mapping[str, int] | None = None) -> nn.Module:
         """Return a fresh network built at `settings` (symbol->value; defaults where missing)."""
-        from convtally.analysis.limits import check_fits, meta_parameter_bytes
+        from convtally.analysis.limits import meta_parameter_bytes
 
         values = self.settings(settings)
         kwargs = {hp.name: values[hp.symbol] for hp in self.hyperparameters}
         key = (self.name, tuple(sorted(values.items())))
-        # one analysis builds the same setting up to three times; size it on the first only
+        # one analysis may build the same setting more than once; size it on the first only
         if key not in _SIZES:
             _SIZES[key] = meta_parameter_bytes(lambda: self.factory(**kwargs))
-        needed = _SIZES[key]
+        self._check_fits(values, _SIZES[key])
+        return self.factory(**kwargs)
+
+    def build_meta(self, settings: Mapping[str, int] | None = None) -> nn.Module | None:
+        """Return the network built on the meta device (its structure and shapes, no weights,
+        no memory, no initialisation), or None when the factory cannot build there.
+
+        The memory check `build` makes is made here too, so a setting too large to build is
+        refused the same way whether or not its weights are ever made.
+        """
+        import torch
+
+        values = self.settings(settings)
+        kwargs = {hp.name: values[hp.symbol] for hp in self.hyperparameters}
+        try:
+            with torch.device("meta"), _skip_meta_initialisation():
+                network = self.factory(**kwargs)
+            tensors = [*network.parameters(), *network.buffers()]
+        except Exception:  # a factory that computes with tensors while building
+            return None
+        key = (self.name, tuple(sorted(values.items())))
+        _SIZES.setdefault(key, sum(t.numel() * t.element_size() for t in tensors))
+        self._check_fits(values, _SIZES[key])
+        return network
+
+    def _check_fits(self, values: Mapping[str, int], needed: int | None) -> None:
+        from convtally.analysis.limits import check_fits
+
         if needed is not None:
             at = ", ".join(f"{s}={v}" for s, v in values.items())
             check_fits(
@@ -72,7 +128,6 @@ class ModelSpec:
                 if self.hyperparameters
                 else "analyse a smaller network, or on a machine with more memory",
             )
-        return self.factory(**kwargs)
 
     def input_channel_count(self, settings: Mapping[str, int] | None = None) -> int:
         """Return the number of input channels at `settings`."""
