@@ -6,20 +6,32 @@ import argparse
 import errno
 import os
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from convtally.analysis.io import atomic_write_text
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def _path(text: str) -> Path:
+    """Return `text` as a Path (argparse's type for file arguments; pathlib is imported when a
+    path is given, not to print --help)."""
+    from pathlib import Path
+
+    return Path(text)
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-def preset_names() -> list[str]:
-    """Return the names of the convention presets, for --convention."""
-    from convtally.analysis.conventions import PRESETS
+# the keys of conventions.PRESETS, written out so that building the parser (and --help) does
+# not import torch; tests/analysis/test_cli_speed.py keeps the two equal
+PRESET_NAMES = ("default", "fvcore", "ptflops", "thop", "torchinfo", "torch")
 
-    return list(PRESETS)
+
+def preset_names() -> list[str]:
+    """Return the names of the convention presets, for --convention (without importing torch)."""
+    return list(PRESET_NAMES)
 
 
 def add_size_arguments(parser: argparse.ArgumentParser, default_res: str) -> None:
@@ -136,7 +148,7 @@ def add_output_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ..
     parser.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=_path,
         default=None,
         metavar="FILE",
         help="write to FILE (atomically) instead of standard output; "
@@ -170,6 +182,8 @@ def emit(text: str, output: Path | None) -> None:
     else:
         if output.is_dir():
             raise UsageError(f"-o {output} is a folder; give a file name, e.g. {output}/table.txt")
+        from convtally.analysis.io import atomic_write_text
+
         atomic_write_text(output, text)
         print(f"wrote {output}", file=sys.stderr)
 
@@ -372,13 +386,15 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser with every subcommand."""
+def build_parser(train: bool = True) -> argparse.ArgumentParser:
+    """Return the argument parser with every subcommand; `train=False` leaves out the training
+    tasks' own arguments (their modules import torch, torchvision and matplotlib), for a
+    command line that is not `train`."""
     parser = argparse.ArgumentParser(
         prog="convtally",
         description="Weights, outputs and connections of CNNs as exact formulas, verified.",
     )
-    parser.add_argument("--version", action="version", version=f"convtally {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     table = commands.add_parser("table", help="per-layer weights, outputs and connections")
@@ -399,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(verify)
     verify.add_argument(
         "--checkpoint",
-        type=Path,
+        type=_path,
         default=None,
         help="a state_dict file (e.g. a training run's checkpoint.pt)",
     )
@@ -412,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_arguments(compare, ("text", "csv", "markdown", "latex", "json"))
     compare.add_argument(
         "--figure",
-        type=Path,
+        type=_path,
         default=None,
         metavar="STEM",
         help="also plot total connections vs resolution to STEM.png/.pdf",
@@ -474,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "files",
         nargs="+",
-        type=Path,
+        type=_path,
         metavar="FILE.csv",
         help="one CSV per resolution (with --res in the same order), or one "
         "CSV with a resolution column",
@@ -503,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="regenerate reports/ (the main job)")
     report.add_argument(
         "--out",
-        type=Path,
-        default=Path("reports"),
+        type=_path,
+        default="reports",
         help="the folder to (re)generate (default: reports)",
     )
     report.add_argument(
@@ -523,8 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     padding.set_defaults(handler=run_padding)
 
-    train = commands.add_parser("train", help="train a network (colourization or segmentation)")
-    tasks = train.add_subparsers(dest="task", required=True, metavar="TASK")
+    training = commands.add_parser("train", help="train a network (colourization or segmentation)")
+    tasks = training.add_subparsers(dest="task", required=True, metavar="TASK")
+    if not train:
+        return parser
     from convtally.models import train_colour, train_segment
 
     train_colour.configure_colour_parser(
@@ -539,6 +557,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _VersionAction(argparse.Action):
+    """--version: print the installed version and exit (read only when asked for: the package
+    metadata takes longer to import than the rest of the parser)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show program's version number and exit"):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"convtally {_version()}\n")
+        parser.exit()
+
+
 def _version() -> str:
     """Return the installed convtally version (without importing torch)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -551,7 +582,8 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 check failed, 2 bad input)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(train="train" in argv)
     args = parser.parse_args(argv)
     try:
         resolve_format(args)

@@ -1,16 +1,25 @@
-"""PyTorch's output-size arithmetic, written once for integers and sympy expressions alike."""
+"""PyTorch's output-size arithmetic, written once for integers and sympy expressions alike.
+
+sympy is imported where a size is built, not with the module, so `convtally padding` (integer
+arithmetic only) starts at once.
+"""
 
 from __future__ import annotations
 
-import sympy as sp
+from typing import TYPE_CHECKING, Union
 
-Size = sp.Expr | int
+if TYPE_CHECKING:
+    import sympy as sp
+
+Size = Union["sp.Expr", int]
 
 
 def conv_output_size(
     size: Size, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1
 ) -> sp.Expr:
     """Return Conv2d/MaxPool2d's output length: floor((I + 2p - d(k-1) - 1) / s) + 1."""
+    import sympy as sp
+
     return sp.floor(sp.Rational(1, stride) * (size + 2 * padding - dilation * (kernel - 1) - 1)) + 1
 
 
@@ -23,6 +32,8 @@ def pool_output_size(
     ceil_mode: bool = False,
 ) -> sp.Expr:
     """Return MaxPool2d/AvgPool2d's output length, including ceil_mode's last-window rule."""
+    import sympy as sp
+
     if not ceil_mode:
         return conv_output_size(size, kernel, stride, padding, dilation)
     if padding + stride > dilation * (kernel - 1) + 1:
@@ -46,6 +57,7 @@ def transposed_output_size(
     dilation: int = 1,
 ) -> sp.Expr:
     """Return ConvTranspose2d's output length: (I-1)s - 2p + d(k-1) + output_padding + 1."""
+
     return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
 
 
@@ -80,6 +92,8 @@ def adaptive_window_total(size: Size, output_size: int) -> sp.Expr:
 
     Cell i pools [floor(i*I/O), ceil((i+1)*I/O)), as in PyTorch's adaptive pooling kernels.
     """
+    import sympy as sp
+
     return sum(
         (
             sp.ceiling(sp.Rational(i + 1, output_size) * size)
