@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import sympy as sp
 from convtally.analysis.accounting import QUANTITIES, Analysis, H, W
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMATS = ("text", "csv", "markdown", "latex", "json")
 
@@ -51,45 +54,92 @@ def growth_factors(totals: Sequence[int], resolutions: Sequence[tuple[int, int]]
     return notes
 
 
+def cost_rows(
+    analysis: Analysis, resolutions: Sequence[tuple[int, int]], latex: bool = False
+) -> tuple[list[str], list[list]]:
+    """Return (columns, rows) of the cost table: one row per layer plus a Total row, each with
+    its formula and its value per resolution per quantity (cost_frame's contents, as lists)."""
+    labels = [resolution_label(*r) for r in resolutions]
+    values = analysis.evaluate(resolutions)
+    printed: dict[sp.Expr, str] = {}  # a network's layers repeat few distinct formulas
+
+    def show(expression: sp.Expr) -> str:
+        if expression not in printed:
+            printed[expression] = (
+                f"${latex_formula(expression)}$" if latex else str(expression)
+            )
+        return printed[expression]
+
+    def shape(dimensions: Sequence[sp.Expr]) -> str:
+        if latex:
+            return "$(" + ", ".join(latex_formula(d) for d in dimensions) + ")$"
+        return "(" + ", ".join(show(d) for d in dimensions) + ")"
+
+    columns = ["layer", "type", "output shape"]
+    for quantity in QUANTITIES:
+        columns += [quantity, *(f"{quantity} @{label}" for label in labels)]
+    rows = []
+    for index, layer in enumerate(analysis.layers):
+        row = [layer.name, layer.type, shape(layer.output_shape)]
+        for quantity in QUANTITIES:
+            formula = show(layer.formula(quantity))
+            if quantity != "weights" and not analysis.symbolic:
+                formula = "unavailable"
+            if quantity == "connections" and not layer.known:
+                formula = "unknown (no rule)"
+            row.append(formula)
+            row.extend(map(int, values[quantity][index].tolist()))
+        rows.append(row)
+    total = ["Total", "", ""]
+    for quantity in QUANTITIES:
+        formula = show(analysis.total(quantity))
+        if quantity != "weights" and not analysis.symbolic:
+            formula = "unavailable"
+        if quantity == "connections" and not analysis.complete:
+            formula = f"incomplete: {formula}"
+        total.append(formula)
+        total.extend(map(int, values[quantity].sum(axis=0).tolist()))
+    rows.append(total)
+    return columns, rows
+
+
 def cost_frame(
     analysis: Analysis, resolutions: Sequence[tuple[int, int]], latex: bool = False
 ) -> pd.DataFrame:
     """Return one row per layer plus a Total row: formula and value per resolution per quantity."""
-    labels = [resolution_label(*r) for r in resolutions]
-    values = analysis.evaluate(resolutions)
+    import pandas as pd
 
-    def show(expression: sp.Expr) -> str:
-        return f"${latex_formula(expression)}$" if latex else str(expression)
+    columns, rows = cost_rows(analysis, resolutions, latex)
+    return pd.DataFrame(rows, columns=columns)
 
-    rows = []
-    for index, layer in enumerate(analysis.layers):
-        row = {
-            "layer": layer.name,
-            "type": layer.type,
-            "output shape": shape_text(layer.output_shape)
-            if not latex
-            else "$(" + ", ".join(latex_formula(d) for d in layer.output_shape) + ")$",
-        }
-        for quantity in QUANTITIES:
-            row[quantity] = show(layer.formula(quantity))
-            if quantity != "weights" and not analysis.symbolic:
-                row[quantity] = "unavailable"
-            if quantity == "connections" and not layer.known:
-                row[quantity] = "unknown (no rule)"
-            for j, label in enumerate(labels):
-                row[f"{quantity} @{label}"] = int(values[quantity][index, j])
-        rows.append(row)
-    total = {"layer": "Total", "type": "", "output shape": ""}
-    for quantity in QUANTITIES:
-        total[quantity] = show(analysis.total(quantity))
-        if quantity != "weights" and not analysis.symbolic:
-            total[quantity] = "unavailable"
-        if quantity == "connections" and not analysis.complete:
-            total[quantity] = f"incomplete: {total[quantity]}"
-        for j, label in enumerate(labels):
-            total[f"{quantity} @{label}"] = int(values[quantity][:, j].sum())
-    rows.append(total)
-    return pd.DataFrame(rows)
+
+def _csv_text(columns: list[str], rows: list[list], selected: str) -> str:
+    """Return the rows as pandas' to_csv(index=False) writes them (csv.writer, minimal quoting),
+    without building a frame: a 1,000-resolution table has thousands of columns."""
+    keep = _kept_columns(columns, selected)
+    # runs of adjacent kept columns of one kind: the integers of a run are joined in one C call,
+    # the few text fields quoted as csv.writer would (pandas' to_csv writes with csv.writer)
+    runs: list[tuple[bool, int, int]] = []
+    for i in keep:
+        numeric = " @" in columns[i]
+        if runs and runs[-1][0] == numeric and runs[-1][2] == i:
+            runs[-1] = (numeric, runs[-1][1], i + 1)
+        else:
+            runs.append((numeric, i, i + 1))
+    lines = [",".join(_csv_field(columns[i]) for i in keep)]
+    for row in rows:
+        lines.append(",".join(
+            ",".join(map(str, row[a:b])) if numeric else ",".join(map(_csv_field, row[a:b]))
+            for numeric, a, b in runs
+        ))
+    return "\n".join(lines) + "\n"
+
+
+def _csv_field(text: str) -> str:
+    """Return `text` as csv.writer writes a field (QUOTE_MINIMAL, '\n' line endings)."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
 
 
 def latex_formula(expression: sp.Expr) -> str:
@@ -156,39 +206,124 @@ def render(
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "json":
         labels = [resolution_label(*r) for r in resolutions]
-        data = analysis.to_dict(resolutions, labels)
+        data = analysis.to_dict(resolutions, labels, values_as=LabelledInts)
         data["orders"] = {
             q: order_in_hw(analysis.total(q)) if analysis.symbolic or q == "weights" else None
             for q in QUANTITIES
         }
-        return json.dumps(data, indent=2) + "\n"
+        return json_text(data) + "\n"
     if fmt == "csv":
-        return select_columns(cost_frame(analysis, resolutions), columns).to_csv(index=False)
+        return _csv_text(*cost_rows(analysis, resolutions), columns)
     if fmt == "latex":
         return render_latex(analysis, resolutions, columns)
-    frame = cost_frame(analysis, resolutions)
+    # text and Markdown: tabulate over the rows, as pandas' to_markdown and the frame did
+    # (without importing pandas, which takes longer than the analysis of most networks)
+    names, rows = cost_rows(analysis, resolutions)
     header = header_lines(analysis, resolutions)
+    keep = _kept_columns(names, columns)
     if fmt == "markdown":
-        for quantity in QUANTITIES:
-            frame[quantity] = frame[quantity].map(lambda f: f"`{f}`" if f else f)
-        frame["output shape"] = frame["output shape"].map(lambda f: f"`{f}`" if f else f)
+        quoted = {i for i, name in enumerate(names) if name in (*QUANTITIES, "output shape")}
+        rows = [[f"`{v}`" if i in quoted and v else v for i, v in enumerate(row)] for row in rows]
+    table = _tabulate(
+        [[row[i] for i in keep] for row in rows],
+        [names[i] for i in keep],
+        "pipe" if fmt == "markdown" else "simple",
+    )
+    if fmt == "markdown":
         notes = "\n".join(f"- {line}" for line in header)
-        table = select_columns(frame, columns).to_markdown(index=False, intfmt=",")
         return f"{notes}\n\n{table}\n"
-    return "\n".join(header) + "\n\n" + _text_table(select_columns(frame, columns)) + "\n"
+    return "\n".join(header) + "\n\n" + table + "\n"
 
 
-def _text_table(frame: pd.DataFrame) -> str:
+def _kept_columns(columns: Sequence[str], selected: str) -> list[int]:
+    """Return the indices of `columns` that --columns `selected` keeps (as select_columns)."""
+    if selected not in COLUMNS:
+        raise ValueError(f"unknown --columns {selected!r}; use one of {', '.join(COLUMNS)}")
+    return [
+        i for i, column in enumerate(columns)
+        if selected == "both"
+        or (selected == "values" and column not in QUANTITIES)
+        or (selected == "formulas" and " @" not in column)
+    ]
+
+
+def _tabulate(rows: list[list], headers: list[str], style: str) -> str:
     from tabulate import tabulate
 
     return tabulate(
-        frame,
-        headers="keys",
-        tablefmt="simple",
-        showindex=False,
-        intfmt=",",
+        rows, headers=headers, tablefmt=style, showindex=False, intfmt=",",
         disable_numparse=False,
     )
+
+
+class LabelledInts:
+    """A mapping label -> int kept as two lists, written by json_text as the dict would be."""
+
+    __slots__ = ("labels", "ints")
+
+    def __init__(self, labels: list[str], ints: list[int]):
+        self.labels = labels
+        self.ints = ints
+
+
+class _NotPlainJSON(Exception):
+    """A value json_text leaves to json.dumps (it writes the same text, more slowly)."""
+
+
+def json_text(data: object) -> str:
+    """Return json.dumps(data, indent=2), the same text, written faster for large tables: a
+    mapping of many labels to integers (the values at 1,000 resolutions) is written with one
+    format call instead of json's pure-Python indented encoder walking every number."""
+    templates: dict[tuple, str] = {}
+    try:
+        return _json_value(data, 0, templates)
+    except _NotPlainJSON:
+        return json.dumps(data, indent=2, default=_plain)
+
+
+def _plain(value: object) -> object:
+    """Return a LabelledInts as the dict it stands for (json.dumps' fallback)."""
+    if isinstance(value, LabelledInts):
+        return dict(zip(value.labels, value.ints))
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _json_value(value: object, depth: int, templates: dict[tuple, str]) -> str:
+    if value is None or isinstance(value, (str, bool, float)):
+        return json.dumps(value)
+    if type(value) is int:
+        return int.__repr__(value)
+    if type(value) is LabelledInts:
+        if not value.ints:
+            return "{}"
+        key = (depth, id(value.labels))
+        if key not in templates:  # the labels, escaped once: "32": {}, ...
+            lines = (json.dumps(k).replace("{", "{{").replace("}", "}}") + ": {}"
+                     for k in value.labels)
+            inner = "\n" + "  " * (depth + 1)
+            templates[key] = "{{" + inner + ("," + inner).join(lines) + "\n" + "  " * depth + "}}"
+        return templates[key].format(*value.ints)
+    inner = "\n" + "  " * (depth + 1)
+    if type(value) in (list, tuple):
+        if not value:
+            return "[]"
+        items = (_json_value(v, depth + 1, templates) for v in value)
+        return "[" + inner + ("," + inner).join(items) + "\n" + "  " * depth + "]"
+    if type(value) is not dict or set(map(type, value)) - {str}:
+        raise _NotPlainJSON
+    if not value:
+        return "{}"
+    if len(value) > 8 and set(map(type, value.values())) == {int}:
+        key = (depth, tuple(value))
+        if key not in templates:  # the labels, escaped once: "32": {}, ...
+            lines = (json.dumps(k).replace("{", "{{").replace("}", "}}") + ": {}" for k in value)
+            body = ("," + inner).join(lines)
+            templates[key] = "{{" + inner + body + "\n" + "  " * depth + "}}"
+        return templates[key].format(*value.values())
+    items = (
+        json.dumps(k) + ": " + _json_value(v, depth + 1, templates) for k, v in value.items()
+    )
+    return "{" + inner + ("," + inner).join(items) + "\n" + "  " * depth + "}"
 
 
 LONGTABLE_ROWS = 40  # above this a table cannot fit one page: a longtable breaks across pages
@@ -199,6 +334,8 @@ def render_latex(
 ) -> str:
     """Return a booktabs LaTeX table (pandas Styler): formulas in math mode, numbers
     right-aligned, a caption and a label, and a longtable when it is too long for one page."""
+    import pandas as pd
+
     frame = select_columns(cost_frame(analysis, resolutions, latex=True), columns)
     frame["layer"] = frame["layer"].map(_escape_latex)
     frame["type"] = frame["type"].map(_escape_latex)
