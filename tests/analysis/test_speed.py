@@ -1,0 +1,250 @@
+"""The speed-ups change no formula and no number.
+
+The analysis builds networks on the meta device, remembers simplified formulas and divisibility
+answers, and compiles each distinct formula once; the renderers write CSV and JSON without
+pandas' frame and json's indented encoder. Each is checked here against the plain path it
+replaces: a real build with nothing remembered, one formula evaluated at a time by sympy,
+pandas' to_csv and json.dumps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import sympy as sp
+import torch
+from convtally.analysis import accounting
+from convtally.analysis.accounting import QUANTITIES, H, W, analyse
+from convtally.analysis.formatting import (
+    cost_frame,
+    header_lines,
+    json_text,
+    render,
+    resolution_label,
+    select_columns,
+)
+from convtally.models.registry import ModelSpec, resolve
+from tabulate import tabulate
+from torch import nn
+
+MODELS = [
+    "poolupsample",
+    "convtranspose",
+    "unet",
+    "torchvision:resnet18",
+    "torchvision:mobilenet_v3_small",
+    "torchvision:densenet121",
+]
+
+
+def plain_analyse(monkeypatch, model, **kwargs):
+    """Return analyse(model) with the real build, no memo and nothing remembered."""
+    with monkeypatch.context() as patch:
+        patch.setattr(ModelSpec, "build_meta", lambda self, settings=None: None)
+        patch.setattr(accounting, "_simplify_once", accounting._simplify_once.__wrapped__)
+        patch.setattr(
+            accounting, "_required_multiple", accounting._required_multiple.__wrapped__
+        )
+        return analyse(model, **kwargs)
+
+
+def rows(analysis):
+    return [
+        (
+            layer.name, layer.type, layer.kind, layer.node, layer.known, layer.divisor,
+            tuple(str(d) for d in layer.output_shape),
+            *(str(layer.formula(q)) for q in QUANTITIES),
+            tuple((str(a), str(b), what) for a, b, what in layer.requirements),
+        )
+        for layer in analysis.layers
+    ]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("exact", [False, True])
+def test_fast_path_gives_the_plain_paths_formulas_and_numbers(monkeypatch, model, exact):
+    fast = analyse(model, exact=exact)
+    plain = plain_analyse(monkeypatch, model, exact=exact)
+    assert fast.shape_graph_module is not None
+    assert next(fast.shape_graph_module.parameters()).is_meta  # it was counted on meta
+    assert rows(fast) == rows(plain)
+    for a, b in zip(fast.layers, plain.layers, strict=True):  # equal as sympy, not only as text
+        assert [a.formula(q) for q in QUANTITIES] == [b.formula(q) for q in QUANTITIES]
+        assert a.output_shape == b.output_shape
+    assert (fast.divisor, fast.assumptions, fast.capture) == (
+        plain.divisor, plain.assumptions, plain.capture
+    )
+    assert (fast.unused_weights, fast.unused_trainable_weights) == (
+        plain.unused_weights, plain.unused_trainable_weights
+    )
+    for quantity in QUANTITIES:
+        assert fast.total(quantity) == plain.total(quantity)
+    step = fast.divisor[0] * 8
+    sizes = [(step * 4, step * 4), (step * 4, step * 5), (step * 7, step * 6)]
+    values = fast.evaluate(sizes)
+    at = fast.substitutions()
+    for index, layer in enumerate(plain.layers):  # one formula at a time, by sympy
+        for quantity in QUANTITIES:
+            for j, (height, width) in enumerate(sizes):
+                point = {**at, H: height, W: width}
+                expected = int(sp.sympify(layer.formula(quantity)).subs(point))
+                assert values[quantity][index, j] == expected, (layer.name, quantity)
+
+
+def test_the_network_of_a_meta_analysis_has_real_weights_and_the_same_graph():
+    analysis = analyse("torchvision:resnet18")
+    meta_nodes = [n.name for n in analysis.shape_graph_module.graph.nodes]
+    network = analysis.network
+    assert not any(p.is_meta for p in network.parameters())
+    assert [n.name for n in analysis.graph_module.graph.nodes] == meta_nodes
+    assert analysis.graph_module.get_submodule("conv1") is network.conv1  # shared modules
+    assert analysis.with_convention(analysis.convention).network is network  # built once
+    with torch.no_grad():
+        assert network(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+
+
+class ReadsValuesWhileBuilding(nn.Module):
+    """A network whose constructor reads a tensor's value: it cannot build on meta."""
+
+    def __init__(self):
+        super().__init__()
+        width = int(torch.tensor([8]).item())
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.head = nn.Conv2d(width, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+def build_reads_values():
+    """Return ReadsValuesWhileBuilding()."""
+    return ReadsValuesWhileBuilding()
+
+
+def test_a_network_that_cannot_build_on_meta_is_built_for_real(monkeypatch):
+    monkeypatch.setitem(sys.modules, "speed_fixture", sys.modules[__name__])
+    spec = resolve(f"{__name__}:build_reads_values")
+    assert spec.build_meta() is None
+    analysis = analyse(spec)
+    assert analysis.capture == "fx"
+    assert not any(p.is_meta for p in analysis.shape_graph_module.parameters())
+    assert analysis.totals_at([(32, 32)])["weights"] == [3 * 8 * 9 + 8 + 8 * 2 + 2]
+
+
+class Unruled(nn.Module):
+    def forward(self, x):
+        return torch.special.expit(x)  # no rule: counted from the running network
+
+
+def build_unruled():
+    """Return a network with a layer that has no rule."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), Unruled())
+
+
+def test_a_layer_without_a_rule_is_shaped_on_meta_as_on_the_real_build(monkeypatch):
+    spec = resolve(f"{__name__}:build_unruled")
+    fast = analyse(spec, allow_unknown=True)
+    plain = plain_analyse(monkeypatch, spec, allow_unknown=True)
+    assert next(fast.shape_graph_module.parameters()).is_meta  # shaped by a meta run
+    assert rows(fast) == rows(plain)
+    assert not fast.complete
+
+
+def test_the_evaluator_compiles_each_distinct_formula_once():
+    formulas = [H * W, sp.floor(H / 2) * W, H * W, sp.Integer(7), sp.floor(H / 2) * W]
+    evaluator = accounting.IntegerEvaluator(formulas)
+    assert len(evaluator.denominators) == 3
+    import numpy as np
+
+    sides = np.array([31, 64], dtype=object)
+    values = evaluator(sides, sides)
+    assert values.tolist() == [[961, 4096], [465, 2048], [961, 4096], [7, 7], [465, 2048]]
+
+
+@pytest.mark.parametrize("model", ["unet", "torchvision:resnet18"])
+def test_text_markdown_csv_and_json_are_what_pandas_tabulate_and_json_write(model):
+    analysis = analyse(model)
+    analysis.layers[0].name = 'odd, "quoted"\nname {0}'  # csv quoting and format braces
+    step = analysis.divisor[0]
+    sizes = [(step * (4 + i % 7), step * (4 + i // 7)) for i in range(40)]
+    labels = [resolution_label(*r) for r in sizes]
+    for columns in ("both", "values", "formulas"):
+        expected = select_columns(cost_frame(analysis, sizes), columns).to_csv(index=False)
+        assert render(analysis, sizes, "csv", columns) == expected
+    few = sizes[:3]
+    for fmt, style in (("text", "simple"), ("markdown", "pipe")):
+        for columns in ("both", "values", "formulas"):
+            frame = cost_frame(analysis, few)
+            if fmt == "markdown":
+                for name in (*QUANTITIES, "output shape"):
+                    frame[name] = frame[name].map(lambda f: f"`{f}`" if f else f)
+            table = tabulate(select_columns(frame, columns), headers="keys", tablefmt=style,
+                             showindex=False, intfmt=",", disable_numparse=False)
+            header = header_lines(analysis, few)
+            notes = "\n".join(f"- {line}" for line in header) if fmt == "markdown" else (
+                "\n".join(header))
+            assert render(analysis, few, fmt, columns) == f"{notes}\n\n{table}\n"
+    data = analysis.to_dict(sizes, labels)
+    text = render(analysis, sizes, "json")
+    assert json.loads(text)["layers"] == data["layers"]
+    assert text == json.dumps({**data, "orders": json.loads(text)["orders"]}, indent=2) + "\n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {},
+        [],
+        {"a": [], "b": {}, "c": None, "d": True, "e": 1.5, "f": float("nan"), "g": "é\u2028"},
+        {"values": {str(i): i * 10**20 for i in range(20)}, "mixed": {str(i): i for i in range(9)}
+         | {"x": True}},
+        [{"k": (1, 2)}, [[]], -3],
+        {"not a str key": {1: 2}},
+    ],
+)
+def test_json_text_is_json_dumps_indent_2(data):
+    assert json_text(data) == json.dumps(data, indent=2)
+
+
+def run_python(code: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+
+
+def test_help_and_padding_do_not_import_torch_or_sympy():
+    out = run_python(
+        "import contextlib, io, sys\n"
+        "from convtally.analysis.cli import main\n"
+        "for argv in (['--help'], ['table', '--help'], ['padding', '--kernel', '5']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "print(sorted(m for m in ('torch', 'sympy', 'pandas', 'matplotlib', 'scipy')"
+        " if m in sys.modules))\n"
+    )
+    assert out.strip() == "[]"
+
+
+def test_the_written_preset_names_are_the_presets():
+    from convtally.analysis.cli import PRESET_NAMES
+    from convtally.analysis.conventions import PRESETS
+
+    assert list(PRESET_NAMES) == list(PRESETS)
+
+
+def test_train_tasks_still_parse(capsys):
+    from convtally.analysis.cli import main
+
+    with pytest.raises(SystemExit) as exit_code:
+        main(["train", "colour", "--help"])
+    assert exit_code.value.code == 0
+    assert "--epochs" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("convtally ")
