@@ -280,6 +280,7 @@ class Analysis:
         other = copy(self)
         other.convention = convention
         other._compiled = None
+        other._exact_again = None  # it would count under this analysis' convention
         other.layers = []
         raw = self.exact or FLOORS_KEPT in self.assumptions
 
@@ -448,13 +449,19 @@ _ICEIL = sp.Function("iceil")
 
 
 def _integer_divisions(expression: sp.Expr) -> sp.Expr:
-    replacements = {}
-    for atom in expression.atoms(sp.floor, sp.ceiling):
-        inner = _integer_divisions(atom.args[0])
-        numerator, denominator = sp.fraction(sp.together(inner))
-        function = _IFLOOR if isinstance(atom, sp.floor) else _ICEIL
-        replacements[atom] = function(sp.expand(numerator), denominator)
+    atoms = expression.atoms(sp.floor, sp.ceiling)
+    replacements = {atom: _integer_division(atom) for atom in atoms}
     return expression.xreplace(replacements) if replacements else expression
+
+
+@functools.lru_cache(maxsize=16384)
+def _integer_division(atom: sp.Expr) -> sp.Expr:
+    """Return floor(p/q) or ceiling(p/q) as ifloor/iceil of polynomials (remembered: the exact
+    formulas of a deep network nest the same floors many times over)."""
+    inner = _integer_divisions(atom.args[0])
+    numerator, denominator = sp.fraction(sp.together(inner))
+    function = _IFLOOR if isinstance(atom, sp.floor) else _ICEIL
+    return function(sp.expand(numerator), denominator)
 
 
 def _common_denominator(expression: sp.Expr) -> int:
@@ -716,12 +723,25 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown) -> Analys
         try:
             graph_module = trace(prepared.shapes)
             layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown, (H, W))
-            return _finish(prepared, graph_module, layers, convention, exact, shapes=True)
+            return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
         except Exception:
             prepared.shapes = None
     graph_module = trace(prepared.network)
     layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown, (H, W))
-    return _finish(prepared, graph_module, layers, convention, exact)
+    return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=False)
+
+
+def _finish_fx(prepared, graph_module, layers, convention, exact, shapes) -> Analysis:
+    """Return _finish's Analysis of the fx rows; a simplified one keeps the rows as counted, so
+    that its exact form (floor() kept) is made from them without tracing again."""
+    raw = [copy(layer) for layer in layers]
+    analysis = _finish(prepared, graph_module, layers, convention, exact, shapes=shapes)
+    if not exact:
+        analysis._exact_again = lambda: _finish(
+            prepared, graph_module, [copy(layer) for layer in raw], convention, True,
+            shapes=shapes,
+        )
+    return analysis
 
 
 def _interpret_prepared(prepared, graph_module, convention, allow_unknown, size) -> list[Layer]:
@@ -1152,7 +1172,8 @@ def answer_every_resolution(
     The simple formulas are kept where they hold; when a requested size breaks the divisibility
     they assume, the exact formulas (with floor(), from `exact_analysis()`) are used instead and
     the assumptions say so. A size the network cannot run at is refused with the nearest sizes
-    it can run at.
+    it can run at. An fx analysis makes its exact form from its own rows (the same as
+    `exact_analysis()` gives, without building and tracing the network again).
     """
     symbolic = analysis.concrete is None
     broken = []
@@ -1163,7 +1184,11 @@ def answer_every_resolution(
             except ResolutionError as error:
                 broken.append((height, width, str(error).split(";")[0]))
     if broken:
-        analysis = exact_analysis()
+        again = getattr(analysis, "_exact_again", None)  # an fx analysis' own rows, exact
+        try:
+            analysis = again() if again is not None else exact_analysis()
+        except Exception:  # whatever made it fail, the full path decides as it always did
+            analysis = exact_analysis()
         sizes = ", ".join(f"{h}x{w}" for h, w, _ in broken)
         analysis.assumptions.append(
             f"formulas keep floor() (exact at every size) because {sizes} breaks the "

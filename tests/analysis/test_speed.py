@@ -248,3 +248,37 @@ def test_train_tasks_still_parse(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("convtally ")
+
+
+@pytest.mark.parametrize(
+    "model, size", [("poolupsample", (30, 30)), ("torchvision:resnet18", (225, 200))]
+)
+def test_an_off_divisibility_size_gets_the_exact_analysis_without_a_second_trace(
+    monkeypatch, model, size
+):
+    calls = []
+
+    def exact():
+        calls.append(1)
+        return analyse(model, exact=True)
+
+    answered = accounting.answer_every_resolution(analyse(model), [size], exact)
+    assert calls == []  # made from the simplified analysis' own rows
+    simple = plain_analyse(monkeypatch, model)
+    simple._exact_again = None  # the full path: build, trace and count again at exact=True
+    expected = accounting.answer_every_resolution(
+        simple, [size], lambda: plain_analyse(monkeypatch, model, exact=True)
+    )
+    assert rows(answered) == rows(expected)
+    assert answered.assumptions == expected.assumptions
+    assert answered.totals_at([size]) == expected.totals_at([size])
+    assert answered.network is not None and not any(
+        p.is_meta for p in answered.network.parameters()
+    )
+
+
+def test_a_convention_copy_does_not_reuse_the_exact_rows_of_another_convention():
+    from convtally.analysis.conventions import preset
+
+    simple = analyse("poolupsample").with_convention(preset("fvcore"))
+    assert getattr(simple, "_exact_again", None) is None
