@@ -1273,7 +1273,7 @@ def requirement_assumptions(analysis: Analysis) -> list[str]:
     for layer in analysis.layers:
         kept = []
         for a, b, what in layer.requirements:
-            difference = sp.simplify(a - b)
+            difference = rules.simplified_difference(a, b)
             if difference == 0:
                 continue  # holds wherever the divisibility assumption does
             if difference.is_number:

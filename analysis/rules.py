@@ -7,6 +7,7 @@ adding one function and one registry line.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -243,10 +244,44 @@ class ShapeMismatch(ValueError):
     """Sizes that must agree for a call to run disagree at every input size."""
 
 
+def simplified_difference(a: sp.Expr, b: sp.Expr) -> sp.Expr:
+    """Return a - b in a form that tells whether it is 0, a number, or depends on the sizes:
+    sp.simplify(a - b), except that a difference seen to take two values at integer points
+    is returned as it is (simplify could not make it 0 or a number, and on nested floors it
+    costs tenths of a second: HRNet's fuse layers compare such sizes hundreds of times)."""
+    a, b = sp.sympify(a), sp.sympify(b)
+    if a == b:
+        return sp.Integer(0)  # what simplify gives, without simplifying
+    try:
+        return _simplified_difference(a, b)
+    except TypeError:  # unhashable (none known)
+        return sp.simplify(a - b)
+
+
+_PROBES = (61, 64, 97, 128, 203, 256, 35)  # sides of both parities and many residues
+
+
+@functools.lru_cache(maxsize=16384)
+def _simplified_difference(a: sp.Expr, b: sp.Expr) -> sp.Expr:
+    difference = a - b
+    symbols = sorted(difference.free_symbols, key=lambda symbol: symbol.name)
+    if symbols and all(s.is_integer and s.is_positive for s in symbols):
+        seen = set()
+        for k in range(len(_PROBES)):
+            point = {s: sp.Integer(_PROBES[(k + i) % len(_PROBES)]) for i, s in enumerate(symbols)}
+            value = difference.xreplace(point)
+            if not value.is_Number:
+                break  # something that does not evaluate to a number: let simplify decide
+            seen.add(value)
+            if len(seen) > 1:
+                return difference  # not one constant, so neither 0 nor a number
+    return sp.simplify(difference)
+
+
 def must_agree(a: Any, b: Any, what: str) -> tuple[tuple[sp.Expr, sp.Expr, str], ...]:
     """Return () when a == b always, ((a, b, what),) when only at some sizes; raise when never."""
     a, b = sp.sympify(a), sp.sympify(b)
-    difference = sp.simplify(a - b)
+    difference = simplified_difference(a, b)
     if difference == 0:
         return ()
     if difference.is_number:

@@ -16,7 +16,7 @@ import sys
 import pytest
 import sympy as sp
 import torch
-from convtally.analysis import accounting
+from convtally.analysis import accounting, rules
 from convtally.analysis.accounting import QUANTITIES, H, W, analyse
 from convtally.analysis.formatting import (
     cost_frame,
@@ -48,6 +48,7 @@ def plain_analyse(monkeypatch, model, **kwargs):
         patch.setattr(
             accounting, "_required_multiple", accounting._required_multiple.__wrapped__
         )
+        patch.setattr(rules, "simplified_difference", lambda a, b: sp.simplify(a - b))
         return analyse(model, **kwargs)
 
 
@@ -282,3 +283,49 @@ def test_a_convention_copy_does_not_reuse_the_exact_rows_of_another_convention()
 
     simple = analyse("poolupsample").with_convention(preset("fvcore"))
     assert getattr(simple, "_exact_again", None) is None
+
+
+def fuse(side):
+    """Return sizes an HRNet-like fuse layer compares: a branch down and up again vs the input."""
+    down = sp.floor((side - 1) / 2) + 1
+    return [
+        (2 * down, side),
+        (2 * sp.floor((2 * down - 1) / 2 + 1), 2 * down),
+        (sp.floor((side + 2 - 3) / 2) + 1, sp.floor((side - 1) / 2) + 1),
+        (sp.floor(side / 4) * 4 + 4, sp.floor(side / 4) * 4),
+        (sp.ceiling(side / 3) * 3, side + 2),
+        (side * 3, side * 3),
+    ]
+
+
+@pytest.mark.parametrize("a, b", fuse(H) + fuse(H * W) + [(H * W, W * H + 1), (H, W)])
+def test_the_remembered_size_comparison_classifies_as_simplify_does(a, b):
+    def kind(difference):
+        return "zero" if difference == 0 else "number" if difference.is_number else "symbolic"
+
+    assert kind(rules.simplified_difference(a, b)) == kind(sp.simplify(a - b))
+
+
+class Fuse(nn.Module):
+    """Two branches, one down and up again, added: the sizes must agree (an HRNet fuse)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 3, 3, stride=2, padding=1)
+        self.up = nn.Upsample(scale_factor=2)
+
+    def forward(self, x):
+        return x + self.up(self.down(x))
+
+
+def build_fuse():
+    """Return Fuse()."""
+    return Fuse()
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_fuse_keeps_its_size_requirement_as_the_plain_path_does(monkeypatch, exact):
+    spec = resolve(f"{__name__}:build_fuse")
+    fast = analyse(spec, exact=exact)
+    plain = plain_analyse(monkeypatch, spec, exact=exact)
+    assert rows(fast) == rows(plain) and fast.assumptions == plain.assumptions
