@@ -1213,13 +1213,15 @@ def _tensor_pointers(network: nn.Module) -> set[int]:
             for t in [*network.parameters(), *network.buffers()]}
 
 
-def measure_saved(network: nn.Module, x: torch.Tensor,
-                  per_node: bool = False) -> tuple[int, dict[str, int]]:
+def measure_saved(network: nn.Module, x: torch.Tensor, per_node: bool = False,
+                  graph: torch.fx.Graph | None = None) -> tuple[int, dict[str, int]]:
     """Return (total, node name -> bytes) autograd saves in one training-mode forward pass.
 
     Each storage is counted once (by data_ptr), charged to the first node that saves it;
-    parameters and buffers are left out. With `per_node` the network is traced in training
-    mode (analysis.accounting.trace) and run node by node. The network's modes and buffers
+    parameters and buffers are left out. With `per_node` the network runs node by node: the
+    nodes of `graph` when given (an analysis' graph, so the names are its layers' even where
+    training mode would trace other nodes, as inception_v3's auxiliary head), else of a
+    training-mode trace (analysis.accounting.trace). The network's modes and buffers
     (BatchNorm's running statistics) are restored afterwards.
     """
     from convtally.analysis.accounting import trace
@@ -1248,7 +1250,11 @@ def measure_saved(network: nn.Module, x: torch.Tensor,
     try:
         network.train()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            output = Runner(trace(network)).run(x) if per_node else network(x)
+            if not per_node:
+                output = network(x)
+            else:
+                module = trace(network) if graph is None else torch.fx.GraphModule(network, graph)
+                output = Runner(module).run(x)
         del output
     finally:
         for module, mode in modes.items():
