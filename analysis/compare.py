@@ -234,32 +234,66 @@ def _trained_as(run: dict) -> str:
     return " ".join(f"{symbol}={settings[key]}" for key, symbol in keys if key in settings)
 
 
+RATIO_DIGITS = 3  # every ratio printed at one precision: 1.000, 1.150, 1.203
+TEXT_COLUMNS = ("model", "source", "device", "data", "trained as")
+
+
 def render_comparison(frame: pd.DataFrame, fmt: str) -> str:
-    """Return the comparison as text, csv, markdown, latex or json."""
-    if fmt == "csv":
-        return frame.to_csv(index=False)
+    """Return the comparison as text, csv, markdown, latex or json.
+
+    Ratios are written at one precision everywhere but JSON (numbers there); counts have
+    thousands separators and bytes are KiB/MiB/GiB for people (text, Markdown, LaTeX), exact
+    integers for programs (CSV, JSON).
+    """
+    ratios = [c for c in frame.columns if c.endswith(" ratio")]
     if fmt == "json":
         return frame.to_json(orient="records", indent=2) + "\n"
+    shown = frame.copy()
+    for column in ratios:
+        shown[column] = shown[column].map(
+            lambda v: "" if pd.isna(v) else f"{v:.{RATIO_DIGITS}f}")
+    if fmt == "csv":
+        return shown.to_csv(index=False)
     from convtally.analysis.limits import format_bytes
 
-    shown = frame.copy()
-    for quantity in QUANTITIES:
-        shown[quantity] = shown[quantity].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
+    for column in (*QUANTITIES, "trained-net connections"):
+        if column in shown:
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
     for column in shown.columns:
         if any(column.startswith(f"{name} B=") for name in MEMORY_COLUMNS):
             shown[column] = shown[column].map(
                 lambda v: "" if pd.isna(v) else format_bytes(int(v)))
     shown = shown.astype(object).where(shown.notna(), "")
+    # strings right-aligned like the numbers they hold (tabulate and pandas would go left)
+    numeric = [c for c in shown.columns if c not in TEXT_COLUMNS]
     if fmt == "markdown":
-        return shown.to_markdown(index=False) + "\n"
+        return shown.to_markdown(
+            index=False, colalign=["right" if c in numeric else "left" for c in shown.columns],
+            disable_numparse=True,  # keep 1.000 as written
+        ) + "\n"
     if fmt == "latex":
-        from convtally.analysis.formatting import _escape_latex
-
-        escaped = shown.map(lambda v: _escape_latex(str(v)))
-        escaped.columns = [_escape_latex(c) for c in escaped.columns]
-        return escaped.style.hide(axis="index").to_latex(
-            hrules=True, caption="Architecture comparison: totals per resolution", position="htbp"
-        )
+        return _latex(shown, numeric)
     from tabulate import tabulate
 
-    return tabulate(shown, headers="keys", tablefmt="simple", showindex=False) + "\n"
+    return tabulate(shown, headers="keys", tablefmt="simple", showindex=False,
+                    colalign=["right" if c in numeric else "left" for c in shown.columns],
+                    disable_numparse=True) + "\n"
+
+
+def _latex(shown: pd.DataFrame, numeric: list[str]) -> str:
+    """Return a booktabs table (a longtable past LONGTABLE_ROWS rows), numbers right-aligned."""
+    from convtally.analysis.formatting import LONGTABLE_ROWS, _escape_latex
+
+    escaped = shown.map(lambda v: _escape_latex(str(v)))
+    escaped.columns = [_escape_latex(c) for c in shown.columns]
+    long = len(shown) > LONGTABLE_ROWS
+    body = escaped.style.hide(axis="index").to_latex(
+        hrules=True,
+        column_format="".join("r" if c in numeric else "l" for c in shown.columns),
+        caption="Architecture comparison: totals per resolution",
+        label="tab:comparison",
+        position=None if long else "htbp",
+        environment="longtable" if long else None,
+    )
+    packages = "booktabs, longtable" if long else "booktabs"
+    return f"% needs \\usepackage{{{packages}}}\n" + body

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from convtally.analysis.accounting import analyse
 from convtally.analysis.cli import main
 from convtally.analysis.compare import WRITE_UP_RESULTS, compare, render_comparison
 from convtally.analysis.memory import measure_saved, memory_model
+
+from tests.analysis.test_formatting import _compile as compile_latex
 
 
 def write_run(directory, model, val_accuracy=0.5):
@@ -44,6 +47,40 @@ def test_compare_totals_and_ratios(tmp_path):
         WRITE_UP_RESULTS["poolupsample"]["val_loss"],
         WRITE_UP_RESULTS["unet"]["val_loss"],
     ]
+
+
+def test_compare_renders_ratios_at_one_precision_and_counts_with_separators(tmp_path):
+    write_run(tmp_path, "unet", 0.375)
+    frame = compare(["poolupsample", "unet"], [(32, 32)], run_dirs=[tmp_path])
+    csv_rows = render_comparison(frame, "csv").splitlines()
+    header = csv_rows[0].split(",")
+    first = next(r for r in csv_rows if r.startswith("poolupsample,32,formula,")).split(",")
+    assert first[header.index("weights ratio")] == "1.000"  # not 1.0 next to 1.15
+    unet = next(r for r in csv_rows if r.startswith("unet,32,formula + run")).split(",")
+    assert unet[header.index("weights ratio")] == "1.150"  # 57864 / 50304
+    assert unet[header.index("weights")] == "57864"  # exact for programs
+    trained = analyse("unet", {"NIC": 1}).totals_at([(32, 32)])["connections"][0]
+    for fmt in ("markdown", "text", "latex"):
+        rendered = render_comparison(frame, fmt)
+        assert "1.000" in rendered and "1.150" in rendered and "1.0 " not in rendered, fmt
+        assert "57,864" in rendered and f"{trained:,}" in rendered, fmt
+    markdown = render_comparison(frame, "markdown").splitlines()
+    separator = markdown[1].split("|")[1:-1]
+    columns = [c.strip() for c in markdown[0].split("|")[1:-1]]
+    assert separator[columns.index("weights ratio")].endswith(":")  # numbers right-aligned
+    assert separator[columns.index("model")].startswith(":-")
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_compare_latex_is_booktabs_with_a_label_and_compiles(tmp_path):
+    frame = compare(["poolupsample", "unet", "convtranspose"], [(32, 32), (64, 64)],
+                    run_dirs=[tmp_path])
+    latex = render_comparison(frame, "latex")
+    assert latex.startswith("% needs \\usepackage{booktabs}\n")
+    assert "\\label{tab:comparison}" in latex and "\\toprule" in latex
+    column_format = latex.split("\\begin{tabular}{")[1].split("}")[0]
+    assert column_format.startswith("lrl") and column_format.count("r") >= 12
+    compile_latex(tmp_path, latex, "booktabs")
 
 
 def test_compare_picks_up_runs(tmp_path):
