@@ -420,19 +420,15 @@ class IntegerEvaluator:
         positions: dict[sp.Expr, int] = {}
         index = [positions.setdefault(sp.sympify(f), len(positions)) for f in formulas]
         self.index = np.array(index, dtype=np.intp)
-        scaled, self.denominators = [], []
-        for formula in positions:
-            integral = _integer_divisions(sp.sympify(formula))
-            denominator = _common_denominator(integral)
-            scaled.append(sp.expand(integral * denominator))
-            self.denominators.append(denominator)
-        functions = {
-            "ifloor": lambda n, d: n // d,
-            "iceil": lambda n, d: -((-n) // d),
-            "FvcoreEinsum": rules.fvcore_einsum_count,
-        }
-        self.function = sp.lambdify((H, W), scaled, modules=[functions, "math"])
-        self.denominators = np.array(self.denominators, dtype=object)
+        compiled = [_formula_code(formula) for formula in positions]
+        self.denominators = np.array([d for _, d in compiled], dtype=object)
+        # what sympy.lambdify((H, W), [...], modules=[_EVALUATOR_FUNCTIONS, "math"]) builds,
+        # from each formula's code printed once (printing is most of the cost, and the same
+        # formulas come back: the simple and exact analyses, a loop over models)
+        source = "def _evaluate(H, W):\n    return [" + ", ".join(c for c, _ in compiled) + "]\n"
+        namespace = {**_MATH_NAMESPACE, **_EVALUATOR_FUNCTIONS}
+        exec(compile(source, "<convtally formulas>", "exec"), namespace)
+        self.function = namespace["_evaluate"]
 
     def __call__(self, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
         """Return an object array of exact ints, formulas x resolutions."""
@@ -442,6 +438,30 @@ class IntegerEvaluator:
         rows = [np.broadcast_to(np.asarray(r, dtype=object), heights.shape) for r in raw]
         distinct = np.stack(rows) // self.denominators[:, None]
         return distinct[self.index]
+
+
+_EVALUATOR_FUNCTIONS = {
+    "ifloor": lambda n, d: n // d,
+    "iceil": lambda n, d: -((-n) // d),
+    "FvcoreEinsum": rules.fvcore_einsum_count,
+}
+_MATH_NAMESPACE: dict[str, Any] = {}
+exec("from math import *", _MATH_NAMESPACE)  # lambdify's "math" module namespace
+
+
+@functools.lru_cache(maxsize=16384)
+def _formula_code(formula: sp.Expr) -> tuple[str, int]:
+    """Return (Python code of the formula scaled to integers, the scale), as lambdify prints it
+    (floor and ceiling of p/q as ifloor/iceil of integer polynomials)."""
+    from sympy.printing.pycode import PythonCodePrinter
+
+    integral = _integer_divisions(formula)
+    denominator = _common_denominator(integral)
+    printer = PythonCodePrinter({
+        "fully_qualified_modules": False, "inline": True, "allow_unknown_functions": True,
+        "user_functions": {name: name for name in _EVALUATOR_FUNCTIONS},
+    })
+    return "(" + printer.doprint(sp.expand(integral * denominator)) + ")", denominator
 
 
 _IFLOOR = sp.Function("ifloor")
