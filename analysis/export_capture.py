@@ -117,6 +117,12 @@ def _batch_norm(x, weight, bias, *args, **kwargs) -> LayerCost:
                      affine=weight is not None)
 
 
+def _vector_norm(x: SymTensor, *args, **kwargs) -> LayerCost:
+    """linalg_vector_norm / norm (F.normalize's norm): 1 per input value; the output shape is
+    the graph's; fvcore and FlopCounterMode count none."""
+    return LayerCost("norm", None, connections=x.per_example, op="vector_norm")
+
+
 def _dropout(x, p=0.5, train=False) -> LayerCost:
     return rules.functional_dropout(x, p, train)
 
@@ -139,6 +145,8 @@ ROUTING_OPS = (
     "narrow", "index_select", "masked_fill", "type_as", "new_zeros", "new_ones", "zeros",
     "ones", "full", "arange", "empty", "movedim", "swapaxes", "clamp_max_", "copy_", "fill_",
     "channel_shuffle", "native_channel_shuffle", "dropout", "identity",
+    "index", "gather", "index_put", "index_put_", "_unsafe_index", "scalar_tensor", "sym_size",
+    "new_empty", "new_full", "empty_like", "masked_fill_", "tril", "triu",
 )
 
 # OpOverloadPacket name -> rule; the adapters reuse analysis.rules (the fx rung's rules)
@@ -181,6 +189,8 @@ ATEN_RULES: dict[str, Callable[..., LayerCost]] = {
     "upsample_bilinear2d": _upsample("bilinear"),
     "upsample_bicubic2d": _upsample("bicubic"),
     "glu": rules.glu,
+    "linalg_vector_norm": _vector_norm,
+    "norm": _vector_norm,
     "dropout": _dropout,
 }
 
@@ -527,12 +537,15 @@ def analyse_exported_concrete(prepared: _Prepared, convention: Convention, allow
                               resolutions: Sequence[tuple[int, int]]):
     """Return the Analysis counted from a static-shape export at each resolution."""
     per_resolution: dict[tuple[int, int], list[Layer]] = {}
+    programs = {}
     owned: set[str] = set()
     for height, width in resolutions:
         program = export(prepared.network, prepared.channels, (height, width), dynamic=False)
+        programs[(height, width)] = program
         per_resolution[(height, width)], owned = interpret_exported(
             program, convention, allow_unknown
         )
     analysis = concrete_analysis(prepared, None, per_resolution, convention, owned)
     analysis.capture_note = "torch.fx cannot trace it; counted from torch.export at each size"
+    analysis.export_programs = programs  # verify runs each size's graph
     return analysis

@@ -50,6 +50,23 @@ FVCORE_CONVENTION = {
 }
 
 
+# what verify reads for a capture other than fx (printed above the table)
+CAPTURE_HEADER = {
+    "export": [
+        "capture: export: rows are ATen ops; their shapes are read from running the exported",
+        "graph on the network's own tensors (its output must equal the network's); an op inside",
+        "a conv or linear module is checked against that module's counts, and the totals under",
+        "the fvcore and torch presets must equal fvcore's and FlopCounterMode's totals; saved",
+        "bytes are not checked (the memory model needs the fx capture)",
+    ],
+    "concrete": [
+        "capture: concrete: rows are counted at each size apart; their shapes are read from the",
+        "network's graph run at that size, and the totals under the fvcore and torch presets",
+        "must equal fvcore's and FlopCounterMode's totals; saved bytes are not checked (the",
+        "memory model needs the fx capture with formulas in H, W)",
+    ],
+}
+
 # BatchNorm in training needs more than one value per channel; the saved bytes are checked at B=2
 MEMORY_BATCH = 2
 
@@ -89,6 +106,25 @@ class LayerCheck:
 
 
 @dataclass
+class TotalCheck:
+    """Our total under a tool's preset against the tool's own total at one resolution."""
+
+    tool: str  # fvcore or torch (FlopCounterMode); graph: the exported graph against the network
+    resolution: str
+    ours: int
+    tool_total: int
+    problems: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """Return 'ok', 'ok (not compared)' or 'MISMATCH: ...'."""
+        if self.problems:
+            return "MISMATCH: " + "; ".join(self.problems)
+        return "ok (not compared)" if self.note else "ok"
+
+
+@dataclass
 class Verification:
     """All checks of one network over the requested resolutions."""
 
@@ -98,11 +134,13 @@ class Verification:
     convention: dict
     checks: list[LayerCheck]
     checkpoint: str | None = None
+    capture: str = "fx"
+    totals: list[TotalCheck] = field(default_factory=list)  # export and concrete captures
 
     @property
-    def mismatches(self) -> list[LayerCheck]:
-        """Return the checks with at least one must-match difference."""
-        return [c for c in self.checks if c.problems]
+    def mismatches(self) -> list[LayerCheck | TotalCheck]:
+        """Return the checks (layers, then totals) with at least one must-match difference."""
+        return [c for c in [*self.checks, *self.totals] if c.problems]
 
     def summary(self) -> str:
         """Return the one-line summary."""
@@ -122,7 +160,9 @@ class Verification:
             "checkpoint": self.checkpoint,
             "convention": self.convention,
             "torch_flops_note": "PyTorch's FlopCounterMode counts 2 FLOPs per multiply-add",
+            "capture": self.capture,
             "checks": [{**asdict(c), "verdict": c.verdict} for c in self.checks],
+            "totals": [{**asdict(c), "verdict": c.verdict} for c in self.totals],
             "mismatches": len(self.mismatches),
             "summary": self.summary(),
         }
@@ -222,9 +262,34 @@ def _shape_of(value: Any) -> Any:
 
 def measure(analysis: Analysis, height: int, width: int, device: torch.device):
     """Return (per-node measured output shapes, fvcore by module, torch FLOPs by module)."""
-    network = analysis.network
+    run = _measure_run(analysis, height, width, device)
+    return run.shapes, run.fvcore.per_module, run.torch.per_module
+
+
+@dataclass
+class _Run:
+    """One forward pass measured: output shapes per graph node, the peer tools' counts, the
+    parameters each row reads first, and the module whose tool counts each row is checked
+    against (None: checked in the totals only)."""
+
+    shapes: dict[str, Any]
+    fvcore: Any  # peers.ToolResult
+    torch: Any  # peers.ToolResult
+    weights: dict[str, int] = field(default_factory=dict)
+    modules: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    exported: bool = False  # rows are ATen ops of an exported graph
+
+
+def _input(analysis: Analysis, height: int, width: int, device: torch.device) -> torch.Tensor:
     channels = int(analysis.input_channels.subs(analysis.substitutions()))
-    x = torch.zeros(1, channels, height, width, device=device)
+    return torch.zeros(1, channels, height, width, device=device)
+
+
+def _measure_run(analysis: Analysis, height: int, width: int, device: torch.device) -> _Run:
+    """Run the network once at H x W and read what the rows of `analysis` are checked against."""
+    network = analysis.network
+    x = _input(analysis, height, width, device)
     calls: dict[str, list] = defaultdict(list)
     names = {module: name for name, module in network.named_modules()}
     handles = [
@@ -233,7 +298,7 @@ def measure(analysis: Analysis, height: int, width: int, device: torch.device):
     ]
     try:
         with torch.no_grad():
-            network(x)
+            expected = network(x)
     except RuntimeError as error:
         raise ValueError(
             f"{analysis.model} fails to run at {height}x{width}: {str(error).splitlines()[0][:160]}"
@@ -241,18 +306,167 @@ def measure(analysis: Analysis, height: int, width: int, device: torch.device):
     finally:
         for handle in handles:
             handle.remove()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore's jit tracing warns about deprecations
+        fvcore = peers.run_tool("fvcore", network, x, threads=None)
+        torch_counts = _run_torch_counter(network, x)
+    if analysis.graph_module is None:
+        program = _program_at(analysis, height, width)
+        shapes, problems = _run_exported(program, x, expected)
+        run = _Run(shapes, fvcore, torch_counts, problems=problems, exported=True)
+        _exported_owners(analysis, program, run, (height, width))
+        return run
     measured: dict[str, Any] = {}
     seen: dict[str, int] = defaultdict(int)
     for node in analysis.graph_module.graph.nodes:
         if node.op == "call_module":
             measured[node.name] = calls[node.target][seen[node.target]]
             seen[node.target] += 1
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fvcore's jit tracing warns about deprecations
+    with torch.no_grad():
         measured.update(_record_functional_shapes(analysis.graph_module, x))
-        fvcore = peers.run_tool("fvcore", network, x, threads=None).per_module
-        torch_counts = peers.run_tool("torch", network, x, threads=None).per_module
-    return measured, fvcore, torch_counts
+    run = _Run(measured, fvcore, torch_counts)
+    _fx_owners(analysis, run, (height, width))
+    return run
+
+
+def _run_torch_counter(network: nn.Module, x: torch.Tensor) -> Any:
+    """Return FlopCounterMode's counts; where its module tracker fails under no_grad (a
+    parameter passed to a module as its input has no gradient function there: timm's attention
+    pooling), count again with gradients on (the same ops, but nn.MultiheadAttention then
+    takes its unfused path, as under fvcore)."""
+    try:
+        return peers.run_tool("torch", network, x, threads=None)
+    except AssertionError:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            network(x)
+        root = type(network).__name__ + "."
+        per_module = {
+            key[len(root):]: int(sum(counts.values()))
+            for key, counts in counter.get_flop_counts().items() if key.startswith(root)
+        }
+        return peers.ToolResult(int(counter.get_total_flops()), None, per_module)
+
+
+def _rows_at(analysis: Analysis, resolution: tuple[int, int]) -> list:
+    """Return the rows counted at `resolution` (a concrete capture counts each size apart)."""
+    if analysis.concrete is None:
+        return analysis.layers
+    rows = analysis.concrete[tuple(resolution)]
+    return [*rows, *analysis.layers[len(rows):]]  # the unused-parameters row, if any
+
+
+def _fx_owners(analysis: Analysis, run: _Run, resolution: tuple[int, int]) -> None:
+    """Fill `run` for an fx graph: a called module's parameters (its first call) and the
+    parameters a node reads directly (get_attr, first read), and each module call's name."""
+    graph_module = analysis.graph_module
+    module_nodes = _module_nodes(analysis)
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    parameters = dict(analysis.network.named_parameters())
+    owners: set[str] = set()
+    read: set[str] = set()
+    for layer in _rows_at(analysis, resolution):
+        node = nodes.get(layer.node)
+        if node is None:
+            continue
+        count = 0
+        if layer.node in module_nodes:
+            name = layer.name.split(":")[0]
+            run.modules[layer.node] = name
+            if name not in owners:
+                owners.add(name)
+                module = analysis.network.get_submodule(name)
+                count += sum(p.numel() for p in module.parameters())
+        for source in node.all_input_nodes:
+            if source.op == "get_attr" and source.target in parameters and (
+                source.target not in read
+            ):
+                read.add(source.target)
+                count += parameters[source.target].numel()
+        run.weights[layer.node] = count
+
+
+def _program_at(analysis: Analysis, height: int, width: int) -> Any:
+    """Return the exported program the rows at H x W were counted from."""
+    programs = getattr(analysis, "export_programs", None)
+    if programs is not None:  # the concrete capture exported at each size
+        return programs[(height, width)]
+    program = getattr(analysis, "export_program", None)
+    if program is None:
+        raise ValueError(
+            f"{analysis.model} has no graph to verify against (capture {analysis.capture})"
+        )
+    return program
+
+
+def _run_exported(program: Any, x: torch.Tensor, expected: Any) -> tuple[dict, list[str]]:
+    """Run the exported ATen graph on `x` with the network's own tensors; return each node's
+    output shapes, and a problem when its output differs from the network's."""
+    from torch.export.graph_signature import InputKind
+
+    values = []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            values.append(x)
+        elif spec.target in program.state_dict:
+            values.append(program.state_dict[spec.target].to(x.device))
+        else:
+            values.append(program.constants[spec.target].to(x.device))
+    shapes: dict[str, Any] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            result = super().run_node(node)
+            shapes[node.name] = _shape_of(result)
+            return result
+
+    with torch.no_grad():
+        outputs = Recorder(program.graph_module).run(*values)
+    problems = []
+    user = [o for o, spec in zip(outputs, program.graph_signature.output_specs, strict=True)
+            if spec.kind.name == "USER_OUTPUT"]
+    got = user[0] if len(user) == 1 else tuple(user)
+    if not _same_output(got, expected):
+        problems.append("the exported graph's output differs from the network's")
+    return shapes, problems
+
+
+def _same_output(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        return all(_same_output(u, v) for u, v in zip(a, b, strict=True))
+    if isinstance(b, Mapping) and isinstance(a, (tuple, list)):
+        return _same_output(a, list(b.values()))
+    return True  # not tensors: nothing to compare
+
+
+def _exported_owners(analysis: Analysis, program: Any, run: _Run,
+                     resolution: tuple[int, int]) -> None:
+    """Fill `run` for an exported graph: the network's parameters each ATen op reads first, and,
+    for an op inside a leaf module (a Conv2d, a Linear, ...), that module's name."""
+    nodes = {n.name: n for n in program.graph.nodes}
+    to_parameter = program.graph_signature.inputs_to_parameters
+    parameters = dict(analysis.network.named_parameters())
+    leaves = {name for name, module in analysis.network.named_modules()
+              if name and next(module.children(), None) is None}
+    read: set[str] = set()
+    for layer in _rows_at(analysis, resolution):
+        node = nodes.get(layer.node)
+        if node is None:
+            continue
+        count = 0
+        for source in node.all_input_nodes:
+            target = to_parameter.get(source.name)
+            if target is not None and target not in read:
+                read.add(target)
+                count += parameters[target].numel() if target in parameters else 0
+        run.weights[layer.node] = count
+        stack = node.meta.get("nn_module_stack") or {}
+        scope = list(stack.values())[-1][0] if stack else ""
+        if scope in leaves and layer.kind != "routing":
+            run.modules[layer.node] = scope
 
 
 def verify(
@@ -285,40 +499,39 @@ def verify(
     substitution = analysis.substitutions()
     memory = _memory_model(analysis)
     checks = []
+    totals = []
     # a bar on a terminal only (tqdm turns itself off when stderr is not one)
     for j, (height, width) in enumerate(
         tqdm(resolutions, desc="verify", unit="resolution", disable=None, leave=False)
     ):
         label = resolution_label(height, width)
-        measured, fvcore, torch_counts = measure(analysis, height, width, device)
+        run = _measure_run(analysis, height, width, device)
+        fvcore, torch_counts = run.fvcore.per_module, run.torch.per_module
         saved = measure_saved_bytes(analysis, memory, height, width) if memory else None
         at = {H: height, W: width, BATCH: 1, **substitution}
-        owners = set()
+        rows = _rows_at(analysis, (height, width))
         # fvcore and FlopCounterMode report a module called twice as the sum of its calls
         module_totals: dict[str, int] = defaultdict(int)
         module_calls: dict[str, int] = defaultdict(int)
-        for layer in analysis.layers:
-            if layer.node in _module_nodes(analysis):
-                name = layer.name.split(":")[0]
-                module_totals[name] += int(sp.sympify(layer.cost.connections).subs(at))
+        for row in rows:
+            # an fx row in run.modules is one module call; an exported module's call is its
+            # conv or linear op (a padded conv also pads; a LayerNorm2d also permutes)
+            if row.node in run.modules and (not run.exported or row.kind in MUST_MATCH_FVCORE):
+                name = run.modules[row.node]
+                module_totals[name] += int(sp.sympify(row.cost.connections).subs(at))
                 module_calls[name] += 1
-        for index, layer in enumerate(analysis.layers):
-            shapes = measured.get(layer.node)
+        for index, (layer, row) in enumerate(zip(analysis.layers, rows, strict=True)):
+            shapes = run.shapes.get(row.node)
             shape_measured = list(shapes[0][1:]) if shapes else []
-            outputs_measured = sum(int(torch.Size(s[1:]).numel()) for s in shapes or [])
-            module_name = (
-                layer.name.split(":")[0] if layer.node in _module_nodes(analysis) else None
-            )
-            weights_measured = 0
-            if module_name is not None and module_name not in owners:
-                owners.add(module_name)
-                module = analysis.network.get_submodule(module_name)
-                weights_measured = sum(p.numel() for p in module.parameters())
-            raw_weights = int(sp.sympify(layer.cost.weights).subs(at))
-            raw_connections = int(sp.sympify(layer.cost.connections).subs(at))
+            # at B=1 a row's outputs are all its values, wherever its batch dimension is
+            outputs_measured = sum(int(torch.Size(s).numel()) for s in shapes or [])
+            module_name = run.modules.get(row.node)
+            weights_measured = run.weights.get(row.node, 0)
+            raw_weights = int(sp.sympify(row.cost.weights).subs(at))
+            raw_connections = int(sp.sympify(row.cost.connections).subs(at))
             if module_name is not None and module_calls[module_name] > 1:
                 raw_connections = module_totals[module_name]
-            shape_formula = [int(sp.sympify(d).subs(at)) for d in layer.output_shape]
+            shape_formula = [int(sp.sympify(d).subs(at)) for d in row.output_shape]
             check = LayerCheck(
                 layer=layer.name,
                 type=layer.type,
@@ -358,6 +571,8 @@ def verify(
                     check.problems.append(
                         f"2 x connections {2 * raw_connections} != torch {check.torch_flops}"
                     )
+            elif layer.kind in MUST_MATCH_FVCORE and module_name is None and layer.known:
+                check.note = "not inside one conv or linear module: checked in the totals"
             elif layer.kind not in MUST_MATCH_FVCORE:
                 fv = check.fvcore or 0
                 if fv != check.connections_formula:
@@ -370,6 +585,8 @@ def verify(
                     "PyTorch report the sum of its calls, checked against ours"
                 )
             checks.append(check)
+        if analysis.capture != "fx":
+            totals.extend(_total_checks(analysis, (height, width), label, run))
     return Verification(
         model=analysis.model,
         device=device_description(device),
@@ -377,7 +594,36 @@ def verify(
         convention=analysis.convention.as_dict(),
         checks=checks,
         checkpoint=str(checkpoint) if checkpoint else None,
+        capture=analysis.capture,
+        totals=totals,
     )
+
+
+def _total_checks(analysis: Analysis, resolution: tuple[int, int], label: str,
+                  run: _Run) -> list[TotalCheck]:
+    """Return our totals under the fvcore and torch presets against the tools' own totals.
+
+    An exported or concrete capture has rows (ATen ops, functions) that are not one module's
+    call, so the per-module checks cannot reach them all: the totals must match instead."""
+    from convtally.analysis.conventions import preset
+
+    checks = []
+    for tool, result in (("fvcore", run.fvcore), ("torch", run.torch)):
+        ours = analysis.with_convention(preset(tool)).totals_at([resolution])["connections"][0]
+        check = TotalCheck(tool=tool, resolution=label, ours=int(ours), tool_total=result.total)
+        if ours != result.total:
+            if analysis.complete:
+                check.problems.append(
+                    f"total under the {tool} preset {ours} != {tool} {result.total}"
+                )
+            else:
+                unknown = ", ".join(layer.name for layer in analysis.unknown_layers[:3])
+                check.note = f"not compared: rows without a rule ({unknown}) count 0"
+        checks.append(check)
+    for problem in run.problems:
+        checks.append(TotalCheck(tool="graph", resolution=label, ours=0, tool_total=0,
+                                 problems=[problem]))
+    return checks
 
 
 def _memory_model(analysis: Analysis) -> Any:
@@ -467,15 +713,31 @@ def render_verification(result: Verification, fmt: str) -> str:
         }
         for c in result.checks
     ]
+    blank = dict.fromkeys(rows[0] if rows else (), "")
+    rows += [
+        {
+            **blank,
+            "layer": f"total under the {t.tool} preset" if t.tool != "graph" else "exported graph",
+            "type": "total",
+            "res": t.resolution,
+            "connections": t.ours if t.tool != "graph" else "",
+            "fvcore": t.tool_total if t.tool == "fvcore" else "",
+            "torch (2/MAC)": t.tool_total if t.tool == "torch" else "",
+            "verdict": t.verdict + (f" [{t.note}]" if t.note and fmt == "csv" else ""),
+        }
+        for t in result.totals
+    ]
     frame = pd.DataFrame(rows)
     if fmt == "csv":
         return frame.to_csv(index=False)
     from tabulate import tabulate
 
     notes = sorted({f"{c.kind}: {c.note}" for c in result.checks if c.note})
+    notes += sorted({f"totals: {t.note}" for t in result.totals if t.note})
     header = [
         f"model: {result.model}  device: {result.device}"
         + (f"  checkpoint: {result.checkpoint}" if result.checkpoint else ""),
+        *CAPTURE_HEADER.get(result.capture, []),
         "weights and outputs must equal the running network (parameter counts, forward hooks);",
         "conv/linear connections must equal fvcore (1 per multiply-add) and half of PyTorch's",
         "FlopCounterMode (2 FLOPs per multiply-add); bytes saved for backward at "

@@ -1,0 +1,147 @@
+"""`verify` on every rung of the capture ladder: an export capture (rows are ATen ops) and a
+concrete one (counted at each size) are checked row by row against the running graph, and their
+totals against fvcore's and FlopCounterMode's own totals."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from convtally.analysis import export_capture
+from convtally.analysis.accounting import analyse
+from convtally.analysis.cli import main
+from convtally.analysis.verification import render_verification, verify
+from torch import nn
+
+from tests.analysis.test_capture import SizeBranch, fvcore_total, tiny_vit
+
+
+def torch_total(network: nn.Module, size: tuple[int, int]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        network(torch.zeros(1, 3, *size))
+    return int(counter.get_total_flops())
+
+
+class FixedSizeBranch(SizeBranch):
+    """fx cannot trace it (control flow on a size) and export fixes W: only concrete counts it."""
+
+    def forward(self, x):
+        if x.shape[-1] != 32:
+            raise ValueError("this network expects W == 32")
+        return super().forward(x)
+
+
+def test_export_capture_verifies_against_the_graph_and_the_tools():
+    network = SizeBranch().eval()
+    sizes = [(32, 32), (48, 64)]
+    analysis = analyse(network, resolutions=sizes[:1])
+    assert analysis.capture == "export"
+    result = verify(analysis, sizes)
+    assert result.mismatches == [] and result.capture == "export"
+    conv = [c for c in result.checks if c.type == "aten.conv2d"]
+    assert [c.fvcore for c in conv] == [c.connections_formula for c in conv] == [
+        8 * 27 * 32 * 32, 8 * 27 * 48 * 64]
+    assert all(c.torch_flops == 2 * c.fvcore for c in conv)
+    # the shapes at 48x64 come from running the graph there, not from the probe's trace
+    pool = next(c for c in result.checks if c.type == "aten.max_pool2d" and c.resolution != "32")
+    assert pool.shape_measured == pool.shape_formula == [8, 24, 32]
+    gamma = next(c for c in result.checks if c.type == "aten.mul")
+    assert gamma.weights_measured == gamma.weights_formula == 8  # read directly in forward
+    totals = {(t.tool, t.resolution): t for t in result.totals}
+    for (height, width), label in zip(sizes, ("32", "48x64"), strict=True):
+        assert totals[("fvcore", label)].tool_total == fvcore_total(network, (height, width))
+        assert totals[("fvcore", label)].ours == totals[("fvcore", label)].tool_total
+        assert totals[("torch", label)].ours == torch_total(network, (height, width))
+    text = render_verification(result, "text")
+    assert "capture: export: rows are ATen ops" in text and "total under the torch preset" in text
+    assert result.to_dict()["totals"][0]["verdict"] == "ok"
+
+
+def test_broken_aten_rule_is_caught_per_row_and_in_the_total(monkeypatch):
+    original = export_capture.ATEN_RULES["conv2d"]
+
+    def doubled(*args, **kwargs):
+        cost = original(*args, **kwargs)
+        return replace(cost, connections=cost.connections * 2)
+
+    monkeypatch.setitem(export_capture.ATEN_RULES, "conv2d", doubled)
+    result = verify(analyse(SizeBranch().eval(), capture="export"), [(32, 32)])
+    problems = [p for c in result.mismatches for p in c.problems]
+    assert any(p.startswith("connections") and "!= fvcore" in p for p in problems)
+    assert any(p.startswith("total under the fvcore preset") for p in problems)
+    assert any(p.startswith("total under the torch preset") for p in problems)
+
+
+def test_broken_export_weights_are_caught(monkeypatch):
+    original = export_capture.ATEN_RULES["linear"]
+    monkeypatch.setitem(export_capture.ATEN_RULES, "linear", lambda *a, **k: replace(
+        original(*a, **k), weights=original(*a, **k).weights + 1))
+    result = verify(analyse(SizeBranch().eval(), capture="export"), [(32, 32)])
+    assert [p for c in result.mismatches for p in c.problems] == ["weights 37 != parameters 36"]
+
+
+def test_concrete_capture_through_fx_verifies():
+    network = tiny_vit()
+    analysis = analyse(network, resolutions=[(32, 32)])
+    assert analysis.capture == "concrete" and analysis.graph_module is not None
+    result = verify(analysis, [(32, 32)])
+    assert result.mismatches == []
+    # the class token is read directly in forward (get_attr): its parameters are its row's
+    expand = next(c for c in result.checks if c.layer == "expand")
+    assert expand.weights_measured == expand.weights_formula == 32
+    # the qkv permute puts the batch dimension second: all 3 x 2 x 5 x 16 values are counted
+    permute = next(c for c in result.checks if c.layer == "blocks.0.attn.permute")
+    assert permute.outputs_measured == permute.outputs_formula == 480
+    totals = {t.tool: t for t in result.totals}
+    assert totals["fvcore"].ours == totals["fvcore"].tool_total == fvcore_total(network, (32, 32))
+    assert totals["torch"].ours == totals["torch"].tool_total == torch_total(network, (32, 32))
+
+
+def test_concrete_capture_through_export_verifies_at_each_size():
+    network = FixedSizeBranch().eval()
+    sizes = [(32, 32), (40, 32)]
+    analysis = analyse(network, resolutions=sizes)
+    assert analysis.capture == "concrete" and analysis.graph_module is None
+    result = verify(analysis, sizes)
+    assert result.mismatches == []
+    conv = [c for c in result.checks if c.type == "aten.conv2d"]
+    assert [c.connections_formula for c in conv] == [c.fvcore for c in conv] == [
+        8 * 27 * 32 * 32, 8 * 27 * 40 * 32]
+    assert [t.tool_total for t in result.totals if t.tool == "fvcore"] == [
+        fvcore_total(network, size) for size in sizes]
+
+
+def test_a_concrete_size_not_counted_is_refused_in_one_line():
+    analysis = analyse(FixedSizeBranch().eval(), resolutions=[(32, 32)])
+    with pytest.raises(ValueError, match="counted concretely at 32x32, not at 40x32"):
+        verify(analysis, [(40, 32)])
+
+
+def test_cli_verifies_a_concrete_timm_model(capsys):
+    pytest.importorskip("timm")
+    assert main(["verify", "timm:test_vit3", "--res", "160", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "capture: concrete" in out and "total under the fvcore preset" in out
+    assert out.rstrip().endswith("0 mismatch(es)")
+
+
+class ParameterRead(nn.Module):
+    """An fx capture with a parameter read in forward (layer scale): its row owns it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.ones(8, 1, 1))
+
+    def forward(self, x):
+        return (self.conv(x) * self.gamma).mean((2, 3))
+
+
+def test_fx_parameter_read_in_forward_is_its_rows_witness():
+    result = verify(analyse(ParameterRead().eval(), capture="fx"), [(32, 32)])
+    mul = next(c for c in result.checks if c.layer == "mul")
+    assert mul.weights_measured == mul.weights_formula == 8
+    assert not any(p.startswith("weights") for c in result.checks for p in c.problems)
