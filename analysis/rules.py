@@ -783,6 +783,14 @@ def getitem(container: Any, index: Any) -> LayerCost | PlainValue:
     if not isinstance(container, SymTensor):
         return PlainValue(operator.getitem(container, index))
     index = index if isinstance(index, tuple) else (index,)
+    if any(item is Ellipsis for item in index):  # x[..., :n]: as many full slices as it stands for
+        if sum(item is Ellipsis for item in index) > 1:
+            raise UnsupportedLayer(f"indexing with two ... ({index})")
+        at = next(i for i, item in enumerate(index) if item is Ellipsis)
+        taken = sum(item is not None for item in index) - 1
+        index = (*index[:at], *[slice(None)] * (len(container.shape) - taken), *index[at + 1 :])
+    if any(isinstance(item, SymTensor) for item in index):
+        return _advanced_getitem(container, index)
     if any(item is None for item in index):  # x[:, None]: a new dimension of 1
         sizes = iter(container.shape)
         container = SymTensor(
@@ -809,6 +817,47 @@ def getitem(container: Any, index: Any) -> LayerCost | PlainValue:
         else:
             shape.append(size)
     return LayerCost("routing", SymTensor(tuple(shape)))
+
+
+def _advanced_getitem(container: SymTensor, index: tuple) -> LayerCost:
+    """x[idx], x[:, idx] with integer index tensors (a relative-position bias table read through
+    its index buffer): a gather, no arithmetic. The indexed dimensions are replaced by the index
+    shape, in place when the tensor (and int) indices are adjacent, else in front (PyTorch's
+    rule). An index shaped like the dimensions it indexes may be a boolean mask, whose result
+    size depends on the values: it is refused."""
+    if any(item is None for item in index):
+        raise UnsupportedLayer(f"indexing with None next to an index tensor ({index})")
+    if len(index) > len(container.shape):
+        raise UnsupportedLayer(f"too many indices for a tensor of {len(container.shape)} dims")
+    tensors = [item for item in index if isinstance(item, SymTensor)]
+    shapes_seen = {tuple(t.shape) for t in tensors}
+    if len(shapes_seen) != 1:
+        raise UnsupportedLayer(f"index tensors of different shapes {sorted(map(str, shapes_seen))}")
+    index_shape = tensors[0].shape
+    advanced = [i for i, item in enumerate(index)
+                if isinstance(item, SymTensor) or isinstance(item, int)]
+    for position, item in enumerate(index):
+        if isinstance(item, SymTensor):
+            indexed = tuple(container.shape[position : position + len(item.shape)])
+            if len(item.shape) == len(indexed) and all(
+                sp.simplify(a - b) == 0 for a, b in zip(item.shape, indexed, strict=True)
+            ):
+                raise UnsupportedLayer(
+                    f"indexing with a tensor shaped like the dimensions it indexes "
+                    f"({tuple(item.shape)}): a boolean mask's result depends on its values"
+                )
+    kept: list[tuple[int, sp.Expr]] = []
+    for position, size in enumerate(container.shape):
+        item = index[position] if position < len(index) else slice(None)
+        if position in advanced:
+            continue
+        if not isinstance(item, slice):
+            raise UnsupportedLayer(f"indexing with {type(item).__name__} next to an index tensor")
+        kept.append((position, size if item == slice(None) else _slice_length(size, item)))
+    adjacent = advanced == list(range(advanced[0], advanced[-1] + 1))
+    before = [size for position, size in kept if adjacent and position < advanced[0]]
+    after = [size for position, size in kept if not adjacent or position > advanced[-1]]
+    return LayerCost("routing", SymTensor((*before, *index_shape, *after)), op="index")
 
 
 def _slice_length(size: sp.Expr, item: slice) -> sp.Expr:
@@ -1183,6 +1232,12 @@ def reduction(x: SymTensor, dim=None, keepdim: bool = False, **kwargs) -> LayerC
     return replace(cost, kind="reduction")
 
 
+def normalize(x: SymTensor, *args, **kwargs) -> LayerCost:
+    """F.normalize (x / max(||x||_p, eps) along a dimension): 1 per value; fvcore and
+    FlopCounterMode have no formula for its aten ops (0)."""
+    return LayerCost("norm", SymTensor(x.shape), connections=x.per_example, op="normalize")
+
+
 def glu(x: SymTensor, dim: int = -1) -> LayerCost:
     """F.glu: the halves along `dim` multiplied, 2 connections per output."""
     dim = _dim_index(x, dim)
@@ -1245,6 +1300,7 @@ UNARY_FUNCTIONS = (
     torch.rsqrt,
     torch.abs,
     torch.neg,
+    operator.neg,
     torch.log,
     torch.sin,
     torch.cos,
@@ -1321,6 +1377,7 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     F.alpha_dropout: functional_dropout,
     "dropout": functional_dropout,
     F.glu: glu,
+    F.normalize: normalize,
     F.pad: pad,
     F.pixel_shuffle: functional_pixel_shuffle,
     F.pixel_unshuffle: functional_pixel_unshuffle,
