@@ -2,7 +2,11 @@
 family, analysed with `--capture auto` under the fvcore preset, next to the real numbers.
 
     .venv/bin/python benchmarks/zoo.py [--only torchvision|timm] [--limit-seconds 300]
-        [--out reports/zoo] [--models NAME ...]
+        [--out reports/zoo] [--models NAME ...] [--merge]
+
+--merge reruns only the named models and replaces their rows in the existing report (the
+other rows, measured before, are kept as they were; the Markdown says which rows were rerun
+and when).
 
 For each model: the capture used (fx, export, concrete), our total weights vs the model's
 parameter count, our connections under the fvcore preset vs fvcore's FlopCountAnalysis total
@@ -141,6 +145,19 @@ def measure(source: str, name: str, size, limit: int) -> dict:
     return row
 
 
+def read_rows(path: Path) -> list[dict]:
+    """Return the rows of an earlier CSV report, with True/False cells as booleans."""
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key, value in row.items():
+            if value in ("True", "False"):
+                row[key] = value == "True"
+    return rows
+
+
 def write_markdown(rows: list[dict], path: Path, started: str) -> None:
     """Write the Markdown report: coverage figures first, then one line per model."""
     def share(selected: list[dict], key: str) -> str:
@@ -176,12 +193,22 @@ def write_markdown(rows: list[dict], path: Path, started: str) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _merged_started(md_path: Path, now: str, names: list[str]) -> str:
+    """Return the report's 'started' text with this rerun of `names` added."""
+    text = md_path.read_text(encoding="utf-8") if md_path.is_file() else ""
+    line = next((x for x in text.splitlines() if x.startswith("- started ")), "")
+    before = line[len("- started "):].split("; torch ")[0] if line else now
+    return f"{before}; rerun {now}: {', '.join(names)}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("torchvision", "timm"), default=None)
     parser.add_argument("--models", nargs="*", default=None, help="only these model names")
     parser.add_argument("--limit-seconds", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("reports/zoo"))
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the measured models' rows in the existing report")
     args = parser.parse_args()
     signal.signal(signal.SIGALRM, _alarm)
     torch.set_num_threads(1)
@@ -197,9 +224,18 @@ def main() -> int:
     csv_path, md_path = args.out / f"zoo{suffix}.csv", args.out / f"zoo{suffix}.md"
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     rows: list[dict] = []
+    earlier = read_rows(csv_path) if args.merge else []
+    if earlier:
+        started = _merged_started(md_path, started, [m[1] for m in models])
+        rows = earlier
     for source, name, size in models:
         row = measure(source, name, size, args.limit_seconds)
-        rows.append(row)
+        position = next((i for i, r in enumerate(rows) if r["model"] == name
+                         and r["source"] == source), None)
+        if position is None:
+            rows.append(row)
+        else:
+            rows[position] = row
         print(" ".join(f"{k}={row[k]}" for k in ("model", "capture", "weights_equal",
                                                   "connections_equal", "seconds")), flush=True)
         with csv_path.open("w", newline="", encoding="utf-8") as handle:
