@@ -110,3 +110,31 @@ def test_eva_rotary_negation_is_a_rule():
     """EVA's rotary embedding negates half the channels (-x): a rule, no unknown rows."""
     network = timm_model("eva02_tiny_patch14_224", depth=1, img_size=56)
     assert_equals_the_tools(network, (56, 56), "concrete")
+
+
+class NewOps(nn.Module):
+    """The ops docs/conventions.md lists for the ladder: a bias table read through an index,
+    x[..., :n], F.normalize and -x, between two convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(7, 4))
+        self.register_buffer("index", torch.arange(16).remainder(7).view(4, 4))
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        bias = self.table[self.index].permute(2, 0, 1)  # 4 x 4 x 4, no batch
+        x = torch.nn.functional.normalize(x, dim=1) + bias.mean()
+        return self.head(-x[..., :4])
+
+
+def test_new_ops_under_every_preset_equal_their_tool():
+    from convtally.analysis.crosscheck import crosscheck
+
+    result = crosscheck(NewOps().eval(), [(16, 16)])
+    assert result.mismatches == []
+    tools = {t.tool: t for check in result.resolutions for t in check.tools}
+    assert set(tools) == {"fvcore", "ptflops", "thop", "torchinfo", "torch"}
+    assert all(t.number == t.preset for t in tools.values())
