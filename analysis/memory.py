@@ -94,7 +94,7 @@ class Call:
     cost: LayerCost
     module: nn.Module | None
     node: torch.fx.Node
-    inputs_require_grad: tuple[bool, ...]  # per activation input
+    inputs_require_grad: tuple[bool, ...]  # per tensor operand, parameters included
     training: bool
 
     def shape(self) -> tuple[sp.Expr, ...]:
@@ -807,8 +807,10 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
             continue
         if node.op == "output":
             continue
-        inputs = [values[a.name] for a in arguments if a.name in values
-                  and values[a.name].storage is not None]
+        # every tensor operand, parameters included (no storage of their own to count, but
+        # whether they need a gradient decides what the other operands keep: conv(x) * gamma)
+        operands = [values[a.name] for a in arguments if a.name in values]
+        inputs = [value for value in operands if value.storage is not None]
         layer = layers.get(node.name)
         if layer is None:  # getitem on a tuple, size arithmetic: alias of its first input
             if inputs:
@@ -819,7 +821,7 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
         parameters = _call_parameters(node, module, graph_module)
         requires_grad = training and (any(v.requires_grad for v in inputs)
                                       or any(p.requires_grad for p in parameters))
-        call = Call(layer.cost, module, node, tuple(v.requires_grad for v in inputs), training)
+        call = Call(layer.cost, module, node, tuple(v.requires_grad for v in operands), training)
         op = (layer.cost.op or layer.kind).rstrip("_")
         contiguous = True
         if inputs and _aliases(call, op, inputs[0]):
@@ -837,7 +839,7 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
             row.update(saves=saved.describe() if requires_grad else "nothing (no gradient)",
                        rule=key, known=saved.known)
             total = sp.Integer(0)
-            held = [inputs[i].storage for i in saved.inputs if i < len(inputs)]
+            held = [operands[i].storage for i in saved.inputs if i < len(operands)]
             held += [storage] if saved.output else []
             shared = []
             for number in held:

@@ -27,6 +27,7 @@ from convtally.analysis.memory import (
     memory_table,
     peak_formula,
 )
+from torch import nn
 
 
 def channels(analysis) -> int:
@@ -116,6 +117,29 @@ def test_parameters_gradients_and_optimizer_state_match_a_real_step(optimizer):
     finally:
         for parameter in network.parameters():
             parameter.requires_grad_(True)
+
+
+class LayerScales(nn.Module):
+    """Parameters used directly in forward, on either side of a product (timm's layer scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((8, 1, 1), 0.5))
+        self.beta = nn.Parameter(torch.full((8, 1, 1), 2.0))
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x) * self.gamma)  # keeps the conv output for gamma's gradient
+        return self.beta * (x + 1)  # keeps x + 1 for beta's gradient
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_layer_scale_keeps_the_activation_for_its_parameter(frozen):
+    network = LayerScales()
+    network.gamma.requires_grad_(not frozen)
+    network.beta.requires_grad_(not frozen)
+    analysis = analyse(network)
+    assert_saved_matches_autograd(analysis, [(2, 32, 32), (3, 16, 24)], network=network)
 
 
 def test_frozen_network_saves_only_where_gradients_flow():
