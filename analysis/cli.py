@@ -307,7 +307,10 @@ def run_compare(args: argparse.Namespace) -> int:
         raise UsageError(
             "--figure plots square resolutions only (N, not HxW); drop --figure or the HxW values"
         )
-    frame = compare(args.model, resolutions, parse_settings(args.set), convention_from(args))
+    if args.batch < 1:
+        raise UsageError(f"--batch must be a positive integer, got {args.batch}; try 1 or 8")
+    frame = compare(args.model, resolutions, parse_settings(args.set), convention_from(args),
+                    memory_batch=args.batch)
     emit(render_comparison(frame, args.format), args.output)
     if args.figure is not None:
         from convtally.analysis.accounting import analyse
@@ -450,6 +453,9 @@ def build_parser(train: bool = True) -> argparse.ArgumentParser:
         metavar="STEM",
         help="also plot total connections vs resolution to STEM.png/.pdf",
     )
+    compare.add_argument("--batch", type=int, default=1, metavar="B",
+                         help="batch size of the memory columns (saved for backward, training "
+                         "and inference peaks; float32, SGD; default: 1)")
     compare.set_defaults(handler=run_compare)
 
     memory = commands.add_parser(

@@ -188,3 +188,14 @@ def test_runs_of_other_hyperparameters_are_not_attached(tmp_path):
     write_run(tmp_path, "poolupsample", 0.5)  # trained with NF=32
     frame = compare(["poolupsample"], [(32, 32)], {"NF": 8}, run_dirs=[tmp_path])
     assert list(frame["source"]) == ["formula"]  # no run, and no write-up row for NF=8
+
+
+def test_compare_cli_batch_sets_the_memory_columns(tmp_path, capsys):
+    out = tmp_path / "comparison.json"
+    assert main(["compare", "poolupsample", "--res", "32", "--batch", "8", "-o", str(out)]) == 0
+    row = json.loads(out.read_text())[0]
+    expected = compare(["poolupsample"], [(32, 32)], memory_batch=8, run_dirs=[tmp_path])
+    assert row["training peak B=8"] == int(expected.iloc[0]["training peak B=8"])
+    assert "training peak B=1" not in row
+    assert main(["compare", "poolupsample", "--batch", "0"]) == 2
+    assert "--batch must be a positive integer, got 0" in capsys.readouterr().err
