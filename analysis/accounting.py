@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from copy import copy
+from copy import copy, deepcopy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -512,6 +513,15 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
             f"{str(error).splitlines()[0] if str(error) else ''}); its forward needs "
             "data-independent control flow"
         ) from None
+    own = set(graph.nodes)
+    for node in graph.nodes:
+        stale = [argument for argument in node.all_input_nodes if argument not in own]
+        if stale:  # timm's EfficientFormer caches attention biases keyed by str(device)
+            raise ValueError(
+                f"cannot trace {type(model).__name__} with torch.fx again: {node.name} reads "
+                f"{stale[0].name} from an earlier trace (its forward keeps a traced value in "
+                "module state, a cache)"
+            )
     return torch.fx.GraphModule(model, graph)
 
 
@@ -553,16 +563,53 @@ def node_output_shapes(graph_module: torch.fx.GraphModule, x: torch.Tensor) -> d
             )
             return result
 
+        def call_module(self, target, args, kwargs):
+            module = self.fetch_attr(target)
+            if isinstance(module, nn.RNNBase) and _any_meta(args):
+                return _run_real(module, args, kwargs)
+            return super().call_module(target, args, kwargs)
+
     with torch.no_grad():
         Recorder(graph_module).run(x)
     return shapes
 
 
+def _any_meta(value: Any) -> bool:
+    found = []
+    _map(value, lambda v: found.append(isinstance(v, torch.Tensor) and v.is_meta))
+    return any(found)
+
+
+def _run_real(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Run a meta-device module on real zeros (uninitialised weights) and return meta outputs.
+
+    An RNN's meta kernel steps through the sequence in Python (minutes for a 94x94 feature
+    map read as 8,836 steps); its real kernel takes milliseconds, and only shapes are read.
+    """
+    real = deepcopy(module).to_empty(device="cpu")
+
+    def to_real(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return torch.zeros(value.shape, dtype=value.dtype)
+        return value
+
+    output = real(*_map(args, to_real), **_map(kwargs, to_real))
+    return _map(output, lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v)
+
+
+_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _concrete_shapes(graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...]):
-    # on the meta device when the network was built there: the same shapes, nothing computed
-    meta = any(p.is_meta for p in graph_module.parameters())
-    device = torch.device("meta") if meta else None
-    return node_output_shapes(graph_module, torch.zeros(input_shape, device=device))
+    # on the meta device when the network was built there: the same shapes, nothing computed;
+    # one run per graph and input size, however many layers without a rule ask for it
+    remembered = _SHAPES.setdefault(graph_module, {})
+    if input_shape not in remembered:
+        meta = any(p.is_meta for p in graph_module.parameters())
+        device = torch.device("meta") if meta else None
+        remembered[input_shape] = node_output_shapes(
+            graph_module, torch.zeros(input_shape, device=device))
+    return remembered[input_shape]
 
 
 def _unknown_output(
@@ -722,7 +769,7 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
     for rung, attempt in attempts:
         try:
             analysis = attempt()
-        except (ValueError, NotImplementedError, RuntimeError, TypeError) as error:
+        except (ValueError, NotImplementedError, RuntimeError, TypeError, KeyError) as error:
             first_error = first_error or error
             reasons.append(f"{rung}: {_first_line(error)}")
             continue
@@ -796,7 +843,19 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
             )
         except UnsupportedLayer as error:
             raise UnsupportedLayer(f"at {height}x{width}: {error}") from None
-    return concrete_analysis(prepared, graph_module, per_resolution, convention)
+    analysis = concrete_analysis(prepared, graph_module, per_resolution, convention)
+    if not analysis.complete:
+        # opaque functions in the fx graph (torchvision's shifted_window_attention) are ATen
+        # ops the export rung has rules for
+        from convtally.analysis.export_capture import analyse_exported_concrete
+
+        try:
+            exported = analyse_exported_concrete(prepared, convention, allow_unknown, resolutions)
+        except (ValueError, NotImplementedError, RuntimeError, TypeError, KeyError):
+            return analysis
+        if exported.complete:
+            return exported
+    return analysis
 
 
 def concrete_analysis(

@@ -167,3 +167,31 @@ def test_torch_symbolic_functions_become_exact_integer_forms():
     assert list(values) == [-(-h // 3) + w // 4 + h % 5 for h, w in ((7, 9), (8, 12), (30, 31))]
     with pytest.raises(UnsupportedLayer, match="Max"):
         sizes.convert(torch_functions.Max(s0, s1))
+
+
+class CachesATracedValue(nn.Module):
+    """Keeps a derived tensor in a dict keyed by str(device), as timm's EfficientFormer does;
+    under fx the key is a Proxy's name, so a second trace finds the first trace's node."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bias = nn.Parameter(torch.zeros(4))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return self.conv(x) + self.cache[key].view(1, -1, 1, 1)
+
+
+def test_a_second_trace_that_reads_the_first_ones_node_is_refused_not_a_crash():
+    from convtally.analysis.accounting import trace
+
+    network = CachesATracedValue()
+    trace(network)
+    with pytest.raises(ValueError, match="reads .* from an earlier trace"):
+        trace(network)
+    analysis = analyse(CachesATracedValue(), capture="auto", resolutions=[(32, 32)])
+    assert analysis.totals_at([(32, 32)])["weights"][0] == 4 * 3 * 9 + 4 + 4

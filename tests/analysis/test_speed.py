@@ -154,6 +154,32 @@ def test_a_layer_without_a_rule_is_shaped_on_meta_as_on_the_real_build(monkeypat
     assert not fast.complete
 
 
+class Recurrent(nn.Module):
+    """A conv feature map read as a sequence by an LSTM (one step per pixel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.lstm = nn.LSTM(4, 6, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(self.conv(x).flatten(2).transpose(1, 2))[0]
+
+
+def test_an_rnn_is_shaped_on_real_zeros_once_per_size(monkeypatch):
+    """A meta LSTM steps through 8,836 pixels in Python; the real kernel is run instead, once."""
+    meta = torch.fx.symbolic_trace(Recurrent().to("meta"))
+    real = torch.fx.symbolic_trace(Recurrent())
+    runs = []
+    monkeypatch.setattr(accounting, "node_output_shapes", lambda graph_module, x, run=(
+        accounting.node_output_shapes): runs.append(x.shape) or run(graph_module, x))
+    for _ in range(3):
+        shapes = accounting._concrete_shapes(meta, (1, 3, 96, 96))
+    assert runs == [torch.Size([1, 3, 96, 96])]
+    assert shapes == accounting.node_output_shapes(real, torch.zeros(1, 3, 96, 96))
+    assert shapes["lstm"] == ((1, 94 * 94, 6), ((1, 1, 6), (1, 1, 6)))
+
+
 def test_the_evaluator_compiles_each_distinct_formula_once():
     formulas = [H * W, sp.floor(H / 2) * W, H * W, sp.Integer(7), sp.floor(H / 2) * W]
     evaluator = accounting.IntegerEvaluator(formulas)
