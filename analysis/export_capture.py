@@ -135,7 +135,9 @@ UNARY_OPS = (
     "reciprocal", "square", "prelu", "celu", "selu", "log_sigmoid", "sign", "floor", "round",
 )
 BINARY_OPS = ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "pow", "maximum",
-              "minimum", "where", "rsub")
+              "minimum", "where", "rsub",
+              # comparisons (Swin's attention mask: mask != 0), one per output like where
+              "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or")
 ROUTING_OPS = (
     "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "flatten", "unflatten",
     "cat", "stack", "split", "split_with_sizes", "chunk", "unbind", "slice", "select",

@@ -195,3 +195,22 @@ def test_a_second_trace_that_reads_the_first_ones_node_is_refused_not_a_crash():
         trace(network)
     analysis = analyse(CachesATracedValue(), capture="auto", resolutions=[(32, 32)])
     assert analysis.totals_at([(32, 32)])["weights"][0] == 4 * 3 * 9 + 4 + 4
+
+
+def test_swin_counted_concretely_through_the_aten_rules_equals_fvcore_and_torch():
+    """fx sees torchvision's shifted_window_attention as one opaque function; the concrete
+    rung recounts such a graph through the export rung's ATen rules (the mask's != included)."""
+    from convtally.analysis import peers
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    def build():
+        return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 2], num_heads=[2, 2],
+                               window_size=[4, 4], num_classes=10).eval()
+
+    analysis = analyse(build(), convention=preset("fvcore"), capture="concrete",
+                       resolutions=[(64, 64)], allow_unknown=True)
+    assert analysis.capture == "concrete" and analysis.complete
+    x = torch.zeros(1, 3, 64, 64)
+    assert analysis.totals_at([(64, 64)])["connections"][0] == peers.run_fvcore(build(), x).total
+    torch_preset = analysis.with_convention(preset("torch")).totals_at([(64, 64)])
+    assert torch_preset["connections"][0] == peers.run_torch(build(), x).total
