@@ -57,15 +57,26 @@ def quiet(threads: int | None = 1) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_fvcore(network: nn.Module, x: torch.Tensor) -> ToolResult:
-    """Return fvcore's FlopCountAnalysis(network, x).total(), parameter_count and by_module."""
+def fvcore_counter(network: nn.Module, x: torch.Tensor):
+    """Return fvcore's FlopCountAnalysis(network, x), its warnings about ops and modules off.
+
+    Nothing is counted until it is asked (`.total()`, `.by_module()`).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore's import scripts a function with torch.jit
-        from fvcore.nn import FlopCountAnalysis, parameter_count
+        from fvcore.nn import FlopCountAnalysis
 
     counter = FlopCountAnalysis(network, x)
     counter.unsupported_ops_warnings(False)
     counter.uncalled_modules_warnings(False)
+    return counter
+
+
+def run_fvcore(network: nn.Module, x: torch.Tensor) -> ToolResult:
+    """Return fvcore's FlopCountAnalysis(network, x).total(), parameter_count and by_module."""
+    from fvcore.nn import parameter_count
+
+    counter = fvcore_counter(network, x)
     total = int(counter.total())
     per_module = {k: int(v) for k, v in counter.by_module().items() if k}
     return ToolResult(total, int(parameter_count(network)[""]), per_module)

@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from convtally.analysis import peers  # noqa: E402
 from convtally.analysis.accounting import analyse, answer_every_resolution  # noqa: E402
 from convtally.analysis.formatting import render  # noqa: E402
 from convtally.analysis.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -79,14 +80,9 @@ def analyse_at(model, side: int) -> dict[str, list[int]]:
 
 def fvcore_total(network, x) -> int:
     """Return fvcore's FlopCountAnalysis(network, x).total(), its warnings off."""
-    from fvcore.nn import FlopCountAnalysis
-
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        counter = FlopCountAnalysis(network, x)
-        counter.unsupported_ops_warnings(False)
-        counter.uncalled_modules_warnings(False)
-        return int(counter.total())
+        return int(peers.fvcore_counter(network, x).total())
 
 
 def timed(function) -> tuple[float, object]:
