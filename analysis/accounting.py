@@ -30,7 +30,7 @@ from convtally.analysis.hyperparameters import (
     hyperparameter_symbols,
 )
 from convtally.analysis.rules import BATCH, LayerCost, PlainValue, SymTensor, UnsupportedLayer
-from convtally.models.registry import ModelSpec, resolve
+from convtally.models.registry import ModelSpec, first_convolution_channels, resolve
 from torch import nn
 
 H = sp.Symbol("H", integer=True, positive=True)
@@ -697,6 +697,9 @@ def _prepare(model: str | ModelSpec | nn.Module, settings: Mapping[str, int] | N
         symbols = hyperparameter_symbols(spec)
         if isinstance(spec.input_channels, str):
             input_channels = symbols[spec.input_channels]
+        elif spec.input_channels is None:  # a user's module: as its first convolution takes
+            input_channels = sp.Integer(
+                first_convolution_channels(shapes if shapes is not None else built))
         else:
             input_channels = sp.Integer(spec.input_channels)
         return _Prepared(
@@ -715,7 +718,7 @@ def _prepare(model: str | ModelSpec | nn.Module, settings: Mapping[str, int] | N
         {},
         {},
         concrete_attributes(network),
-        sp.Integer(_guess_input_channels(network)),
+        sp.Integer(first_convolution_channels(network)),
         type(network).__name__,
     )
 
@@ -933,13 +936,6 @@ def _used_parameters(graph_module: torch.fx.GraphModule) -> list[nn.Parameter]:
             if isinstance(value, rules.ParameterTensor) and value.numel:
                 used.append(graph_module.get_parameter(node.target))
     return used
-
-
-def _guess_input_channels(network: nn.Module) -> int:
-    for module in network.modules():
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            return module.in_channels
-    return 3
 
 
 def _interpret(

@@ -62,7 +62,8 @@ class ModelSpec:
     name: str
     factory: Callable[..., nn.Module]
     hyperparameters: tuple[Hyperparameter, ...] = ()
-    input_channels: str | int = 3  # a hyperparameter symbol or a fixed count
+    input_channels: str | int | None = 3  # a hyperparameter symbol, a count, or None: read
+    # from the network (its first convolution's in_channels; a user's module may take 1)
     description: str = ""
     defaults_override: Mapping[str, int] = field(default_factory=dict)
 
@@ -131,9 +132,22 @@ class ModelSpec:
 
     def input_channel_count(self, settings: Mapping[str, int] | None = None) -> int:
         """Return the number of input channels at `settings`."""
+        if self.input_channels is None:
+            values = self.settings(settings)
+            network = self.build_meta(values)
+            return first_convolution_channels(network if network is not None
+                                              else self.build(values))
         if isinstance(self.input_channels, int):
             return self.input_channels
         return self.settings(settings)[self.input_channels]
+
+
+def first_convolution_channels(network: nn.Module, default: int = 3) -> int:
+    """Return the input channels of the network's first convolution (`default` without one)."""
+    for module in network.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
+            return module.in_channels
+    return default
 
 
 COLOURIZATION_HYPERPARAMETERS = (
@@ -279,7 +293,7 @@ def _callable_spec(reference: str) -> ModelSpec:
             raise ValueError(f"{reference}() returned {type(network).__name__}, not an nn.Module")
         return network
 
-    return ModelSpec(reference, build, (), 3, f"{reference}()")
+    return ModelSpec(reference, build, (), None, f"{reference}()")
 
 
 def user_error(error: BaseException) -> str:

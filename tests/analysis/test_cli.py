@@ -153,3 +153,19 @@ def test_factory_that_raises_is_one_line(capsys, monkeypatch, tmp_path):
     assert capsys.readouterr().err.strip() == (
         "convtally table: error: badnet:build() failed: RuntimeError: boom "
         f"({tmp_path / 'badnet.py'}, line 2)")
+
+
+def test_a_users_one_channel_network_verifies_without_flags(tmp_path, monkeypatch, capsys):
+    """The input channels of a user's module are its first convolution's, not always 3."""
+    (tmp_path / "grey.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["verify", "grey:build", "--res", "16", "20x24"]) == 0
+    assert "0 mismatch(es)" in capsys.readouterr().out
+    assert main(["table", "grey:build", "--res", "16", "--format", "json"]) == 0
+    first = json.loads(capsys.readouterr().out)["layers"][0]
+    assert first["weights"]["values"]["16"] == 4 * 1 * 9 + 4
+    assert first["connections"]["values"]["16"] == 4 * 14 * 14 * 1 * 9
