@@ -148,7 +148,7 @@ ROUTING_OPS = (
     "ones", "full", "arange", "empty", "movedim", "swapaxes", "clamp_max_", "copy_", "fill_",
     "channel_shuffle", "native_channel_shuffle", "dropout", "identity",
     "index", "gather", "index_put", "index_put_", "_unsafe_index", "scalar_tensor", "sym_size",
-    "new_empty", "new_full", "empty_like", "masked_fill_", "tril", "triu",
+    "new_empty", "new_full", "empty_like", "masked_fill_", "tril", "triu", "zero_", "zero",
 )
 
 # OpOverloadPacket name -> rule; the adapters reuse analysis.rules (the fx rung's rules)

@@ -197,15 +197,21 @@ def test_a_second_trace_that_reads_the_first_ones_node_is_refused_not_a_crash():
     assert analysis.totals_at([(32, 32)])["weights"][0] == 4 * 3 * 9 + 4 + 4
 
 
-def test_swin_counted_concretely_through_the_aten_rules_equals_fvcore_and_torch():
+@pytest.mark.parametrize("version", [1, 2])
+def test_swin_counted_concretely_through_the_aten_rules_equals_fvcore_and_torch(version):
     """fx sees torchvision's shifted_window_attention as one opaque function; the concrete
-    rung recounts such a graph through the export rung's ATen rules (the mask's != included)."""
+    rung recounts such a graph through the export rung's ATen rules (the mask's != and, in
+    v2, the in-place zero_ of the key bias included)."""
     from convtally.analysis import peers
-    from torchvision.models.swin_transformer import SwinTransformer
+    from torchvision.models import swin_transformer as swin
+
+    blocks = {} if version == 1 else {"block": swin.SwinTransformerBlockV2,
+                                      "downsample_layer": swin.PatchMergingV2}
 
     def build():
-        return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 2], num_heads=[2, 2],
-                               window_size=[4, 4], num_classes=10).eval()
+        return swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 2],
+                                    num_heads=[2, 2], window_size=[4, 4], num_classes=10,
+                                    **blocks).eval()
 
     analysis = analyse(build(), convention=preset("fvcore"), capture="concrete",
                        resolutions=[(64, 64)], allow_unknown=True)
