@@ -39,6 +39,11 @@ def missing_witnesses() -> list[str]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # two workers on two cores: one torch thread each instead of two each fighting
+        import torch
+
+        torch.set_num_threads(1)
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         missing = missing_witnesses()
         if missing:
