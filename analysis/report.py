@@ -98,7 +98,7 @@ def _build_report(out: Path, segmentation: bool) -> list[str]:
         ("verification", lambda: _verification(staging, index)),
     ]
     try:
-        for name, step in tqdm(steps, desc="convtally report", unit="step"):
+        for name, step in tqdm(steps, desc="convtally report", unit="step", disable=None):
             tqdm.write(f"  {name}")
             step()
         _swap_in(staging, out)
