@@ -837,6 +837,17 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
         from convtally.analysis.export_capture import analyse_exported_concrete
 
         return analyse_exported_concrete(prepared, convention, allow_unknown, resolutions)
+    from convtally.analysis.export_capture import analyse_exported_concrete
+
+    def through_aten() -> Analysis | None:
+        # opaque functions in the fx graph (torchvision's shifted_window_attention) are ATen
+        # ops the export rung has rules for: its count, when it is complete
+        try:
+            exported = analyse_exported_concrete(prepared, convention, allow_unknown, resolutions)
+        except (ValueError, NotImplementedError, RuntimeError, TypeError, KeyError):
+            return None
+        return exported if exported.complete else None
+
     per_resolution: dict[tuple[int, int], list[Layer]] = {}
     for height, width in resolutions:
         try:
@@ -845,19 +856,13 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
                 (sp.Integer(height), sp.Integer(width)),
             )
         except UnsupportedLayer as error:
+            exported = through_aten()
+            if exported is not None:
+                return exported
             raise UnsupportedLayer(f"at {height}x{width}: {error}") from None
     analysis = concrete_analysis(prepared, graph_module, per_resolution, convention)
     if not analysis.complete:
-        # opaque functions in the fx graph (torchvision's shifted_window_attention) are ATen
-        # ops the export rung has rules for
-        from convtally.analysis.export_capture import analyse_exported_concrete
-
-        try:
-            exported = analyse_exported_concrete(prepared, convention, allow_unknown, resolutions)
-        except (ValueError, NotImplementedError, RuntimeError, TypeError, KeyError):
-            return analysis
-        if exported.complete:
-            return exported
+        return through_aten() or analysis
     return analysis
 
 

@@ -197,8 +197,10 @@ def test_a_second_trace_that_reads_the_first_ones_node_is_refused_not_a_crash():
     assert analysis.totals_at([(32, 32)])["weights"][0] == 4 * 3 * 9 + 4 + 4
 
 
+@pytest.mark.parametrize("allow_unknown", [True, False])
 @pytest.mark.parametrize("version", [1, 2])
-def test_swin_counted_concretely_through_the_aten_rules_equals_fvcore_and_torch(version):
+def test_swin_counted_concretely_through_the_aten_rules_equals_fvcore_and_torch(
+        version, allow_unknown):
     """fx sees torchvision's shifted_window_attention as one opaque function; the concrete
     rung recounts such a graph through the export rung's ATen rules (the mask's != and, in
     v2, the in-place zero_ of the key bias included)."""
@@ -214,7 +216,7 @@ def test_swin_counted_concretely_through_the_aten_rules_equals_fvcore_and_torch(
                                     **blocks).eval()
 
     analysis = analyse(build(), convention=preset("fvcore"), capture="concrete",
-                       resolutions=[(64, 64)], allow_unknown=True)
+                       resolutions=[(64, 64)], allow_unknown=allow_unknown)
     assert analysis.capture == "concrete" and analysis.complete
     x = torch.zeros(1, 3, 64, 64)
     assert analysis.totals_at([(64, 64)])["connections"][0] == peers.run_fvcore(build(), x).total
