@@ -72,8 +72,9 @@ def model_and_side(entry: str) -> tuple[str, int]:
 def analyse_at(model, side: int) -> dict[str, list[int]]:
     """Return the totals of `model` at side x side, as `convtally table --res side` answers."""
     sizes = [(side, side)]
-    analysis = answer_every_resolution(
-        analyse(model), sizes, lambda: analyse(model, exact=True)
+    analysis = answer_every_resolution(  # sizes given, as the CLI gives --res: a model with a
+        analyse(model, resolutions=sizes), sizes,  # fixed input size (vit) is counted there
+        lambda: analyse(model, exact=True, resolutions=sizes),
     )
     return analysis.totals_at(sizes)
 
