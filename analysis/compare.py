@@ -282,18 +282,10 @@ def render_comparison(frame: pd.DataFrame, fmt: str) -> str:
 
 def _latex(shown: pd.DataFrame, numeric: list[str]) -> str:
     """Return a booktabs table (a longtable past LONGTABLE_ROWS rows), numbers right-aligned."""
-    from convtally.analysis.formatting import LONGTABLE_ROWS, _escape_latex
+    from convtally.analysis.formatting import _escape_latex, booktabs_latex
 
     escaped = shown.map(lambda v: _escape_latex(str(v)))
     escaped.columns = [_escape_latex(c) for c in shown.columns]
-    long = len(shown) > LONGTABLE_ROWS
-    body = escaped.style.hide(axis="index").to_latex(
-        hrules=True,
-        column_format="".join("r" if c in numeric else "l" for c in shown.columns),
-        caption="Architecture comparison: totals per resolution",
-        label="tab:comparison",
-        position=None if long else "htbp",
-        environment="longtable" if long else None,
-    )
-    packages = "booktabs, longtable" if long else "booktabs"
-    return f"% needs \\usepackage{{{packages}}}\n" + body
+    return booktabs_latex(escaped.style.hide(axis="index"), len(shown),
+                          [c in numeric for c in shown.columns],
+                          "Architecture comparison: totals per resolution", "tab:comparison")

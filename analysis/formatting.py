@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sympy as sp
 from convtally.analysis.accounting import QUANTITIES, Analysis, H, W
@@ -353,22 +353,29 @@ def render_latex(
         f"{analysis.model}: weights, outputs and connections per layer "
         f"({'; '.join(analysis.assumptions) or 'no assumptions'}; {analysis.convention.describe()})"
     )
-    long = len(frame) > LONGTABLE_ROWS
     label = "tab:costs-" + re.sub(r"[^A-Za-z0-9]+", "-", analysis.model).strip("-")
+    comments = header_lines(analysis, resolutions)
+    return booktabs_latex(styler, len(frame), [c in numeric for c in frame.columns], caption,
+                          label, comments, multicol_align="c")
+
+
+def booktabs_latex(styler: Any, rows: int, numeric: Sequence[bool], caption: str, label: str,
+                   comments: Sequence[str] = (), **options: Any) -> str:
+    """Return a pandas Styler as a booktabs table: numeric columns right-aligned, a caption and
+    a label, a longtable past LONGTABLE_ROWS rows, and the packages it needs in a comment."""
+    long = rows > LONGTABLE_ROWS
     body = styler.to_latex(
         hrules=True,
-        column_format="".join("r" if c in numeric else "l" for c in frame.columns),
+        column_format="".join("r" if right else "l" for right in numeric),
         caption=caption,
         label=label,
-        multicol_align="c",
         position=None if long else "htbp",
         environment="longtable" if long else None,
+        **options,
     )
     packages = "booktabs, longtable" if long else "booktabs"
-    return (
-        f"% needs \\usepackage{{{packages}}}\n% "
-        + "\n% ".join(header_lines(analysis, resolutions)) + "\n" + body
-    )
+    return "".join(f"% {line}\n" for line in
+                   [f"needs \\usepackage{{{packages}}}", *comments]) + body
 
 
 def _escape_latex(text: str) -> str:
