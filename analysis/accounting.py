@@ -15,7 +15,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from copy import copy, deepcopy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from convtally.analysis.hyperparameters import (
     hyperparameter_symbols,
 )
 from convtally.analysis.rules import BATCH, LayerCost, PlainValue, SymTensor, UnsupportedLayer
-from convtally.models.registry import ModelSpec, first_convolution_channels, resolve
+from convtally.models.registry import ModelSpec, declared_input_channels, resolve
 from torch import nn
 
 H = sp.Symbol("H", integer=True, positive=True)
@@ -505,8 +505,10 @@ class _Tracer(torch.fx.Tracer):
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """Return `model` traced into a GraphModule whose leaves are the modules the rules know."""
+    optional = rules.optional_function_rules()
+    rules.FUNCTION_RULES.update(optional)
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer(autowrap_functions=tuple(optional)).trace(model)
     except Exception as error:  # torch.fx raises many types for untraceable code
         raise ValueError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(error).__name__}: "
@@ -699,7 +701,7 @@ def _prepare(model: str | ModelSpec | nn.Module, settings: Mapping[str, int] | N
             input_channels = symbols[spec.input_channels]
         elif spec.input_channels is None:  # a user's module: as its first convolution takes
             input_channels = sp.Integer(
-                first_convolution_channels(shapes if shapes is not None else built))
+                declared_input_channels(shapes if shapes is not None else built))
         else:
             input_channels = sp.Integer(spec.input_channels)
         return _Prepared(
@@ -718,7 +720,7 @@ def _prepare(model: str | ModelSpec | nn.Module, settings: Mapping[str, int] | N
         {},
         {},
         concrete_attributes(network),
-        sp.Integer(first_convolution_channels(network)),
+        sp.Integer(declared_input_channels(network)),
         type(network).__name__,
     )
 
@@ -887,6 +889,41 @@ def concrete_analysis(
     return analysis
 
 
+def _count_at_batch_one(layers: list[Layer]) -> list[str]:
+    """Put B = 1 into rows whose per-example cost depends on the batch size (an op that mixes
+    examples, e.g. timm csatv2's q @ k.T over the batch); return the note that says so."""
+    def has_batch(layer: Layer) -> bool:
+        values = (layer.weights, layer.outputs, layer.connections, *layer.output_shape)
+        return any(isinstance(v, sp.Basic) and v.has(BATCH) for v in values)
+
+    def at_one(value: Any) -> Any:
+        if isinstance(value, sp.Basic):
+            return value.xreplace({BATCH: sp.Integer(1)})
+        if isinstance(value, SymTensor):  # the batch dimension itself stays B
+            return replace(value, shape=(value.shape[0], *map(at_one, value.shape[1:])))
+        if isinstance(value, (tuple, list)):
+            return type(value)(at_one(v) for v in value)
+        return value
+
+    mixing = [layer for layer in layers if has_batch(layer)]
+    for layer in mixing:
+        layer.weights, layer.outputs, layer.connections, layer.output_shape = (
+            at_one(sp.sympify(layer.weights)), at_one(sp.sympify(layer.outputs)),
+            at_one(sp.sympify(layer.connections)), at_one(layer.output_shape),
+        )
+        layer.cost = replace(layer.cost, **{
+            f.name: at_one(getattr(layer.cost, f.name)) for f in fields(layer.cost)
+            if f.name not in ("kind", "op", "via", "affine")
+        })
+    if not mixing:
+        return []
+    more = f" and {len(mixing) - 1} more rows" if len(mixing) > 1 else ""
+    return [
+        f"{mixing[0].name}{more} mix examples across the batch (their cost per example grows "
+        "with the batch size): counted at batch size 1"
+    ]
+
+
 def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
             used_targets: set[str] | None = None, shapes: bool = False) -> Analysis:
     """Return the Analysis of `layers`; `shapes`: they were counted from `prepared.shapes`."""
@@ -899,7 +936,9 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
     unused = [p for p in network.parameters() if id(p) not in used]
     unused_weights = sum(p.numel() for p in unused)
     unused_trainable = sum(p.numel() for p in unused if p.requires_grad)
+    batch_note = _count_at_batch_one(layers)
     divisor, assumptions = _apply_divisibility(layers, exact)
+    assumptions += batch_note
     if unused_weights:
         assumptions.append(_unused_note(unused_weights, convention.unused_weights))
     if any(not layer.known for layer in layers):

@@ -152,6 +152,12 @@ FVCORE_RULES = _table(
             inputs=1,
             affine_inputs=1,
         ),
+        "batch_norm_training": count(
+            FVCORE + "jit_handles.py batchnorm_flop_jit (training): norm_flop_counter(1), 4 per "
+            "input, 5 when affine",
+            inputs=4,
+            affine_inputs=1,
+        ),
         "group_norm": count(
             FVCORE + "jit_handles.py norm_flop_counter: 4 per input, 5 when affine",
             inputs=4,

@@ -113,7 +113,11 @@ def _mean(x: SymTensor, dim: Any = None, keepdim: bool = False, *args, **kwargs)
 
 
 def _batch_norm(x, weight, bias, *args, **kwargs) -> LayerCost:
-    return LayerCost("norm", SymTensor(x.shape), connections=x.per_example, op="batch_norm",
+    # the first bool after bias is `training` (batch_norm, _native_batch_norm_legit[.no_stats]);
+    # _native_batch_norm_legit_no_training has none
+    training = next((a for a in args if isinstance(a, bool)), False)
+    return LayerCost("norm", SymTensor(x.shape), connections=x.per_example,
+                     op="batch_norm_training" if training else "batch_norm",
                      affine=weight is not None)
 
 
@@ -141,7 +145,7 @@ BINARY_OPS = ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "pow",
 ROUTING_OPS = (
     "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "flatten", "unflatten",
     "cat", "stack", "split", "split_with_sizes", "chunk", "unbind", "slice", "select",
-    "unsqueeze", "squeeze", "expand", "expand_as", "clone", "contiguous", "alias", "detach",
+    "unsqueeze", "squeeze", "expand", "expand_as", "view_as", "reshape_as", "clone", "contiguous", "alias", "detach",
     "_to_copy", "to", "pad", "constant_pad_nd", "roll", "flip", "pixel_shuffle",
     "pixel_unshuffle", "repeat", "lift_fresh_copy", "zeros_like", "ones_like", "full_like",
     "narrow", "index_select", "masked_fill", "type_as", "new_zeros", "new_ones", "zeros",
@@ -180,6 +184,8 @@ ATEN_RULES: dict[str, Callable[..., LayerCost]] = {
     "instance_norm": _norm("instance_norm", 0),
     "batch_norm": _batch_norm,
     "_native_batch_norm_legit_no_training": _batch_norm,
+    "_native_batch_norm_legit": _batch_norm,
+    "_native_batch_norm_legit_functional": _batch_norm,
     "max_pool2d": _max_pool,
     "avg_pool2d": _avg_pool,
     "adaptive_avg_pool2d": _adaptive("adaptive_avg_pool2d"),
@@ -191,6 +197,8 @@ ATEN_RULES: dict[str, Callable[..., LayerCost]] = {
     "upsample_bilinear2d": _upsample("bilinear"),
     "upsample_bicubic2d": _upsample("bicubic"),
     "glu": rules.glu,
+    "addcmul": rules.addcmul,
+    "addcdiv": rules.addcmul,
     "linalg_vector_norm": _vector_norm,
     "norm": _vector_norm,
     "dropout": _dropout,

@@ -37,6 +37,7 @@ import pandas as pd
 import sympy as sp
 import torch
 import torch.fx
+import torch.nn.functional as F
 from convtally.analysis.rules import BATCH, LayerCost, SymTensor
 from torch import nn
 
@@ -122,6 +123,16 @@ class Call:
 Rule = Callable[[Call], Saved]
 
 
+def _batch_values(cost: LayerCost) -> sp.Expr:
+    """Return the values of a call's output for the whole batch: B per example, but once for a
+    tensor computed from parameters alone (timm's standardised convolution weights)."""
+    output = cost.output
+    tensors = [output] if isinstance(output, SymTensor) else [
+        t for t in output or () if isinstance(t, SymTensor)]
+    return sp.Add(*(sp.Mul(*t.shape) if sp.Mul(*t.shape).has(BATCH) else t.per_example
+                    for t in tensors))
+
+
 def saves(*inputs: int, output: bool = False, source: str = "") -> Rule:
     """Return a rule that saves the given inputs and/or the output, nothing new."""
 
@@ -142,7 +153,9 @@ def batch_norm(call: Call) -> Saved:
     if not call.training:
         return Saved((0,), source=DERIVATIVES + " native_batch_norm (eval: input only)")
     stats = NewTensor("2 x C stats (save_mean, save_invstd)", 2 * channels)
-    return Saved((0,), new=(stats,), source=DERIVATIVES + " native_batch_norm / "
+    # operand 1 is a computed weight when called functionally (timm's weight standardisation
+    # scales by gain * scale); a parameter or running statistic has no storage of its own here
+    return Saved((0, 1), new=(stats,), source=DERIVATIVES + " native_batch_norm / "
                  "_batch_norm_with_update: input, weight, running stats, save_mean, save_invstd")
 
 
@@ -230,7 +243,9 @@ def convolution(call: Call) -> Saved:
                                * math.prod(sizes))
             return Saved(new=(padded,), source="aten/src/ATen/native/Convolution.cpp "
                          "_convolution_mode: asymmetric 'same' padding pads the input first")
-    return Saved((0,), source=DERIVATIVES + " convolution: input, weight")
+    # the weight is saved too: a parameter's is counted as a parameter, a computed one (timm's
+    # weight standardisation) is a tensor of its own
+    return Saved((0, 1), source=DERIVATIVES + " convolution: input, weight")
 
 
 def linear(call: Call) -> Saved:
@@ -272,6 +287,7 @@ SAVED_RULES: Mapping[str, Rule] = {
     "conv": convolution,
     "linear": linear,
     "batch_norm": batch_norm,
+    "batch_norm_training": batch_norm,
     "group_norm": group_norm,
     "layer_norm": layer_norm,
     "max_pool2d": max_pool,
@@ -829,8 +845,10 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
             contiguous = inputs[0].contiguous and op not in STRIDED_OPS
             if op in ("chunk", "split", "unbind", "getitem"):
                 contiguous = False
+        elif not inputs and operands and (op in VIEW_OPS or layer.cost.op in VIEW_OPS):
+            storage = None  # a view of a parameter: the parameter's memory
         else:
-            storage = new_storage(BATCH * layer.cost.outputs * size, index, layer.name)
+            storage = new_storage(_batch_values(layer.cost) * size, index, layer.name)
         values[node.name] = _Value(storage, requires_grad, contiguous)
         row: dict[str, Any] = {}
         if training:
@@ -861,7 +879,10 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
             gradients = layer.cost.outputs + first
             if layer.kind == "conv":
                 gradients += _blocked_copies(module, layer.cost.outputs, first)
-            row["transient"] = (BATCH * gradients * size if requires_grad else sp.Integer(0))
+            # a tensor computed from parameters alone (no batch dimension): its gradient once
+            batched = _batch_values(layer.cost).has(BATCH) or not layer.cost.outputs
+            row["transient"] = ((BATCH if batched else 1) * gradients * size if requires_grad
+                                else sp.Integer(0))
         workspace = saved_rule(layer.cost, WORKSPACE_RULES)[1](call, size)
         row["workspace"] = sp.sympify(workspace) if _allocates(call, op, inputs) else 0
         rows[node.name] = row
@@ -1215,6 +1236,33 @@ def _tensor_pointers(network: nn.Module) -> set[int]:
             for t in [*network.parameters(), *network.buffers()]}
 
 
+def _training_arguments() -> dict[Any, int]:
+    functions = {F.batch_norm: 5, F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2,
+                 F.alpha_dropout: 2, F.feature_alpha_dropout: 2}
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return functions
+    return {**functions, stochastic_depth: 3}
+
+
+def _in_training(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """Return a copy of an eval-mode trace whose functional calls train: a module's forward
+    that passes `self.training` on (timm's BatchNormAct2d, torchvision's StochasticDepth) was
+    traced with training=False, which the network in training mode would not pass."""
+    copied = copy.deepcopy(graph)
+    positions = _training_arguments()
+    for node in copied.nodes:
+        position = positions.get(node.target) if node.op == "call_function" else None
+        if position is None:
+            continue
+        if node.kwargs.get("training") is False:
+            node.kwargs = {**node.kwargs, "training": True}
+        elif len(node.args) > position and node.args[position] is False:
+            node.args = (*node.args[:position], True, *node.args[position + 1:])
+    return copied
+
+
 def measure_saved(network: nn.Module, x: torch.Tensor, per_node: bool = False,
                   graph: torch.fx.Graph | None = None) -> tuple[int, dict[str, int]]:
     """Return (total, node name -> bytes) autograd saves in one training-mode forward pass.
@@ -1255,7 +1303,8 @@ def measure_saved(network: nn.Module, x: torch.Tensor, per_node: bool = False,
             if not per_node:
                 output = network(x)
             else:
-                module = trace(network) if graph is None else torch.fx.GraphModule(network, graph)
+                module = (trace(network) if graph is None
+                          else torch.fx.GraphModule(network, _in_training(graph)))
                 output = Runner(module).run(x)
         del output
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -685,6 +686,18 @@ def binary_elementwise(a: Any, b: Any, *args, **kwargs) -> LayerCost | PlainValu
     return LayerCost("elementwise", output, connections=output.per_example)
 
 
+def addcmul(x: Any, tensor1: Any, tensor2: Any, *args, **kwargs) -> LayerCost:
+    """torch.addcmul / addcdiv (x + value * t1 * t2): 1 connection per tensor operand per output."""
+    tensors = [v for v in (x, tensor1, tensor2) if isinstance(v, SymTensor)]
+    shape, requires = tensors[0].shape, ()
+    for tensor in tensors[1:]:
+        shape, more = _broadcast(shape, tensor.shape)
+        requires += more
+    output = SymTensor(shape)
+    return LayerCost("elementwise", output, connections=len(tensors) * output.per_example,
+                     requires=requires)
+
+
 def unary_elementwise(x: SymTensor, *args, **kwargs) -> LayerCost:
     """F.relu, torch.sigmoid, ...: 1 connection per output."""
     return LayerCost("activation", SymTensor(x.shape), connections=x.per_example)
@@ -755,6 +768,12 @@ def mean(x: SymTensor, dim=None, keepdim: bool = False, **kwargs) -> LayerCost:
     return LayerCost("adaptive_pool", SymTensor(tuple(shape)), connections=x.per_example)
 
 
+def vector_norm(x: SymTensor, p: Any = 2, dim: Any = None, keepdim: bool = False, *args,
+                **kwargs) -> LayerCost:
+    """Tensor.norm / torch.linalg.vector_norm over dims: 1 connection per input value."""
+    return replace(mean(x, dim, keepdim), kind="norm", op="vector_norm")
+
+
 def functional_adaptive_avg_pool2d(
     x: SymTensor, output_size: Any, return_indices: bool = False
 ) -> LayerCost:
@@ -789,6 +808,16 @@ def getitem(container: Any, index: Any) -> LayerCost | PlainValue:
         at = next(i for i, item in enumerate(index) if item is Ellipsis)
         taken = sum(item is not None for item in index) - 1
         index = (*index[:at], *[slice(None)] * (len(container.shape) - taken), *index[at + 1 :])
+    if any(isinstance(item, list) for item in index):  # x[:, [0, 8, 1]]: a list of positions
+        for item in index:
+            if isinstance(item, list) and not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in item
+            ):
+                raise UnsupportedLayer(f"indexing with a list of non-integers ({item[:8]})")
+        listed = {i for i, item in enumerate(index) if isinstance(item, list)}
+        index = tuple(SymTensor((sp.Integer(len(item)),)) if isinstance(item, list) else item
+                      for item in index)
+        return _advanced_getitem(container, index, not_masks=listed)
     if any(isinstance(item, SymTensor) for item in index):
         return _advanced_getitem(container, index)
     if any(item is None for item in index):  # x[:, None]: a new dimension of 1
@@ -819,7 +848,8 @@ def getitem(container: Any, index: Any) -> LayerCost | PlainValue:
     return LayerCost("routing", SymTensor(tuple(shape)))
 
 
-def _advanced_getitem(container: SymTensor, index: tuple) -> LayerCost:
+def _advanced_getitem(container: SymTensor, index: tuple, not_masks: set[int] = frozenset()
+                      ) -> LayerCost:
     """x[idx], x[:, idx] with integer index tensors (a relative-position bias table read through
     its index buffer): a gather, no arithmetic. The indexed dimensions are replaced by the index
     shape, in place when the tensor (and int) indices are adjacent, else in front (PyTorch's
@@ -837,7 +867,7 @@ def _advanced_getitem(container: SymTensor, index: tuple) -> LayerCost:
     advanced = [i for i, item in enumerate(index)
                 if isinstance(item, SymTensor) or isinstance(item, int)]
     for position, item in enumerate(index):
-        if isinstance(item, SymTensor):
+        if isinstance(item, SymTensor) and position not in not_masks:
             indexed = tuple(container.shape[position : position + len(item.shape)])
             if len(item.shape) == len(indexed) and all(
                 sp.simplify(a - b) == 0 for a, b in zip(item.shape, indexed, strict=True)
@@ -972,6 +1002,47 @@ def pad(x: SymTensor, pad: Sequence[int], mode: str = "constant", value: Any = N
     return LayerCost("routing", SymTensor(tuple(shape)), op="pad")
 
 
+def same_padding(x: SymTensor, kernel_size: Any, stride: Any, dilation: Any = (1, 1),
+                 value: Any = 0) -> LayerCost:
+    """timm's pad_same (TensorFlow 'SAME'): pads H by max((ceil(H/s) - 1) s + (K - 1) d + 1 - H, 0)
+    so that a stride-s window then gives ceil(H/s); routing only."""
+    shape = list(x.shape)
+    for axis, k, s, d in zip((-2, -1), _pair(kernel_size), _pair(stride), _pair(dilation)):
+        size = sp.sympify(shape[axis])
+        reach = (k - 1) * d + 1
+        padding = (sp.ceiling(size / s) - 1) * s + reach - size
+        if size.is_Integer:
+            shape[axis] = size + max(int(padding), 0)
+        elif reach >= s:  # the padding is never negative
+            shape[axis] = sp.expand(size + padding)
+        elif reach == 1:  # a 1x1 window: never padded
+            shape[axis] = size
+        else:
+            raise UnsupportedLayer(
+                f"'SAME' padding of a {k}-wide window (dilation {d}) with stride {s} pads by "
+                f"max({padding}, 0), which has no closed form here; use --capture concrete"
+            )
+    return LayerCost("routing", SymTensor(tuple(shape)), op="pad_same")
+
+
+# functions of optional libraries, by import path (the library need not be installed); the
+# tracer keeps them as one call (their Python branches on sizes) and counts them with the rule
+OPTIONAL_FUNCTIONS: dict[str, Callable[..., LayerCost]] = {
+    "timm.layers.padding.pad_same": same_padding,
+}
+
+
+def optional_function_rules() -> dict[Any, Callable[..., LayerCost]]:
+    """Return {function: rule} for the OPTIONAL_FUNCTIONS whose library is already imported."""
+    found = {}
+    for path, rule in OPTIONAL_FUNCTIONS.items():
+        module_name, _, name = path.rpartition(".")
+        function = getattr(sys.modules.get(module_name), name, None)
+        if function is not None:
+            found[function] = rule
+    return found
+
+
 def same_shape_routing(x: SymTensor, *args, **kwargs) -> LayerCost:
     """roll, flip, dtype/device casts, contiguous: routing only, shape unchanged."""
     return LayerCost("routing", SymTensor(x.shape))
@@ -1004,7 +1075,7 @@ def expand(x: SymTensor, *sizes) -> LayerCost:
 
 
 def expand_as(x: SymTensor, other: SymTensor) -> LayerCost:
-    """Tensor.expand_as: routing only."""
+    """Tensor.expand_as, view_as, reshape_as: routing only, the other tensor's shape."""
     return LayerCost("routing", SymTensor(other.shape))
 
 
@@ -1211,7 +1282,12 @@ def functional_norm(op: str, affine_index: int) -> Callable[..., LayerCost]:
         names = {"layer_norm": "weight", "group_norm": "weight", "rms_norm": "weight",
                  "batch_norm": "weight", "instance_norm": "weight"}
         weight = args[affine_index - 1] if len(args) >= affine_index else kwargs.get(names[op])
-        return LayerCost("norm", SymTensor(x.shape), connections=x.per_example, op=op,
+        name = op
+        if op == "batch_norm":  # (input, running_mean, running_var, weight, bias, training, ...)
+            training = args[4] if len(args) >= 5 else kwargs.get("training", False)
+            if training is True:  # batch statistics, e.g. timm's weight standardisation
+                name = "batch_norm_training"
+        return LayerCost("norm", SymTensor(x.shape), connections=x.per_example, op=name,
                          affine=weight is not None)
 
     rule.__doc__ = f"F.{op}: 1 connection per output (its parameters go to this row)."
@@ -1402,6 +1478,8 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     "squeeze": squeeze,
     "expand": expand,
     "expand_as": expand_as,
+    "view_as": expand_as,
+    "reshape_as": expand_as,
     "repeat": repeat,
     torch.stack: stack,
     "unflatten": unflatten,
@@ -1441,6 +1519,13 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     torch.chunk: chunk,
     "mean": mean,
     torch.mean: mean,
+    "norm": vector_norm,
+    torch.addcmul: addcmul,
+    "addcmul": addcmul,
+    torch.addcdiv: addcmul,
+    "addcdiv": addcmul,
+    torch.norm: vector_norm,
+    torch.linalg.vector_norm: vector_norm,
     F.interpolate: interpolate,
     F.adaptive_avg_pool2d: functional_adaptive_avg_pool2d,
     F.adaptive_max_pool2d: functional_adaptive_avg_pool2d,
@@ -1484,8 +1569,12 @@ def module_via(module: nn.Module) -> str:
 
 
 def module_rule(module: nn.Module) -> Callable[..., LayerCost] | None:
-    """Return the rule for `module`'s type (or its nearest registered base class), or None."""
+    """Return the rule for `module`'s type (or its nearest registered base class), or None.
+
+    A subclass that overrides forward gets None: it computes what its own forward says (timm's
+    BatchNormAct2d adds an activation, Conv2dSame pads by the input size), so it is traced into.
+    """
     for cls in type(module).__mro__:
         if cls in MODULE_RULES:
-            return MODULE_RULES[cls]
+            return MODULE_RULES[cls] if type(module).forward is cls.forward else None
     return None

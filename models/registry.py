@@ -135,15 +135,19 @@ class ModelSpec:
         if self.input_channels is None:
             values = self.settings(settings)
             network = self.build_meta(values)
-            return first_convolution_channels(network if network is not None
-                                              else self.build(values))
+            return declared_input_channels(network if network is not None
+                                           else self.build(values))
         if isinstance(self.input_channels, int):
             return self.input_channels
         return self.settings(settings)[self.input_channels]
 
 
-def first_convolution_channels(network: nn.Module, default: int = 3) -> int:
-    """Return the input channels of the network's first convolution (`default` without one)."""
+def declared_input_channels(network: nn.Module, default: int = 3) -> int:
+    """Return the input channels the network declares (timm's pretrained_cfg input_size), else
+    its first convolution's (csatv2's first conv reads 64 DCT planes), else `default`."""
+    config = getattr(network, "pretrained_cfg", None)
+    if isinstance(config, dict) and config.get("input_size"):
+        return int(config["input_size"][0])
     for module in network.modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
             return module.in_channels

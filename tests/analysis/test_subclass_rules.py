@@ -1,0 +1,233 @@
+"""Subclasses that override forward, timm's 'SAME' padding and weight standardisation, list
+indexing, norms and addcmul, batch-mixing ops: each checked against the running network and
+the tools (the cases that kept timm's nfnet, nasnet, pnasnet, csatv2 and every BatchNormAct2d
+model from being counted exactly)."""
+
+from __future__ import annotations
+
+import pytest
+import sympy as sp
+import torch
+import torch.nn.functional as F
+from convtally.analysis import rules
+from convtally.analysis.accounting import H, analyse
+from convtally.analysis.memory import measure_saved
+from convtally.analysis.rules import BATCH, SymTensor, UnsupportedLayer
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from tests.analysis.test_accounting import assert_matches_running_network
+from tests.analysis.test_conventions import preset_problems, tool_results
+from tests.analysis.test_memory import assert_saved_matches_autograd
+
+
+class BatchNormRelu(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: a BatchNorm2d whose forward adds an activation."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+class PlainConv(nn.Conv2d):
+    """A subclass that keeps Conv2d's forward: Conv2d's rule still applies."""
+
+
+class NormActNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = PlainConv(3, 8, 3, padding=1)
+        self.norm = BatchNormRelu(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+
+def test_a_subclass_that_overrides_forward_is_traced_into():
+    """Its activation is a row (a leaf with BatchNorm2d's rule lost it), its counts are the
+    running network's; a subclass that keeps forward stays one row with the base's rule."""
+    network = NormActNet().eval()
+    analysis = analyse(network)
+    names = [layer.name for layer in analysis.layers]
+    assert "conv" in names and "norm.act" in names and "norm.batch_norm" in names
+    assert_matches_running_network(analysis, network, 3, [(16, 16), (20, 24)])
+    assert next(layer for layer in analysis.layers if layer.name == "conv").type == "PlainConv"
+    values = analysis.totals_at([(16, 16)])
+    assert values["outputs"][0] == 8 * 16 * 16 * 3 + 8 + 4  # conv, batch_norm, relu, mean, head
+
+
+def test_overriding_subclasses_save_what_autograd_saves_in_training():
+    """The eval-mode trace passes training=False to F.batch_norm; the memory check trains."""
+    assert_saved_matches_autograd(analyse(NormActNet().eval()), [(2, 16, 16), (3, 20, 24)])
+
+
+class DepthNet(nn.Module):
+    """torchvision's StochasticDepth passes self.training on: frozen False in an eval trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.drop = StochasticDepth(0.5, "row")
+
+    def forward(self, x):
+        return x.mean(1, keepdim=True) + self.drop(self.conv(x))
+
+
+def test_the_memory_check_runs_the_analysis_graph_in_training():
+    analysis = analyse(DepthNet().eval())
+    x = torch.randn(2, 3, 16, 16)
+    plain, _ = measure_saved(analysis.network, x)
+    torch.manual_seed(0)
+    total, per_node = measure_saved(analysis.network, x, per_node=True,
+                                    graph=analysis.graph_module.graph)
+    assert total == plain
+    assert per_node["stochastic_depth"] == 2 * 4  # the noise, one float per example
+
+
+# --- timm's 'SAME' padding and weight standardisation --------------------------------------
+
+timm_layers = pytest.importorskip("timm.layers")
+pool2d_same = pytest.importorskip("timm.layers.pool2d_same")
+
+
+class SameNet(nn.Module):
+    """TensorFlow-style 'SAME' convolutions and pools, and a standardised convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = timm_layers.Conv2dSame(3, 8, 3, stride=2)
+        self.pool = pool2d_same.MaxPool2dSame(3, stride=2)
+        self.average = pool2d_same.AvgPool2dSame(3, stride=2)
+        self.standardised = timm_layers.ScaledStdConv2dSame(8, 16, 5, stride=2)
+        self.one = timm_layers.Conv2dSame(16, 16, 1, stride=2)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.average(self.pool(self.conv(x)))
+        return self.head(self.one(self.standardised(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (67, 61), (96, 75)])
+def test_same_padding_is_exact_at_odd_and_even_sizes(size):
+    network = SameNet().eval()
+    analysis = analyse(network, capture="fx", exact=True)
+    assert analysis.capture == "fx" and analysis.symbolic
+    assert_matches_running_network(analysis, network, 3, [size])
+    theirs = tool_results(lambda: SameNet(), 3, *size, tools=("fvcore", "torch"))
+    assert preset_problems(analysis, theirs, *size) == []
+
+
+def test_same_padding_output_is_ceil_of_size_over_stride():
+    x = SymTensor((BATCH, sp.Integer(3), H, H))
+    padded = rules.same_padding(x, (3, 3), (2, 2)).output.shape[-1]
+    for size in range(5, 40):
+        expected = torch.nn.functional.pad(torch.zeros(1, 1, size, size),
+                                           timm_layers.padding.pad_same_arg(
+                                               [size, size], [3, 3], [2, 2])).shape[-1]
+        assert padded.subs(H, size) == expected
+    assert rules.same_padding(x, (1, 1), (2, 2)).output.shape[-1] == H
+    at_nine = rules.same_padding(SymTensor((BATCH, 3, sp.Integer(9), sp.Integer(9))), 2, 4)
+    assert at_nine.output.shape[-2:] == (10, 10)  # max((3 - 1) * 4 + 2 - 9, 0) = 1
+
+
+def test_same_padding_without_a_closed_form_is_refused_in_one_line():
+    x = SymTensor((BATCH, sp.Integer(3), H, H))
+    with pytest.raises(UnsupportedLayer, match=r"2-wide window .* stride 4 .*--capture concrete"):
+        rules.same_padding(x, 2, 4)
+
+
+def test_weight_standardisation_counts_as_fvcore_and_saves_its_weight_once():
+    """fvcore counts batch_norm in training (the weight's statistics) at 5 per value; autograd
+    keeps the standardised weight once, whatever the batch."""
+    network = SameNet().eval()
+    analysis = analyse(network, exact=True)
+    row = next(layer for layer in analysis.layers if layer.name == "standardised.batch_norm")
+    assert row.cost.op == "batch_norm_training"
+    assert_saved_matches_autograd(analysis, [(2, 64, 64), (3, 67, 61)])
+
+
+# --- indexing with a list, norms, addcmul, batch mixing, declared input channels -----------
+
+
+class GatherNormNet(nn.Module):
+    """csatv2's zigzag gather (x[:, :, list]), ConvNeXt-V2's global response norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 2, stride=2)
+        self.order = [3, 0, 2, 1]
+        self.gamma = nn.Parameter(torch.zeros(1, 16, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, 16, 1, 1))
+        self.head = nn.Linear(16 * 4, 4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        norm = x.norm(p=2, dim=(2, 3), keepdim=True)
+        x = torch.addcmul(self.beta, self.gamma, x * (norm / (norm.mean(1, keepdim=True) + 1e-6)))
+        pooled = F.adaptive_avg_pool2d(x, 2).flatten(2)[:, :, self.order]
+        return self.head(pooled.flatten(1))
+
+
+def test_list_indexing_norms_and_addcmul_match_the_running_network_and_tools():
+    network = GatherNormNet().eval()
+    analysis = analyse(network)
+    assert_matches_running_network(analysis, network, 3, [(16, 16), (24, 20)])
+    names = {layer.name: layer for layer in analysis.layers}
+    assert names["getitem"].output_shape == (16, 4)
+    assert names["norm"].cost.op == "vector_norm"
+    assert sp.expand(names["addcmul"].connections - 3 * 16 * names["conv"].outputs / 16) == 0
+    theirs = tool_results(lambda: GatherNormNet(), 3, 16, 24, tools=("fvcore", "torch"))
+    assert preset_problems(analysis, theirs, 16, 24) == []
+
+
+def test_a_list_of_booleans_is_refused():
+    x = SymTensor((BATCH, sp.Integer(4)))
+    with pytest.raises(UnsupportedLayer, match="list of non-integers"):
+        rules.getitem(x, (slice(None), [True, False, True, True]))
+
+
+class MixingNet(nn.Module):
+    """csatv2's scalar attention: (B, N) @ (N, B) mixes the examples of a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 4, stride=4)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(1)  # (B, N)
+        mixed = (tokens @ tokens.transpose(-1, -2)).softmax(-1) @ tokens  # (B, N)
+        return mixed.sum(1, keepdim=True)
+
+
+def test_ops_that_mix_the_batch_are_counted_at_batch_one_and_say_so():
+    network = MixingNet().eval()
+    analysis = analyse(network)
+    assert any("mix examples across the batch" in note and "batch size 1" in note
+               for note in analysis.assumptions)
+    theirs = tool_results(lambda: MixingNet(), 3, 16, 32, tools=("fvcore",))
+    assert preset_problems(analysis, theirs, 16, 32) == []
+
+
+class DeclaredInput(nn.Module):
+    """A first convolution that reads a transform of the image, not the image (csatv2)."""
+
+    pretrained_cfg = {"input_size": (3, 16, 16)}
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.conv(F.pixel_unshuffle(x, 2))
+
+
+def test_declared_input_channels_win_over_the_first_convolution():
+    analysis = analyse(DeclaredInput().eval())
+    assert analysis.input_channels == 3
+    assert analysis.totals_at([(16, 16)])["outputs"][0] == 12 * 8 * 8 + 4 * 8 * 8
