@@ -9,8 +9,12 @@ assumed, so formulas read like the write-up's (`H*NF*W/4`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import signal
+import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -534,6 +538,12 @@ def _map(value: Any, function) -> Any:
     return torch.fx.node.map_aggregate(value, function)
 
 
+def _flat_values(value: Any) -> list[Any]:
+    found: list[Any] = []
+    _map(value, found.append)
+    return found
+
+
 def _contains_tensor(value: Any) -> bool:
     found = []
     _map(value, lambda v: found.append(v) if isinstance(v, SymTensor) else None)
@@ -758,17 +768,54 @@ def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+# auto's time for the export rung: PyTorch's symbolic shapes can take many minutes on windowed
+# attention (timm's DaViT), where the concrete rung takes a second; --capture export waits
+EXPORT_SECONDS = 60
+
+
+class OutOfTime(RuntimeError):
+    """A rung ran past its time budget."""
+
+
+@contextlib.contextmanager
+def _time_budget(seconds: float, what: str):
+    """Raise OutOfTime in the block after `seconds` (main thread only, by SIGALRM); an outer
+    timer that fires sooner is left alone, and a later one is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outer, _ = signal.getitimer(signal.ITIMER_REAL)
+    if outer and outer <= seconds:
+        yield
+        return
+
+    def out_of_time(*_):
+        raise OutOfTime(f"{what} ran past {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, out_of_time)
+    started = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 1e-3))
+
+
 def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> Analysis:
     from convtally.analysis.export_capture import analyse_exported
 
     reasons: list[str] = []
     first_error: Exception | None = None
+    def export_within_budget() -> Analysis:
+        with _time_budget(EXPORT_SECONDS, "torch.export"):
+            return analyse_exported(prepared, convention, exact, allow_unknown, resolutions)
+
     attempts = (
         ("fx", lambda: _analyse_fx(prepared, convention, exact, allow_unknown)),
-        (
-            "export",
-            lambda: analyse_exported(prepared, convention, exact, allow_unknown, resolutions),
-        ),
+        ("export", export_within_budget),
         ("concrete", lambda: _analyse_concrete(prepared, convention, allow_unknown, resolutions)),
     )
     for rung, attempt in attempts:
@@ -1196,10 +1243,24 @@ def _first_input(args, kwargs) -> sp.Expr | None:
 
 
 def _python_call(node, args, kwargs):
-    try:
+    def call(args, kwargs):
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
+
+    def plain(value: Any) -> Any:  # torch.arange(Integer(39)) wants a Python int
+        return int(value) if isinstance(value, sp.Integer) else value
+
+    try:
+        try:
+            return call(args, kwargs)
+        except TypeError:
+            plain_args, plain_kwargs = _map(args, plain), _map(kwargs, plain)
+            if (plain_args, plain_kwargs) == (args, kwargs) and not any(
+                isinstance(v, sp.Integer) for v in _flat_values((args, kwargs))
+            ):
+                raise
+            return call(plain_args, plain_kwargs)
     except Exception as error:  # e.g. torch._assert on a symbolic size (vision transformers)
         name = getattr(node.target, "__name__", node.target)
         first = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -146,7 +146,7 @@ ROUTING_OPS = (
     "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "flatten", "unflatten",
     "cat", "stack", "split", "split_with_sizes", "chunk", "unbind", "slice", "select",
     "unsqueeze", "squeeze", "expand", "expand_as", "view_as", "reshape_as", "clone",
-    "contiguous", "alias", "detach",
+    "contiguous", "alias", "detach", "meshgrid", "one_hot",
     "_to_copy", "to", "pad", "constant_pad_nd", "roll", "flip", "pixel_shuffle",
     "pixel_unshuffle", "repeat", "lift_fresh_copy", "zeros_like", "ones_like", "full_like",
     "narrow", "index_select", "masked_fill", "type_as", "new_zeros", "new_ones", "zeros",
@@ -317,11 +317,38 @@ def export(network: nn.Module, channels: int, size: tuple[int, int], dynamic: bo
             ) from None
 
 
+def _inline_wrapped_bodies(program) -> None:
+    """Put the bodies of `with torch.autocast(...)` / `torch.set_grad_enabled` blocks, which
+    export keeps as a call of a sub-graph (wrap_with_autocast(..., submod, *args)), back into
+    the graph, so that their ops are counted like the others (timm's EfficientViT attention)."""
+    graph, owner = program.graph, program.graph_module
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not _op_name(node.target).startswith("wrap_with_"):
+            continue
+        at = next(i for i, a in enumerate(node.args)
+                  if isinstance(a, torch.fx.Node) and a.op == "get_attr")
+        body = getattr(owner, node.args[at].target)
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        with graph.inserting_before(node):
+            results = graph.graph_copy(body.graph, dict(zip(placeholders, node.args[at + 1:])))
+        results = results if isinstance(results, (tuple, list)) else (results,)
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise UnsupportedLayer(f"{node.name}: a wrapped block's result used whole")
+            user.replace_all_uses_with(results[user.args[1]])
+            graph.erase_node(user)
+        submodule = node.args[at]
+        graph.erase_node(node)
+        if not submodule.users:
+            graph.erase_node(submodule)
+
+
 def interpret_exported(
     program, convention: Convention, allow_unknown: bool
 ) -> tuple[list[Layer], set[str]]:
     """Return one row per ATen op of `program` (routing ops included), counted by the rules,
     and the parameters the rows own."""
+    _inline_wrapped_bodies(program)
     signature = program.graph_signature
     parameters = signature.inputs_to_parameters
     buffers = {**signature.inputs_to_buffers, **signature.inputs_to_lifted_tensor_constants}

@@ -729,8 +729,33 @@ def view(x: SymTensor, *shape) -> LayerCost:
     known = sp.Mul(*(sp.sympify(s) for s in shape if s != -1))
     return LayerCost(
         "routing",
-        SymTensor(tuple(sp.simplify(total / known) if s == -1 else sp.sympify(s) for s in shape)),
+        SymTensor(tuple(_quotient(total, known) if s == -1 else sp.sympify(s) for s in shape)),
     )
+
+
+def _quotient(total: sp.Expr, known: sp.Expr) -> sp.Expr:
+    """Return total / known, cancelled; sympy's simplify only when cancelling leaves a symbolic
+    denominator (simplify on DaViT's padded window sizes ran for minutes)."""
+    quotient = sp.cancel(total / known)
+    if not sp.fraction(quotient)[1].free_symbols:
+        return quotient
+    # a size padded to a multiple of n, h + (n - h % n) % n, divides n * floor(that / n) only
+    # once Mod(a, n) is written a - n * floor(a / n) (DaViT's and Swin's windows)
+    def floors(expression: sp.Expr) -> sp.Expr:
+        return sp.expand(expression.replace(sp.Mod, lambda a, n: a - n * sp.floor(a / n)))
+
+    quotient = sp.cancel(floors(floors(total)) / floors(floors(known)))
+    if not sp.fraction(quotient)[1].free_symbols:
+        return quotient
+    if sp.count_ops(total / known) > SIMPLIFY_LIMIT:
+        raise UnsupportedLayer(
+            f"a view's -1 size, {sp.count_ops(total / known)} operations of floors and "
+            "remainders, does not reduce to a closed form here; use --capture concrete"
+        )
+    return sp.simplify(total / known)
+
+
+SIMPLIFY_LIMIT = 150  # operations; larger quotients took sympy's simplify minutes (DaViT)
 
 
 def permute(x: SymTensor, *dims) -> LayerCost:

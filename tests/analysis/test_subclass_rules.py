@@ -231,3 +231,84 @@ def test_declared_input_channels_win_over_the_first_convolution():
     analysis = analyse(DeclaredInput().eval())
     assert analysis.input_channels == 3
     assert analysis.totals_at([(16, 16)])["outputs"][0] == 12 * 8 * 8 + 4 * 8 * 8
+
+
+# --- the export rung's wrapped blocks, Python functions on concrete sizes, time budgets ------
+
+
+class AutocastOff(nn.Module):
+    """timm's EfficientViT: attention in `with torch.autocast(enabled=False)`, after a branch
+    on a size that torch.fx cannot take."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        tokens = x.flatten(2).transpose(1, 2)
+        if x.shape[-1] > 1:
+            with torch.autocast(device_type="cpu", enabled=False):
+                tokens = (tokens @ tokens.transpose(1, 2)).softmax(-1) @ tokens
+        return self.head(tokens.mean(1))
+
+
+def test_the_export_rung_counts_the_body_of_an_autocast_block():
+    analysis = analyse(AutocastOff().eval(), capture="auto", resolutions=[(32, 32)])
+    assert analysis.capture == "export"
+    assert "aten.softmax" in [layer.type for layer in analysis.layers]
+    theirs = tool_results(lambda: AutocastOff(), 3, 32, 32, tools=("fvcore",))
+    assert preset_problems(analysis, theirs, 32, 32) == []
+
+
+class GridFromSize(nn.Module):
+    """DeepSeek's ViT builds a position grid with torch.arange of the patch count."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        torch._assert(x.shape[-1] % 2 == 0, "even patches")
+        grid = torch.arange(x.shape[-1], dtype=x.dtype)
+        return (x + grid).mean((2, 3))
+
+
+def test_python_functions_get_python_ints_on_concrete_sizes():
+    analysis = analyse(GridFromSize().eval(), capture="concrete", resolutions=[(32, 32)])
+    assert analysis.totals_at([(32, 32)])["weights"][0] == 8 * 3 * 16 + 8
+
+
+def test_a_time_budget_stops_a_block_and_restores_an_outer_timer():
+    import signal
+    import time
+
+    from convtally.analysis.accounting import OutOfTime, _time_budget
+
+    started = time.monotonic()
+    with pytest.raises(OutOfTime, match="sleeping ran past 0.2 s"):
+        with _time_budget(0.2, "sleeping"):
+            time.sleep(5)
+    assert time.monotonic() - started < 2
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    try:
+        with _time_budget(0.2, "sleeping"):
+            pass
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 25 < remaining <= 30
+        with _time_budget(60, "longer than the outer timer"):  # the outer one decides
+            assert signal.getitimer(signal.ITIMER_REAL)[0] > 25
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def test_a_view_size_without_a_closed_form_is_refused_not_simplified_for_minutes():
+    h = sp.Symbol("h", integer=True, positive=True)
+    nested = sp.floor(h / 3)
+    for _ in range(4):
+        nested = sp.floor((sp.Mod(nested + 5, 7) + nested) / 2) + sp.Mod(3 * nested, 5)
+    x = SymTensor((BATCH, nested, nested + 1))
+    with pytest.raises(UnsupportedLayer, match="does not reduce to a closed form.*concrete"):
+        rules.view(x, nested + 2, -1)
