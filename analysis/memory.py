@@ -155,7 +155,8 @@ def batch_norm(call: Call) -> Saved:
     stats = NewTensor("2 x C stats (save_mean, save_invstd)", 2 * channels)
     # operand 1 is a computed weight when called functionally (timm's weight standardisation
     # scales by gain * scale); a parameter or running statistic has no storage of its own here
-    return Saved((0, 1), new=(stats,), source=DERIVATIVES + " native_batch_norm / "
+    return Saved((0,) if call.module is not None else (0, 1), new=(stats,),
+                 source=DERIVATIVES + " native_batch_norm / "
                  "_batch_norm_with_update: input, weight, running stats, save_mean, save_invstd")
 
 
@@ -243,9 +244,10 @@ def convolution(call: Call) -> Saved:
                                * math.prod(sizes))
             return Saved(new=(padded,), source="aten/src/ATen/native/Convolution.cpp "
                          "_convolution_mode: asymmetric 'same' padding pads the input first")
-    # the weight is saved too: a parameter's is counted as a parameter, a computed one (timm's
-    # weight standardisation) is a tensor of its own
-    return Saved((0, 1), source=DERIVATIVES + " convolution: input, weight")
+    # the weight is saved too: a module's is a parameter, counted as one; a functional call's
+    # may be computed in forward (timm's weight standardisation), a tensor of its own
+    saved = (0,) if module is not None else (0, 1)
+    return Saved(saved, source=DERIVATIVES + " convolution: input, weight")
 
 
 def linear(call: Call) -> Saved:
