@@ -545,9 +545,7 @@ def _flat_values(value: Any) -> list[Any]:
 
 
 def _contains_tensor(value: Any) -> bool:
-    found = []
-    _map(value, lambda v: found.append(v) if isinstance(v, SymTensor) else None)
-    return bool(found)
+    return any(isinstance(v, SymTensor) for v in _flat_values(value))
 
 
 def _node_label(node: torch.fx.Node, seen: Counter) -> tuple[str, str]:
@@ -1255,12 +1253,9 @@ def _python_call(node, args, kwargs):
         try:
             return call(args, kwargs)
         except TypeError:
-            plain_args, plain_kwargs = _map(args, plain), _map(kwargs, plain)
-            if (plain_args, plain_kwargs) == (args, kwargs) and not any(
-                isinstance(v, sp.Integer) for v in _flat_values((args, kwargs))
-            ):
+            if not any(isinstance(v, sp.Integer) for v in _flat_values((args, kwargs))):
                 raise
-            return call(plain_args, plain_kwargs)
+            return call(_map(args, plain), _map(kwargs, plain))
     except Exception as error:  # e.g. torch._assert on a symbolic size (vision transformers)
         name = getattr(node.target, "__name__", node.target)
         first = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -129,8 +129,8 @@ def _batch_values(cost: LayerCost) -> sp.Expr:
     output = cost.output
     tensors = [output] if isinstance(output, SymTensor) else [
         t for t in output or () if isinstance(t, SymTensor)]
-    return sp.Add(*(sp.Mul(*t.shape) if sp.Mul(*t.shape).has(BATCH) else t.per_example
-                    for t in tensors))
+    # SymTensor.per_example divides B out of a batched tensor and leaves the others whole
+    return sp.Add(*(sp.Mul(*t.shape) for t in tensors))
 
 
 def saves(*inputs: int, output: bool = False, source: str = "") -> Rule:
@@ -841,6 +841,7 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
                                       or any(p.requires_grad for p in parameters))
         call = Call(layer.cost, module, node, tuple(v.requires_grad for v in operands), training)
         op = (layer.cost.op or layer.kind).rstrip("_")
+        output_values = _batch_values(layer.cost)
         contiguous = True
         if inputs and _aliases(call, op, inputs[0]):
             storage = inputs[0].storage
@@ -850,7 +851,7 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
         elif not inputs and operands and (op in VIEW_OPS or layer.cost.op in VIEW_OPS):
             storage = None  # a view of a parameter: the parameter's memory
         else:
-            storage = new_storage(_batch_values(layer.cost) * size, index, layer.name)
+            storage = new_storage(output_values * size, index, layer.name)
         values[node.name] = _Value(storage, requires_grad, contiguous)
         row: dict[str, Any] = {}
         if training:
@@ -882,7 +883,7 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
             if layer.kind == "conv":
                 gradients += _blocked_copies(module, layer.cost.outputs, first)
             # a tensor computed from parameters alone (no batch dimension): its gradient once
-            batched = _batch_values(layer.cost).has(BATCH) or not layer.cost.outputs
+            batched = output_values.has(BATCH) or not layer.cost.outputs
             row["transient"] = ((BATCH if batched else 1) * gradients * size if requires_grad
                                 else sp.Integer(0))
         workspace = saved_rule(layer.cost, WORKSPACE_RULES)[1](call, size)

@@ -747,9 +747,10 @@ def _quotient(total: sp.Expr, known: sp.Expr) -> sp.Expr:
     quotient = sp.cancel(floors(floors(total)) / floors(floors(known)))
     if not sp.fraction(quotient)[1].free_symbols:
         return quotient
-    if sp.count_ops(total / known) > SIMPLIFY_LIMIT:
+    operations = sp.count_ops(total / known)
+    if operations > SIMPLIFY_LIMIT:
         raise UnsupportedLayer(
-            f"a view's -1 size, {sp.count_ops(total / known)} operations of floors and "
+            f"a view's -1 size, {operations} operations of floors and "
             "remainders, does not reduce to a closed form here; use --capture concrete"
         )
     return sp.simplify(total / known)

@@ -10,6 +10,13 @@ from convtally.analysis.shapes import halving_and_doubling_padding
 from torch import nn
 
 
+def user_module(tmp_path, monkeypatch, name: str, source: str) -> str:
+    """Write a user's model file `name`.py importable as `name:build`; return that reference."""
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}:build"
+
+
 def test_table_json_to_file(tmp_path, capsys):
     out = tmp_path / "sub" / "unet.json"
     assert (
@@ -76,13 +83,10 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
 
 
 def test_unknown_layer_cli(capsys, monkeypatch, tmp_path):
-    module = tmp_path / "oddnet.py"
-    module.write_text(
-        "from torch import nn\n"
-        "def build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.LocalResponseNorm(2))\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
+    user_module(tmp_path, monkeypatch, "oddnet",
+                "from torch import nn\n"
+                "def build():\n"
+                "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.LocalResponseNorm(2))\n")
     assert main(["table", "oddnet:build", "--res", "16", "--strict"]) == 2
     assert "no rule for 1 (LocalResponseNorm)" in capsys.readouterr().err
     assert main(["table", "oddnet:build", "--res", "16"]) == 0  # unknown rows by default
@@ -132,12 +136,12 @@ def test_repeated_res_and_set_accumulate(capsys):
 
 
 def test_linear_after_flatten_fixes_the_resolution(capsys, monkeypatch, tmp_path):
-    (tmp_path / "flatnet.py").write_text(
+    user_module(
+        tmp_path, monkeypatch, "flatnet",
         "import torch\nfrom torch import nn\n"
         "def build():\n"
         "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(),\n"
         "                         nn.Linear(8 * 16 * 16, 2))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["table", "flatnet:build", "--res", "32", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert any("2*H*W = 2048; it holds at 32x32" in a for a in data["assumptions"])
@@ -147,8 +151,7 @@ def test_linear_after_flatten_fixes_the_resolution(capsys, monkeypatch, tmp_path
 
 
 def test_factory_that_raises_is_one_line(capsys, monkeypatch, tmp_path):
-    (tmp_path / "badnet.py").write_text("def build():\n    raise RuntimeError('boom')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    user_module(tmp_path, monkeypatch, "badnet", "def build():\n    raise RuntimeError('boom')\n")
     assert main(["table", "badnet:build"]) == 2
     assert capsys.readouterr().err.strip() == (
         "convtally table: error: badnet:build() failed: RuntimeError: boom "
@@ -157,12 +160,10 @@ def test_factory_that_raises_is_one_line(capsys, monkeypatch, tmp_path):
 
 def test_a_users_one_channel_network_verifies_without_flags(tmp_path, monkeypatch, capsys):
     """The input channels of a user's module are its first convolution's, not always 3."""
-    (tmp_path / "grey.py").write_text(
-        "from torch import nn\n"
-        "def build():\n"
-        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
+    user_module(tmp_path, monkeypatch, "grey",
+                "from torch import nn\n"
+                "def build():\n"
+                "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))\n")
     assert main(["verify", "grey:build", "--res", "16", "20x24"]) == 0
     assert "0 mismatch(es)" in capsys.readouterr().out
     assert main(["table", "grey:build", "--res", "16", "--format", "json"]) == 0
