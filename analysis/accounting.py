@@ -34,11 +34,20 @@ from convtally.analysis.hyperparameters import (
     hyperparameter_symbols,
 )
 from convtally.analysis.rules import BATCH, LayerCost, PlainValue, SymTensor, UnsupportedLayer
-from convtally.models.registry import ModelSpec, declared_input_channels, resolve
+from convtally.models.registry import (
+    ModelSpec,
+    declared_input_channels,
+    declared_input_rank,
+    resolve,
+)
 from torch import nn
 
 H = sp.Symbol("H", integer=True, positive=True)
 W = sp.Symbol("W", integer=True, positive=True)
+T = sp.Symbol("T", integer=True, positive=True)  # the length of a 1-d input (C x T)
+D = sp.Symbol("D", integer=True, positive=True)  # the depth of a 3-d input (C x D x H x W)
+# the symbolic sizes of the input after its channels, by the number of them (--input)
+AXES: dict[int, tuple[sp.Symbol, ...]] = {1: (T,), 2: (H, W), 3: (D, H, W)}
 QUANTITIES = ("weights", "outputs", "connections")
 FLOORS_KEPT = "some sizes keep floor(): no divisibility of H and W removes it"
 UNUSED_ROW = "(unused parameters)"
@@ -61,7 +70,7 @@ class Layer:
     outputs: sp.Expr
     connections: sp.Expr
     cost: LayerCost = field(repr=False)
-    divisor: tuple[int, int] = (1, 1)  # what H, W must be divisible by up to this layer
+    divisor: tuple[int, ...] = (1, 1)  # what H, W (T; D, H, W) must be divisible by so far
     known: bool = True  # False when counted from hooks under allow_unknown
     requirements: tuple[tuple[sp.Expr, sp.Expr, str], ...] = ()  # (a, b, what): a must equal b
 
@@ -80,7 +89,7 @@ class Analysis:
     input_channels: sp.Expr
     convention: Convention
     layers: list[Layer]
-    divisor: tuple[int, int]
+    divisor: tuple[int, ...]  # one per input size (H, W; T; D, H, W): see `axes`
     exact: bool
     assumptions: list[str]
     unused_weights: int = 0
@@ -91,6 +100,16 @@ class Analysis:
     capture_note: str = ""  # why this rung: what the rungs above it could not do
     # concrete capture: resolution -> the rows' raw costs there (formulas in H, W unavailable)
     concrete: dict[tuple[int, int], list[Layer]] | None = field(default=None, repr=False)
+
+    @property
+    def axes(self) -> tuple[sp.Symbol, ...]:
+        """Return the input's symbolic sizes: (H, W), or (T,) for 1-d, (D, H, W) for 3-d."""
+        return AXES[len(self.divisor)]
+
+    @property
+    def input_text(self) -> str:
+        """Return the per-example input shape as --input spells it, e.g. '3xHxW' or '1xT'."""
+        return "x".join(str(d) for d in (self.input_channels, *self.axes))
 
     @property
     def symbolic(self) -> bool:
@@ -157,12 +176,14 @@ class Analysis:
             sp.Symbol(s, integer=True, positive=True): v for s, v in self.hyperparameters.items()
         }
 
-    def check_resolution(self, height: int, width: int) -> None:
-        """Raise ResolutionError naming the first layer whose formulas do not hold at H x W."""
-        self.evaluate([(height, width)])
+    def check_resolution(self, *sizes: int) -> None:
+        """Raise ResolutionError naming the first layer whose formulas do not hold at H x W
+        (at T for a 1-d input, D x H x W for a 3-d one)."""
+        self.evaluate([sizes])
 
-    def _check_divisibility(self, height: int, width: int) -> None:
-        for symbol, value, axis in (("H", height, 0), ("W", width, 1)):
+    def _check_divisibility(self, *sizes: int) -> None:
+        self._check_rank(sizes)
+        for axis, (symbol, value) in enumerate(zip(self.axes, sizes, strict=True)):
             if value < 1:
                 raise ResolutionError(f"{symbol} must be a positive integer, got {symbol}={value}")
             need = self.divisor[axis]
@@ -178,46 +199,59 @@ class Analysis:
                 "every size"
             )
 
+    def _check_rank(self, sizes: Sequence[int]) -> None:
+        if len(sizes) != len(self.axes):
+            names = "x".join(map(str, self.axes))
+            raise ResolutionError(
+                f"expected {len(self.axes)} input size(s) ({names}) for input "
+                f"{self.input_text}, got {size_label(sizes)}; give --res as {names}"
+            )
+
     def evaluate(
-        self, resolutions: Sequence[tuple[int, int]], explain: bool = True
+        self, resolutions: Sequence[tuple[int, ...]], explain: bool = True
     ) -> dict[str, np.ndarray]:
-        """Return quantity -> int array (layers x resolutions) at the given (H, W) pairs; a
-        ResolutionError names the first layer that cannot run (and, if `explain`, where it
-        can)."""
+        """Return quantity -> int array (layers x resolutions) at the given (H, W) pairs ((T,)
+        or (D, H, W) for a 1-d or 3-d input); a ResolutionError names the first layer that
+        cannot run (and, if `explain`, where it can)."""
+        for resolution in resolutions:
+            self._check_rank(resolution)
         if self.concrete is not None:
             return self._evaluate_concrete(resolutions)
-        for height, width in resolutions:
-            self._check_divisibility(height, width)
-        heights = np.array([int(r[0]) for r in resolutions], dtype=object)
-        widths = np.array([int(r[1]) for r in resolutions], dtype=object)
+        for resolution in resolutions:
+            self._check_divisibility(*resolution)
+        columns = [
+            np.array([int(r[axis]) for r in resolutions], dtype=object)
+            for axis in range(len(self.axes))
+        ]
         count = len(self.layers)
-        values = self._compiled_formulas()(heights, widths)
+        values = self._compiled_formulas()(*columns)
         sizes = values[len(QUANTITIES) * count : len(QUANTITIES) * count + len(self._size_owner)]
         differences = values[len(QUANTITIES) * count + len(self._size_owner) :]
         if differences.size and (differences != 0).any():
             row, column = np.argwhere(differences != 0)[0]
             index, (a, b, what) = self._requirement_owner[row]
             layer = self.layers[index]
-            height, width = resolutions[column]
+            at = size_label(resolutions[column], short=False)
             if not explain:
-                raise ResolutionError(f"{layer.name} cannot run at {height}x{width}")
-            sides = _holding_sides(a - b, self.substitutions())
+                raise ResolutionError(f"{layer.name} cannot run at {at}")
+            sides = _holding_sides(a - b, self.substitutions(), self.axes)
             runnable = [side for side in sides[:64] if _runs_at(self, side)]
             raise ResolutionError(
-                f"{layer.name} ({layer.type}) cannot run at {height}x{width}: {what} "
-                f"({a} = {b}){_where_it_holds(runnable)}"
+                f"{layer.name} ({layer.type}) cannot run at {at}: {what} "
+                f"({a} = {b}){_where_it_holds(runnable, len(self.axes))}"
             )
         if sizes.size and (sizes < 1).any():
             row, column = np.argwhere(sizes < 1)[0]
             layer = self.layers[self._size_owner[row]]
-            height, width = resolutions[column]
+            resolution = resolutions[column]
+            at = dict(zip(self.axes, resolution, strict=True))
             shape = [
-                int(sp.sympify(d).subs({H: height, W: width, **self.substitutions()}))
+                int(sp.sympify(d).subs({**at, **self.substitutions()}))
                 for d in layer.output_shape
             ]
             raise ResolutionError(
-                f"input {height}x{width} is too small: {layer.name} ({layer.type}) would "
-                f"output shape {tuple(shape)}; try a larger resolution"
+                f"input {size_label(resolution, short=False)} is too small: {layer.name} "
+                f"({layer.type}) would output shape {tuple(shape)}; try a larger resolution"
             )
         return {q: values[i * count : (i + 1) * count] for i, q in enumerate(QUANTITIES)}
 
@@ -225,10 +259,10 @@ class Analysis:
         captured = list(self.concrete)
         missing = [r for r in resolutions if tuple(r) not in self.concrete]
         if missing:
-            height, width = missing[0]
             raise ResolutionError(
                 f"{self.model} was counted concretely at "
-                f"{', '.join(f'{h}x{w}' for h, w in captured)}, not at {height}x{width} "
+                f"{', '.join(size_label(r, short=False) for r in captured)}, not at "
+                f"{size_label(missing[0], short=False)} "
                 f"({self.capture_note or 'no symbolic capture'}); pass the resolution with "
                 "--res so it is captured too"
             )
@@ -269,7 +303,7 @@ class Analysis:
             self._size_owner = []
             for index, layer in enumerate(self.layers):
                 for dimension in layer.output_shape:
-                    if sp.sympify(dimension).has(H, W):
+                    if sp.sympify(dimension).has(*self.axes):
                         formulas.append(at_setting(dimension))
                         self._size_owner.append(index)
             self._requirement_owner = []
@@ -277,7 +311,7 @@ class Analysis:
                 for requirement in layer.requirements:
                     formulas.append(at_setting(requirement[0] - requirement[1]))
                     self._requirement_owner.append((index, requirement))
-            self._compiled = IntegerEvaluator(formulas)
+            self._compiled = IntegerEvaluator(formulas, self.axes)
         return self._compiled
 
     def with_convention(self, convention: Convention) -> Analysis:
@@ -319,14 +353,14 @@ class Analysis:
                 )
         return other
 
-    def totals_at(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, list[int]]:
+    def totals_at(self, resolutions: Sequence[tuple[int, ...]]) -> dict[str, list[int]]:
         """Return quantity -> list of totals, one per resolution."""
         values = self.evaluate(resolutions)
         return {q: [int(v) for v in values[q].sum(axis=0)] for q in QUANTITIES}
 
     def to_dict(
         self,
-        resolutions: Sequence[tuple[int, int]],
+        resolutions: Sequence[tuple[int, ...]],
         labels: Sequence[str],
         values_as: Callable[[list[str], list[int]], Any] | None = None,
     ) -> dict:
@@ -382,6 +416,7 @@ class Analysis:
             "assumptions": list(self.assumptions),
             "capture": self.capture,
             "capture_note": self.capture_note,
+            "input": self.input_text,
             "symbolic": self.symbolic,  # false: formulas in H, W unavailable (concrete capture)
             "complete": self.complete,
             "unknown_layers": [f"{lay.name} ({lay.type})" for lay in self.unknown_layers],
@@ -421,7 +456,7 @@ class IntegerEvaluator:
     among 2,569), so each distinct one is compiled and evaluated once and its row shared.
     """
 
-    def __init__(self, formulas: Sequence[sp.Expr]):
+    def __init__(self, formulas: Sequence[sp.Expr], axes: Sequence[sp.Symbol] = (H, W)):
         positions: dict[sp.Expr, int] = {}
         index = [positions.setdefault(sp.sympify(f), len(positions)) for f in formulas]
         self.index = np.array(index, dtype=np.intp)
@@ -430,17 +465,20 @@ class IntegerEvaluator:
         # what sympy.lambdify((H, W), [...], modules=[_EVALUATOR_FUNCTIONS, "math"]) builds,
         # from each formula's code printed once (printing is most of the cost, and the same
         # formulas come back: the simple and exact analyses, a loop over models)
-        source = "def _evaluate(H, W):\n    return [" + ", ".join(c for c, _ in compiled) + "]\n"
+        arguments = ", ".join(map(str, axes))
+        source = f"def _evaluate({arguments}):\n    return [" + ", ".join(c for c, _ in compiled)
+        source += "]\n"
         namespace = {**_MATH_NAMESPACE, **_EVALUATOR_FUNCTIONS}
         exec(compile(source, "<convtally formulas>", "exec"), namespace)
         self.function = namespace["_evaluate"]
 
-    def __call__(self, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
-        """Return an object array of exact ints, formulas x resolutions."""
+    def __call__(self, *columns: np.ndarray) -> np.ndarray:
+        """Return an object array of exact ints, formulas x resolutions, from one array of
+        sizes per axis (heights and widths; lengths; depths, heights and widths)."""
         if not len(self.index):
-            return np.zeros((0, len(heights)), dtype=object)
-        raw = self.function(heights, widths)
-        rows = [np.broadcast_to(np.asarray(r, dtype=object), heights.shape) for r in raw]
+            return np.zeros((0, len(columns[0])), dtype=object)
+        raw = self.function(*columns)
+        rows = [np.broadcast_to(np.asarray(r, dtype=object), columns[0].shape) for r in raw]
         distinct = np.stack(rows) // self.denominators[:, None]
         return distinct[self.index]
 
@@ -629,18 +667,16 @@ def _unknown_output(
     # it is the input shape (or does not change with the resolution). At a concrete size, one
     # run at that size gives it.
     if all(sp.sympify(d).is_Integer for d in size):
-        height, width = (int(d) for d in size)
-        shape = _concrete_shapes(graph_module, (1, channels, height, width))[node.name]
+        sizes = tuple(int(d) for d in size)
+        shape = _concrete_shapes(graph_module, (1, channels, *sizes))[node.name]
         if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
             return SymTensor((BATCH, *(sp.Integer(d) for d in shape[1:])))
         raise UnsupportedLayer(f"{node.target}: unknown layer whose output is not one tensor")
-    runs = [
-        _concrete_shapes(graph_module, (1, channels, size, size))[node.name] for size in (64, 96)
-    ]
-    inputs = [(1, channels, 64, 64), (1, channels, 96, 96)]
+    inputs = [(1, channels, *(side,) * len(size)) for side in (64, 96)]
+    runs = [_concrete_shapes(graph_module, shape)[node.name] for shape in inputs]
     first = node.args[0].name if node.args and isinstance(node.args[0], torch.fx.Node) else None
     if first is not None:
-        inputs = [_concrete_shapes(graph_module, (1, channels, s, s))[first] for s in (64, 96)]
+        inputs = [_concrete_shapes(graph_module, shape)[first] for shape in inputs]
     if runs[0] == inputs[0] and runs[1] == inputs[1]:
         return SymTensor(input_tensor.shape)
     if runs[0] == runs[1]:
@@ -652,8 +688,8 @@ def _unknown_output(
         )
     raise UnsupportedLayer(
         f"{node.target}: no rule for this layer, and its output shape changes with the input "
-        f"size in a way that is not the input's shape ({tuple(runs[0][1:])} at 64x64, "
-        f"{tuple(runs[1][1:])} at 96x96), so no formula in H, W can be read from runs"
+        f"size in a way that is not the input's shape ({tuple(runs[0][1:])} at 64, "
+        f"{tuple(runs[1][1:])} at 96), so no formula in the input size can be read from runs"
     )
 
 
@@ -677,6 +713,7 @@ class _Prepared:
     name: str
     build: Callable[[], nn.Module] | None = None
     shapes: nn.Module | None = None
+    axes: tuple[sp.Symbol, ...] = (H, W)  # the input's sizes after its channels (--input)
 
     @property
     def network(self) -> nn.Module:
@@ -694,7 +731,45 @@ class _Prepared:
         )
 
 
-def _prepare(model: str | ModelSpec | nn.Module, settings: Mapping[str, int] | None) -> _Prepared:
+def parse_input(text: str) -> tuple[int | None, tuple[sp.Symbol, ...]]:
+    """Return (channels or None, the symbolic sizes) from an --input such as '1xHxW', 'CxHxW',
+    '2xT' (1-d) or '3xDxHxW' (3-d); C leaves the channels to the model."""
+    parts = [p.strip() for p in text.split("x")]
+    names = tuple(p.upper() for p in parts[1:])
+    shapes = {tuple(map(str, axes)): axes for axes in AXES.values()}
+    channels: int | None = None
+    if parts[0].upper() != "C":
+        try:
+            channels = int(parts[0])
+        except ValueError:
+            channels = 0
+    if names not in shapes or channels is not None and channels < 1:
+        raise ValueError(
+            f"bad --input {text!r}: use CxHxW (images), CxT (1-d) or CxDxHxW (3-d), with C the "
+            "number of input channels or the letter C for the model's own, e.g. 1xHxW or 2xT"
+        )
+    return channels, shapes[names]
+
+
+def _prepare(
+    model: str | ModelSpec | nn.Module,
+    settings: Mapping[str, int] | None,
+    input_shape: str | None = None,
+) -> _Prepared:
+    prepared = _prepare_model(model, settings)
+    if input_shape is not None:
+        channels, prepared.axes = parse_input(input_shape)
+        if channels is not None:
+            prepared.input_channels = sp.Integer(channels)
+    else:  # a network of Conv1d (Conv3d) layers reads C x T (C x D x H x W)
+        network = prepared.shapes if prepared.shapes is not None else prepared.network
+        prepared.axes = AXES[declared_input_rank(network)]
+    return prepared
+
+
+def _prepare_model(
+    model: str | ModelSpec | nn.Module, settings: Mapping[str, int] | None
+) -> _Prepared:
     if isinstance(model, str):
         model = resolve(model)
     if isinstance(model, ModelSpec):
@@ -740,17 +815,20 @@ def analyse(
     exact: bool = False,
     allow_unknown: bool = False,
     capture: str = "auto",
-    resolutions: Sequence[tuple[int, int]] | None = None,
+    resolutions: Sequence[tuple[int, ...]] | None = None,
+    input_shape: str | None = None,
 ) -> Analysis:
     """Return the cost table of `model` (registry name, spec or module).
 
     `capture` picks the rung: fx (symbolic, module rules), export (torch.export with dynamic
     H, W, ATen rules), concrete (counted at each of `resolutions`), or auto: the first of
     fx, export, concrete that works, the reasons the others did not said in the analysis.
+    `input_shape` is the per-example input as --input spells it ('1xHxW', '2xT' for a 1-d
+    input, '3xDxHxW' for a 3-d one); by default C x H x W with C as the model declares.
     """
     if capture not in CAPTURES:
         raise ValueError(f"unknown capture {capture!r}; use one of {', '.join(CAPTURES)}")
-    prepared = _prepare(model, settings)
+    prepared = _prepare(model, settings, input_shape)
     if capture == "fx":
         return _analyse_fx(prepared, convention, exact, allow_unknown)
     if capture == "concrete":
@@ -839,12 +917,12 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown) -> Analys
         # back to the real build below, so the answer and the errors are the real build's
         try:
             graph_module = trace(prepared.shapes)
-            layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown, (H, W))
+            layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
             return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
         except Exception:
             prepared.shapes = None
     graph_module = trace(prepared.network)
-    layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown, (H, W))
+    layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
     return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=False)
 
 
@@ -861,8 +939,11 @@ def _finish_fx(prepared, graph_module, layers, convention, exact, shapes) -> Ana
     return analysis
 
 
-def _interpret_prepared(prepared, graph_module, convention, allow_unknown, size) -> list[Layer]:
-    """Return the rows of `prepared`'s traced graph with the input H x W = `size`."""
+def _interpret_prepared(
+    prepared, graph_module, convention, allow_unknown, size=None
+) -> list[Layer]:
+    """Return the rows of `prepared`'s traced graph with the input sizes `size` (integers, one
+    per axis; by default the symbols H, W or what --input gave)."""
     return _interpret(
         graph_module,
         prepared.attributes,
@@ -870,7 +951,7 @@ def _interpret_prepared(prepared, graph_module, convention, allow_unknown, size)
         convention,
         allow_unknown,
         prepared.channels,
-        size=size,
+        size=prepared.axes if size is None else size,
     )
 
 
@@ -895,18 +976,24 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
             return None
         return exported if exported.complete else None
 
-    per_resolution: dict[tuple[int, int], list[Layer]] = {}
-    for height, width in resolutions:
+    per_resolution: dict[tuple[int, ...], list[Layer]] = {}
+    for resolution in resolutions:
+        resolution = tuple(resolution)
+        if len(resolution) != len(prepared.axes):
+            raise ResolutionError(
+                f"expected {len(prepared.axes)} input size(s) "
+                f"({'x'.join(map(str, prepared.axes))}), got {size_label(resolution)}"
+            )
         try:
-            per_resolution[(height, width)] = _interpret_prepared(
+            per_resolution[resolution] = _interpret_prepared(
                 prepared, graph_module, convention, allow_unknown,
-                (sp.Integer(height), sp.Integer(width)),
+                tuple(sp.Integer(v) for v in resolution),
             )
         except UnsupportedLayer as error:
             exported = through_aten()
             if exported is not None:
                 return exported
-            raise UnsupportedLayer(f"at {height}x{width}: {error}") from None
+            raise UnsupportedLayer(f"at {size_label(resolution, short=False)}: {error}") from None
     analysis = concrete_analysis(prepared, graph_module, per_resolution, convention)
     if not analysis.complete:
         return through_aten() or analysis
@@ -922,8 +1009,9 @@ def concrete_analysis(
     for resolution, layers in per_resolution.items():
         if [layer.name for layer in layers] != [layer.name for layer in first]:
             raise ValueError(
-                f"the network runs other layers at {resolution[0]}x{resolution[1]} than at "
-                f"{resolutions[0][0]}x{resolutions[0][1]}; analyse each resolution on its own"
+                f"the network runs other layers at {size_label(resolution, short=False)} than "
+                f"at {size_label(resolutions[0], short=False)}; analyse each resolution on its "
+                "own"
             )
     analysis = _finish(prepared, graph_module, list(first), convention, True, used_targets)
     analysis.capture = "concrete"
@@ -982,7 +1070,7 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
     unused_weights = sum(p.numel() for p in unused)
     unused_trainable = sum(p.numel() for p in unused if p.requires_grad)
     batch_note = _count_at_batch_one(layers)
-    divisor, assumptions = _apply_divisibility(layers, exact)
+    divisor, assumptions = _apply_divisibility(layers, exact, prepared.axes)
     assumptions += batch_note
     if unused_weights:
         assumptions.append(_unused_note(unused_weights, convention.unused_weights))
@@ -1034,7 +1122,7 @@ def _interpret(
     convention,
     allow_unknown,
     concrete_channels,
-    size: tuple[sp.Expr, sp.Expr] = (H, W),
+    size: tuple[sp.Expr, ...] = (H, W),
 ) -> list[Layer]:
     env: dict[str, Any] = {}
     layers: list[Layer] = []
@@ -1199,7 +1287,7 @@ def _trainable(module: nn.Module, weights: sp.Expr) -> sp.Expr:
 
 
 def _unused_row(
-    convention: Convention, weights: int, trainable: int, divisor: tuple[int, int]
+    convention: Convention, weights: int, trainable: int, divisor: tuple[int, ...]
 ) -> Layer:
     cost = LayerCost(
         "unused",
@@ -1296,11 +1384,13 @@ def _required_multiple(expression: sp.Expr, symbol: sp.Symbol, multiple: int) ->
     return None
 
 
-def _apply_divisibility(layers: list[Layer], exact: bool) -> tuple[tuple[int, int], list[str]]:
-    multiples = [1, 1]
+def _apply_divisibility(
+    layers: list[Layer], exact: bool, axes: Sequence[sp.Symbol] = (H, W)
+) -> tuple[tuple[int, ...], list[str]]:
+    multiples = [1] * len(axes)
     unresolved = False
     for layer in layers:
-        for axis, symbol in enumerate((H, W)):
+        for axis, symbol in enumerate(axes):
             for dimension in layer.output_shape:
                 if not dimension.has(symbol):
                     continue
@@ -1309,16 +1399,19 @@ def _apply_divisibility(layers: list[Layer], exact: bool) -> tuple[tuple[int, in
                     unresolved = True
                 else:
                     multiples[axis] = needed
-        layer.divisor = (multiples[0], multiples[1])
+        layer.divisor = tuple(multiples)
     assumptions = []
     if exact or unresolved:
         for layer in layers:
-            layer.divisor = (1, 1)
+            layer.divisor = (1,) * len(axes)
         if unresolved and not exact:
             assumptions.append(FLOORS_KEPT)
-        assumptions.append("formulas are exact for every H, W (PyTorch's floor arithmetic kept)")
-        return (1, 1), assumptions
-    divisor = (multiples[0], multiples[1])
+        assumptions.append(
+            f"formulas are exact for every {', '.join(map(str, axes))} (PyTorch's floor "
+            "arithmetic kept)"
+        )
+        return (1,) * len(axes), assumptions
+    divisor = tuple(multiples)
 
     def simplify(expression: sp.Expr) -> sp.Expr:
         return _simplify(expression, divisor)
@@ -1331,15 +1424,15 @@ def _apply_divisibility(layers: list[Layer], exact: bool) -> tuple[tuple[int, in
         layer.requirements = tuple(
             (simplify(a), simplify(b), what) for a, b, what in layer.requirements
         )
-    for symbol, multiple in (("H", multiples[0]), ("W", multiples[1])):
+    for symbol, multiple in zip(axes, multiples, strict=True):
         if multiple > 1:
             assumptions.append(f"{symbol} divisible by {multiple}")
-    return (multiples[0], multiples[1]), assumptions
+    return divisor, assumptions
 
 
 def answer_every_resolution(
     analysis: Analysis,
-    resolutions: Sequence[tuple[int, int]],
+    resolutions: Sequence[tuple[int, ...]],
     exact_analysis: Callable[[], Analysis],
 ) -> Analysis:
     """Return an analysis that answers at every one of `resolutions`.
@@ -1351,52 +1444,59 @@ def answer_every_resolution(
     `exact_analysis()` gives, without building and tracing the network again).
     """
     symbolic = analysis.concrete is None
+    for resolution in resolutions:
+        analysis._check_rank(resolution)
     broken = []
     if symbolic and not analysis.exact:
-        for height, width in resolutions:
+        for resolution in resolutions:
             try:
-                analysis._check_divisibility(height, width)
+                analysis._check_divisibility(*resolution)
             except ResolutionError as error:
-                broken.append((height, width, str(error).split(";")[0]))
+                broken.append((resolution, str(error).split(";")[0]))
     if broken:
         again = getattr(analysis, "_exact_again", None)  # an fx analysis' own rows, exact
         try:
             analysis = again() if again is not None else exact_analysis()
         except Exception:  # whatever made it fail, the full path decides as it always did
             analysis = exact_analysis()
-        sizes = ", ".join(f"{h}x{w}" for h, w, _ in broken)
+        sizes = ", ".join(size_label(r, short=False) for r, _ in broken)
         analysis.assumptions.append(
             f"formulas keep floor() (exact at every size) because {sizes} breaks the "
-            f"divisibility the simple ones assume ({broken[0][2]})"
+            f"divisibility the simple ones assume ({broken[0][1]})"
         )
-    for height, width in resolutions:
+    for resolution in resolutions:
         try:
-            analysis.evaluate([(height, width)])
+            analysis.evaluate([resolution])
         except ResolutionError as error:
             if not symbolic:
                 raise
             reason = str(error).split("; it holds at")[0].split("; try a larger")[0]
-            near = nearest_runnable(analysis, height, width)
+            near = nearest_runnable(analysis, *resolution)
             hint = f"; the nearest sizes it runs at: {', '.join(near)}" if near else ""
             raise ResolutionError(
-                f"{analysis.model} cannot run at {height}x{width}: {reason}{hint}"
+                f"{analysis.model} cannot run at {size_label(resolution, short=False)}: "
+                f"{reason}{hint}"
             ) from None
     return analysis
 
 
-def nearest_runnable(analysis: Analysis, height: int, width: int, reach: int = 64) -> list[str]:
-    """Return up to two sizes near height x width (squares when it is square) where every layer
-    of `analysis` runs, nearest first."""
-    if height == width:
-        candidates = [(side, side) for side in _around(height, reach)]
+def nearest_runnable(analysis: Analysis, *sizes: int, reach: int = 64) -> list[str]:
+    """Return up to two sizes near `sizes` (H, W; T; D, H, W), the same on every axis when they
+    are, where every layer of `analysis` runs, nearest first."""
+    sizes = tuple(sizes)
+    if len(set(sizes)) == 1:
+        candidates = [(side,) * len(sizes) for side in _around(sizes[0], reach)]
     else:
-        candidates = [(h, width) for h in _around(height, reach)]
-        candidates += [(height, w) for w in _around(width, reach)]
-        candidates.sort(key=lambda pair: abs(pair[0] - height) + abs(pair[1] - width))
+        candidates = [
+            sizes[:axis] + (value,) + sizes[axis + 1 :]
+            for axis in range(len(sizes))
+            for value in _around(sizes[axis], reach)
+        ]
+        candidates.sort(key=lambda near: sum(abs(a - b) for a, b in zip(near, sizes)))
     found = []
-    for h, w in candidates:
-        if _runs_at(analysis, h, w):
-            found.append(f"{h}x{w}")
+    for candidate in candidates:
+        if _runs_at(analysis, *candidate):
+            found.append(size_label(candidate, short=False))
             if len(found) == 2:
                 break
     return found
@@ -1410,33 +1510,39 @@ def _around(value: int, reach: int) -> list[int]:
     return sides
 
 
-def _holding_sides(difference: sp.Expr, substitution: Mapping[sp.Symbol, int]) -> list[int]:
-    """Return the square sides up to 4096 where `difference` is 0.
+def _holding_sides(
+    difference: sp.Expr, substitution: Mapping[sp.Symbol, int], axes: Sequence[sp.Symbol] = (H, W)
+) -> list[int]:
+    """Return the sides up to 4096 where `difference` is 0, the same size on every axis.
 
     Counted by evaluating at every size (floor() and all), not by solving: sympy's solver
     cannot invert floor().
     """
-    square = sp.sympify(difference).subs(substitution).subs(W, H)
-    if square.free_symbols - {H}:
+    first = axes[0]
+    square = sp.sympify(difference).subs(substitution).subs({a: first for a in axes[1:]})
+    if square.free_symbols - {first}:
         return []
     sides = np.arange(1, 4097, dtype=object)
-    values = IntegerEvaluator([square])(sides, sides)[0]
+    values = IntegerEvaluator([square], (first,))(sides)[0]
     return [int(side) for side, value in zip(sides, values, strict=True) if value == 0]
 
 
-def _where_it_holds(sizes: Sequence[int]) -> str:
-    """Return '; it holds at 32x32' for the square sizes given, or '' when there are none."""
+def _where_it_holds(sizes: Sequence[int], rank: int = 2) -> str:
+    """Return '; it holds at 32x32' for the sides given (the same on each of `rank` axes), or
+    '' when there are none."""
     if not sizes:
         return ""
-    shown = ", ".join(f"{s}x{s}" for s in sizes[:6])
-    more = f", ... ({len(sizes)} square sizes up to 4096)" if len(sizes) > 6 else ""
+    shown = ", ".join(size_label((s,) * rank, short=False) for s in sizes[:6])
+    more = f", ... ({len(sizes)} sizes up to 4096)" if len(sizes) > 6 else ""
     return f"; it holds at {shown}{more}"
 
 
-def _runs_at(analysis: Analysis, side: int, width: int | None = None) -> bool:
-    """Return True when every layer of `analysis` can run at side x side (or side x width)."""
+def _runs_at(analysis: Analysis, side: int, *others: int) -> bool:
+    """Return True when every layer of `analysis` can run at `side` on every axis (or at
+    side x others: the size of each axis given)."""
+    resolution = (side, *others) if others else (side,) * len(analysis.axes)
     try:
-        analysis.evaluate([(side, side if width is None else width)], explain=False)
+        analysis.evaluate([resolution], explain=False)
     except (ResolutionError, rules.ShapeMismatch):
         return False
     return True
@@ -1462,16 +1568,18 @@ def requirement_assumptions(analysis: Analysis) -> list[str]:
         for a, b, what in layer.requirements:
             # a root of the equation is a size only where the whole network runs (24x24 can
             # solve a Linear's size equation yet be too small for the layers before it)
-            sides = _holding_sides(a - b, analysis.substitutions())
+            sides = _holding_sides(a - b, analysis.substitutions(), analysis.axes)
             runnable = [side for side in sides[:64] if _runs_at(analysis, side)]
             lines.append(
-                f"{layer.name} ({layer.type}): {what}, {a} = {b}{_where_it_holds(runnable)}"
+                f"{layer.name} ({layer.type}): {what}, {a} = {b}"
+                f"{_where_it_holds(runnable, len(analysis.axes))}"
             )
     return lines
 
 
-def _simplify(expression: sp.Expr, divisor: tuple[int, int]) -> sp.Expr:
-    """Return `expression` with H, W divisible by `divisor` assumed (floors removed), expanded."""
+def _simplify(expression: sp.Expr, divisor: tuple[int, ...]) -> sp.Expr:
+    """Return `expression` with H, W (T; D, H, W: one per entry of `divisor`) divisible by
+    `divisor` assumed (floors removed), expanded."""
     expression = sp.sympify(expression)
     try:
         return _simplify_once(expression, tuple(divisor))
@@ -1480,29 +1588,44 @@ def _simplify(expression: sp.Expr, divisor: tuple[int, int]) -> sp.Expr:
 
 
 @functools.lru_cache(maxsize=16384)
-def _simplify_once(expression: sp.Expr, divisor: tuple[int, int]) -> sp.Expr:
+def _simplify_once(expression: sp.Expr, divisor: tuple[int, ...]) -> sp.Expr:
     """Return _simplify's answer; a network's layers repeat few distinct formulas (resnet152:
     67 among 3,086), and sympy expressions are immutable, so each is simplified once."""
-    if not expression.has(H, W):
+    axes = AXES[len(divisor)]
+    if not expression.has(*axes):
         return sp.expand(expression)
-    t_h, t_w = sp.symbols("t_h t_w", integer=True, positive=True)
-    forward = {H: divisor[0] * t_h, W: divisor[1] * t_w}
-    back = {t_h: H / divisor[0], t_w: W / divisor[1]}
+    steps = sp.symbols(" ".join(f"t_{a}" for a in axes), integer=True, positive=True, seq=True)
+    forward = {a: d * t for a, d, t in zip(axes, divisor, steps, strict=True)}
+    back = {t: a / d for a, d, t in zip(axes, divisor, steps, strict=True)}
     return sp.expand(expression.subs(forward).subs(back))
 
 
-def parse_resolution(text: str) -> tuple[int, int]:
-    """Return (H, W) from '32' (32x32) or '32x48' (H=32, W=48)."""
+def size_label(sizes: Sequence[int], short: bool = True) -> str:
+    """Return '32' for 32x32 (with `short`), else '32x48'; '16000' for a 1-d length."""
+    sizes = [int(s) for s in sizes]
+    if short and len(set(sizes)) == 1 and len(sizes) == 2:
+        return str(sizes[0])
+    return "x".join(map(str, sizes))
+
+
+def parse_resolution(text: str, rank: int = 2) -> tuple[int, ...]:
+    """Return (H, W) from '32' (32x32) or '32x48' (H=32, W=48); with `rank` 1, (T,) from
+    '16000'; with `rank` 3, (D, H, W) from '16x112x112' or '16' (16x16x16)."""
     parts = text.lower().split("x")
     try:
         sizes = [int(p) for p in parts]
     except ValueError:
         sizes = []
     if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise ValueError(f"bad resolution {text!r}: use N (N x N) or HxW, e.g. 32 or 32x48")
-    return sizes[0], sizes[1]
+        sizes = sizes * rank
+    if len(sizes) != rank or min(sizes) < 1:
+        usage = {
+            1: "T (a length), e.g. 16000",
+            2: "N (N x N) or HxW, e.g. 32 or 32x48",
+            3: "N (N x N x N) or DxHxW, e.g. 16x112x112",
+        }[rank]
+        raise ValueError(f"bad resolution {text!r}: use {usage}")
+    return tuple(sizes)
 
 
 def parse_settings(items: Iterable[str]) -> dict[str, int]:

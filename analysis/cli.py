@@ -101,6 +101,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, many: bool = False) -> 
         "torchvision:NAME, or package.module:callable",
     )
     add_size_arguments(parser, "32 64")
+    if not many:
+        parser.add_argument(
+            "--input",
+            default=None,
+            metavar="SHAPE",
+            help="the input of one example: CxHxW (default, C as the model's first layer "
+            "takes), 1xHxW, CxT for a 1-d input (--res T) or CxDxHxW for a 3-d one "
+            "(--res DxHxW); C may be a number or the letter C",
+        )
     add_convention_arguments(parser)
     parser.add_argument(
         "--exact",
@@ -207,10 +216,13 @@ def convention_from(args: argparse.Namespace):
 
 
 def resolutions_from(args: argparse.Namespace, default: tuple[str, ...] = ("32", "64")):
-    """Return the (H, W) pairs of --res."""
-    from convtally.analysis.accounting import parse_resolution
+    """Return the (H, W) pairs of --res ((T,) or (D, H, W) with a 1-d or 3-d --input)."""
+    from convtally.analysis.accounting import parse_input, parse_resolution
 
-    return [parse_resolution(r) for r in (args.res or default)]
+    rank = 2
+    if getattr(args, "input", None) is not None:
+        rank = len(parse_input(args.input)[1])
+    return [parse_resolution(r, rank) for r in (args.res or default)]
 
 
 _IMPORTS_FROZEN = False
@@ -243,6 +255,7 @@ def analyse_from(args: argparse.Namespace, model: str, default: tuple[str, ...] 
             allow_unknown=not getattr(args, "strict", False),
             capture=getattr(args, "capture", "auto"),
             resolutions=resolutions,
+            input_shape=getattr(args, "input", None),
         )
 
     resolutions = resolutions_from(args, default)

@@ -515,6 +515,7 @@ PROBE = (64, 64)  # the size the dynamic export traces at (H, W stay symbolic)
 def analyse_exported(prepared: _Prepared, convention: Convention, exact: bool,
                      allow_unknown: bool, resolutions: Sequence[tuple[int, int]] | None = None):
     """Return the Analysis from torch.export with dynamic H, W (formulas in H, W)."""
+    _images_only(prepared)
     probe = tuple(resolutions[0]) if resolutions else PROBE
     program = export(prepared.network, prepared.channels, probe, dynamic=True)
     image = next(n for n in program.graph.nodes if n.op == "placeholder"
@@ -536,6 +537,16 @@ def analyse_exported(prepared: _Prepared, convention: Convention, exact: bool,
     guards = _guards(program)
     analysis.assumptions.extend(guards)
     return analysis
+
+
+def _images_only(prepared: _Prepared) -> None:
+    """Refuse an input that is not C x H x W (the ATen rules and guards name H and W)."""
+    if len(prepared.axes) != 2:
+        shape = "x".join(map(str, ("C", *prepared.axes)))
+        raise NotImplementedError(
+            f"the export rung counts CxHxW inputs, not {shape}; the fx and concrete rungs "
+            "count it (--capture fx or concrete)"
+        )
 
 
 def _runs_at_another_size(prepared: _Prepared, probe: tuple[int, int]) -> None:
@@ -574,6 +585,7 @@ def _guards(program) -> list[str]:
 def analyse_exported_concrete(prepared: _Prepared, convention: Convention, allow_unknown: bool,
                               resolutions: Sequence[tuple[int, int]]):
     """Return the Analysis counted from a static-shape export at each resolution."""
+    _images_only(prepared)
     per_resolution: dict[tuple[int, int], list[Layer]] = {}
     programs = {}
     owned: set[str] = set()

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import sympy as sp
-from convtally.analysis.accounting import QUANTITIES, Analysis, H, W
+from convtally.analysis.accounting import AXES, QUANTITIES, Analysis, D, T, size_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 FORMATS = ("text", "csv", "markdown", "latex", "json")
 
 
-def resolution_label(height: int, width: int) -> str:
-    """Return '32' for 32x32 and '32x48' otherwise, as written on the command line."""
-    return str(height) if height == width else f"{height}x{width}"
+def resolution_label(*sizes: int) -> str:
+    """Return '32' for 32x32 and '32x48' otherwise, as written on the command line ('16000'
+    for a 1-d length, '16x112x112' for a 3-d input)."""
+    return size_label(sizes)
 
 
 def shape_text(shape: Sequence[sp.Expr]) -> str:
@@ -27,29 +28,34 @@ def shape_text(shape: Sequence[sp.Expr]) -> str:
 
 
 def order_in_hw(formula: sp.Expr) -> str:
-    """Return the growth order of a total in the input size, e.g. 'O(1)', 'O(H·W)', 'O((H·W)^2)'."""
+    """Return the growth order of a total in the input size, e.g. 'O(1)', 'O(H·W)', 'O((H·W)^2)'
+    ('O(T)' for a 1-d input, 'O(D·H·W)' for a 3-d one)."""
     formula = sp.expand(formula)
-    if not formula.has(H, W):
+    axes = AXES[1] if formula.has(T) else AXES[3] if formula.has(D) else AXES[2]
+    if not formula.has(*axes):
         return "O(1)"
     if formula.atoms(sp.floor, sp.ceiling):
         formula = formula.replace(sp.floor, lambda x: x).replace(sp.ceiling, lambda x: x)
-    degree_h = sp.Poly(formula, H).degree()
-    degree_w = sp.Poly(formula, W).degree()
-    if degree_h == degree_w:
-        return "O(H·W)" if degree_h == 1 else f"O((H·W)^{degree_h})"
+    degrees = [sp.Poly(formula, axis).degree() for axis in axes]
+    if len(set(degrees)) == 1:
+        product = "·".join(map(str, axes))
+        if degrees[0] == 1:
+            return f"O({product})"
+        return f"O(({product})^{degrees[0]})" if len(axes) > 1 else f"O({product}^{degrees[0]})"
     parts = [
-        f"{name}^{degree}" if degree > 1 else name
-        for name, degree in (("H", degree_h), ("W", degree_w))
+        f"{axis}^{degree}" if degree > 1 else str(axis)
+        for axis, degree in zip(axes, degrees, strict=True)
         if degree
     ]
     return f"O({'·'.join(parts)})"
 
 
-def growth_factors(totals: Sequence[int], resolutions: Sequence[tuple[int, int]]) -> list[str]:
-    """Return 'x4.00 (32->64)' for each consecutive pair of resolutions that doubles H and W."""
+def growth_factors(totals: Sequence[int], resolutions: Sequence[tuple[int, ...]]) -> list[str]:
+    """Return 'x4.00 (32->64)' for each consecutive pair of resolutions that doubles every
+    size (H and W)."""
     notes = []
     for (a, b), (ra, rb) in zip(zip(totals, totals[1:]), zip(resolutions, resolutions[1:])):
-        if rb == (2 * ra[0], 2 * ra[1]) and a:
+        if tuple(rb) == tuple(2 * v for v in ra) and a:
             notes.append(f"x{b / a:.2f} ({resolution_label(*ra)}->{resolution_label(*rb)})")
     return notes
 
@@ -159,6 +165,8 @@ def header_lines(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> 
                 f"{s}={v} ({analysis.symbols[s]})" for s, v in analysis.hyperparameters.items()
             )
         )
+    if analysis.axes != AXES[2]:
+        lines.append(f"input: {analysis.input_text} per example")
     lines.append(f"capture: {analysis.capture_text()}")
     lines.append(analysis.convention.describe())
     lines.append("assumptions: " + ("; ".join(analysis.assumptions) or "none"))
@@ -172,7 +180,8 @@ def header_lines(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> 
         )
         lines.append(
             f"total {quantity}: {order}"
-            + (f", per doubling of H and W {', '.join(growth)}" if growth else "")
+            + (f", per doubling of {' and '.join(map(str, analysis.axes))} {', '.join(growth)}"
+               if growth else "")
         )
     if not analysis.complete:
         unknown = ", ".join(f"{layer.name} ({layer.type})" for layer in analysis.unknown_layers)

@@ -8,6 +8,7 @@ environment variable CONVTALLY_MEMORY_LIMIT (e.g. `512MiB`, `8GB`), for shared m
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -112,12 +113,12 @@ def check_forward_fits(analysis, resolutions, bytes_per_value: int = 4) -> None:
     import numpy as np
 
     outputs = analysis.evaluate(resolutions)["outputs"]
-    for column, (height, width) in enumerate(resolutions):
+    for column, resolution in enumerate(resolutions):
         channels = int(analysis.input_channels.subs(analysis.substitutions()))
-        values = channels * height * width + int(np.sum(outputs[:, column]))
+        values = channels * math.prod(resolution) + int(np.sum(outputs[:, column]))
         check_fits(
             values * bytes_per_value,
-            f"a forward pass of {analysis.model} at {height}x{width} (input and every layer's "
-            "output as float32)",
+            f"a forward pass of {analysis.model} at {'x'.join(map(str, resolution))} (input "
+            "and every layer's output as float32)",
             "choose a smaller --res",
         )

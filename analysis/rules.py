@@ -311,19 +311,32 @@ def linear(module: nn.Linear, attrs: Attributes, x: SymTensor) -> LayerCost:
 
 
 def _pool(x: SymTensor, kernel, stride, padding, dilation, ceil_mode, op: str = "") -> LayerCost:
-    height, width = _spatial(x)
-    kernel, padding, dilation = _pair(kernel), _pair(padding), _pair(dilation)
-    stride = _pair(stride if stride not in (None, ()) else kernel)
+    """Max or average pooling over the last 1, 2 or 3 dimensions: outputs * window size."""
+    count = len(x.shape) - 2
+    if count not in (1, 2, 3):
+        raise UnsupportedLayer(f"pooling expected a 3-d to 5-d input, got shape {tuple(x.shape)}")
+    kernel, padding, dilation = (_ntuple(v, count) for v in (kernel, padding, dilation))
+    stride = _ntuple(stride if stride not in (None, ()) else kernel, count)
     sizes = tuple(
         shapes.pool_output_size(size, k, s, p, d, ceil_mode)
-        for size, k, s, p, d in zip((height, width), kernel, stride, padding, dilation, strict=True)
+        for size, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation, strict=True)
     )
     output = _with_spatial(x, x.shape[1], *sizes)
-    return LayerCost("pool", output, connections=output.per_example * kernel[0] * kernel[1], op=op)
+    return LayerCost("pool", output, connections=output.per_example * sp.Mul(*kernel), op=op)
 
 
-def max_pool2d(module: nn.MaxPool2d, attrs: Attributes, x: SymTensor) -> LayerCost:
-    """MaxPool2d: connections = outputs * window size."""
+def _pool_count(module: nn.Module) -> int:
+    """Return 1, 2 or 3: the dimensions torch.nn's pooling class (MaxPool1d, ...) pools over."""
+    for base in type(module).__mro__:
+        if base.__module__.startswith("torch.nn") and base.__name__[-2:] in ("1d", "2d", "3d"):
+            return int(base.__name__[-2])
+    raise UnsupportedLayer(f"{type(module).__name__}: not a torch.nn pooling layer")
+
+
+def max_pool(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """MaxPool1d/2d/3d: connections = outputs * window size."""
+    count = _pool_count(module)
+    _spatial_nd(x, count, type(module).__name__)
     return _pool(
         x,
         module.kernel_size,
@@ -331,34 +344,47 @@ def max_pool2d(module: nn.MaxPool2d, attrs: Attributes, x: SymTensor) -> LayerCo
         module.padding,
         module.dilation,
         module.ceil_mode,
-        "max_pool2d",
+        f"max_pool{count}d",
     )
 
 
-def avg_pool2d(module: nn.AvgPool2d, attrs: Attributes, x: SymTensor) -> LayerCost:
-    """AvgPool2d: connections = outputs * window size."""
+def avg_pool(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """AvgPool1d/2d/3d: connections = outputs * window size."""
+    count = _pool_count(module)
+    _spatial_nd(x, count, type(module).__name__)
     return _pool(
-        x, module.kernel_size, module.stride, module.padding, 1, module.ceil_mode, "avg_pool2d"
+        x, module.kernel_size, module.stride, module.padding, 1, module.ceil_mode,
+        f"avg_pool{count}d",
     )
 
 
 def _adaptive_pool(x: SymTensor, output_size: Any, op: str = "") -> LayerCost:
-    height, width = _spatial(x)
-    out_h, out_w = _pair(output_size)
-    out_h = height if out_h is None else sp.Integer(out_h)
-    out_w = width if out_w is None else sp.Integer(out_w)
-    output = _with_spatial(x, x.shape[1], out_h, out_w)
-    window_h = height if out_h == height else shapes.adaptive_window_total(height, int(out_h))
-    window_w = width if out_w == width else shapes.adaptive_window_total(width, int(out_w))
-    return LayerCost("adaptive_pool", output, connections=x.shape[1] * window_h * window_w, op=op)
-
-
-def adaptive_pool2d(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
-    """AdaptiveAvg/MaxPool2d: connections = channels * sum of the (input/output) windows."""
-    op = (
-        "adaptive_max_pool2d" if isinstance(module, nn.AdaptiveMaxPool2d) else "adaptive_avg_pool2d"
+    count = len(x.shape) - 2
+    if count not in (1, 2, 3):
+        raise UnsupportedLayer(
+            f"adaptive pooling expected a 3-d to 5-d input, got shape {tuple(x.shape)}"
+        )
+    sizes_in = tuple(x.shape[2:])
+    sizes_out = tuple(
+        size if out is None else sp.Integer(out)
+        for size, out in zip(sizes_in, _ntuple(output_size, count), strict=True)
     )
-    return _adaptive_pool(x, module.output_size, op)
+    output = _with_spatial(x, x.shape[1], *sizes_out)
+    windows = [
+        size if out == size else shapes.adaptive_window_total(size, int(out))
+        for size, out in zip(sizes_in, sizes_out, strict=True)
+    ]
+    return LayerCost(
+        "adaptive_pool", output, connections=x.shape[1] * sp.Mul(*windows), op=op
+    )
+
+
+def adaptive_pool(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """AdaptiveAvg/MaxPool1d/2d/3d: connections = channels * sum of the (input/output) windows."""
+    count = _pool_count(module)
+    _spatial_nd(x, count, type(module).__name__)
+    kind = "max" if "Max" in type(module).__name__ else "avg"
+    return _adaptive_pool(x, module.output_size, f"adaptive_{kind}_pool{count}d")
 
 
 def batch_norm2d(module: nn.BatchNorm2d, attrs: Attributes, x: SymTensor) -> LayerCost:
@@ -561,10 +587,18 @@ MODULE_RULES: dict[type, Callable[..., LayerCost]] = {
     nn.ConvTranspose2d: conv_transpose,
     nn.ConvTranspose3d: conv_transpose,
     nn.Linear: linear,
-    nn.MaxPool2d: max_pool2d,
-    nn.AvgPool2d: avg_pool2d,
-    nn.AdaptiveAvgPool2d: adaptive_pool2d,
-    nn.AdaptiveMaxPool2d: adaptive_pool2d,
+    nn.MaxPool1d: max_pool,
+    nn.MaxPool2d: max_pool,
+    nn.MaxPool3d: max_pool,
+    nn.AvgPool1d: avg_pool,
+    nn.AvgPool2d: avg_pool,
+    nn.AvgPool3d: avg_pool,
+    nn.AdaptiveAvgPool1d: adaptive_pool,
+    nn.AdaptiveAvgPool2d: adaptive_pool,
+    nn.AdaptiveAvgPool3d: adaptive_pool,
+    nn.AdaptiveMaxPool1d: adaptive_pool,
+    nn.AdaptiveMaxPool2d: adaptive_pool,
+    nn.AdaptiveMaxPool3d: adaptive_pool,
     nn.BatchNorm1d: batch_norm2d,
     nn.BatchNorm2d: batch_norm2d,
     nn.BatchNorm3d: batch_norm2d,
@@ -803,7 +837,7 @@ def vector_norm(x: SymTensor, p: Any = 2, dim: Any = None, keepdim: bool = False
 def functional_adaptive_avg_pool2d(
     x: SymTensor, output_size: Any, return_indices: bool = False
 ) -> LayerCost:
-    """F.adaptive_avg_pool2d / F.adaptive_max_pool2d: as the modules."""
+    """F.adaptive_avg_pool1d/2d/3d / F.adaptive_max_pool1d/2d/3d: as the modules."""
     if return_indices:
         raise UnsupportedLayer("adaptive_max_pool2d with return_indices=True")
     return _adaptive_pool(x, output_size)
@@ -819,7 +853,7 @@ def functional_pool2d(
     dilation=1,
     **kwargs,
 ) -> LayerCost:
-    """F.max_pool2d / F.avg_pool2d: as the modules."""
+    """F.max_pool1d/2d/3d / F.avg_pool1d/2d/3d: as the modules."""
     return _pool(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
@@ -1553,10 +1587,18 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     torch.norm: vector_norm,
     torch.linalg.vector_norm: vector_norm,
     F.interpolate: interpolate,
+    F.adaptive_avg_pool1d: functional_adaptive_avg_pool2d,
     F.adaptive_avg_pool2d: functional_adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d: functional_adaptive_avg_pool2d,
+    F.adaptive_max_pool1d: functional_adaptive_avg_pool2d,
     F.adaptive_max_pool2d: functional_adaptive_avg_pool2d,
+    F.adaptive_max_pool3d: functional_adaptive_avg_pool2d,
+    F.max_pool1d: functional_pool2d,
     F.max_pool2d: functional_pool2d,
+    F.max_pool3d: functional_pool2d,
+    F.avg_pool1d: functional_pool2d,
     F.avg_pool2d: functional_pool2d,
+    F.avg_pool3d: functional_pool2d,
     operator.getitem: getitem,
     getattr: _getattr,
     "size": size,

@@ -32,6 +32,7 @@ from convtally.analysis.accounting import (
     analyse,
     answer_every_resolution,
     node_output_shapes,
+    size_label,
 )
 from convtally.analysis.conventions import DEFAULT, Convention
 from convtally.analysis.rules import BATCH
@@ -260,9 +261,10 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-def measure(analysis: Analysis, height: int, width: int, device: torch.device):
-    """Return (per-node measured output shapes, fvcore by module, torch FLOPs by module)."""
-    run = _measure_run(analysis, height, width, device)
+def measure(analysis: Analysis, resolution: tuple[int, ...], device: torch.device):
+    """Return (per-node measured output shapes, fvcore by module, torch FLOPs by module) at
+    `resolution` ((H, W), or (T,) and (D, H, W) for 1-d and 3-d inputs)."""
+    run = _measure_run(analysis, tuple(resolution), device)
     return run.shapes, run.fvcore.per_module, run.torch.per_module
 
 
@@ -281,15 +283,17 @@ class _Run:
     exported: bool = False  # rows are ATen ops of an exported graph
 
 
-def _input(analysis: Analysis, height: int, width: int, device: torch.device) -> torch.Tensor:
+def _input(analysis: Analysis, resolution: tuple[int, ...], device: torch.device
+           ) -> torch.Tensor:
     channels = int(analysis.input_channels.subs(analysis.substitutions()))
-    return torch.zeros(1, channels, height, width, device=device)
+    return torch.zeros(1, channels, *resolution, device=device)
 
 
-def _measure_run(analysis: Analysis, height: int, width: int, device: torch.device) -> _Run:
-    """Run the network once at H x W and read what the rows of `analysis` are checked against."""
+def _measure_run(analysis: Analysis, resolution: tuple[int, ...], device: torch.device) -> _Run:
+    """Run the network once at `resolution` and read what the rows of `analysis` are checked
+    against."""
     network = analysis.network
-    x = _input(analysis, height, width, device)
+    x = _input(analysis, resolution, device)
     calls: dict[str, list] = defaultdict(list)
     names = {module: name for name, module in network.named_modules()}
     handles = [
@@ -301,7 +305,8 @@ def _measure_run(analysis: Analysis, height: int, width: int, device: torch.devi
             expected = network(x)
     except RuntimeError as error:
         raise ValueError(
-            f"{analysis.model} fails to run at {height}x{width}: {str(error).splitlines()[0][:160]}"
+            f"{analysis.model} fails to run at {size_label(resolution, short=False)}: "
+            f"{str(error).splitlines()[0][:160]}"
         ) from None
     finally:
         for handle in handles:
@@ -311,10 +316,10 @@ def _measure_run(analysis: Analysis, height: int, width: int, device: torch.devi
         fvcore = peers.run_tool("fvcore", network, x, threads=None)
         torch_counts = _run_torch_counter(network, x)
     if analysis.graph_module is None:
-        program = _program_at(analysis, height, width)
+        program = _program_at(analysis, *resolution)
         shapes, problems = _run_exported(program, x, expected)
         run = _Run(shapes, fvcore, torch_counts, problems=problems, exported=True)
-        _exported_owners(analysis, program, run, (height, width))
+        _exported_owners(analysis, program, run, resolution)
         return run
     measured: dict[str, Any] = {}
     seen: dict[str, int] = defaultdict(int)
@@ -325,7 +330,7 @@ def _measure_run(analysis: Analysis, height: int, width: int, device: torch.devi
     with torch.no_grad():
         measured.update(_record_functional_shapes(analysis.graph_module, x))
     run = _Run(measured, fvcore, torch_counts)
-    _fx_owners(analysis, run, (height, width))
+    _fx_owners(analysis, run, resolution)
     return run
 
 
@@ -387,11 +392,11 @@ def _fx_owners(analysis: Analysis, run: _Run, resolution: tuple[int, int]) -> No
         run.weights[layer.node] = count
 
 
-def _program_at(analysis: Analysis, height: int, width: int) -> Any:
-    """Return the exported program the rows at H x W were counted from."""
+def _program_at(analysis: Analysis, *resolution: int) -> Any:
+    """Return the exported program the rows at `resolution` (H, W) were counted from."""
     programs = getattr(analysis, "export_programs", None)
     if programs is not None:  # the concrete capture exported at each size
-        return programs[(height, width)]
+        return programs[tuple(resolution)]
     program = getattr(analysis, "export_program", None)
     if program is None:
         raise ValueError(
@@ -471,7 +476,7 @@ def _exported_owners(analysis: Analysis, program: Any, run: _Run,
 
 def verify(
     model: str | Analysis,
-    resolutions: Sequence[tuple[int, int]] = ((32, 32), (64, 64)),
+    resolutions: Sequence[tuple[int, ...]] = ((32, 32), (64, 64)),
     settings: Mapping[str, int] | None = None,
     convention: Convention = DEFAULT,
     checkpoint: str | Path | None = None,
@@ -501,15 +506,16 @@ def verify(
     checks = []
     totals = []
     # a bar on a terminal only (tqdm turns itself off when stderr is not one)
-    for j, (height, width) in enumerate(
+    for j, resolution in enumerate(
         tqdm(resolutions, desc="verify", unit="resolution", disable=None, leave=False)
     ):
-        label = resolution_label(height, width)
-        run = _measure_run(analysis, height, width, device)
+        resolution = tuple(resolution)
+        label = resolution_label(*resolution)
+        run = _measure_run(analysis, resolution, device)
         fvcore, torch_counts = run.fvcore.per_module, run.torch.per_module
-        saved = measure_saved_bytes(analysis, memory, height, width) if memory else None
-        at = {H: height, W: width, BATCH: 1, **substitution}
-        rows = _rows_at(analysis, (height, width))
+        saved = measure_saved_bytes(analysis, memory, *resolution) if memory else None
+        at = {**dict(zip(analysis.axes, resolution, strict=True)), BATCH: 1, **substitution}
+        rows = _rows_at(analysis, resolution)
         # fvcore and FlopCounterMode report a module called twice as the sum of its calls
         module_totals: dict[str, int] = defaultdict(int)
         module_calls: dict[str, int] = defaultdict(int)
@@ -586,7 +592,7 @@ def verify(
                 )
             checks.append(check)
         if analysis.capture != "fx":
-            totals.extend(_total_checks(analysis, (height, width), label, run))
+            totals.extend(_total_checks(analysis, resolution, label, run))
     return Verification(
         model=analysis.model,
         device=device_description(device),
@@ -630,6 +636,8 @@ def _memory_model(analysis: Analysis) -> Any:
     """Return the analysis' memory model (float32, SGD), None where it has no formulas."""
     from convtally.analysis.memory import memory_model
 
+    if analysis.axes != (H, W):  # the memory rules count C x H x W inputs
+        return None
     try:
         return memory_model(analysis)
     except ValueError:  # not an fx capture: no memory formulas to check

@@ -154,6 +154,15 @@ def declared_input_channels(network: nn.Module, default: int = 3) -> int:
     return default
 
 
+def declared_input_rank(network: nn.Module) -> int:
+    """Return the number of sizes after the channels the network's input has: 1 (C x T) or 3
+    (C x D x H x W) when its first convolution is 1-d or 3-d and it has no 2-d one, else 2."""
+    convolutions = [m for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not convolutions or any(len(m.kernel_size) == 2 for m in convolutions):
+        return 2
+    return len(convolutions[0].kernel_size)
+
+
 COLOURIZATION_HYPERPARAMETERS = (
     Hyperparameter("kernel", "K", 3, probe_step=2),
     Hyperparameter("num_in_channels", "NIC", 3),
