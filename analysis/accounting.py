@@ -204,7 +204,7 @@ class Analysis:
             names = "x".join(map(str, self.axes))
             raise ResolutionError(
                 f"expected {len(self.axes)} input size(s) ({names}) for input "
-                f"{self.input_text}, got {size_label(sizes)}; give --res as {names}"
+                f"{self.input_text}, got {size_label(sizes, short=False)}; give --res as {names}"
             )
 
     def evaluate(
@@ -815,7 +815,7 @@ def analyse(
     exact: bool = False,
     allow_unknown: bool = False,
     capture: str = "auto",
-    resolutions: Sequence[tuple[int, ...]] | None = None,
+    resolutions: Sequence[tuple[int, ...] | str] | None = None,
     input_shape: str | None = None,
 ) -> Analysis:
     """Return the cost table of `model` (registry name, spec or module).
@@ -824,11 +824,18 @@ def analyse(
     H, W, ATen rules), concrete (counted at each of `resolutions`), or auto: the first of
     fx, export, concrete that works, the reasons the others did not said in the analysis.
     `input_shape` is the per-example input as --input spells it ('1xHxW', '2xT' for a 1-d
-    input, '3xDxHxW' for a 3-d one); by default C x H x W with C as the model declares.
+    input, '3xDxHxW' for a 3-d one); by default C x H x W with C as the model declares, or
+    C x T (C x D x H x W) for a network of 1-d (3-d) convolutions. A resolution may be given
+    as --res spells it ('16000'), read for the input's sizes.
     """
     if capture not in CAPTURES:
         raise ValueError(f"unknown capture {capture!r}; use one of {', '.join(CAPTURES)}")
     prepared = _prepare(model, settings, input_shape)
+    if resolutions is not None:
+        rank = len(prepared.axes)
+        resolutions = [
+            parse_resolution(r, rank) if isinstance(r, str) else tuple(r) for r in resolutions
+        ]
     if capture == "fx":
         return _analyse_fx(prepared, convention, exact, allow_unknown)
     if capture == "concrete":

@@ -258,8 +258,15 @@ def analyse_from(args: argparse.Namespace, model: str, default: tuple[str, ...] 
             input_shape=getattr(args, "input", None),
         )
 
+    if getattr(args, "input", None) is None:
+        resolutions = list(args.res or default)  # read for the model's input once it is built
+        analysis = run(args.exact)
+        args.input = "x".join(("C", *map(str, analysis.axes)))  # what --res means from here
+    else:
+        resolutions = resolutions_from(args, default)
+        analysis = run(args.exact)
     resolutions = resolutions_from(args, default)
-    return answer_every_resolution(run(args.exact), resolutions, lambda: run(True))
+    return answer_every_resolution(analysis, resolutions, lambda: run(True))
 
 
 def run_table(args: argparse.Namespace) -> int:
