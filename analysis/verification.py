@@ -496,10 +496,45 @@ def verify(
         )
     check_forward_fits(analysis, resolutions)  # before anything runs
     device = resolve_device(device) if isinstance(device, str) else device
+    analysis = _working_copy(analysis, checkpoint, device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using padding='same'")
+        checks, totals = _check_resolutions(analysis, resolutions, device)
+    return Verification(
+        model=analysis.model,
+        device=device_description(device),
+        resolutions=[resolution_label(*r) for r in resolutions],
+        convention=analysis.convention.as_dict(),
+        checks=checks,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        capture=analysis.capture,
+        totals=totals,
+    )
+
+
+def _working_copy(analysis: Analysis, checkpoint: str | Path | None,
+                  device: torch.device) -> Analysis:
+    """Return the analysis to verify: `analysis` itself when its network is used as it is, else
+    a copy whose network (and traced graph, sharing its modules) is a copy loaded from
+    `checkpoint` and moved to `device`, so the caller's analysis and network stay as they were."""
+    network = analysis.network
+    first = next(network.parameters(), None)
+    if checkpoint is None and (first is None or first.device == device):
+        return analysis
+    network, graph_module = copy.deepcopy((network, analysis.graph_module))
     if checkpoint is not None:
-        load_checkpoint(analysis.network, checkpoint)
-    analysis.network.to(device).eval()
-    warnings.filterwarnings("ignore", message="Using padding='same'")
+        load_checkpoint(network, checkpoint)
+    working = copy.copy(analysis)
+    working.network = network.to(device).eval()
+    working.graph_module = graph_module
+    return working
+
+
+def _check_resolutions(analysis: Analysis, resolutions: Sequence[tuple[int, ...]],
+                       device: torch.device) -> tuple[list[LayerCheck], list]:
+    """Return (one check per layer and resolution, the totals checks of a non-fx capture)."""
+    from convtally.analysis.formatting import resolution_label
+
     values = analysis.evaluate(resolutions)
     substitution = analysis.substitutions()
     memory = _memory_model(analysis)
@@ -593,16 +628,8 @@ def verify(
             checks.append(check)
         if analysis.capture != "fx":
             totals.extend(_total_checks(analysis, resolution, label, run))
-    return Verification(
-        model=analysis.model,
-        device=device_description(device),
-        resolutions=[resolution_label(*r) for r in resolutions],
-        convention=analysis.convention.as_dict(),
-        checks=checks,
-        checkpoint=str(checkpoint) if checkpoint else None,
-        capture=analysis.capture,
-        totals=totals,
-    )
+    return checks, totals
+
 
 
 def _total_checks(analysis: Analysis, resolution: tuple[int, int], label: str,

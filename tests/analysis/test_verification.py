@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -130,6 +131,25 @@ def test_checkpoint_round_trip(tmp_path, capsys):
         == 0
     )
     assert '"mismatches": 0' in capsys.readouterr().out
+
+
+def test_verify_leaves_the_callers_analysis_and_warning_filters_alone(tmp_path):
+    trained = REGISTRY["unet"].build({"NF": 8})
+    for parameter in trained.parameters():
+        torch.nn.init.normal_(parameter)
+    path = tmp_path / "unet.pt"
+    torch.save(trained.state_dict(), path)
+    analysis = analyse("unet", {"NF": 8})
+    before = {k: v.clone() for k, v in analysis.network.state_dict().items()}
+    network, graph_module = analysis.network, analysis.graph_module
+    filters = list(warnings.filters)
+    result = verify(analysis, [(32, 32)], checkpoint=path)
+    assert result.checkpoint == str(path) and not result.mismatches
+    assert analysis.network is network and analysis.graph_module is graph_module
+    after = analysis.network.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not all(torch.equal(trained.state_dict()[k], v) for k, v in before.items())
+    assert warnings.filters == filters
 
 
 def test_checkpoints_load_onto_the_cpu_without_code_execution(tmp_path, monkeypatch):
