@@ -702,7 +702,8 @@ class _Prepared:
 
     `shapes` is the network built on the meta device (structure and shapes, no weights), which
     is all the fx rung needs; `network` is built with real weights on first use (the export
-    and concrete rungs run it), or is the module the caller gave.
+    and concrete rungs run it), or is the module the caller gave. `meta` keeps the meta build
+    when `shapes` is given up (the export rung's size check runs on it).
     """
 
     built: nn.Module | None
@@ -714,6 +715,7 @@ class _Prepared:
     build: Callable[[], nn.Module] | None = None
     shapes: nn.Module | None = None
     axes: tuple[sp.Symbol, ...] = (H, W)  # the input's sizes after its channels (--input)
+    meta: nn.Module | None = None
 
     @property
     def network(self) -> nn.Module:
@@ -796,6 +798,7 @@ def _prepare_model(
             spec.name,
             build=lambda: spec.build(values),
             shapes=shapes.eval() if shapes is not None else None,
+            meta=shapes,
         )
     network = model.eval()
     return _Prepared(
@@ -921,11 +924,17 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown) -> Analys
     if prepared.shapes is not None:
         # the meta-device build: the same graph and shapes without weights; anything it cannot
         # do (a layer without a rule run for its shape, code that reads tensor values) falls
-        # back to the real build below, so the answer and the errors are the real build's
+        # back to the real build below, so the answer and the errors are the real build's. A
+        # ValueError (an untraceable forward, an op without a rule, a size check on symbolic
+        # sizes) is the real build's answer too: building real weights to hear it again cost
+        # a ViT-B a second
         try:
             graph_module = trace(prepared.shapes)
             layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
             return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
+        except ValueError:
+            prepared.shapes = None
+            raise
         except Exception:
             prepared.shapes = None
     graph_module = trace(prepared.network)
@@ -966,6 +975,18 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
     """Count the fx graph at each resolution with concrete sizes (no formulas in H, W)."""
     if not resolutions:
         raise ValueError("the concrete capture counts at given resolutions; pass --res")
+    if prepared.meta is not None:
+        # shapes are all it needs: on the meta build when it counts every layer there (no
+        # weights made); anything else is decided on the real build below, as before
+        try:
+            counted = _concrete_rows(prepared, trace(prepared.meta), convention, allow_unknown,
+                                     resolutions)
+            analysis = concrete_analysis(prepared, counted[0], counted[1], convention,
+                                         shapes=True)
+            if analysis.complete:
+                return analysis
+        except Exception:  # noqa: S110 - the real build below gives the answer and the error
+            pass
     try:
         graph_module = trace(prepared.network)
     except ValueError:
@@ -1007,8 +1028,17 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
     return analysis
 
 
+def _concrete_rows(prepared, graph_module, convention, allow_unknown, resolutions):
+    """Return (graph_module, resolution -> rows) counted with concrete sizes at each."""
+    return graph_module, {
+        tuple(r): _interpret_prepared(
+            prepared, graph_module, convention, allow_unknown, tuple(sp.Integer(v) for v in r))
+        for r in resolutions
+    }
+
+
 def concrete_analysis(
-    prepared, graph_module, per_resolution, convention, used_targets=None
+    prepared, graph_module, per_resolution, convention, used_targets=None, shapes: bool = False
 ) -> Analysis:
     """Return the Analysis of rows counted separately at each resolution (same rows at each)."""
     resolutions = list(per_resolution)
@@ -1020,7 +1050,8 @@ def concrete_analysis(
                 f"at {size_label(resolutions[0], short=False)}; analyse each resolution on its "
                 "own"
             )
-    analysis = _finish(prepared, graph_module, list(first), convention, True, used_targets)
+    analysis = _finish(prepared, graph_module, list(first), convention, True, used_targets,
+                       shapes=shapes)
     analysis.capture = "concrete"
     analysis.assumptions = [
         a for a in analysis.assumptions if not a.startswith("formulas are exact")
@@ -1066,8 +1097,8 @@ def _count_at_batch_one(layers: list[Layer]) -> list[str]:
 
 def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
             used_targets: set[str] | None = None, shapes: bool = False) -> Analysis:
-    """Return the Analysis of `layers`; `shapes`: they were counted from `prepared.shapes`."""
-    network = prepared.shapes if shapes else prepared.network
+    """Return the Analysis of `layers`; `shapes`: they were counted from the meta build."""
+    network = prepared.meta if shapes else prepared.network
     if graph_module is not None:
         used = {id(p) for p in _used_parameters(graph_module)}
     else:  # an exported graph: the parameters its rows own
@@ -1229,7 +1260,12 @@ def _interpret(
                 parameters=result.weights + owned,
             )
         env[node.name] = cost.output
-        shape = cost.output.shape[1:] if isinstance(cost.output, SymTensor) else ()
+        output = cost.output
+        if isinstance(output, tuple) and all(v is None or isinstance(v, SymTensor)
+                                             for v in output):
+            tensors = [v for v in output if v is not None]  # (output, None): MHA's weights
+            output = tensors[0] if len(tensors) == 1 else output
+        shape = output.shape[1:] if isinstance(output, SymTensor) else ()
         layers.append(
             Layer(
                 name=label,

@@ -517,10 +517,9 @@ def analyse_exported(prepared: _Prepared, convention: Convention, exact: bool,
     """Return the Analysis from torch.export with dynamic H, W (formulas in H, W)."""
     _images_only(prepared)
     probe = tuple(resolutions[0]) if resolutions else PROBE
+    _fixed_size_on_meta(prepared, probe)
     program = export(prepared.network, prepared.channels, probe, dynamic=True)
-    image = next(n for n in program.graph.nodes if n.op == "placeholder"
-                 and n.name not in program.graph_signature.inputs_to_parameters
-                 and n.name not in program.graph_signature.inputs_to_buffers).meta["val"]
+    image = _image(program)
     fixed = [name for name, d in zip("HW", image.shape[2:], strict=True)
              if not isinstance(d, torch.SymInt)]
     if fixed:
@@ -539,6 +538,14 @@ def analyse_exported(prepared: _Prepared, convention: Convention, exact: bool,
     return analysis
 
 
+def _image(program) -> Any:
+    """Return the fake tensor of the program's input image (its user input: not a parameter,
+    buffer or lifted constant, which swin_t's exported graph puts first)."""
+    user = set(program.graph_signature.user_inputs)
+    return next(n for n in program.graph.nodes
+                if n.op == "placeholder" and n.name in user).meta["val"]
+
+
 def _images_only(prepared: _Prepared) -> None:
     """Refuse an input that is not C x H x W (the ATen rules and guards name H and W)."""
     if len(prepared.axes) != 2:
@@ -547,6 +554,34 @@ def _images_only(prepared: _Prepared) -> None:
             f"the export rung counts CxHxW inputs, not {shape}; the fx and concrete rungs "
             "count it (--capture fx or concrete)"
         )
+
+
+def _fixed_size_on_meta(prepared: _Prepared, probe: tuple[int, int]) -> None:
+    """Refuse, before exporting, a model whose meta-device build runs at the probe size but not
+    at twice it (a ViT's size assert): the same answer _runs_at_another_size gives after the
+    export, without the export (seconds to minutes) or a forward pass at 4x the pixels."""
+    if prepared.meta is None:
+        return
+    other = (2 * probe[0], 2 * probe[1])
+
+    def failure(size: tuple[int, int]) -> Exception | None:
+        try:
+            with torch.no_grad():
+                prepared.meta(torch.zeros(1, prepared.channels, *size, device="meta"))
+        except Exception as error:  # the model's own check, or what meta tensors cannot do
+            return error
+        return None
+
+    if failure(probe) is not None:
+        return  # meta cannot run it at all: the check after the export decides
+    error = failure(other)
+    if error is None:
+        return
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise ValueError(
+        f"the model runs at {probe[0]}x{probe[1]} but not at {other[0]}x{other[1]} "
+        f"({first[:120]}): its input size is fixed"
+    )
 
 
 def _runs_at_another_size(prepared: _Prepared, probe: tuple[int, int]) -> None:
@@ -565,9 +600,7 @@ def _runs_at_another_size(prepared: _Prepared, probe: tuple[int, int]) -> None:
 
 def _guards(program) -> list[str]:
     lines = []
-    image = next(n for n in program.graph.nodes if n.op == "placeholder"
-                 and n.name not in program.graph_signature.inputs_to_parameters
-                 and n.name not in program.graph_signature.inputs_to_buffers).meta["val"]
+    image = _image(program)
     names = {}
     for value, symbol in zip(image.shape[2:], "HW", strict=True):
         if isinstance(value, torch.SymInt):

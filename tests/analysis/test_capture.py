@@ -222,3 +222,83 @@ def test_swin_counted_concretely_through_the_aten_rules_equals_fvcore_and_torch(
     assert analysis.totals_at([(64, 64)])["connections"][0] == peers.run_fvcore(build(), x).total
     torch_preset = analysis.with_convention(preset("torch")).totals_at([(64, 64)])
     assert torch_preset["connections"][0] == peers.run_torch(build(), x).total
+
+
+class LiftedConstant(nn.Module):
+    """A plain tensor attribute is a lifted constant in torch.export's graph, placed before the
+    input image (as swin_t's are); a branch on the size keeps fx out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = torch.tensor([2.0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] > 8:
+            x = x * 1
+        return self.conv(x) * self.scale
+
+
+def test_export_rung_finds_the_image_after_a_lifted_constant():
+    network = LiftedConstant().eval()
+    analysis = analyse(network, convention=preset("fvcore"), capture="export",
+                       resolutions=[(32, 32)])
+    assert analysis.capture == "export" and analysis.symbolic
+    for size in ((32, 32), (40, 24)):
+        assert analysis.totals_at([size])["connections"][0] == fvcore_total(network, size)
+
+
+FIXED_SIZE = '''
+import torch
+from torch import nn
+
+BUILDS = []
+
+
+class Fixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        torch._assert(x.shape[2] == 32, "expects 32x32 images")
+        torch._assert(x.shape[3] == 32, "expects 32x32 images")
+        return self.head(self.conv(x).flatten(1))
+
+
+def build():
+    network = Fixed()
+    BUILDS.append(next(network.parameters()).device.type)
+    return network
+'''
+
+
+def test_a_fixed_size_model_is_counted_without_real_weights_or_an_export(
+        tmp_path, monkeypatch):
+    """fx's refusal on the meta build is final (a ValueError), the meta build shows the size
+    is fixed before torch.export is tried, and the concrete rung counts on the meta build:
+    real weights are made only when something runs the network (verify)."""
+    import importlib
+
+    from convtally.analysis import export_capture
+    from convtally.analysis.verification import verify
+
+    (tmp_path / "fixed_net.py").write_text(FIXED_SIZE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("fixed_net")
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("torch.export was called")
+
+    monkeypatch.setattr(export_capture, "export", no_export)
+    analysis = analyse("fixed_net:build", convention=preset("fvcore"), resolutions=[(32, 32)])
+    assert analysis.capture == "concrete"
+    assert "not at 64x64 (expects 32x32 images): its input size is fixed" in analysis.capture_note
+    assert module.BUILDS == ["meta"]
+    totals = analysis.totals_at([(32, 32)])
+    network = module.build()
+    assert totals["weights"][0] == sum(p.numel() for p in network.parameters())
+    assert totals["connections"][0] == fvcore_total(network.eval(), (32, 32))
+    assert not verify(analysis, [(32, 32)]).mismatches
+    assert module.BUILDS == ["meta", "cpu", "cpu"]  # the test's own build, then verify's
