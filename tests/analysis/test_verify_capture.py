@@ -145,3 +145,36 @@ def test_fx_parameter_read_in_forward_is_its_rows_witness():
     mul = next(c for c in result.checks if c.layer == "mul")
     assert mul.weights_measured == mul.weights_formula == 8
     assert not any(p.startswith("weights") for c in result.checks for p in c.problems)
+
+
+class PatchAttention(nn.Module):
+    """Patches, then nn.MultiheadAttention: in eval under no_grad it takes PyTorch's fused fast
+    path, which returns (output, None) and which fvcore does not count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 32, 8, stride=8)
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        attended, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        return self.head(attended.mean(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "concrete"])
+def test_multihead_attention_verifies_on_its_fast_path(capture):
+    network = PatchAttention().eval()
+    analysis = analyse(network, capture=capture, resolutions=[(32, 32), (64, 48)])
+    row = next(layer for layer in analysis.layers if layer.type == "MultiheadAttention")
+    assert len(row.output_shape) == 2 and row.output_shape[1] == 32  # (tokens, embedding)
+    result = verify(analysis, [(32, 32), (64, 48)])
+    assert result.mismatches == [], [c.problems for c in result.mismatches]
+    check = next(c for c in result.checks if c.type == "MultiheadAttention")
+    assert check.outputs_measured == check.outputs_formula == 16 * 32
+    assert check.shape_measured == check.shape_formula == [16, 32]
+    if capture == "concrete":  # the totals are checked against each tool's own total
+        totals = {t.tool: t for t in result.totals}
+        assert totals["fvcore"].ours == totals["fvcore"].tool_total > 0
+    assert torch.backends.mha.get_fastpath_enabled()  # left as it was
