@@ -15,10 +15,9 @@ import math
 import signal
 import threading
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from copy import copy, deepcopy
+from copy import copy
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -28,12 +27,20 @@ import torch
 import torch.fx
 from convtally.analysis import rules
 from convtally.analysis.conventions import DEFAULT, Convention
+from convtally.analysis.evaluation import IntegerEvaluator
 from convtally.analysis.hyperparameters import (
     concrete_attributes,
     fit_attributes,
     hyperparameter_symbols,
 )
 from convtally.analysis.rules import BATCH, LayerCost, PlainValue, SymTensor, UnsupportedLayer
+from convtally.analysis.symbols import AXES, H, W
+from convtally.analysis.tracing import (
+    concrete_shapes,
+    flat_values,
+    map_values,
+    trace,
+)
 from convtally.models.registry import (
     ModelSpec,
     declared_input_channels,
@@ -42,12 +49,6 @@ from convtally.models.registry import (
 )
 from torch import nn
 
-H = sp.Symbol("H", integer=True, positive=True)
-W = sp.Symbol("W", integer=True, positive=True)
-T = sp.Symbol("T", integer=True, positive=True)  # the length of a 1-d input (C x T)
-D = sp.Symbol("D", integer=True, positive=True)  # the depth of a 3-d input (C x D x H x W)
-# the symbolic sizes of the input after its channels, by the number of them (--input)
-AXES: dict[int, tuple[sp.Symbol, ...]] = {1: (T,), 2: (H, W), 3: (D, H, W)}
 QUANTITIES = ("weights", "outputs", "connections")
 FLOORS_KEPT = "some sizes keep floor(): no divisibility of H and W removes it"
 UNUSED_ROW = "(unused parameters)"
@@ -447,143 +448,11 @@ class _NetworkSource:
         return self
 
 
-class IntegerEvaluator:
-    """Evaluates many floor-containing rational formulas exactly, vectorised over (H, W).
-
-    floor(p/q) and ceiling(p/q) become integer floor division of the numerator and denominator
-    polynomials, and each formula is scaled by its common denominator and divided back exactly,
-    so no float ever rounds a count. A network repeats few distinct formulas (resnet152: 46
-    among 2,569), so each distinct one is compiled and evaluated once and its row shared.
-    """
-
-    def __init__(self, formulas: Sequence[sp.Expr], axes: Sequence[sp.Symbol] = (H, W)):
-        positions: dict[sp.Expr, int] = {}
-        index = [positions.setdefault(sp.sympify(f), len(positions)) for f in formulas]
-        self.index = np.array(index, dtype=np.intp)
-        compiled = [_formula_code(formula) for formula in positions]
-        self.denominators = np.array([d for _, d in compiled], dtype=object)
-        # what sympy.lambdify((H, W), [...], modules=[_EVALUATOR_FUNCTIONS, "math"]) builds,
-        # from each formula's code printed once (printing is most of the cost, and the same
-        # formulas come back: the simple and exact analyses, a loop over models)
-        arguments = ", ".join(map(str, axes))
-        source = f"def _evaluate({arguments}):\n    return [" + ", ".join(c for c, _ in compiled)
-        source += "]\n"
-        namespace = {**_MATH_NAMESPACE, **_EVALUATOR_FUNCTIONS}
-        exec(compile(source, "<convtally formulas>", "exec"), namespace)
-        self.function = namespace["_evaluate"]
-
-    def __call__(self, *columns: np.ndarray) -> np.ndarray:
-        """Return an object array of exact ints, formulas x resolutions, from one array of
-        sizes per axis (heights and widths; lengths; depths, heights and widths)."""
-        if not len(self.index):
-            return np.zeros((0, len(columns[0])), dtype=object)
-        raw = self.function(*columns)
-        rows = [np.broadcast_to(np.asarray(r, dtype=object), columns[0].shape) for r in raw]
-        distinct = np.stack(rows) // self.denominators[:, None]
-        return distinct[self.index]
-
-
-_EVALUATOR_FUNCTIONS = {
-    "ifloor": lambda n, d: n // d,
-    "iceil": lambda n, d: -((-n) // d),
-    "FvcoreEinsum": rules.fvcore_einsum_count,
-}
-_MATH_NAMESPACE: dict[str, Any] = {}
-exec("from math import *", _MATH_NAMESPACE)  # lambdify's "math" module namespace
-
-
-@functools.lru_cache(maxsize=16384)
-def _formula_code(formula: sp.Expr) -> tuple[str, int]:
-    """Return (Python code of the formula scaled to integers, the scale), as lambdify prints it
-    (floor and ceiling of p/q as ifloor/iceil of integer polynomials)."""
-    from sympy.printing.pycode import PythonCodePrinter
-
-    integral = _integer_divisions(formula)
-    denominator = _common_denominator(integral)
-    printer = PythonCodePrinter({
-        "fully_qualified_modules": False, "inline": True, "allow_unknown_functions": True,
-        "user_functions": {name: name for name in _EVALUATOR_FUNCTIONS},
-    })
-    return "(" + printer.doprint(sp.expand(integral * denominator)) + ")", denominator
-
-
-_IFLOOR = sp.Function("ifloor")
-_ICEIL = sp.Function("iceil")
-
-
-def _integer_divisions(expression: sp.Expr) -> sp.Expr:
-    atoms = expression.atoms(sp.floor, sp.ceiling)
-    replacements = {atom: _integer_division(atom) for atom in atoms}
-    return expression.xreplace(replacements) if replacements else expression
-
-
-@functools.lru_cache(maxsize=16384)
-def _integer_division(atom: sp.Expr) -> sp.Expr:
-    """Return floor(p/q) or ceiling(p/q) as ifloor/iceil of polynomials (remembered: the exact
-    formulas of a deep network nest the same floors many times over)."""
-    inner = _integer_divisions(atom.args[0])
-    numerator, denominator = sp.fraction(sp.together(inner))
-    function = _IFLOOR if isinstance(atom, sp.floor) else _ICEIL
-    return function(sp.expand(numerator), denominator)
-
-
-def _common_denominator(expression: sp.Expr) -> int:
-    expanded = sp.expand(expression)
-    denominators = [int(r.q) for r in expanded.atoms(sp.Rational)]
-    return math.lcm(*denominators) if denominators else 1
-
-
-# --- tracing -------------------------------------------------------------------------------
-
-
-class _Tracer(torch.fx.Tracer):
-    """Stops at modules that have a rule (and at torch.nn's own leaves), traces through others."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        if rules.module_rule(module) is not None:
-            return True
-        return super().is_leaf_module(module, qualified_name)
-
-
-def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """Return `model` traced into a GraphModule whose leaves are the modules the rules know."""
-    optional = rules.optional_function_rules()
-    rules.FUNCTION_RULES.update(optional)
-    try:
-        graph = _Tracer(autowrap_functions=tuple(optional)).trace(model)
-    except Exception as error:  # torch.fx raises many types for untraceable code
-        raise ValueError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); its forward needs "
-            "data-independent control flow"
-        ) from None
-    own = set(graph.nodes)
-    for node in graph.nodes:
-        stale = [argument for argument in node.all_input_nodes if argument not in own]
-        if stale:  # timm's EfficientFormer caches attention biases keyed by str(device)
-            raise ValueError(
-                f"cannot trace {type(model).__name__} with torch.fx again: {node.name} reads "
-                f"{stale[0].name} from an earlier trace (its forward keeps a traced value in "
-                "module state, a cache)"
-            )
-    return torch.fx.GraphModule(model, graph)
-
-
 # --- interpretation ------------------------------------------------------------------------
 
 
-def _map(value: Any, function) -> Any:
-    return torch.fx.node.map_aggregate(value, function)
-
-
-def _flat_values(value: Any) -> list[Any]:
-    found: list[Any] = []
-    _map(value, found.append)
-    return found
-
-
 def _contains_tensor(value: Any) -> bool:
-    return any(isinstance(v, SymTensor) for v in _flat_values(value))
+    return any(isinstance(v, SymTensor) for v in flat_values(value))
 
 
 def _node_label(node: torch.fx.Node, seen: Counter) -> tuple[str, str]:
@@ -598,68 +467,6 @@ def _node_label(node: torch.fx.Node, seen: Counter) -> tuple[str, str]:
     return (name if seen[name] == 1 else f"{name}:{seen[name]}"), kind
 
 
-def node_output_shapes(graph_module: torch.fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
-    """Run the traced graph on `x`; return node name -> output shape (tuples of shapes for
-    tuple outputs, None for values that are not tensors)."""
-    shapes: dict[str, Any] = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node):
-            result = super().run_node(node)
-            shapes[node.name] = _map(
-                result, lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None
-            )
-            return result
-
-        def call_module(self, target, args, kwargs):
-            module = self.fetch_attr(target)
-            if isinstance(module, nn.RNNBase) and _any_meta(args):
-                return _run_real(module, args, kwargs)
-            return super().call_module(target, args, kwargs)
-
-    with torch.no_grad():
-        Recorder(graph_module).run(x)
-    return shapes
-
-
-def _any_meta(value: Any) -> bool:
-    found = []
-    _map(value, lambda v: found.append(isinstance(v, torch.Tensor) and v.is_meta))
-    return any(found)
-
-
-def _run_real(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Run a meta-device module on real zeros (uninitialised weights) and return meta outputs.
-
-    An RNN's meta kernel steps through the sequence in Python (minutes for a 94x94 feature
-    map read as 8,836 steps); its real kernel takes milliseconds, and only shapes are read.
-    """
-    real = deepcopy(module).to_empty(device="cpu")
-
-    def to_real(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return torch.zeros(value.shape, dtype=value.dtype)
-        return value
-
-    output = real(*_map(args, to_real), **_map(kwargs, to_real))
-    return _map(output, lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v)
-
-
-_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _concrete_shapes(graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...]):
-    # on the meta device when the network was built there: the same shapes, nothing computed;
-    # one run per graph and input size, however many layers without a rule ask for it
-    remembered = _SHAPES.setdefault(graph_module, {})
-    if input_shape not in remembered:
-        meta = any(p.is_meta for p in graph_module.parameters())
-        device = torch.device("meta") if meta else None
-        remembered[input_shape] = node_output_shapes(
-            graph_module, torch.zeros(input_shape, device=device))
-    return remembered[input_shape]
-
-
 def _unknown_output(
     node, graph_module, input_tensor: SymTensor, channels: int, size=(H, W)
 ) -> SymTensor:
@@ -668,15 +475,15 @@ def _unknown_output(
     # run at that size gives it.
     if all(sp.sympify(d).is_Integer for d in size):
         sizes = tuple(int(d) for d in size)
-        shape = _concrete_shapes(graph_module, (1, channels, *sizes))[node.name]
+        shape = concrete_shapes(graph_module, (1, channels, *sizes))[node.name]
         if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
             return SymTensor((BATCH, *(sp.Integer(d) for d in shape[1:])))
         raise UnsupportedLayer(f"{node.target}: unknown layer whose output is not one tensor")
     inputs = [(1, channels, *(side,) * len(size)) for side in (64, 96)]
-    runs = [_concrete_shapes(graph_module, shape)[node.name] for shape in inputs]
+    runs = [concrete_shapes(graph_module, shape)[node.name] for shape in inputs]
     first = node.args[0].name if node.args and isinstance(node.args[0], torch.fx.Node) else None
     if first is not None:
-        inputs = [_concrete_shapes(graph_module, shape)[first] for shape in inputs]
+        inputs = [concrete_shapes(graph_module, shape)[first] for shape in inputs]
     if runs[0] == inputs[0] and runs[1] == inputs[1]:
         return SymTensor(input_tensor.shape)
     if runs[0] == runs[1]:
@@ -1186,8 +993,10 @@ def _interpret(
         if node.op == "get_attr":
             env[node.name] = _attribute_value(graph_module, node.target)
             continue
-        args = _map(node.args, lambda n: env[n.name] if isinstance(n, torch.fx.Node) else n)
-        kwargs = _map(node.kwargs, lambda n: env[n.name] if isinstance(n, torch.fx.Node) else n)
+        def value_of(n: Any) -> Any:
+            return env[n.name] if isinstance(n, torch.fx.Node) else n
+
+        args, kwargs = map_values(node.args, value_of), map_values(node.kwargs, value_of)
         label, function_name = _node_label(node, seen)
         if node.op == "call_module":
             module = graph_module.get_submodule(node.target)
@@ -1306,7 +1115,7 @@ def _attribute_value(graph_module: torch.fx.GraphModule, target: str) -> Any:
 def _new_parameters(values: Any, owned: set[str]) -> sp.Expr:
     """Return the values of parameters among `values` not yet owned by a row (and own them)."""
     found: list[rules.ParameterTensor] = []
-    _map(values, lambda v: found.append(v) if isinstance(v, rules.ParameterTensor) else None)
+    map_values(values, lambda v: found.append(v) if isinstance(v, rules.ParameterTensor) else None)
     total = 0
     for parameter in found:
         if parameter.target not in owned:
@@ -1317,7 +1126,7 @@ def _new_parameters(values: Any, owned: set[str]) -> sp.Expr:
 
 def _first_tensor(values: Any) -> SymTensor | None:
     found: list[SymTensor] = []
-    _map(values, lambda v: found.append(v) if isinstance(v, SymTensor) else None)
+    map_values(values, lambda v: found.append(v) if isinstance(v, SymTensor) else None)
     return found[0] if found else None
 
 
@@ -1367,7 +1176,7 @@ def _unused_note(count: int, counted: bool) -> str:
 
 def _first_input(args, kwargs) -> sp.Expr | None:
     found: list[SymTensor] = []
-    _map((args, kwargs), lambda v: found.append(v) if isinstance(v, SymTensor) else None)
+    map_values((args, kwargs), lambda v: found.append(v) if isinstance(v, SymTensor) else None)
     return found[0].per_example if found else None
 
 
@@ -1384,9 +1193,9 @@ def _python_call(node, args, kwargs):
         try:
             return call(args, kwargs)
         except TypeError:
-            if not any(isinstance(v, sp.Integer) for v in _flat_values((args, kwargs))):
+            if not any(isinstance(v, sp.Integer) for v in flat_values((args, kwargs))):
                 raise
-            return call(_map(args, plain), _map(kwargs, plain))
+            return call(map_values(args, plain), map_values(kwargs, plain))
     except Exception as error:  # e.g. torch._assert on a symbolic size (vision transformers)
         name = getattr(node.target, "__name__", node.target)
         first = str(error).splitlines()[0] if str(error) else type(error).__name__

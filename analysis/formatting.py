@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import sympy as sp
-from convtally.analysis.accounting import AXES, QUANTITIES, Analysis, D, T, size_label
+from convtally.analysis.accounting import QUANTITIES, Analysis, size_label
+from convtally.analysis.symbols import AXES, D, T
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -582,7 +582,7 @@ def _evaluate(formulas: Sequence[sp.Expr], substitutions: Mapping[sp.Symbol, int
 def _compile(formulas: Sequence[sp.Expr], substitutions: Mapping[sp.Symbol, int]
              ) -> Callable[[Sequence[tuple[int, int, int]]], np.ndarray]:
     """Return a function (B, H, W) points -> exact integer values, compiled once."""
-    from convtally.analysis.accounting import IntegerEvaluator
+    from convtally.analysis.evaluation import IntegerEvaluator
 
     leaves: list[sp.Expr] = []
     plans = [_plan(sp.sympify(f).subs(substitutions), leaves) for f in formulas]
@@ -1274,10 +1274,10 @@ def measure_saved(network: nn.Module, x: torch.Tensor, per_node: bool = False,
     parameters and buffers are left out. With `per_node` the network runs node by node: the
     nodes of `graph` when given (an analysis' graph, so the names are its layers' even where
     training mode would trace other nodes, as inception_v3's auxiliary head), else of a
-    training-mode trace (analysis.accounting.trace). The network's modes and buffers
+    training-mode trace (analysis.tracing.trace). The network's modes and buffers
     (BatchNorm's running statistics) are restored afterwards.
     """
-    from convtally.analysis.accounting import trace
+    from convtally.analysis.tracing import trace
 
     modes = {module: module.training for module in network.modules()}
     buffers = {name: buffer.clone() for name, buffer in network.named_buffers()}

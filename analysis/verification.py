@@ -32,11 +32,11 @@ from convtally.analysis.accounting import (
     W,
     analyse,
     answer_every_resolution,
-    node_output_shapes,
     size_label,
 )
 from convtally.analysis.conventions import DEFAULT, Convention
 from convtally.analysis.rules import BATCH
+from convtally.analysis.tracing import node_output_shapes
 from torch import nn
 from tqdm import tqdm
 

@@ -10,7 +10,6 @@ import torch
 from convtally.analysis import peers
 from convtally.analysis.accounting import (
     H,
-    IntegerEvaluator,
     ResolutionError,
     W,
     analyse,
@@ -18,6 +17,7 @@ from convtally.analysis.accounting import (
     parse_settings,
 )
 from convtally.analysis.conventions import make_convention
+from convtally.analysis.evaluation import IntegerEvaluator
 from convtally.analysis.rules import UnsupportedLayer
 from convtally.models.registry import REGISTRY
 from torch import nn

@@ -151,7 +151,8 @@ def test_torch_symbolic_functions_become_exact_integer_forms():
     CeilToInt once crashed the evaluator); an unmapped one is refused, not left to crash."""
     import numpy as np
     import sympy as sp
-    from convtally.analysis.accounting import H, IntegerEvaluator, W
+    from convtally.analysis.accounting import H, W
+    from convtally.analysis.evaluation import IntegerEvaluator
     from convtally.analysis.export_capture import _Sizes
     from convtally.analysis.rules import UnsupportedLayer
     from torch.utils._sympy import functions as torch_functions
@@ -187,7 +188,7 @@ class CachesATracedValue(nn.Module):
 
 
 def test_a_second_trace_that_reads_the_first_ones_node_is_refused_not_a_crash():
-    from convtally.analysis.accounting import trace
+    from convtally.analysis.tracing import trace
 
     network = CachesATracedValue()
     trace(network)

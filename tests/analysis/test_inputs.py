@@ -10,18 +10,14 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 from convtally.analysis.accounting import (
-    AXES,
-    D,
-    H,
     ResolutionError,
-    T,
-    W,
     analyse,
     parse_input,
     parse_resolution,
 )
 from convtally.analysis.cli import main
 from convtally.analysis.conventions import PRESETS
+from convtally.analysis.symbols import AXES, D, H, T, W
 from convtally.analysis.verification import verify
 from hypothesis import given
 from hypothesis import strategies as st

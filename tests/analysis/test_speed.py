@@ -16,8 +16,9 @@ import sys
 import pytest
 import sympy as sp
 import torch
-from convtally.analysis import accounting, rules
+from convtally.analysis import accounting, rules, tracing
 from convtally.analysis.accounting import QUANTITIES, H, W, analyse
+from convtally.analysis.evaluation import IntegerEvaluator
 from convtally.analysis.formatting import (
     cost_frame,
     header_lines,
@@ -171,18 +172,18 @@ def test_an_rnn_is_shaped_on_real_zeros_once_per_size(monkeypatch):
     meta = torch.fx.symbolic_trace(Recurrent().to("meta"))
     real = torch.fx.symbolic_trace(Recurrent())
     runs = []
-    monkeypatch.setattr(accounting, "node_output_shapes", lambda graph_module, x, run=(
-        accounting.node_output_shapes): runs.append(x.shape) or run(graph_module, x))
+    monkeypatch.setattr(tracing, "node_output_shapes", lambda graph_module, x, run=(
+        tracing.node_output_shapes): runs.append(x.shape) or run(graph_module, x))
     for _ in range(3):
-        shapes = accounting._concrete_shapes(meta, (1, 3, 96, 96))
+        shapes = tracing.concrete_shapes(meta, (1, 3, 96, 96))
     assert runs == [torch.Size([1, 3, 96, 96])]
-    assert shapes == accounting.node_output_shapes(real, torch.zeros(1, 3, 96, 96))
+    assert shapes == tracing.node_output_shapes(real, torch.zeros(1, 3, 96, 96))
     assert shapes["lstm"] == ((1, 94 * 94, 6), ((1, 1, 6), (1, 1, 6)))
 
 
 def test_the_evaluator_compiles_each_distinct_formula_once():
     formulas = [H * W, sp.floor(H / 2) * W, H * W, sp.Integer(7), sp.floor(H / 2) * W]
-    evaluator = accounting.IntegerEvaluator(formulas)
+    evaluator = IntegerEvaluator(formulas)
     assert len(evaluator.denominators) == 3
     import numpy as np
 
