@@ -289,14 +289,10 @@ class Analysis:
 
     def _compiled_formulas(self) -> IntegerEvaluator:
         if getattr(self, "_compiled", None) is None:
-            substitution = self.substitutions()
-            substituted: dict[sp.Expr, sp.Expr] = {}  # layers repeat few distinct formulas
+            setting = tuple(sorted(self.substitutions().items(), key=lambda item: item[0].name))
 
             def at_setting(expression: sp.Expr) -> sp.Expr:
-                expression = sp.sympify(expression)
-                if expression not in substituted:
-                    substituted[expression] = expression.subs(substitution)
-                return substituted[expression]
+                return _at_setting(sp.sympify(expression), setting)
 
             formulas = [
                 at_setting(layer.formula(q)) for q in QUANTITIES for layer in self.layers
@@ -427,6 +423,13 @@ class Analysis:
 
     def _has_formula(self, quantity: str) -> bool:
         return self.symbolic or quantity == "weights"
+
+
+@functools.lru_cache(maxsize=65536)
+def _at_setting(expression: sp.Expr, setting: tuple[tuple[sp.Symbol, int], ...]) -> sp.Expr:
+    """Return `expression` with the hyperparameters at `setting`; layers, and analyses of the
+    same model, repeat few distinct formulas (sympy expressions are immutable)."""
+    return expression.subs(dict(setting)) if setting else expression
 
 
 @dataclass

@@ -35,9 +35,7 @@ class IntegerEvaluator:
         arguments = ", ".join(map(str, axes))
         source = f"def _evaluate({arguments}):\n    return [" + ", ".join(c for c, _ in compiled)
         source += "]\n"
-        namespace = {**_MATH_NAMESPACE, **_EVALUATOR_FUNCTIONS}
-        exec(compile(source, "<convtally formulas>", "exec"), namespace)
-        self.function = namespace["_evaluate"]
+        self.function = _compiled_function(source)
 
     def __call__(self, *columns: np.ndarray) -> np.ndarray:
         """Return an object array of exact ints, formulas x resolutions, from one array of
@@ -98,3 +96,11 @@ def _common_denominator(expression: sp.Expr) -> int:
     expanded = sp.expand(expression)
     denominators = [int(r.q) for r in expanded.atoms(sp.Rational)]
     return math.lcm(*denominators) if denominators else 1
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_function(source: str) -> Any:
+    """Return the function `source` defines (the same model analysed again compiles nothing)."""
+    namespace = {**_MATH_NAMESPACE, **_EVALUATOR_FUNCTIONS}
+    exec(compile(source, "<convtally formulas>", "exec"), namespace)
+    return namespace["_evaluate"]

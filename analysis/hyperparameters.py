@@ -84,10 +84,25 @@ def fit_attributes(
     """
     symbols = hyperparameter_symbols(spec)
     base = spec.settings(settings)
+    if spec.hyperparameters:
+        # the fit is a function of the factory and the setting alone: an analysis asked again
+        # (the exact form after the simple one, a sweep over conventions) reuses it
+        key = (spec.name, spec.factory, tuple(sorted(base.items())))
+        if key not in _FITTED:
+            _FITTED[key] = _fit(spec, base, symbols, network)
+        return {name: dict(attributes) for name, attributes in _FITTED[key].items()}
     if network is None:
         network = _shapes_build(spec, base)
-    if not spec.hyperparameters:
-        return concrete_attributes(network)
+    return concrete_attributes(network)
+
+
+_FITTED: dict[tuple, dict[str, dict[str, Any]]] = {}
+
+
+def _fit(spec: ModelSpec, base: Mapping[str, int], symbols: Mapping[str, sp.Symbol],
+         network: nn.Module | None) -> dict[str, dict[str, Any]]:
+    if network is None:
+        network = _shapes_build(spec, base)
     base_table = integer_attributes(network)
     steps = {hp.symbol: hp.probe_step for hp in spec.hyperparameters}
     probes = {}

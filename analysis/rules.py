@@ -665,12 +665,21 @@ def _flatten(x: SymTensor, start_dim: int = 0, end_dim: int = -1) -> SymTensor:
     return SymTensor(tuple(dims[:start] + [merged] + dims[end + 1 :]))
 
 
+@functools.lru_cache(maxsize=1024)
+def _exact_scale(scale: Any) -> sp.Expr:
+    """Return a scale factor as an exact number (2.0 -> 2, 0.5 -> 1/2); nsimplify, which
+    parses the float's text, only for a non-integral one."""
+    if isinstance(scale, (int, float)) and float(scale).is_integer():
+        return sp.Integer(int(scale))
+    return sp.nsimplify(scale)
+
+
 def _interpolate(x: SymTensor, size: Any, scale_factor: Any, mode: str) -> LayerCost:
     height, width = _spatial(x)
     if size is not None:
         out_h, out_w = (sp.sympify(s) for s in _pair(size))
     else:
-        scale_h, scale_w = (sp.nsimplify(s) for s in _pair(scale_factor))
+        scale_h, scale_w = (_exact_scale(s) for s in _pair(scale_factor))
         out_h, out_w = sp.floor(height * scale_h), sp.floor(width * scale_w)
     output = _with_spatial(x, x.shape[1], out_h, out_w)
     per_output = {"nearest": 1, "nearest-exact": 1, "bilinear": 4, "bicubic": 16, "area": None}

@@ -16,7 +16,7 @@ import sys
 import pytest
 import sympy as sp
 import torch
-from convtally.analysis import accounting, rules, tracing
+from convtally.analysis import accounting, hyperparameters, rules, tracing
 from convtally.analysis.accounting import QUANTITIES, H, W, analyse
 from convtally.analysis.evaluation import IntegerEvaluator
 from convtally.analysis.formatting import (
@@ -50,6 +50,9 @@ def plain_analyse(monkeypatch, model, **kwargs):
             accounting, "_required_multiple", accounting._required_multiple.__wrapped__
         )
         patch.setattr(rules, "simplified_difference", lambda a, b: sp.simplify(a - b))
+        patch.setattr(rules, "_exact_scale", sp.nsimplify)
+        patch.setattr(hyperparameters, "_FITTED", {})  # the hyperparameters fitted again
+        patch.setattr(accounting, "_at_setting", accounting._at_setting.__wrapped__)
         return analyse(model, **kwargs)
 
 
