@@ -69,14 +69,15 @@ def model_and_side(entry: str) -> tuple[str, int]:
     return name, int(side) if side else (32 if ":" not in name else 224)
 
 
-def analyse_at(model, side: int) -> dict[str, list[int]]:
-    """Return the totals of `model` at side x side, as `convtally table --res side` answers."""
+def analyse_at(model, side: int) -> tuple[str, dict[str, list[int]]]:
+    """Return (the capture used, the totals) of `model` at side x side, as `convtally table
+    --res side` answers."""
     sizes = [(side, side)]
     analysis = answer_every_resolution(  # sizes given, as the CLI gives --res: a model with a
         analyse(model, resolutions=sizes), sizes,  # fixed input size (vit) is counted there
         lambda: analyse(model, exact=True, resolutions=sizes),
     )
-    return analysis.totals_at(sizes)
+    return analysis.capture, analysis.totals_at(sizes)
 
 
 def fvcore_total(network, x) -> int:
@@ -99,7 +100,7 @@ def measure_model(entry: str, rounds: int) -> dict:
     network = resolve(name).build().eval()
     x = torch.zeros(1, resolve(name).input_channel_count(), side, side)
     times: dict[str, list[float]] = {"built": [], "by_name": [], "fvcore": []}
-    totals = fvcore = None
+    totals = fvcore = capture = None
     for round_index in range(rounds):
         steps = [
             ("built", lambda: analyse_at(network, side)),
@@ -113,13 +114,14 @@ def measure_model(entry: str, rounds: int) -> dict:
             if key == "fvcore":
                 fvcore = result
             else:
-                totals = result
+                capture, totals = result
     median = {key: statistics.median(values) for key, values in times.items()}
     # the first measurement of each (round 0 runs them in the order built, by name, fvcore)
     first = {key: values[0] for key, values in times.items()}
     return {
         "model": name,
         "resolution": f"{side}x{side}",
+        "capture": capture,
         "rounds": rounds,
         "seconds_median": {k: round(v, 4) for k, v in median.items()},
         "seconds_first": {k: round(v, 4) for k, v in first.items()},
@@ -242,6 +244,9 @@ def main() -> int:
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
+    parser.add_argument("--name", default="analysis_speed",
+                        help="the report's file stem in --out (default analysis_speed)")
+    parser.add_argument("--title", default="Analysis speed: convtally vs fvcore")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # the command-line runs
@@ -262,6 +267,7 @@ def main() -> int:
 
     result = {
         "benchmark": "analysis_speed",
+        "title": args.title,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
         "torch_threads": torch.get_num_threads(),
@@ -275,18 +281,45 @@ def main() -> int:
         "startup_seconds_median": startup,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "analysis_speed.json", result)
+    atomic_write_json(args.out / f"{args.name}.json", result)
     text = markdown(result)
-    atomic_write_text(args.out / "analysis_speed.md", text)
+    atomic_write_text(args.out / f"{args.name}.md", text)
     print(text)
     return 0
+
+
+def summary_lines(models: list[dict]) -> list[str]:
+    """Return one line per capture: how many models are at most half of fvcore's time (the
+    fx and concrete rungs' target) or within 3x (the export rung's), the median and worst."""
+    lines = []
+    measured = [m for m in models if "error" not in m]
+    for capture in ("fx", "concrete", "export"):
+        rows = [m for m in measured if m.get("capture", "fx") == capture]
+        if not rows:
+            continue
+        ratios = sorted(m["ratio_built_to_fvcore"] for m in rows)
+        by_name = sorted(m["ratio_by_name_to_fvcore"] for m in rows)
+        limit = 3.0 if capture == "export" else 0.5
+        within = sum(r <= limit for r in ratios)
+        worst = max(rows, key=lambda m: m["ratio_built_to_fvcore"])
+        lines.append(
+            f"- {capture}: {len(rows)} models, built at most {limit:g}x fvcore's time: "
+            f"{within} of {len(rows)}; built / fvcore median {ratios[len(ratios) // 2]:.2f}, "
+            f"worst {worst['ratio_built_to_fvcore']:.2f} ({worst['model']}); by name / fvcore "
+            f"median {by_name[len(by_name) // 2]:.2f}, worst {by_name[-1]:.2f}"
+        )
+    failed = [m["model"] for m in models if "error" in m]
+    if failed:
+        lines.append(f"- failed: {', '.join(failed)}")
+    return lines
 
 
 def _model_line(row: dict) -> str:
     if "error" in row:
         return f"{row['model']}: {row['error']}"
     median = row["seconds_median"]
-    return (f"{row['model']} @{row['resolution']}: built {median['built']:.3f} s, by name "
+    return (f"{row['model']} @{row['resolution']} ({row['capture']}): built "
+            f"{median['built']:.3f} s, by name "
             f"{median['by_name']:.3f} s, fvcore {median['fvcore']:.3f} s")
 
 
@@ -294,7 +327,7 @@ def markdown(result: dict) -> str:
     """Return the report as Markdown."""
     load = result["load_average_1min"]
     lines = [
-        "# Analysis speed: convtally vs fvcore",
+        f"# {result.get('title', 'Analysis speed: convtally vs fvcore')}",
         "",
         f"Measured {result['date']} on {result['machine']}, {result['torch_threads']} torch "
         f"thread(s), 1-minute load average {load['before']} before and {load['after']} after "
@@ -307,17 +340,20 @@ def markdown(result: dict) -> str:
         "name; *fvcore*: `FlopCountAnalysis(network, x).total()`. Ratios below 1 are faster "
         "than fvcore; *first* is the first round (nothing remembered yet from that model).",
         "",
-        "| model | resolution | built (s) | by name (s) | fvcore (s) | built / fvcore | "
+        *summary_lines(result["models"]),
+        "",
+        "| model | resolution | capture | built (s) | by name (s) | fvcore (s) | built / fvcore | "
         "by name / fvcore | first: built, by name (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["models"]:
         if "error" in row:
-            lines.append(f"| {row['model']} | | | | | | | failed: {row['error'][:80]} |")
+            lines.append(f"| {row['model']} | | | | | | | | failed: {row['error'][:80]} |")
             continue
         median, first = row["seconds_median"], row["seconds_first"]
         lines.append(
-            f"| {row['model']} | {row['resolution']} | {median['built']:.3f} | "
+            f"| {row['model']} | {row['resolution']} | {row.get('capture', '')} | "
+            f"{median['built']:.3f} | "
             f"{median['by_name']:.3f} | {median['fvcore']:.3f} | "
             f"{row['ratio_built_to_fvcore']:.2f} | {row['ratio_by_name_to_fvcore']:.2f} | "
             f"{first['built']:.3f}, {first['by_name']:.3f} |"
