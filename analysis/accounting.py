@@ -112,6 +112,14 @@ class Analysis:
         """Return the per-example input shape as --input spells it, e.g. '3xHxW' or '1xT'."""
         return "x".join(str(d) for d in (self.input_channels, *self.axes))
 
+    def require_images(self, what: str) -> None:
+        """Raise ValueError when the input is not C x H x W: `what` counts images only."""
+        if self.axes != AXES[2]:
+            raise ValueError(
+                f"{what} counts CxHxW inputs; {self.model} reads {self.input_text} "
+                "(convtally table and verify count it)"
+            )
+
     @property
     def symbolic(self) -> bool:
         """Return True when outputs and connections are formulas in H and W."""

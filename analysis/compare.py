@@ -68,9 +68,13 @@ def compare(
 ) -> pd.DataFrame:
     """Return one row per model and resolution (totals, ratios to the first model, memory in
     bytes at batch `memory_batch` (None: no memory columns), accuracy)."""
+    def images_only(analysis: Analysis) -> Analysis:
+        analysis.require_images("convtally compare")
+        return analysis
+
     analyses = [
         m if isinstance(m, Analysis) else answer_every_resolution(
-            analyse(m, _settings_for(m, settings), convention), resolutions,
+            images_only(analyse(m, _settings_for(m, settings), convention)), resolutions,
             lambda m=m: analyse(m, _settings_for(m, settings), convention, exact=True),
         )
         for m in models

@@ -293,6 +293,7 @@ def check_table(
     resolutions: Sequence[tuple[int, int]],
 ) -> TableCheck:
     """Return every given cell of the hand tables checked against `analysis`, with diagnoses."""
+    analysis.require_images("convtally check-table")
     labels = [resolution_label(*r) for r in resolutions]
     by_label = dict(zip(labels, resolutions, strict=True))
     if None in tables:

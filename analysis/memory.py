@@ -663,6 +663,7 @@ def memory_model(analysis: Any, dtype: str = "float32", optimizer: str = "sgd",
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     size = itemsize(dtype)
+    analysis.require_images("memory")
     graph_module = getattr(analysis, "graph_module", None)
     if graph_module is None or analysis.concrete is not None:
         raise ValueError(

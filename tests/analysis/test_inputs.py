@@ -240,3 +240,24 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, arg
     assert main(["table", model, *argv]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["compare", "MODEL", "--res", "1024"], "convtally compare"),
+        (["memory", "MODEL", "--res", "1024"], "memory"),
+        (["check-table", "TABLE", "--model", "MODEL", "--res", "1024"], "convtally check-table"),
+    ],
+)
+def test_commands_that_count_images_only_refuse_a_1d_model_in_one_line(
+    tmp_path, monkeypatch, capsys, argv, command
+):
+    model = user_module(tmp_path, monkeypatch, "audio_net_images", SOURCE)
+    table = tmp_path / "t.csv"
+    table.write_text("layer,type,weights,outputs,connections\n0,Conv1d,304,8192,147456\n")
+    argv = [model if a == "MODEL" else str(table) if a == "TABLE" else a for a in argv]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"{command} counts CxHxW inputs; {model} reads 2xT" in error
+    assert error.count("\n") == 1
