@@ -42,7 +42,8 @@ def _skip_meta_initialisation():
     class SkipMetaInitialisation(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             name = getattr(func, "__name__", "")
-            first = args[0] if args else None
+            # nn.init's functions pass their tensor by keyword (tensor=...) to this mode
+            first = args[0] if args else (kwargs or {}).get("tensor")
             if isinstance(first, torch.Tensor) and first.is_meta and name.endswith("_"):
                 scalars = not any(isinstance(a, torch.Tensor) for a in (*args[1:],
                                                                          *(kwargs or {}).values()))
@@ -53,6 +54,23 @@ def _skip_meta_initialisation():
             return func(*args, **(kwargs or {}))
 
     return SkipMetaInitialisation()
+
+
+def _skip_initialisation():
+    """Return a torch function mode that skips torch.nn.init's random fills on any tensor (a
+    build whose weights are thrown away: only their shapes are kept)."""
+    from torch.overrides import TorchFunctionMode
+
+    class SkipInitialisation(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            # nn.init's functions pass their tensor by keyword (tensor=...) to this mode
+            tensor = args[0] if args else kwargs.get("tensor")
+            if getattr(func, "__module__", None) == "torch.nn.init" and tensor is not None:
+                return tensor
+            return func(*args, **kwargs)
+
+    return SkipInitialisation()
 
 
 @dataclass(frozen=True)
@@ -109,9 +127,13 @@ class ModelSpec:
         try:
             with torch.device("meta"), _skip_meta_initialisation():
                 network = self.factory(**kwargs)
-            tensors = [*network.parameters(), *network.buffers()]
-        except Exception:  # a factory that computes with tensors while building
-            return None
+        except Exception:  # a factory that computes with tensors while building (regnet)
+            try:  # built on the CPU without its random initialisation, then made meta
+                with _skip_initialisation():
+                    network = self.factory(**kwargs).to("meta")
+            except Exception:
+                return None
+        tensors = [*network.parameters(), *network.buffers()]
         key = (self.name, tuple(sorted(values.items())))
         _SIZES.setdefault(key, sum(t.numel() * t.element_size() for t in tensors))
         self._check_fits(values, _SIZES[key])

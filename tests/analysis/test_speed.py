@@ -129,9 +129,37 @@ def build_reads_values():
     return ReadsValuesWhileBuilding()
 
 
-def test_a_network_that_cannot_build_on_meta_is_built_for_real(monkeypatch):
-    monkeypatch.setitem(sys.modules, "speed_fixture", sys.modules[__name__])
+class ReadsItsInitialisation(ReadsValuesWhileBuilding):
+    """A constructor that reads what nn.init wrote: it cannot build without initialisation."""
+
+    def __init__(self):
+        super().__init__()
+        scale = torch.empty(1)
+        torch.nn.init.constant_(scale, 7.0)
+        if scale.item() != 7.0:
+            raise ValueError("nn.init did not run")
+
+
+def build_reads_initialisation():
+    """Return ReadsItsInitialisation()."""
+    return ReadsItsInitialisation()
+
+
+def test_a_network_that_reads_values_while_building_is_built_without_initialisation(
+        monkeypatch):
+    """torch.arange(...).tolist() cannot run on meta (torchvision's regnets): the network is
+    built on the CPU with nn.init skipped, then made meta; the count is the real build's."""
     spec = resolve(f"{__name__}:build_reads_values")
+    network = spec.build_meta()
+    assert network is not None and all(p.is_meta for p in network.parameters())
+    analysis = analyse(spec)
+    assert all(p.is_meta for p in analysis.shape_graph_module.parameters())
+    assert analysis.totals_at([(32, 32)]) == analyse(spec.build().eval()).totals_at([(32, 32)])
+    assert analysis.totals_at([(32, 32)])["weights"] == [3 * 8 * 9 + 8 + 8 * 2 + 2]
+
+
+def test_a_network_that_cannot_build_without_initialisation_is_built_for_real():
+    spec = resolve(f"{__name__}:build_reads_initialisation")
     assert spec.build_meta() is None
     analysis = analyse(spec)
     assert analysis.capture == "fx"
