@@ -688,7 +688,7 @@ def _time_budget(seconds: float, what: str):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    outer, _ = signal.getitimer(signal.ITIMER_REAL)
+    outer, outer_interval = signal.getitimer(signal.ITIMER_REAL)
     if outer and outer <= seconds:
         yield
         return
@@ -698,14 +698,18 @@ def _time_budget(seconds: float, what: str):
 
     previous = signal.signal(signal.SIGALRM, out_of_time)
     started = time.monotonic()
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # the alarm repeats each second: one that lands where Python swallows exceptions (a weakref
+    # callback run by the garbage collector inside torch.export: "Exception ignored in ...")
+    # let davit's export run on for minutes; the next one stops it
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         if outer:
-            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 1e-3))
+            signal.setitimer(signal.ITIMER_REAL,
+                             max(outer - (time.monotonic() - started), 1e-3), outer_interval)
 
 
 def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> Analysis:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import platform
 import signal
 import sys
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from convtally.analysis import peers  # noqa: E402
 from convtally.analysis.accounting import ResolutionError, analyse  # noqa: E402
 from convtally.analysis.conventions import preset  # noqa: E402
+from convtally.analysis.io import atomic_write_text  # noqa: E402
 
 COLUMNS = (
     "source", "model", "input", "capture", "symbolic", "weights", "parameters", "weights_equal",
@@ -100,8 +102,8 @@ def measure(source: str, name: str, size, limit: int) -> dict:
     row = dict.fromkeys(COLUMNS, "")
     row.update(source=source, model=name)
     start = time.perf_counter()
-    signal.alarm(limit)
-    try:
+    signal.setitimer(signal.ITIMER_REAL, limit, 1.0)  # again each second: one alarm can be
+    try:  # swallowed ("Exception ignored in" a weakref callback the garbage collector runs)
         network = build(source, name, size)
         if size is None:
             size = tuple(network.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
@@ -140,7 +142,7 @@ def measure(source: str, name: str, size, limit: int) -> dict:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         row["refusal"] = f"{type(error).__name__}: {first[:300]}"
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
 
@@ -190,7 +192,7 @@ def write_markdown(rows: list[dict], path: Path, started: str) -> None:
     for row in rows:
         cells = [str(row[c]).replace("|", "/").replace("\n", " ") for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _merged_started(md_path: Path, now: str, names: list[str]) -> str:
@@ -238,10 +240,11 @@ def main() -> int:
             rows[position] = row
         print(" ".join(f"{k}={row[k]}" for k in ("model", "capture", "weights_equal",
                                                   "connections_equal", "seconds")), flush=True)
-        with csv_path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(csv_path, table.getvalue())  # a killed run leaves the last table
         write_markdown(rows, md_path, started)
     return 0
 
