@@ -285,10 +285,8 @@ class Analysis:
                     numbers = (layer.weights, layer.outputs, layer.connections)
                 else:
                     cost = rows[i].cost
-                    connections = (
-                        self.convention.connections(cost) if rows[i].known else sp.Integer(0)
-                    )
-                    numbers = (self.convention.weights(cost), cost.outputs, connections)
+                    count = counted(cost, rows[i].known, self.convention)
+                    numbers = (count["weights"], cost.outputs, count["connections"])
                 for quantity, number in zip(QUANTITIES, numbers, strict=True):
                     values[quantity][i, j] = int(
                         sp.sympify(number).subs(substitution).subs({BATCH: 1})
@@ -335,10 +333,8 @@ class Analysis:
             if layer.kind == "unused":
                 continue
             clone = copy(layer)
-            clone.weights = simplify(convention.weights(layer.cost))
-            clone.connections = (
-                simplify(convention.connections(layer.cost)) if layer.known else sp.Integer(0)
-            )
+            for quantity, value in counted(layer.cost, layer.known, convention).items():
+                setattr(clone, quantity, simplify(value))
             other.layers.append(clone)
         if self.unused_weights:
             other.assumptions = [
@@ -431,6 +427,16 @@ class Analysis:
 
     def _has_formula(self, quantity: str) -> bool:
         return self.symbolic or quantity == "weights"
+
+
+def counted(cost: LayerCost, known: bool, convention: Convention) -> dict[str, sp.Expr]:
+    """Return a row's weights and connections from its raw cost under `convention` (the one
+    place a convention is applied: when rows are counted, and again by with_convention and a
+    concrete capture's values); a row without a rule has connections 0."""
+    return {
+        "weights": convention.weights(cost),
+        "connections": convention.connections(cost) if known else sp.Integer(0),
+    }
 
 
 @functools.lru_cache(maxsize=65536)
@@ -1097,9 +1103,8 @@ def _interpret(
                 kind=cost.kind,
                 node=node.name,
                 output_shape=tuple(sp.sympify(d) for d in shape),
-                weights=convention.weights(cost),
+                **counted(cost, known, convention),
                 outputs=cost.outputs,
-                connections=convention.connections(cost) if known else sp.Integer(0),
                 cost=cost,
                 known=known,
                 requirements=cost.requires,
@@ -1171,9 +1176,8 @@ def _unused_row(
         kind="unused",
         node="",
         output_shape=(),
-        weights=sp.sympify(convention.weights(cost)),
+        **{q: sp.sympify(v) for q, v in counted(cost, False, convention).items()},
         outputs=sp.Integer(0),
-        connections=sp.Integer(0),
         cost=cost,
         divisor=divisor,
         known=False,  # no running layer to measure it against

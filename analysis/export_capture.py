@@ -30,6 +30,7 @@ from convtally.analysis.accounting import (
     _new_parameters,
     _Prepared,
     concrete_analysis,
+    counted,
 )
 from convtally.analysis.conventions import Convention
 from convtally.analysis.rules import BATCH, LayerCost, ParameterTensor, SymTensor, UnsupportedLayer
@@ -430,8 +431,7 @@ def interpret_exported(
         layers.append(Layer(
             name=label, type=f"aten.{op}", kind=cost.kind, node=node.name,
             output_shape=tuple(sp.sympify(d) for d in shape),
-            weights=convention.weights(cost), outputs=cost.outputs,
-            connections=convention.connections(cost) if known else sp.Integer(0),
+            **counted(cost, known, convention), outputs=cost.outputs,
             cost=cost, known=known, requirements=(),
         ))
     _apply_checks(layers, [c for c in checks if c is not None], sizes)
