@@ -166,8 +166,9 @@ class Analysis:
     def capture_text(self) -> str:
         """Return one line saying how the model was captured (printed with every table)."""
         if self.capture == "concrete":
-            sizes = ", ".join(f"{h}x{w}" for h, w in (self.concrete or {}))
-            text = f"concrete (counted at {sizes}; formulas in H, W unavailable"
+            sizes = ", ".join(size_label(r, short=False) for r in (self.concrete or {}))
+            names = ", ".join(map(str, self.axes))
+            text = f"concrete (counted at {sizes}; formulas in {names} unavailable"
             return text + (f": {self.capture_note})" if self.capture_note else ")")
         described = {
             "fx": "fx (torch.fx symbolic trace, module rules)",
@@ -704,10 +705,11 @@ def _time_budget(seconds: float, what: str):
 
     previous = signal.signal(signal.SIGALRM, out_of_time)
     started = time.monotonic()
-    # the alarm repeats each second: one that lands where Python swallows exceptions (a weakref
-    # callback run by the garbage collector inside torch.export: "Exception ignored in ...")
-    # let davit's export run on for minutes; the next one stops it
-    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    # the alarm repeats: one that lands where Python swallows exceptions (a weakref callback
+    # run by the garbage collector inside torch.export: "Exception ignored in ...") let
+    # davit's export run on for minutes; the next one, 5 s later (time for torch's own
+    # clean-up as the first unwinds), stops it
+    signal.setitimer(signal.ITIMER_REAL, seconds, 5.0)
     try:
         yield
     finally:
@@ -760,9 +762,10 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown) -> Analys
             graph_module = trace(prepared.shapes)
             layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
             return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
-        except ValueError:
+        except ValueError as error:
             prepared.shapes = None
-            raise
+            if "meta" not in str(error):  # a trace that failed on meta tensors only is retried
+                raise
         except Exception:
             prepared.shapes = None
     graph_module = trace(prepared.network)

@@ -233,9 +233,10 @@ def crosscheck(
     unknown = [t for t in tools if t not in TOOLS]
     if unknown:
         raise ValueError(f"unknown tool {unknown[0]!r}; use some of {', '.join(TOOLS)}")
+    first = analyse(model, settings, exact=exact)
+    first.require_images("convtally crosscheck")  # the peer tools take images
     analysis = answer_every_resolution(
-        analyse(model, settings, exact=exact), resolutions,
-        lambda: analyse(model, settings, exact=True),
+        first, resolutions, lambda: analyse(model, settings, exact=True),
     )
     build = _builder(model, settings)
     channels = int(analysis.input_channels.subs(analysis.substitutions()))
@@ -267,7 +268,7 @@ def crosscheck(
         x = torch.zeros(1, channels, *resolution)
         tool_checks, presets, results = [], {}, {}
         for tool, package in packages.items():
-            progress.set_postfix_str(f"{tool} at {resolution[0]}x{resolution[1]}")
+            progress.set_postfix_str(f"{tool} at {resolution_label(*resolution)}")
             result = run_tool(tool, build(), x)
             progress.update()
             connections = counted[tool]["connections"][:, j]

@@ -24,6 +24,7 @@ from convtally.analysis import rules
 from convtally.analysis.accounting import (
     H,
     Layer,
+    OutOfTime,
     W,
     _finish,
     _first_input,
@@ -568,6 +569,8 @@ def _fixed_size_on_meta(prepared: _Prepared, probe: tuple[int, int]) -> None:
         try:
             with torch.no_grad():
                 prepared.meta(torch.zeros(1, prepared.channels, *size, device="meta"))
+        except OutOfTime:  # auto's budget for this rung, not the model's answer
+            raise
         except Exception as error:  # the model's own check, or what meta tensors cannot do
             return error
         return None

@@ -28,11 +28,13 @@ def shape_text(shape: Sequence[sp.Expr]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
-def order_in_hw(formula: sp.Expr) -> str:
+def order_in_hw(formula: sp.Expr, axes: Sequence[sp.Symbol] | None = None) -> str:
     """Return the growth order of a total in the input size, e.g. 'O(1)', 'O(H·W)', 'O((H·W)^2)'
-    ('O(T)' for a 1-d input, 'O(D·H·W)' for a 3-d one)."""
+    ('O(T)' for a 1-d input, 'O(D·H·W)' for a 3-d one: the analysis' `axes`, else read from
+    the formula)."""
     formula = sp.expand(formula)
-    axes = AXES[1] if formula.has(T) else AXES[3] if formula.has(D) else AXES[2]
+    if axes is None:
+        axes = AXES[1] if formula.has(T) else AXES[3] if formula.has(D) else AXES[2]
     if not formula.has(*axes):
         return "O(1)"
     if formula.atoms(sp.floor, sp.ceiling):
@@ -175,7 +177,7 @@ def header_lines(analysis: Analysis, resolutions: Sequence[tuple[int, int]]) -> 
     for quantity in QUANTITIES:
         growth = growth_factors(totals[quantity], resolutions)
         order = (
-            order_in_hw(analysis.total(quantity))
+            order_in_hw(analysis.total(quantity), analysis.axes)
             if analysis.symbolic or quantity == "weights"
             else "formula unavailable (concrete capture)"
         )
@@ -218,7 +220,8 @@ def render(
         labels = [resolution_label(*r) for r in resolutions]
         data = analysis.to_dict(resolutions, labels, values_as=LabelledInts)
         data["orders"] = {
-            q: order_in_hw(analysis.total(q)) if analysis.symbolic or q == "weights" else None
+            q: order_in_hw(analysis.total(q), analysis.axes)
+            if analysis.symbolic or q == "weights" else None
             for q in QUANTITIES
         }
         return json_text(data) + "\n"

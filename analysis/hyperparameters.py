@@ -87,10 +87,15 @@ def fit_attributes(
     if spec.hyperparameters:
         # the fit is a function of the factory and the setting alone: an analysis asked again
         # (the exact form after the simple one, a sweep over conventions) reuses it
-        key = (spec.name, spec.factory, tuple(sorted(base.items())))
-        if key not in _FITTED:
-            _FITTED[key] = _fit(spec, base, symbols, network)
-        return {name: dict(attributes) for name, attributes in _FITTED[key].items()}
+        declared = tuple((hp.name, hp.symbol, hp.probe_step) for hp in spec.hyperparameters)
+        key = (spec.name, spec.factory, declared, tuple(sorted(base.items())))
+        try:
+            fitted = _FITTED.get(key)
+        except TypeError:  # a spec that cannot be hashed (its factory): fitted each time
+            return _fit(spec, base, symbols, network)
+        if fitted is None:
+            fitted = _FITTED[key] = _fit(spec, base, symbols, network)
+        return {name: dict(attributes) for name, attributes in fitted.items()}
     if network is None:
         network = _shapes_build(spec, base)
     return concrete_attributes(network)

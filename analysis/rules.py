@@ -665,28 +665,46 @@ def _flatten(x: SymTensor, start_dim: int = 0, end_dim: int = -1) -> SymTensor:
     return SymTensor(tuple(dims[:start] + [merged] + dims[end + 1 :]))
 
 
-@functools.lru_cache(maxsize=1024)
 def _exact_scale(scale: Any) -> sp.Expr:
-    """Return a scale factor as an exact number (2.0 -> 2, 0.5 -> 1/2); nsimplify, which
-    parses the float's text, only for a non-integral one."""
+    """Return a scale factor as an exact number (2.0 -> 2, 0.5 -> 1/2)."""
+    try:
+        return _exact_scale_once(scale)
+    except TypeError:  # unhashable (a numpy array of scales): not remembered
+        return _exact_scale_once.__wrapped__(scale)
+
+
+@functools.lru_cache(maxsize=1024)
+def _exact_scale_once(scale: Any) -> sp.Expr:
+    """Return _exact_scale's answer; nsimplify, which parses the float's text, only for a
+    non-integral scale."""
     if isinstance(scale, (int, float)) and float(scale).is_integer():
         return sp.Integer(int(scale))
     return sp.nsimplify(scale)
 
 
+# connections per output value by interpolation mode (the input values each output reads)
+INTERPOLATION_READS = {"nearest": 1, "nearest-exact": 1, "linear": 2, "bilinear": 4,
+                       "bicubic": 16, "trilinear": 8}
+
+
 def _interpolate(x: SymTensor, size: Any, scale_factor: Any, mode: str) -> LayerCost:
-    height, width = _spatial(x)
+    count = len(x.shape) - 2
+    if count not in (1, 2, 3):
+        raise UnsupportedLayer(f"interpolation expected a 3-d to 5-d input, got {tuple(x.shape)}")
+    sizes_in = tuple(x.shape[2:])
     if size is not None:
-        out_h, out_w = (sp.sympify(s) for s in _pair(size))
+        sizes = tuple(sp.sympify(s) for s in _ntuple(size, count))
     else:
-        scale_h, scale_w = (_exact_scale(s) for s in _pair(scale_factor))
-        out_h, out_w = sp.floor(height * scale_h), sp.floor(width * scale_w)
-    output = _with_spatial(x, x.shape[1], out_h, out_w)
-    per_output = {"nearest": 1, "nearest-exact": 1, "bilinear": 4, "bicubic": 16, "area": None}
-    if per_output.get(mode) is None:
+        scales = (_exact_scale(s) for s in _ntuple(scale_factor, count))
+        sizes = tuple(sp.floor(d * s) for d, s in zip(sizes_in, scales, strict=True))
+    output = _with_spatial(x, x.shape[1], *sizes)
+    if mode not in INTERPOLATION_READS:
         raise UnsupportedLayer(f"interpolation mode {mode!r} has no connection rule")
+    # the 2-d op keeps its name (the presets count aten::upsample_nearest2d and friends); the
+    # 1-d and 3-d ones are named apart, as the tools see other ATen ops there
+    op = f"upsample_{mode}" if count == 2 else f"upsample_{mode}{count}d"
     return LayerCost(
-        "upsample", output, connections=output.per_example * per_output[mode], op=f"upsample_{mode}"
+        "upsample", output, connections=output.per_example * INTERPOLATION_READS[mode], op=op
     )
 
 

@@ -335,7 +335,7 @@ def _measure_run(analysis: Analysis, resolution: tuple[int, ...], device: torch.
         torch_counts = _run_torch_counter(network, x)
     if analysis.graph_module is None:
         program = _program_at(analysis, *resolution)
-        shapes, problems = _run_exported(program, x, expected)
+        shapes, problems = _run_exported(program, x, expected, network)
         run = _Run(shapes, fvcore, torch_counts, problems=problems, exported=True)
         _exported_owners(analysis, program, run, resolution)
         return run
@@ -423,15 +423,20 @@ def _program_at(analysis: Analysis, *resolution: int) -> Any:
     return program
 
 
-def _run_exported(program: Any, x: torch.Tensor, expected: Any) -> tuple[dict, list[str]]:
-    """Run the exported ATen graph on `x` with the network's own tensors; return each node's
-    output shapes, and a problem when its output differs from the network's."""
+def _run_exported(program: Any, x: torch.Tensor, expected: Any,
+                  network: nn.Module) -> tuple[dict, list[str]]:
+    """Run the exported ATen graph on `x` with the network's own tensors (a checkpoint loaded
+    into verify's copy included); return each node's output shapes, and a problem when its
+    output differs from the network's."""
     from torch.export.graph_signature import InputKind
 
+    own = {**dict(network.named_parameters()), **dict(network.named_buffers())}
     values = []
     for spec in program.graph_signature.input_specs:
         if spec.kind == InputKind.USER_INPUT:
             values.append(x)
+        elif spec.target in own:
+            values.append(own[spec.target].to(x.device))
         elif spec.target in program.state_dict:
             values.append(program.state_dict[spec.target].to(x.device))
         else:

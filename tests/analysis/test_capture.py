@@ -303,3 +303,35 @@ def test_a_fixed_size_model_is_counted_without_real_weights_or_an_export(
     assert totals["connections"][0] == fvcore_total(network.eval(), (32, 32))
     assert not verify(analysis, [(32, 32)]).mismatches
     assert module.BUILDS == ["meta", "cpu", "cpu"]  # the test's own build, then verify's
+
+
+READS_A_CONSTANT = '''
+import torch
+from torch import nn
+
+
+class ReadsAConstant(nn.Module):
+    """A plain tensor attribute read with .item() in forward: torch.fx runs it as a constant,
+    which a meta build cannot (no data), and the real build can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.scale = torch.tensor(2.0)
+
+    def forward(self, x):
+        return self.conv(x) * self.scale.item()
+
+
+def build():
+    return ReadsAConstant()
+'''
+
+
+def test_a_trace_that_fails_on_meta_tensors_only_is_retried_on_the_real_build(
+        tmp_path, monkeypatch):
+    (tmp_path / "reads_a_constant.py").write_text(READS_A_CONSTANT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    analysis = analyse("reads_a_constant:build", capture="fx")
+    assert analysis.capture == "fx"
+    assert analysis.totals_at([(8, 8)])["weights"] == [3 * 4 * 9 + 4]

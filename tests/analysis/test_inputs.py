@@ -17,6 +17,7 @@ from convtally.analysis.accounting import (
 )
 from convtally.analysis.cli import main
 from convtally.analysis.conventions import PRESETS
+from convtally.analysis.formatting import render
 from convtally.analysis.symbols import AXES, D, H, T, W
 from convtally.analysis.verification import verify
 from hypothesis import given
@@ -122,6 +123,8 @@ def test_the_concrete_capture_counts_the_same(network, given, axes, resolutions)
     concrete = analyse(network(), input_shape=given, capture="concrete", resolutions=resolutions)
     assert concrete.capture == "concrete"
     assert concrete.totals_at(resolutions) == symbolic.totals_at(resolutions)
+    names = ", ".join(map(str, axes))
+    assert f"formulas in {names} unavailable" in render(concrete, resolutions, "text")
 
 
 def test_the_export_rung_refuses_a_1d_input_and_auto_goes_on():
@@ -248,6 +251,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, arg
         (["compare", "MODEL", "--res", "1024"], "convtally compare"),
         (["memory", "MODEL", "--res", "1024"], "memory"),
         (["check-table", "TABLE", "--model", "MODEL", "--res", "1024"], "convtally check-table"),
+        (["crosscheck", "MODEL", "--res", "1024"], "convtally crosscheck"),
     ],
 )
 def test_commands_that_count_images_only_refuse_a_1d_model_in_one_line(
@@ -261,3 +265,53 @@ def test_commands_that_count_images_only_refuse_a_1d_model_in_one_line(
     error = capsys.readouterr().err
     assert f"{command} counts CxHxW inputs; {model} reads 2xT" in error
     assert error.count("\n") == 1
+
+
+class UpsampledAudio(nn.Module):
+    """1-d upsampling, module and functional (nearest and linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv1d(1, 4, 4, stride=4)
+        self.up = nn.Upsample(scale_factor=2)
+        self.out = nn.Conv1d(4, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up(self.down(x))
+        return self.out(F.interpolate(x, scale_factor=2, mode="linear"))
+
+
+class UpsampledVolume(nn.Module):
+    """A 3-d U-Net's up path: nn.Upsample (nearest) and trilinear interpolation to a size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv3d(1, 4, 2, stride=2)
+        self.up = nn.Upsample(scale_factor=2)
+        self.out = nn.Conv3d(4, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up(self.down(x))
+        x = F.interpolate(x, size=(x.shape[2], 8, 8), mode="trilinear")
+        return self.out(x)
+
+
+@pytest.mark.parametrize(
+    ("network", "resolutions"),
+    [(UpsampledAudio, [(64,), (128,)]), (UpsampledVolume, [(8, 16, 16), (4, 32, 24)])],
+)
+def test_1d_and_3d_upsampling_against_hooks_and_fvcore(network, resolutions):
+    from fvcore.nn import FlopCountAnalysis
+
+    net = network().eval()
+    analysis = analyse(net)
+    assert not verify(analysis, resolutions).mismatches
+    up = next(layer for layer in analysis.layers if layer.type == "Upsample")
+    assert up.cost.op == f"upsample_nearest{len(analysis.axes)}d"
+    fvcore_preset = analyse(net, convention=PRESETS["fvcore"]).totals_at(resolutions)
+    for resolution, ours in zip(resolutions, fvcore_preset["connections"], strict=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            counter = FlopCountAnalysis(net, torch.zeros(1, 1, *resolution))
+            counter.unsupported_ops_warnings(False)
+            assert ours == counter.total(), resolution

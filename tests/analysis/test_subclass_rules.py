@@ -327,8 +327,8 @@ def test_a_time_budget_stops_a_block_whose_first_alarm_is_swallowed():
                 time.sleep(5)
             except OutOfTime as error:  # as Python does with an exception in a callback
                 swallowed.append(error)
-            time.sleep(5)
-    assert swallowed and time.monotonic() - started < 3
+            time.sleep(30)
+    assert swallowed and time.monotonic() - started < 7
 
 
 def test_a_view_size_without_a_closed_form_is_refused_not_simplified_for_minutes():

@@ -178,3 +178,16 @@ def test_multihead_attention_verifies_on_its_fast_path(capture):
         totals = {t.tool: t for t in result.totals}
         assert totals["fvcore"].ours == totals["fvcore"].tool_total > 0
     assert torch.backends.mha.get_fastpath_enabled()  # left as it was
+
+
+def test_an_export_capture_verifies_with_a_checkpoint(tmp_path):
+    """The exported graph runs with verify's copy of the network, the checkpoint loaded (it
+    ran with the program's own tensors, the un-loaded ones, and differed from the network)."""
+    trained = SizeBranch().eval()
+    for parameter in trained.parameters():
+        torch.nn.init.normal_(parameter)
+    path = tmp_path / "trained.pt"
+    torch.save(trained.state_dict(), path)
+    analysis = analyse(SizeBranch().eval(), capture="export", resolutions=[(32, 32)])
+    result = verify(analysis, [(32, 32)], checkpoint=path)
+    assert result.mismatches == [], [c.problems for c in result.mismatches]
