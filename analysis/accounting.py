@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -680,8 +681,26 @@ def _first_line(error: Exception) -> str:
 
 
 # auto's time for the export rung: PyTorch's symbolic shapes can take many minutes on windowed
-# attention (timm's DaViT), where the concrete rung takes a second; --capture export waits
-EXPORT_SECONDS = 60
+# attention (timm's DaViT), where the concrete rung takes a second; --capture export waits.
+# 90 s: mobilevit_s, mobilenetv5_300m and sequencer2d_l export in 60-90 s on a 2-core CPU
+EXPORT_SECONDS = 90
+
+
+def export_seconds() -> float:
+    """Return auto's time for the export rung: CONVTALLY_EXPORT_SECONDS, else EXPORT_SECONDS."""
+    text = os.environ.get("CONVTALLY_EXPORT_SECONDS")
+    if text is None:
+        return EXPORT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(
+            f"CONVTALLY_EXPORT_SECONDS must be a positive number of seconds, got {text!r}; "
+            "unset it for the default of 90"
+        )
+    return seconds
 
 
 class OutOfTime(RuntimeError):
@@ -725,8 +744,10 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
 
     reasons: list[str] = []
     first_error: Exception | None = None
+    budget = export_seconds()  # a bad CONVTALLY_EXPORT_SECONDS is refused before any rung
+
     def export_within_budget() -> Analysis:
-        with _time_budget(EXPORT_SECONDS, "torch.export"):
+        with _time_budget(budget, "torch.export"):
             return analyse_exported(prepared, convention, exact, allow_unknown, resolutions)
 
     attempts = (

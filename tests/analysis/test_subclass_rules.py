@@ -339,3 +339,24 @@ def test_a_view_size_without_a_closed_form_is_refused_not_simplified_for_minutes
     x = SymTensor((BATCH, nested, nested + 1))
     with pytest.raises(UnsupportedLayer, match="does not reduce to a closed form.*concrete"):
         rules.view(x, nested + 2, -1)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
+def test_a_bad_export_budget_is_refused_in_one_line(monkeypatch, value):
+    monkeypatch.setenv("CONVTALLY_EXPORT_SECONDS", value)
+    with pytest.raises(ValueError, match="CONVTALLY_EXPORT_SECONDS must be a positive number"):
+        analyse(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+def test_the_export_budget_follows_the_environment(monkeypatch):
+    from convtally.analysis import accounting
+
+    seen = []
+    real = accounting._time_budget
+    monkeypatch.setattr(accounting, "_time_budget",
+                        lambda seconds, what: seen.append(seconds) or real(seconds, what))
+    monkeypatch.setenv("CONVTALLY_EXPORT_SECONDS", "12.5")
+    from tests.analysis.test_capture import SizeBranch
+
+    analysis = analyse(SizeBranch().eval())
+    assert analysis.capture == "export" and seen == [12.5]
