@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from copy import copy
+from copy import copy, deepcopy
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -542,6 +542,15 @@ class _Prepared:
     shapes: nn.Module | None = None
     axes: tuple[sp.Symbol, ...] = (H, W)  # the input's sizes after its channels (--input)
     meta: nn.Module | None = None
+    copy_to_meta: bool = False  # a caller's module: meta_network() copies it on first use
+
+    def meta_network(self) -> nn.Module | None:
+        """Return the meta build, or a meta copy of the caller's module (made on first use:
+        the fx rung, which most models stop at, does not need it)."""
+        if self.meta is None and self.copy_to_meta:
+            self.copy_to_meta = False
+            self.meta = _meta_copy(self.network)
+        return self.meta
 
     @property
     def network(self) -> nn.Module:
@@ -634,7 +643,23 @@ def _prepare_model(
         concrete_attributes(network),
         sp.Integer(declared_input_channels(network)),
         type(network).__name__,
+        copy_to_meta=True,
     )
+
+
+def _meta_copy(network: nn.Module) -> nn.Module | None:
+    """Return a copy of `network` whose parameters and buffers are on the meta device (their
+    data is never copied), for the size check and concrete count that need shapes only; None
+    when the network cannot be copied."""
+    memo: dict[int, Any] = {}
+    for tensor in [*network.parameters(), *network.buffers()]:
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, nn.Parameter) else empty)
+    try:
+        return deepcopy(network, memo).eval()
+    except Exception:  # a module that refuses deepcopy: the real network decides
+        return None
 
 
 def analyse(
@@ -827,7 +852,7 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
     """Count the fx graph at each resolution with concrete sizes (no formulas in H, W)."""
     if not resolutions:
         raise ValueError("the concrete capture counts at given resolutions; pass --res")
-    if prepared.meta is not None:
+    if prepared.meta_network() is not None:
         # shapes are all it needs: on the meta build when it counts every layer there (no
         # weights made); anything else is decided on the real build below, as before
         try:

@@ -561,7 +561,7 @@ def _fixed_size_on_meta(prepared: _Prepared, probe: tuple[int, int]) -> None:
     """Refuse, before exporting, a model whose meta-device build runs at the probe size but not
     at twice it (a ViT's size assert): the same answer _runs_at_another_size gives after the
     export, without the export (seconds to minutes) or a forward pass at 4x the pixels."""
-    if prepared.meta is None:
+    if prepared.meta_network() is None:
         return
     other = (2 * probe[0], 2 * probe[1])
 

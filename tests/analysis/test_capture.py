@@ -335,3 +335,26 @@ def test_a_trace_that_fails_on_meta_tensors_only_is_retried_on_the_real_build(
     analysis = analyse("reads_a_constant:build", capture="fx")
     assert analysis.capture == "fx"
     assert analysis.totals_at([(8, 8)])["weights"] == [3 * 4 * 9 + 4]
+
+
+def test_a_fixed_size_module_given_directly_is_counted_without_an_export(
+        tmp_path, monkeypatch):
+    """A module the caller built has no meta build: a meta copy (its data never copied) finds
+    the fixed size and counts the concrete rows; the caller's module stays as it was."""
+    import importlib
+
+    from convtally.analysis import export_capture
+
+    (tmp_path / "fixed_module.py").write_text(FIXED_SIZE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    network = importlib.import_module("fixed_module").build().eval()
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("torch.export was called")
+
+    monkeypatch.setattr(export_capture, "export", no_export)
+    analysis = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)])
+    assert analysis.capture == "concrete" and "its input size is fixed" in analysis.capture_note
+    assert analysis.totals_at([(32, 32)])["connections"][0] == fvcore_total(network, (32, 32))
+    assert analysis.network is network
+    assert not any(p.is_meta for p in network.parameters())
