@@ -193,7 +193,6 @@ class Analysis:
         self.evaluate([sizes])
 
     def _check_divisibility(self, *sizes: int) -> None:
-        self._check_rank(sizes)
         for axis, (symbol, value) in enumerate(zip(self.axes, sizes, strict=True)):
             if value < 1:
                 raise ResolutionError(f"{symbol} must be a positive integer, got {symbol}={value}")
@@ -856,10 +855,9 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
         # shapes are all it needs: on the meta build when it counts every layer there (no
         # weights made); anything else is decided on the real build below, as before
         try:
-            counted = _concrete_rows(prepared, trace(prepared.meta), convention, allow_unknown,
-                                     resolutions)
-            analysis = concrete_analysis(prepared, counted[0], counted[1], convention,
-                                         shapes=True)
+            graph_module = trace(prepared.meta)
+            rows = _concrete_rows(prepared, graph_module, convention, allow_unknown, resolutions)
+            analysis = concrete_analysis(prepared, graph_module, rows, convention, shapes=True)
             if analysis.complete:
                 return analysis
         except Exception:  # noqa: S110 - the real build below gives the answer and the error
@@ -881,37 +879,38 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
             return None
         return exported if exported.complete else None
 
-    per_resolution: dict[tuple[int, ...], list[Layer]] = {}
-    for resolution in resolutions:
-        resolution = tuple(resolution)
-        if len(resolution) != len(prepared.axes):
-            raise ResolutionError(
-                f"expected {len(prepared.axes)} input size(s) "
-                f"({'x'.join(map(str, prepared.axes))}), got {size_label(resolution)}"
-            )
-        try:
-            per_resolution[resolution] = _interpret_prepared(
-                prepared, graph_module, convention, allow_unknown,
-                tuple(sp.Integer(v) for v in resolution),
-            )
-        except UnsupportedLayer as error:
-            exported = through_aten()
-            if exported is not None:
-                return exported
-            raise UnsupportedLayer(f"at {size_label(resolution, short=False)}: {error}") from None
+    try:
+        per_resolution = _concrete_rows(
+            prepared, graph_module, convention, allow_unknown, resolutions)
+    except UnsupportedLayer:
+        exported = through_aten()
+        if exported is not None:
+            return exported
+        raise
     analysis = concrete_analysis(prepared, graph_module, per_resolution, convention)
     if not analysis.complete:
         return through_aten() or analysis
     return analysis
 
 
-def _concrete_rows(prepared, graph_module, convention, allow_unknown, resolutions):
-    """Return (graph_module, resolution -> rows) counted with concrete sizes at each."""
-    return graph_module, {
-        tuple(r): _interpret_prepared(
-            prepared, graph_module, convention, allow_unknown, tuple(sp.Integer(v) for v in r))
-        for r in resolutions
-    }
+def _concrete_rows(prepared, graph_module, convention, allow_unknown, resolutions
+                   ) -> dict[tuple[int, ...], list[Layer]]:
+    """Return resolution -> the rows of `graph_module` counted with concrete sizes there."""
+    rows: dict[tuple[int, ...], list[Layer]] = {}
+    for resolution in map(tuple, resolutions):
+        if len(resolution) != len(prepared.axes):
+            raise ResolutionError(
+                f"expected {len(prepared.axes)} input size(s) "
+                f"({'x'.join(map(str, prepared.axes))}), got {size_label(resolution)}"
+            )
+        try:
+            rows[resolution] = _interpret_prepared(
+                prepared, graph_module, convention, allow_unknown,
+                tuple(sp.Integer(v) for v in resolution),
+            )
+        except UnsupportedLayer as error:
+            raise UnsupportedLayer(f"at {size_label(resolution, short=False)}: {error}") from None
+    return rows
 
 
 def concrete_analysis(

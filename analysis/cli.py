@@ -258,13 +258,10 @@ def analyse_from(args: argparse.Namespace, model: str, default: tuple[str, ...] 
             input_shape=getattr(args, "input", None),
         )
 
-    if getattr(args, "input", None) is None:
-        resolutions = list(args.res or default)  # read for the model's input once it is built
-        analysis = run(args.exact)
-        args.input = "x".join(("C", *map(str, analysis.axes)))  # what --res means from here
-    else:
-        resolutions = resolutions_from(args, default)
-        analysis = run(args.exact)
+    resolutions = list(args.res or default)  # analyse reads them for the model's input
+    analysis = run(args.exact)
+    if getattr(args, "input", None) is None:  # what --res means from here: the model's input
+        args.input = "x".join(("C", *map(str, analysis.axes)))
     resolutions = resolutions_from(args, default)
     return answer_every_resolution(analysis, resolutions, lambda: run(True))
 

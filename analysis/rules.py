@@ -144,10 +144,11 @@ def _pair(value: Any) -> tuple[Any, Any]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def _spatial(x: SymTensor) -> tuple[sp.Expr, sp.Expr]:
-    if len(x.shape) != 4:
-        raise ValueError(f"expected a 4-d (B, C, H, W) input, got shape {x.shape}")
-    return x.shape[2], x.shape[3]
+def _sizes(x: SymTensor, what: str) -> tuple[sp.Expr, ...]:
+    """Return the sizes after the channels of a 3-d to 5-d input (T; H, W; D, H, W)."""
+    if not 1 <= len(x.shape) - 2 <= 3:
+        raise UnsupportedLayer(f"{what} expected a 3-d to 5-d input, got shape {tuple(x.shape)}")
+    return tuple(x.shape[2:])
 
 
 def _with_spatial(x: SymTensor, channels: sp.Expr, *sizes: sp.Expr) -> SymTensor:
@@ -312,14 +313,13 @@ def linear(module: nn.Linear, attrs: Attributes, x: SymTensor) -> LayerCost:
 
 def _pool(x: SymTensor, kernel, stride, padding, dilation, ceil_mode, op: str = "") -> LayerCost:
     """Max or average pooling over the last 1, 2 or 3 dimensions: outputs * window size."""
-    count = len(x.shape) - 2
-    if count not in (1, 2, 3):
-        raise UnsupportedLayer(f"pooling expected a 3-d to 5-d input, got shape {tuple(x.shape)}")
+    sizes_in = _sizes(x, "pooling")
+    count = len(sizes_in)
     kernel, padding, dilation = (_ntuple(v, count) for v in (kernel, padding, dilation))
     stride = _ntuple(stride if stride not in (None, ()) else kernel, count)
     sizes = tuple(
         shapes.pool_output_size(size, k, s, p, d, ceil_mode)
-        for size, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation, strict=True)
+        for size, k, s, p, d in zip(sizes_in, kernel, stride, padding, dilation, strict=True)
     )
     output = _with_spatial(x, x.shape[1], *sizes)
     return LayerCost("pool", output, connections=output.per_example * sp.Mul(*kernel), op=op)
@@ -359,15 +359,10 @@ def avg_pool(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
 
 
 def _adaptive_pool(x: SymTensor, output_size: Any, op: str = "") -> LayerCost:
-    count = len(x.shape) - 2
-    if count not in (1, 2, 3):
-        raise UnsupportedLayer(
-            f"adaptive pooling expected a 3-d to 5-d input, got shape {tuple(x.shape)}"
-        )
-    sizes_in = tuple(x.shape[2:])
+    sizes_in = _sizes(x, "adaptive pooling")
     sizes_out = tuple(
         size if out is None else sp.Integer(out)
-        for size, out in zip(sizes_in, _ntuple(output_size, count), strict=True)
+        for size, out in zip(sizes_in, _ntuple(output_size, len(sizes_in)), strict=True)
     )
     output = _with_spatial(x, x.shape[1], *sizes_out)
     windows = [
@@ -666,17 +661,8 @@ def _flatten(x: SymTensor, start_dim: int = 0, end_dim: int = -1) -> SymTensor:
 
 
 def _exact_scale(scale: Any) -> sp.Expr:
-    """Return a scale factor as an exact number (2.0 -> 2, 0.5 -> 1/2)."""
-    try:
-        return _exact_scale_once(scale)
-    except TypeError:  # unhashable (a numpy array of scales): not remembered
-        return _exact_scale_once.__wrapped__(scale)
-
-
-@functools.lru_cache(maxsize=1024)
-def _exact_scale_once(scale: Any) -> sp.Expr:
-    """Return _exact_scale's answer; nsimplify, which parses the float's text, only for a
-    non-integral scale."""
+    """Return a scale factor as an exact number (2.0 -> 2, 0.5 -> 1/2); nsimplify, which
+    parses the float's text, only for a non-integral one."""
     if isinstance(scale, (int, float)) and float(scale).is_integer():
         return sp.Integer(int(scale))
     return sp.nsimplify(scale)
@@ -688,10 +674,8 @@ INTERPOLATION_READS = {"nearest": 1, "nearest-exact": 1, "linear": 2, "bilinear"
 
 
 def _interpolate(x: SymTensor, size: Any, scale_factor: Any, mode: str) -> LayerCost:
-    count = len(x.shape) - 2
-    if count not in (1, 2, 3):
-        raise UnsupportedLayer(f"interpolation expected a 3-d to 5-d input, got {tuple(x.shape)}")
-    sizes_in = tuple(x.shape[2:])
+    sizes_in = _sizes(x, "interpolation")
+    count = len(sizes_in)
     if size is not None:
         sizes = tuple(sp.sympify(s) for s in _ntuple(size, count))
     else:

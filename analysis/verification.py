@@ -9,7 +9,6 @@ backward (analysis/memory.py) must equal what autograd keeps (saved_tensors_hook
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import json
@@ -28,8 +27,6 @@ import torch.fx
 from convtally.analysis import peers
 from convtally.analysis.accounting import (
     Analysis,
-    H,
-    W,
     analyse,
     answer_every_resolution,
     size_label,
@@ -264,20 +261,6 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-@contextlib.contextmanager
-def _unfused_attention():
-    """Run nn.MultiheadAttention's unfused path, as it runs under fvcore called the usual way
-    (gradients on): under no_grad its fast path is one fused op that fvcore skips
-    (aten::_native_multi_head_attention), and fvcore's total of torchvision's ViT-B/16 at 224
-    read 11,290,036,992 instead of 16,867,412,736 (`convtally crosscheck`, the zoo)."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
-
-
 def measure(analysis: Analysis, resolution: tuple[int, ...], device: torch.device):
     """Return (per-node measured output shapes, fvcore by module, torch FLOPs by module) at
     `resolution` ((H, W), or (T,) and (D, H, W) for 1-d and 3-d inputs)."""
@@ -330,8 +313,7 @@ def _measure_run(analysis: Analysis, resolution: tuple[int, ...], device: torch.
             handle.remove()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore's jit tracing warns about deprecations
-        with _unfused_attention():
-            fvcore = peers.run_tool("fvcore", network, x, threads=None)
+        fvcore = peers.run_tool("fvcore", network, x, threads=None)
         torch_counts = _run_torch_counter(network, x)
     if analysis.graph_module is None:
         program = _program_at(analysis, *resolution)
@@ -686,8 +668,6 @@ def _memory_model(analysis: Analysis) -> Any:
     """Return the analysis' memory model (float32, SGD), None where it has no formulas."""
     from convtally.analysis.memory import memory_model
 
-    if analysis.axes != (H, W):  # the memory rules count C x H x W inputs
-        return None
     try:
         return memory_model(analysis)
     except ValueError:  # not an fx capture: no memory formulas to check

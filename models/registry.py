@@ -34,40 +34,26 @@ _META_FILLS = frozenset({
 })
 
 
-def _skip_meta_initialisation():
-    """Return a torch function mode that skips weight initialisation on meta tensors."""
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    class SkipMetaInitialisation(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", "")
-            # nn.init's functions pass their tensor by keyword (tensor=...) to this mode
-            first = args[0] if args else (kwargs or {}).get("tensor")
-            if isinstance(first, torch.Tensor) and first.is_meta and name.endswith("_"):
-                scalars = not any(isinstance(a, torch.Tensor) for a in (*args[1:],
-                                                                         *(kwargs or {}).values()))
-                if getattr(func, "__module__", None) == "torch.nn.init" or (
-                    name in _META_FILLS and scalars
-                ):
-                    return first
-            return func(*args, **(kwargs or {}))
-
-    return SkipMetaInitialisation()
-
-
 def _skip_initialisation():
-    """Return a torch function mode that skips torch.nn.init's random fills on any tensor (a
-    build whose weights are thrown away: only their shapes are kept)."""
+    """Return a torch function mode that skips torch.nn.init's in-place fills on any tensor and
+    the scalar in-place fills of meta tensors: a build whose weights are thrown away (only
+    their shapes are kept)."""
+    import torch
     from torch.overrides import TorchFunctionMode
 
     class SkipInitialisation(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
             # nn.init's functions pass their tensor by keyword (tensor=...) to this mode
-            tensor = args[0] if args else kwargs.get("tensor")
-            if getattr(func, "__module__", None) == "torch.nn.init" and tensor is not None:
-                return tensor
+            first = args[0] if args else kwargs.get("tensor")
+            if isinstance(first, torch.Tensor) and name.endswith("_"):
+                if getattr(func, "__module__", None) == "torch.nn.init":
+                    return first
+                scalars = not any(isinstance(a, torch.Tensor) for a in (*args[1:],
+                                                                         *kwargs.values()))
+                if first.is_meta and name in _META_FILLS and scalars:
+                    return first
             return func(*args, **kwargs)
 
     return SkipInitialisation()
@@ -125,7 +111,7 @@ class ModelSpec:
         values = self.settings(settings)
         kwargs = {hp.name: values[hp.symbol] for hp in self.hyperparameters}
         try:
-            with torch.device("meta"), _skip_meta_initialisation():
+            with torch.device("meta"), _skip_initialisation():
                 network = self.factory(**kwargs)
         except Exception:  # a factory that computes with tensors while building (regnet)
             try:  # built on the CPU without its random initialisation, then made meta

@@ -267,43 +267,34 @@ def test_commands_that_count_images_only_refuse_a_1d_model_in_one_line(
     assert error.count("\n") == 1
 
 
-class UpsampledAudio(nn.Module):
-    """1-d upsampling, module and functional (nearest and linear)."""
+class Upsampled(nn.Module):
+    """A 1-d or 3-d U-Net's up path: nn.Upsample (nearest), then linear interpolation by a
+    scale (1-d) or trilinear interpolation to a size (3-d)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int) -> None:
         super().__init__()
-        self.down = nn.Conv1d(1, 4, 4, stride=4)
+        convolution = nn.Conv1d if rank == 1 else nn.Conv3d
+        self.rank = rank
+        self.down = convolution(1, 4, 4 if rank == 1 else 2, stride=4 if rank == 1 else 2)
         self.up = nn.Upsample(scale_factor=2)
-        self.out = nn.Conv1d(4, 2, 3, padding=1)
+        self.out = convolution(4, 2, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.up(self.down(x))
-        return self.out(F.interpolate(x, scale_factor=2, mode="linear"))
-
-
-class UpsampledVolume(nn.Module):
-    """A 3-d U-Net's up path: nn.Upsample (nearest) and trilinear interpolation to a size."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.down = nn.Conv3d(1, 4, 2, stride=2)
-        self.up = nn.Upsample(scale_factor=2)
-        self.out = nn.Conv3d(4, 2, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.up(self.down(x))
-        x = F.interpolate(x, size=(x.shape[2], 8, 8), mode="trilinear")
+        if self.rank == 1:
+            x = F.interpolate(x, scale_factor=2, mode="linear")
+        else:
+            x = F.interpolate(x, size=(x.shape[2], 8, 8), mode="trilinear")
         return self.out(x)
 
 
 @pytest.mark.parametrize(
-    ("network", "resolutions"),
-    [(UpsampledAudio, [(64,), (128,)]), (UpsampledVolume, [(8, 16, 16), (4, 32, 24)])],
+    ("rank", "resolutions"), [(1, [(64,), (128,)]), (3, [(8, 16, 16), (4, 32, 24)])]
 )
-def test_1d_and_3d_upsampling_against_hooks_and_fvcore(network, resolutions):
+def test_1d_and_3d_upsampling_against_hooks_and_fvcore(rank, resolutions):
     from fvcore.nn import FlopCountAnalysis
 
-    net = network().eval()
+    net = Upsampled(rank).eval()
     analysis = analyse(net)
     assert not verify(analysis, resolutions).mismatches
     up = next(layer for layer in analysis.layers if layer.type == "Upsample")
