@@ -24,6 +24,7 @@ at once (`measure_forward_peak` is the witness: PyTorch's profiler memory events
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import math
@@ -39,6 +40,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from convtally.analysis.rules import BATCH, LayerCost, SymTensor
+from convtally.analysis.tracing import flat_values, map_values
 from torch import nn
 
 H = sp.Symbol("H", integer=True, positive=True)
@@ -345,9 +347,29 @@ def _blocked_copies(module: nn.Module | None, outputs: sp.Expr, inputs: sp.Expr)
     return padded(outputs, module.out_channels) + padded(inputs, module.in_channels)
 
 
+def _padded(channels: int) -> sp.Rational:
+    """Return the factor by which oneDNN's blocked layout pads `channels` (1 when a multiple)."""
+    return sp.Rational(-(-channels // ONEDNN_BLOCK) * ONEDNN_BLOCK, channels)
+
+
 def conv_workspace(call: Call, size: int) -> sp.Expr:
-    """oneDNN convolution on the CPU: a blocked-layout copy of its output and of its weight."""
-    return (call.output_elements() + call.cost.macs_per_output * call.shape()[1]) * size
+    """oneDNN convolution on the CPU, beyond its input and its plain output: first a blocked
+    copy of the input (none for 1 to 3 input channels: oneDNN's first-layer kernels read the
+    plain input), of the weight and of the output, channels padded to the block; then the input
+    and weight copies are freed and the plain output is written from the blocked one."""
+    module = call.module
+    weight = call.cost.macs_per_output * call.shape()[1]
+    depthwise = module is not None and module.groups == module.in_channels
+    if type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or not (
+            module.groups == 1 or depthwise):
+        return (call.output_elements() + weight) * size
+    input_copy = 0 if module.in_channels <= 3 else call.input_elements() * _padded(
+        module.in_channels)
+    weight_copy = weight * _padded(module.out_channels) * (
+        _padded(module.in_channels) if input_copy and not depthwise else 1)
+    output_copy = call.output_elements() * _padded(module.out_channels)
+    first = input_copy + weight_copy + output_copy - call.output_elements()
+    return sp.Max(first, output_copy) * size
 
 
 def pool_workspace(call: Call, size: int) -> sp.Expr:
@@ -430,6 +452,7 @@ class _Value:
     storage: int | None  # None: a parameter or a non-tensor value
     requires_grad: bool
     contiguous: bool = True
+    parts: tuple | None = None  # storages of a layer's separate outputs, nested as returned
 
 
 # --- the model -----------------------------------------------------------------------------
@@ -801,6 +824,10 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
     rows: dict[str, dict] = {}
     kept: dict[int, str] = {}  # storage -> the layer that keeps it first
 
+    frames = [_frames(node) for node in nodes]
+    frame_end = {frame: index for index, node_frames in enumerate(frames)
+                 for frame in node_frames}
+
     def new_storage(nbytes: sp.Expr, index: int, owner: str) -> int:
         storages.append(Storage(sp.sympify(nbytes), index, index, owner))
         return len(storages) - 1
@@ -810,8 +837,12 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
         for argument in arguments:
             value = values.get(argument.name)
             if value is not None and value.storage is not None:
-                last = len(nodes) if node.op == "output" else index
                 storage = storages[value.storage]
+                last = len(nodes) if node.op == "output" else index
+                # a module called with a tensor made outside it holds that tensor (its
+                # argument, the caller's variable) until the call returns, as eager Python does
+                entered = set(frames[index]) - set(frames[storage.produced])
+                last = max([last] + [frame_end[frame] for frame in entered])
                 storage.last_use = max(storage.last_use, last)
         if node.op == "placeholder":
             if not values:
@@ -833,8 +864,16 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
         layer = layers.get(node.name)
         if layer is None:  # getitem on a tuple, size arithmetic: alias of its first input
             if inputs:
-                values[node.name] = _Value(inputs[0].storage, inputs[0].requires_grad,
-                                           inputs[0].contiguous)
+                first = inputs[0]
+                part = first.parts[node.args[1]] if (
+                    first.parts is not None and node.target is operator.getitem
+                    and isinstance(node.args[1], int)) else None
+                if part is None:
+                    values[node.name] = _Value(first.storage, first.requires_grad,
+                                               first.contiguous)
+                else:  # one of a layer's separate outputs (an LSTM's h_n)
+                    values[node.name] = _Value(_first_storage(part), first.requires_grad,
+                                               parts=part if isinstance(part, tuple) else None)
             continue
         module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
         parameters = _call_parameters(node, module, graph_module)
@@ -844,6 +883,7 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
         op = (layer.cost.op or layer.kind).rstrip("_")
         output_values = _batch_values(layer.cost)
         contiguous = True
+        parts = None
         if inputs and _aliases(call, op, inputs[0]):
             storage = inputs[0].storage
             contiguous = inputs[0].contiguous and op not in STRIDED_OPS
@@ -851,9 +891,14 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
                 contiguous = False
         elif not inputs and operands and (op in VIEW_OPS or layer.cost.op in VIEW_OPS):
             storage = None  # a view of a parameter: the parameter's memory
+        elif _nested(layer.cost.output):
+            # separate tensors ((output, (h_n, c_n))): one storage each, picked by getitem
+            parts = map_values(layer.cost.output, functools.partial(
+                _part_storage, new_storage, size, index, layer.name))
+            storage = _first_storage(parts)
         else:
             storage = new_storage(output_values * size, index, layer.name)
-        values[node.name] = _Value(storage, requires_grad, contiguous)
+        values[node.name] = _Value(storage, requires_grad, contiguous, parts)
         row: dict[str, Any] = {}
         if training:
             key, rule = saved_rule(layer.cost, rules)
@@ -907,6 +952,34 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
                 if s.produced <= index <= max(end if number in kept else s.last_use,
                                               s.produced)))
     return rows
+
+
+def _part_storage(new_storage: Callable[[sp.Expr, int, str], int], size: int, index: int,
+                  owner: str, tensor: Any) -> int | None:
+    """Return a new storage for one tensor of a layer's separate outputs (None: not a tensor)."""
+    if not isinstance(tensor, SymTensor):
+        return None
+    return new_storage(sp.Mul(*tensor.shape) * size, index, owner)
+
+
+def _nested(output: Any) -> bool:
+    """Return True for a tuple output holding a tuple of tensors (an LSTM's states)."""
+    return isinstance(output, tuple) and any(isinstance(item, tuple) for item in output)
+
+
+def _first_storage(parts: Any) -> int | None:
+    """Return the first storage index among nested parts."""
+    leaves = [leaf for leaf in flat_values(parts) if leaf is not None]
+    return leaves[0] if leaves else None
+
+
+def _frames(node: torch.fx.Node) -> tuple[str, ...]:
+    """Return the qualified names of the modules whose forward runs `node`, outermost first."""
+    names = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    if node.op == "call_module":
+        parts = str(node.target).split(".")
+        names += [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
+    return tuple(dict.fromkeys(names))
 
 
 def _allocates(call: Call, op: str, inputs: list[_Value]) -> bool:

@@ -152,12 +152,15 @@ def render(rows: list[dict], timing: dict, checks: list[dict], command: str) -> 
         "Gaps, explained: the sum counts every gradient and every saved activation at once, "
         "but autograd frees what a layer keeps once that layer has run backward, and the "
         "gradients of the early layers appear last; the liveness figure follows that order. "
-        "The backward rules pad a convolution's blocked gradient copies to oneDNN's 16 "
-        "channels (this machine has AVX-512; with AVX2 the block is 8). The forward workspace "
-        "rules do not pad (a blocked copy of the output and of the weight): the seed networks' "
-        "3 and 24 channels are padded in oneDNN's forward copies too, so their inference peak "
-        "is measured 22-31 % above ours; on torchvision's networks it is within 1 % (ResNets, "
-        "VGG) to 11 % (MobileNetV2, whose 24-channel layers are padded too).",
+        "The convolution rules follow oneDNN's blocked layouts, channels padded to its 16-"
+        "channel block (this machine has AVX-512; with AVX2 the block is 8): backward reorders "
+        "the output and input gradients; forward copies the input (not with 1 to 3 input "
+        "channels), the weight and the output, then writes the plain output. A module's "
+        "caller holds the tensor it passed in until the module returns (eager Python), so the "
+        "inference liveness keeps it too. What remains: UNet.forward keeps block0's output in "
+        "the local variable x_1 until it returns, where the graph frees it after the "
+        "concatenation (the whole UNet gap; tests/analysis/test_memory.py checks it to the "
+        "byte, give or take a 256-byte bias copy).",
         "",
         f"## --budget at 100 resolutions: {timing['model']}, "
         f"{format_bytes(timing['budget'])}, {timing['resolutions']}",

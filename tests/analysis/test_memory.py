@@ -160,19 +160,29 @@ def test_frozen_network_saves_only_where_gradients_flow():
             parameter.requires_grad_(True)
 
 
-@pytest.mark.parametrize(("name", "batch", "side", "tolerance"), [
-    ("torchvision:resnet18", 4, 64, 0.05),
-    # oneDNN pads 3 and 24 channels to its 16-channel blocks and reorders a conv's input too:
-    # workspace the rules leave out, so the measured peak is up to a third above ours
-    ("unet", 4, 64, 0.35),
+@pytest.mark.parametrize(("name", "batch", "side"), [
+    ("poolupsample", 8, 32),
+    ("torchvision:resnet18", 4, 64),
+    ("torchvision:mobilenet_v2", 4, 96),  # depthwise convolutions, padded channel blocks
 ])
-def test_inference_peak_against_the_profiler(name, batch, side, tolerance):
+def test_inference_peak_against_the_profiler(name, batch, side):
+    """oneDNN's blocked copies (input, weight, output; channels padded to 16) and what a
+    module's caller holds while it runs: the peak to within a few hundred bytes."""
     analysis = analyse(name)
-    model = memory_model(analysis)
-    result = model.evaluate([(batch, side, side)])
+    result = memory_model(analysis).evaluate([(batch, side, side)])
     measured = measure_forward_peak(analysis.network, (batch, channels(analysis), side, side))
-    ratio = measured / result["inference_peak"][0]
-    assert 1 - tolerance <= ratio <= 1 + tolerance, ratio
+    assert abs(measured - result["inference_peak"][0]) <= 1024, (measured, result)
+
+
+@pytest.mark.parametrize(("batch", "side"), [(8, 32), (4, 64)])
+def test_unet_inference_gap_is_the_local_variable(batch, side):
+    """UNet.forward keeps block0's output in the local x_1 until it returns; the graph frees it
+    after the concatenation. That tensor is the whole gap (and a conv bias's blocked copy)."""
+    analysis = analyse("unet")
+    result = memory_model(analysis).evaluate([(batch, side, side)])
+    measured = measure_forward_peak(analysis.network, (batch, 3, side, side))
+    x_1 = batch * 32 * (side // 2) ** 2 * 4
+    assert 0 <= measured - result["inference_peak"][0] - x_1 <= 1024
 
 
 @pytest.mark.parametrize(("name", "batch", "side"), [
