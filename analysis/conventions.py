@@ -147,6 +147,10 @@ FVCORE_RULES = _table(
             affine_inputs=1,
         ),
         "linear": count(FVCORE + "jit_handles.py linear_flop_jit: prod(x) * out", macs=1),
+        **{
+            op: zero(FVCORE + "flop_count.py _DEFAULT_SUPPORTED_OPS: aten::lstm has no handle")
+            for op in ("lstm", "lstm_projected")
+        },
         "batch_norm": count(
             FVCORE + "jit_handles.py batchnorm_flop_jit (eval): 1 per input, 2 when affine",
             inputs=1,
@@ -310,6 +314,16 @@ PTFLOPS_RULES = _table(
                 "adaptive_max_pool2d",
             )
         },
+        **{
+            f"{op}@module": count(
+                _PT_OPS + "rnn_flops per step, layer and direction: w_ih and w_hh numel, "
+                "4H gate sums, 6H cell products, both biases (per token: batch * sequence)",
+                gate_macs=1,
+                gate_values=1,
+                cell_values=6,
+            )
+            for op in ("lstm", "lstm_projected")
+        },
         "upsample@F": count(
             _PT_OPS + "_interpolate_functional_flops_hook: output size (or input * scale^2)",
             outputs=1,
@@ -345,6 +359,23 @@ PTFLOPS_WEIGHTS = _table(
 _TH_HOOKS = THOP + "vision/basic_hooks.py "
 THOP_RULES = _table(
     {
+        "lstm@module": count(
+            THOP + "rnn_hooks.py count_lstm -> _count_lstm_cell per step and direction: "
+            "4 gates of (input + hidden) * hidden + hidden (+ 2 hidden of bias), 4 hidden more",
+            bias={},
+            gate_macs=1,
+            gate_values=1,
+            cell_values=4,
+            bias_values=1,
+        ),
+        "lstm_projected@module": count(
+            THOP + "rnn_hooks.py count_lstm: proj_size is ignored (hidden_size throughout)",
+            bias={},
+            unprojected_gate_macs=1,
+            gate_values=1,
+            cell_values=4,
+            bias_values=1,
+        ),
         **{
             f"{op}@module": count(
                 _TH_HOOKS + "count_convNd -> calc_func.py calculate_conv2d_flops: "
@@ -436,13 +467,25 @@ TORCHINFO_RULES = _table(
             output_macs=1,
         ),
         "linear": count(
-            _TI + "param numel * batch: in*out + out, whatever the number of rows",
-            bias={"bias_params": 1},
-            params=1,
-            bias_params=-1,
+            _TI + "param numel * output_size[0]: (in*out + out) * batch, whatever the number "
+            "of rows after it (B*N rows in the first dimension: N times)",
+            bias={"row_bias_params": 1},
+            row_params=1,
+            row_bias_params=-1,
         ),
-        "norm": count(_TI + "param numel (2 * C for affine BatchNorm)", bias={}, params=1),
-        "activation": count(_TI + "param numel (PReLU's weight; 0 otherwise)", bias={}, params=1),
+        "norm": count(_TI + "param numel * output_size[0] (2 * C for affine BatchNorm)",
+                      bias={}, row_params=1),
+        **{
+            op: count(
+                _TI + "RNN parameters (weight_* and bias_*): numel * output_size[:2] (batch * "
+                "sequence; an unbatched input's is sequence * features instead)",
+                bias={},
+                parameter_reads=1,
+            )
+            for op in ("lstm", "lstm_projected")
+        },
+        "activation": count(_TI + "param numel * output_size[0] (PReLU's weight; 0 otherwise)",
+                            bias={}, row_params=1),
         **{
             f"*@{via}": zero(_TI + "calculate_macs runs on module calls only")
             for via in FUNCTION_VIAS
@@ -477,6 +520,15 @@ TORCH_RULES = _table(
         "scaled_dot_product_attention": zero(
             TORCH + "utils/flop_counter.py: formulas for the flash/efficient/cudnn kernels only; "
             "on the CPU sdpa runs _scaled_dot_product_flash_attention_for_cpu, which has none"
+        ),
+        "lstm": zero(
+            TORCH + "utils/flop_counter.py: on the CPU an LSTM without proj_size runs "
+            "aten::mkldnn_rnn_layer, which has no formula"
+        ),
+        "lstm_projected": count(
+            TORCH + "utils/flop_counter.py mm_flop / addmm_flop: with proj_size the LSTM "
+            "runs as matmuls, 2 * multiply-adds, no bias",
+            macs=2,
         ),
         "multihead_attention": zero(
             TORCH + "nn/modules/activation.py MultiheadAttention.forward: in eval under no_grad "

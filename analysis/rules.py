@@ -57,7 +57,8 @@ class LayerCost:
     input size, the per-output multiply-adds of a convolution, the parameter count of the call.
     """
 
-    kind: str  # conv, linear, pool, adaptive_pool, upsample, norm, activation, elementwise, routing
+    kind: str  # conv, linear, recurrent, pool, adaptive_pool, upsample, norm, activation,
+    # elementwise, routing
     output: Any  # SymTensor, or a tuple/list of them (chunk)
     weights: sp.Expr = sp.Integer(0)
     connections: sp.Expr = sp.Integer(0)
@@ -78,9 +79,7 @@ class LayerCost:
     @property
     def outputs(self) -> sp.Expr:
         """Return the number of values the layer produces per example."""
-        if isinstance(self.output, SymTensor):
-            return self.output.per_example
-        return sp.Add(*(t.per_example for t in self.output if isinstance(t, SymTensor)))
+        return _values_per_example(self.output)
 
     def quantity(self, name: str) -> sp.Expr:
         """Return one named per-example quantity (QUANTITY_NAMES) that conventions count with."""
@@ -100,6 +99,9 @@ class LayerCost:
                 self.weights if self.trainable_weights is None else self.trainable_weights
             ),
             "bias_params": lambda: self.bias_weights,
+            "row_params": lambda: (self.weights if self.parameters is None else self.parameters)
+            * _leading_rows(self.output),
+            "row_bias_params": lambda: self.bias_weights * _leading_rows(self.output),
             "affine_inputs": lambda: inputs if self.affine else sp.Integer(0),
         }
         if name not in values:
@@ -108,6 +110,26 @@ class LayerCost:
                 f"use one of {', '.join(QUANTITY_NAMES)}"
             )
         return sp.sympify(values[name]())
+
+
+def _leading_rows(output: Any) -> sp.Expr:
+    """Return the output's first dimension per example: 1 for (B, ...), N for (B*N, ...)."""
+    while isinstance(output, (tuple, list)):
+        output = next((item for item in output if item is not None), None)
+    if not isinstance(output, SymTensor) or not output.shape:
+        return sp.Integer(1)
+    first = sp.sympify(output.shape[0])
+    return first / BATCH if first.has(BATCH) else first
+
+
+def _values_per_example(output: Any) -> sp.Expr:
+    """Return the values per example of a tensor or of a (nested) tuple of them (an LSTM's
+    (output, (h_n, c_n)))."""
+    if isinstance(output, SymTensor):
+        return output.per_example
+    if isinstance(output, (tuple, list)):
+        return sp.Add(*(_values_per_example(item) for item in output))
+    return sp.Integer(0)
 
 
 QUANTITY_NAMES = (
@@ -120,6 +142,8 @@ QUANTITY_NAMES = (
     "params",  # parameters of the module, on every call
     "trainable_weights",  # weights with requires_grad
     "bias_params",  # bias parameters of the module
+    "row_params",  # params times the output's first dimension per example (B*N rows: N)
+    "row_bias_params",  # bias_params times the same
     "affine_inputs",  # inputs when the normalisation is affine, else 0
 )
 
@@ -559,6 +583,55 @@ def multihead_attention(
     )
 
 
+def lstm(module: nn.LSTM, attrs: Attributes, x: SymTensor, hx: Any = None) -> LayerCost:
+    """LSTM: per token, direction and layer, the four gates' input and recurrent multiply-adds
+    (and the projection's with proj_size); returns (output, (h_n, c_n)) as nn.LSTM does."""
+    if len(x.shape) not in (2, 3):
+        raise UnsupportedLayer(f"LSTM expected a 2-d or 3-d input, got {len(x.shape)}-d {x.shape}")
+    size, hidden, layers = attrs["input_size"], attrs["hidden_size"], int(module.num_layers)
+    requires = must_agree(x.shape[-1], size, "its input's last dimension must equal input_size")
+    directions = 2 if module.bidirectional else 1
+    projection = attrs["proj_size"] if module.proj_size else sp.Integer(0)
+    hidden_out = projection if module.proj_size else hidden
+    tokens = x.per_example / x.shape[-1]
+    gate_macs = sp.Integer(0)
+    unprojected_gate_macs = sp.Integer(0)  # the same with hidden_size in place of proj_size
+    for layer in range(layers):
+        layer_input = size if layer == 0 else directions * hidden_out
+        gate_macs += 4 * hidden * (layer_input + hidden_out)
+        unprojected_input = size if layer == 0 else directions * hidden
+        unprojected_gate_macs += 4 * hidden * (unprojected_input + hidden)
+    per_token = tokens * directions
+    cells = per_token * layers * hidden  # cell-state values computed
+    batched = len(x.shape) == 3
+    if batched:
+        length, batch = (x.shape[1], x.shape[0]) if module.batch_first else x.shape[:2]
+        output = SymTensor((*x.shape[:2], directions * hidden_out))
+        states = ((directions * layers, batch, hidden_out), (directions * layers, batch, hidden))
+    else:
+        output = SymTensor((x.shape[0], directions * hidden_out))
+        states = ((directions * layers, hidden_out), (directions * layers, hidden))
+    bias = module.bias
+    return LayerCost(
+        "recurrent",
+        (output, tuple(SymTensor(tuple(sp.sympify(d) for d in shape)) for shape in states)),
+        weights=sp.Integer(sum(p.numel() for p in module.parameters())),
+        connections=per_token * (gate_macs + layers * hidden * projection),
+        bias_connections=8 * cells if bias else sp.Integer(0),
+        op="lstm_projected" if module.proj_size else "lstm",
+        inputs=x.per_example,
+        requires=requires,
+        extra=(
+            ("gate_macs", per_token * gate_macs),
+            ("unprojected_gate_macs", per_token * unprojected_gate_macs),
+            ("gate_values", 4 * cells),
+            ("cell_values", cells),
+            ("bias_values", 8 * cells if bias else sp.Integer(0)),  # b_ih + b_hh per cell
+            ("parameter_reads", tokens * sum(p.numel() for p in module.parameters())),
+        ),
+    )
+
+
 def pixel_shuffle(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
     """PixelShuffle: (C*r^2, H, W) -> (C, H*r, W*r), routing only."""
     return functional_pixel_shuffle(x, module.upscale_factor)
@@ -630,6 +703,7 @@ MODULE_RULES: dict[type, Callable[..., LayerCost]] = {
     nn.Dropout3d: dropout,
     nn.AlphaDropout: dropout,
     nn.MultiheadAttention: multihead_attention,
+    nn.LSTM: lstm,
     nn.PixelShuffle: pixel_shuffle,
     nn.PixelUnshuffle: pixel_unshuffle,
     nn.ZeroPad1d: padding_module,

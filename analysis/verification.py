@@ -33,7 +33,7 @@ from convtally.analysis.accounting import (
 )
 from convtally.analysis.conventions import DEFAULT, Convention
 from convtally.analysis.rules import BATCH
-from convtally.analysis.tracing import node_output_shapes
+from convtally.analysis.tracing import flat_values, node_output_shapes
 from torch import nn
 from tqdm import tqdm
 
@@ -254,10 +254,12 @@ def _shape_list(shape: Any) -> list[tuple[int, ...]] | None:
 def _shape_of(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return [tuple(value.shape)]
-    # nn.MultiheadAttention returns (output, None) when it is not asked for its weights
-    if (isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
-            and all(isinstance(v, torch.Tensor) or v is None for v in value)):
-        return [tuple(v.shape) for v in value if isinstance(v, torch.Tensor)]
+    # nn.MultiheadAttention returns (output, None) when it is not asked for its weights, an
+    # LSTM (output, (h_n, c_n))
+    leaves = flat_values(value) if isinstance(value, (tuple, list)) else []
+    if (any(isinstance(v, torch.Tensor) for v in leaves)
+            and all(isinstance(v, torch.Tensor) or v is None for v in leaves)):
+        return [tuple(v.shape) for v in leaves if isinstance(v, torch.Tensor)]
     return None
 
 

@@ -516,20 +516,20 @@ def test_fault_table_in_docs_lists_every_case_and_no_payload_ran():
 
 
 def test_a_layer_without_a_rule_is_described_truthfully(tmp_path, monkeypatch, capsys):
-    (tmp_path / "lstmnet.py").write_text(textwrap.dedent("""
+    (tmp_path / "grunet.py").write_text(textwrap.dedent("""
         from torch import nn
         class Net(nn.Module):
             def __init__(self):
                 super().__init__()
                 self.conv = nn.Conv2d(3, 4, 3)
-                self.lstm = nn.LSTM(4, 6, batch_first=True)
+                self.gru = nn.GRU(4, 6, batch_first=True)  # no rule (nn.LSTM has one)
             def forward(self, x):
-                return self.lstm(self.conv(x).flatten(2).transpose(1, 2))[0]
+                return self.gru(self.conv(x).flatten(2).transpose(1, 2))[0]
         def build():
             return Net()
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["table", "lstmnet:build", "--res", "16", "--capture", "fx"]) == 2
+    assert main(["table", "grunet:build", "--res", "16", "--capture", "fx"]) == 2
     error = capsys.readouterr().err
-    assert one_line(error) and "lstm: no rule for this layer" in error
+    assert one_line(error) and "gru: no rule for this layer" in error
     assert "output shape follows the input" not in error
