@@ -15,6 +15,9 @@ model the rounds interleave the three timings, and the table gives their medians
   (what a user types);
 - fvcore: `FlopCountAnalysis(network, x).total()` under no_grad, on the same network.
 
+Before every timed call the garbage of the earlier ones is collected, untimed, so no call pays
+for another's.
+
 The first round is reported too ("first"): the analysis remembers simplified formulas across
 calls, so later rounds, like later models in a loop, are faster than a cold start.
 
@@ -26,6 +29,7 @@ its 1,000-resolution time projected from a fit linear in H*W (labelled as a proj
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import shutil
@@ -88,7 +92,10 @@ def fvcore_total(network, x) -> int:
 
 
 def timed(function) -> tuple[float, object]:
-    """Return (seconds, result) of function()."""
+    """Return (seconds, result) of function(), the garbage of earlier calls collected first
+    (untimed): analyse pauses the cyclic collector, and what it leaves must not be collected
+    inside the next call's time, fvcore's or ours."""
+    gc.collect()
     start = time.perf_counter()
     result = function()
     return time.perf_counter() - start, result
@@ -337,7 +344,8 @@ def markdown(result: dict) -> str:
         "One resolution, in one process, medians of interleaved rounds. *built*: "
         "`analyse(network)` and the totals, the network built once and reused, as fvcore is "
         "given it; *by name*: `analyse(\"NAME\")` and the totals, the network built from its "
-        "name; *fvcore*: `FlopCountAnalysis(network, x).total()`. Ratios below 1 are faster "
+        "name; *fvcore*: `FlopCountAnalysis(network, x).total()`; `gc.collect()` (untimed) "
+        "before each. Ratios below 1 are faster "
         "than fvcore; *first* is the first round (nothing remembered yet from that model).",
         "",
         *summary_lines(result["models"]),
