@@ -852,9 +852,11 @@ def view(x: SymTensor, *shape) -> LayerCost:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _quotient(total: sp.Expr, known: sp.Expr) -> sp.Expr:
     """Return total / known, cancelled; sympy's simplify only when cancelling leaves a symbolic
-    denominator (simplify on DaViT's padded window sizes ran for minutes)."""
+    denominator (simplify on DaViT's padded window sizes ran for minutes). Remembered: a
+    model's repeated blocks reshape the same sizes (cancel took 0.3 s of pvt_v2_b0's 0.7 s)."""
     quotient = sp.cancel(total / known)
     if not sp.fraction(quotient)[1].free_symbols:
         return quotient

@@ -89,7 +89,18 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
                 f"{stale[0].name} from an earlier trace (its forward keeps a traced value in "
                 "module state, a cache)"
             )
-    return torch.fx.GraphModule(model, graph)
+    return _graph_module(model, graph)
+
+
+def _graph_module(model: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """Return a GraphModule that writes its Python code when first run, not when built: the
+    rules read the graph's nodes, and generating the code took 0.2 s of timm densenet121's
+    1.1 s (torch.compile uses the same class; plain GraphModule where it is missing)."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:
+        return torch.fx.GraphModule(model, graph)
+    return _LazyGraphModule(model, graph)
 
 
 def map_values(value: Any, function) -> Any:
