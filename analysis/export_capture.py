@@ -575,11 +575,11 @@ def _fixed_size_on_meta(prepared: _Prepared, probe: tuple[int, int]) -> None:
             return error
         return None
 
-    if failure(probe) is not None:
-        return  # meta cannot run it at all: the check after the export decides
-    error = failure(other)
+    error = failure(other)  # first: a model that runs there needs no second forward pass
     if error is None:
         return
+    if failure(probe) is not None:
+        return  # meta cannot run it at all: the check after the export decides
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise ValueError(
         f"the model runs at {probe[0]}x{probe[1]} but not at {other[0]}x{other[1]} "
