@@ -825,8 +825,12 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
     kept: dict[int, str] = {}  # storage -> the layer that keeps it first
 
     frames = [_frames(node) for node in nodes]
-    frame_end = {frame: index for index, node_frames in enumerate(frames)
-                 for frame in node_frames}
+    # where each module call that a node runs in ends: the last node of the unbroken run of
+    # nodes in that module (a module called three times, a Bottleneck's relu, is three calls)
+    call_end: list[dict[str, int]] = [{} for _ in nodes]
+    for index in reversed(range(len(nodes))):
+        after = call_end[index + 1] if index + 1 < len(nodes) else {}
+        call_end[index] = {frame: after.get(frame, index) for frame in frames[index]}
 
     def new_storage(nbytes: sp.Expr, index: int, owner: str) -> int:
         storages.append(Storage(sp.sympify(nbytes), index, index, owner))
@@ -842,7 +846,7 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
                 # a module called with a tensor made outside it holds that tensor (its
                 # argument, the caller's variable) until the call returns, as eager Python does
                 entered = set(frames[index]) - set(frames[storage.produced])
-                last = max([last] + [frame_end[frame] for frame in entered])
+                last = max([last] + [call_end[index][frame] for frame in entered])
                 storage.last_use = max(storage.last_use, last)
         if node.op == "placeholder":
             if not values:

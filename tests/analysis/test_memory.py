@@ -253,3 +253,25 @@ def test_memory_command_refuses_bad_input_in_one_line(arguments, capsys):
     assert main(["memory", "poolupsample", *arguments]) == 2
     error = capsys.readouterr().err
     assert error.startswith("convtally memory: error:") and error.count("\n") == 1
+
+
+class SharedActivation(nn.Module):
+    """One ReLU module called twice (as a torchvision Bottleneck calls its relu three times):
+    each call holds its argument only while that call runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(16, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv3 = nn.Conv2d(64, 16, 1)
+
+    def forward(self, x):
+        return self.conv3(self.relu(self.conv2(self.relu(self.conv1(x)))))
+
+
+def test_a_module_called_twice_holds_its_argument_per_call():
+    analysis = analyse(SharedActivation())
+    result = memory_model(analysis).evaluate([(4, 32, 32)])
+    measured = measure_forward_peak(analysis.network, (4, 16, 32, 32))
+    assert abs(measured - result["inference_peak"][0]) <= 1024, (measured, result)
