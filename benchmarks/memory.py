@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/memory.py [--out reports/benchmarks]
 
-For each model (the seed networks, resnet18, resnet50, vgg16, mobilenet_v2; SGD, float32, CPU)
+For each model (the seed networks, resnet18, resnet50, vgg16, mobilenet_v2, densenet121, the
+DeepLabV3 fine-tune; SGD, float32, CPU)
 it writes our training peak, torchinfo's "Estimated Total Size", and the training step's peak
 measured with PyTorch's profiler memory events; our saved-for-backward bytes next to what
 autograd saves (saved_tensors_hooks); our inference peak next to the profiler's. Then it times
@@ -43,6 +44,8 @@ MODELS = (
     ("torchvision:vgg16", 2, 64),
     ("torchvision:mobilenet_v2", 4, 96),
     ("torchvision:densenet121", 2, 64),
+    ("deeplabv3_flowers", 2, 224),  # the write-up's fine-tune: only classifier.4 trains
+    ("deeplabv3_flowers", 8, 224),
 )
 MIB = 2**20
 
@@ -160,7 +163,10 @@ def render(rows: list[dict], timing: dict, checks: list[dict], command: str) -> 
         "inference liveness keeps it too. What remains: UNet.forward keeps block0's output in "
         "the local variable x_1 until it returns, where the graph frees it after the "
         "concatenation (the whole UNet gap; tests/analysis/test_memory.py checks it to the "
-        "byte, give or take a 256-byte bias copy).",
+        "byte, give or take a 256-byte bias copy). DeepLabV3 at B=2: the peak falls in the "
+        "ASPP's dilated 3x3 convolutions (dilation 12-36 on a 28x28 map), which oneDNN runs "
+        "without reordering the input (the profiler shows no input copy there), so ours is "
+        "above the measurement; at B=8 the peak is in the backbone, where the rules hold.",
         "",
         f"## --budget at 100 resolutions: {timing['model']}, "
         f"{format_bytes(timing['budget'])}, {timing['resolutions']}",
