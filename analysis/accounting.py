@@ -104,6 +104,35 @@ class Analysis:
     # concrete capture: resolution -> the rows' raw costs there (formulas in H, W unavailable)
     concrete: dict[tuple[int, int], list[Layer]] | None = field(default=None, repr=False)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # built in steps by the capture rungs, then frozen by analyse(): what a caller holds
+        # never changes under it (caches, named with _, are filled on first use)
+        if self.__dict__.get("_frozen") and not name.startswith("_"):
+            raise AttributeError(
+                f"an Analysis does not change once analysed (setting {name!r}); "
+                "with_convention() and with_network() return changed copies"
+            )
+        object.__setattr__(self, name, value)
+
+    def _thawed_copy(self) -> Analysis:
+        """Return a shallow copy that may be changed (to build a new analysis from this one)."""
+        other = copy(self)
+        other.__dict__["_frozen"] = False
+        other.__dict__.pop("_compiled", None)
+        return other
+
+    def _freeze(self) -> Analysis:
+        self.__dict__["_frozen"] = True
+        return self
+
+    def with_network(self, network: nn.Module,
+                     graph_module: torch.fx.GraphModule | None) -> Analysis:
+        """Return a copy of this analysis (the same rows) over another network and its traced
+        graph: a checkpoint's weights, another device."""
+        other = self._thawed_copy()
+        other._source = _NetworkSource(network, graph_module)
+        return other._freeze()
+
     @property
     def axes(self) -> tuple[sp.Symbol, ...]:
         """Return the input's symbolic sizes: (H, W), or (T,) for 1-d, (D, H, W) for 3-d."""
@@ -320,10 +349,10 @@ class Analysis:
         return self._compiled
 
     def with_convention(self, convention: Convention) -> Analysis:
-        """Return this analysis counted under another convention (same layers, no re-tracing)."""
-        other = copy(self)
+        """Return a new analysis: these rows' raw costs counted under another convention (no
+        re-tracing); this one is unchanged."""
+        other = self._thawed_copy()
         other.convention = convention
-        other._compiled = None
         other._exact_again = None  # it would count under this analysis' convention
         other.layers = []
         raw = self.exact or FLOORS_KEPT in self.assumptions
@@ -354,7 +383,7 @@ class Analysis:
                         self.divisor,
                     )
                 )
-        return other
+        return other._freeze()
 
     def totals_at(self, resolutions: Sequence[tuple[int, ...]]) -> dict[str, list[int]]:
         """Return quantity -> list of totals, one per resolution."""
@@ -686,7 +715,7 @@ def analyse(
         raise ValueError(f"unknown capture {capture!r}; use one of {', '.join(CAPTURES)}")
     with _collector_paused():
         return _analyse(model, settings, convention, exact, allow_unknown, capture,
-                        resolutions, input_shape)
+                        resolutions, input_shape)._freeze()
 
 
 @contextlib.contextmanager

@@ -531,10 +531,7 @@ def _working_copy(analysis: Analysis, checkpoint: str | Path | None,
     network, graph_module = copy.deepcopy((network, analysis.graph_module))
     if checkpoint is not None:
         load_checkpoint(network, checkpoint)
-    working = copy.copy(analysis)
-    working.network = network.to(device).eval()
-    working.graph_module = graph_module
-    return working
+    return analysis.with_network(network.to(device).eval(), graph_module)
 
 
 def _check_resolutions(analysis: Analysis, resolutions: Sequence[tuple[int, ...]],

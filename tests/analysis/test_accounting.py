@@ -281,3 +281,25 @@ def test_analysis_of_deeplabv3_has_dict_output_and_adaptive_pooling():
     analysis = analyse("torchvision:deeplabv3_resnet50")
     types = {layer.type for layer in analysis.layers}
     assert {"AdaptiveAvgPool2d", "interpolate", "cat"} <= types
+
+
+def test_an_analysis_does_not_change_once_analysed():
+    """Its attributes cannot be set; another convention or network gives a new analysis and
+    leaves the first as it was (the rows' raw costs counted again, not changed)."""
+    from convtally.analysis.conventions import preset
+
+    analysis = analyse("poolupsample")
+    before = analysis.totals_at([(32, 32)])
+    for name, value in [("convention", preset("fvcore")), ("layers", []), ("network", None),
+                        ("capture", "concrete")]:
+        with pytest.raises(AttributeError, match="does not change once analysed"):
+            setattr(analysis, name, value)
+    fvcore = analysis.with_convention(preset("fvcore"))
+    assert fvcore is not analysis and fvcore.convention.name == "fvcore"
+    assert all(a.cost is b.cost for a, b in zip(analysis.layers, fvcore.layers))
+    assert fvcore.totals_at([(32, 32)]) != before
+    with pytest.raises(AttributeError):
+        fvcore.convention = analysis.convention
+    copy = analysis.with_network(analysis.network, analysis.graph_module)
+    assert copy.totals_at([(32, 32)]) == before
+    assert analysis.convention.name == "default" and analysis.totals_at([(32, 32)]) == before
