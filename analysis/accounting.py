@@ -319,9 +319,10 @@ class Analysis:
                     count = counted(cost, rows[i].known, self.convention)
                     numbers = (count["weights"], cost.outputs, count["connections"])
                 for quantity, number in zip(QUANTITIES, numbers, strict=True):
-                    values[quantity][i, j] = int(
-                        sp.sympify(number).subs(substitution).subs({BATCH: 1})
-                    )
+                    number = sp.sympify(number)
+                    if not number.is_Integer:  # most counts are numbers already
+                        number = number.subs(substitution).subs({BATCH: 1})
+                    values[quantity][i, j] = int(number)
         return values
 
     def _compiled_formulas(self) -> IntegerEvaluator:
