@@ -359,10 +359,10 @@ def conv_workspace(call: Call, size: int) -> sp.Expr:
     and weight copies are freed and the plain output is written from the blocked one."""
     module = call.module
     weight = call.cost.macs_per_output * call.shape()[1]
-    depthwise = module is not None and module.groups == module.in_channels
-    if type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or not (
-            module.groups == 1 or depthwise):
+    if type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or module.groups not in (
+            1, module.in_channels):  # other grouped convolutions: blocks not measured here
         return (call.output_elements() + weight) * size
+    depthwise = module.groups > 1
     input_copy = 0 if module.in_channels <= 3 else call.input_elements() * _padded(
         module.in_channels)
     weight_copy = weight * _padded(module.out_channels) * (

@@ -605,7 +605,7 @@ def lstm(module: nn.LSTM, attrs: Attributes, x: SymTensor, hx: Any = None) -> La
     cells = per_token * layers * hidden  # cell-state values computed
     batched = len(x.shape) == 3
     if batched:
-        length, batch = (x.shape[1], x.shape[0]) if module.batch_first else x.shape[:2]
+        batch = x.shape[0] if module.batch_first else x.shape[1]
         output = SymTensor((*x.shape[:2], directions * hidden_out))
         states = ((directions * layers, batch, hidden_out), (directions * layers, batch, hidden))
     else:
