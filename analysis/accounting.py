@@ -118,7 +118,6 @@ class Analysis:
         """Return a shallow copy that may be changed (to build a new analysis from this one)."""
         other = copy(self)
         other.__dict__["_frozen"] = False
-        other.__dict__.pop("_compiled", None)
         return other
 
     def _freeze(self) -> Analysis:
@@ -354,6 +353,7 @@ class Analysis:
         re-tracing); this one is unchanged."""
         other = self._thawed_copy()
         other.convention = convention
+        other._compiled = None  # the formulas change with the convention
         other._exact_again = None  # it would count under this analysis' convention
         other.layers = []
         raw = self.exact or FLOORS_KEPT in self.assumptions

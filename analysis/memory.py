@@ -845,7 +845,7 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
                 last = len(nodes) if node.op == "output" else index
                 # a module called with a tensor made outside it holds that tensor (its
                 # argument, the caller's variable) until the call returns, as eager Python does
-                entered = set(frames[index]) - set(frames[storage.produced])
+                entered = frames[index] - frames[storage.produced]
                 last = max([last] + [call_end[index][frame] for frame in entered])
                 storage.last_use = max(storage.last_use, last)
         if node.op == "placeholder":
@@ -977,13 +977,13 @@ def _first_storage(parts: Any) -> int | None:
     return leaves[0] if leaves else None
 
 
-def _frames(node: torch.fx.Node) -> tuple[str, ...]:
-    """Return the qualified names of the modules whose forward runs `node`, outermost first."""
-    names = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+def _frames(node: torch.fx.Node) -> frozenset[str]:
+    """Return the qualified names of the modules whose forward runs `node`."""
+    names = {path for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
     if node.op == "call_module":
         parts = str(node.target).split(".")
-        names += [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
-    return tuple(dict.fromkeys(names))
+        names.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
+    return frozenset(names)
 
 
 def _allocates(call: Call, op: str, inputs: list[_Value]) -> bool:

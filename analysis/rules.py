@@ -603,6 +603,7 @@ def lstm(module: nn.LSTM, attrs: Attributes, x: SymTensor, hx: Any = None) -> La
         unprojected_gate_macs += 4 * hidden * (unprojected_input + hidden)
     per_token = tokens * directions
     cells = per_token * layers * hidden  # cell-state values computed
+    parameters = sp.Integer(sum(p.numel() for p in module.parameters()))
     batched = len(x.shape) == 3
     if batched:
         batch = x.shape[0] if module.batch_first else x.shape[1]
@@ -615,7 +616,7 @@ def lstm(module: nn.LSTM, attrs: Attributes, x: SymTensor, hx: Any = None) -> La
     return LayerCost(
         "recurrent",
         (output, tuple(SymTensor(tuple(sp.sympify(d) for d in shape)) for shape in states)),
-        weights=sp.Integer(sum(p.numel() for p in module.parameters())),
+        weights=parameters,
         connections=per_token * (gate_macs + layers * hidden * projection),
         bias_connections=8 * cells if bias else sp.Integer(0),
         op="lstm_projected" if module.proj_size else "lstm",
@@ -627,7 +628,7 @@ def lstm(module: nn.LSTM, attrs: Attributes, x: SymTensor, hx: Any = None) -> La
             ("gate_values", 4 * cells),
             ("cell_values", cells),
             ("bias_values", 8 * cells if bias else sp.Integer(0)),  # b_ih + b_hh per cell
-            ("parameter_reads", tokens * sum(p.numel() for p in module.parameters())),
+            ("parameter_reads", tokens * parameters),
         ),
     )
 
