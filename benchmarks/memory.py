@@ -163,7 +163,8 @@ def render(rows: list[dict], timing: dict, checks: list[dict], command: str) -> 
         "inference liveness keeps it too. What remains: UNet.forward keeps block0's output in "
         "the local variable x_1 until it returns, where the graph frees it after the "
         "concatenation (the whole UNet gap; tests/analysis/test_memory.py checks it to the "
-        "byte, give or take a 256-byte bias copy). DeepLabV3 at B=2: the peak falls in the "
+        "byte, give or take a conv bias's 256-byte blocked copy; the test allows 1 KiB). "
+        "DeepLabV3 at B=2: the peak falls in the "
         "ASPP's dilated 3x3 convolutions (dilation 12-36 on a 28x28 map), which oneDNN runs "
         "without reordering the input (the profiler shows no input copy there), so ours is "
         "above the measurement; at B=8 the peak is in the backbone, where the rules hold.",
