@@ -141,6 +141,13 @@ FVCORE_RULES = _table(
             linear_macs=1,
             attention_bmm_macs=1,
         ),
+        "shifted_window_attention": count(
+            FVCORE + "jit_handles.py linear_flop_jit + matmul_flop_jit: torchvision Swin's "
+            "two aten::linear and two aten::matmul (Q·K^T, A·V)",
+            bias={},
+            linear_macs=1,
+            attention_macs=1,
+        ),
         "instance_norm": count(
             FVCORE + "jit_handles.py norm_flop_counter(1): 4 per input, 5 when affine",
             inputs=4,
@@ -324,6 +331,14 @@ PTFLOPS_RULES = _table(
             )
             for op in ("lstm", "lstm_projected")
         },
+        "shifted_window_attention@function": count(
+            _PT_OPS + "torchvision Swin's F.softmax (_numel_functional_flops_hook: the scores) "
+            "and Tensor.matmul (_matmul_tensor_flops_hook): Q·K^T and A·V in v1, A·V only in "
+            "v2, whose Q·K^T is the unpatched @; F.linear is not patched",
+            bias={},
+            matmul_method_macs=1,
+            scores=1,
+        ),
         "upsample@F": count(
             _PT_OPS + "_interpolate_functional_flops_hook: output size (or input * scale^2)",
             outputs=1,
@@ -520,6 +535,13 @@ TORCH_RULES = _table(
         "scaled_dot_product_attention": zero(
             TORCH + "utils/flop_counter.py: formulas for the flash/efficient/cudnn kernels only; "
             "on the CPU sdpa runs _scaled_dot_product_flash_attention_for_cpu, which has none"
+        ),
+        "shifted_window_attention": count(
+            TORCH + "utils/flop_counter.py addmm_flop / bmm_flop: torchvision Swin's projections "
+            "and its Q·K^T, A·V, 2 * multiply-adds, no bias",
+            bias={},
+            linear_macs=2,
+            attention_macs=2,
         ),
         "lstm": zero(
             TORCH + "utils/flop_counter.py: on the CPU an LSTM without proj_size runs "

@@ -1173,10 +1173,69 @@ def same_padding(x: SymTensor, kernel_size: Any, stride: Any, dilation: Any = (1
     return LayerCost("routing", SymTensor(tuple(shape)), op="pad_same")
 
 
+def patch_merging_pad(x: SymTensor) -> LayerCost:
+    """torchvision Swin's _patch_merging_pad on (..., H, W, C): H and W padded to even, each 2x2
+    neighbourhood gathered into the channels, (..., ceil(H/2), ceil(W/2), 4C); routing only."""
+    if len(x.shape) < 3:
+        raise UnsupportedLayer(f"_patch_merging_pad expected (..., H, W, C), got {x.shape}")
+    *lead, height, width, channels = x.shape
+    output = SymTensor((*lead, sp.ceiling(height / 2), sp.ceiling(width / 2), 4 * channels))
+    return LayerCost("routing", output, op="patch_merging_pad")
+
+
+def relative_position_bias(table: SymTensor, index: SymTensor, window_size: Sequence[int]
+                           ) -> LayerCost:
+    """torchvision Swin's _get_relative_position_bias: the (positions, heads) table read through
+    its index buffer (a gather), returned as (1, heads, N, N), N the window's area."""
+    area = sp.Integer(window_size[0] * window_size[1])
+    return LayerCost("routing", SymTensor((sp.Integer(1), table.shape[-1], area, area)),
+                     op="index")
+
+
+def shifted_window_attention(
+    x: SymTensor, qkv_weight: SymTensor, proj_weight: SymTensor, relative_position_bias: Any,
+    window_size: Sequence[int], num_heads: int, shift_size: Sequence[int],
+    attention_dropout: float = 0.0, dropout: float = 0.0, qkv_bias: Any = None,
+    proj_bias: Any = None, logit_scale: Any = None, training: bool = True,
+) -> LayerCost:
+    """torchvision Swin's shifted_window_attention on (B, H, W, C): H and W padded up to whole
+    windows, then per token the q/k/v and output projections' multiply-adds and, per window of
+    N tokens, Q·K^T and A·V (N·C each per token). The shift moves tokens and masks scores: no
+    multiply-adds (softmax, scale, bias and mask not counted, as for MultiheadAttention)."""
+    if len(x.shape) != 4:
+        raise UnsupportedLayer(f"shifted_window_attention expected (B, H, W, C), got {x.shape}")
+    _, height, width, channels = x.shape
+    padded = [w * sp.ceiling(size / w) for size, w in zip((height, width), window_size)]
+    tokens = padded[0] * padded[1]  # per example, after padding to whole windows
+    area = window_size[0] * window_size[1]
+    requires = must_agree(qkv_weight.shape[1], channels, "qkv_weight's inputs must equal C")
+    projected = qkv_weight.shape[0] + proj_weight.shape[0]
+    linear_macs = tokens * channels * projected
+    attention_macs = 2 * tokens * area * channels
+    biases = (qkv_weight.shape[0] if qkv_bias is not None else 0) + (
+        proj_weight.shape[0] if proj_bias is not None else 0)
+    linear_params = (sp.Mul(*qkv_weight.shape) + sp.Mul(*proj_weight.shape) + biases)
+    return LayerCost(
+        "attention", SymTensor(x.shape), connections=linear_macs + attention_macs,
+        bias_connections=tokens * biases, op="shifted_window_attention", requires=requires,
+        extra=(
+            ("linear_macs", linear_macs),
+            ("attention_macs", attention_macs),
+            ("scores", tokens * area * num_heads),
+            # v1 runs both products as Tensor.matmul; v2 (cosine attention) runs Q·K^T as @
+            ("matmul_method_macs", attention_macs / (1 if logit_scale is None else 2)),
+            ("linear_params", linear_params),
+        ),
+    )
+
+
 # functions of optional libraries, by import path (the library need not be installed); the
 # tracer keeps them as one call (their Python branches on sizes) and counts them with the rule
 OPTIONAL_FUNCTIONS: dict[str, Callable[..., LayerCost]] = {
     "timm.layers.padding.pad_same": same_padding,
+    "torchvision.models.swin_transformer._patch_merging_pad": patch_merging_pad,
+    "torchvision.models.swin_transformer._get_relative_position_bias": relative_position_bias,
+    "torchvision.models.swin_transformer.shifted_window_attention": shifted_window_attention,
 }
 
 

@@ -198,14 +198,17 @@ def test_a_second_trace_that_reads_the_first_ones_node_is_refused_not_a_crash():
     assert analysis.totals_at([(32, 32)])["weights"][0] == 4 * 3 * 9 + 4 + 4
 
 
+SWIN_FUNCTIONS = ("_patch_merging_pad", "_get_relative_position_bias", "shifted_window_attention")
+
+
 @pytest.mark.parametrize("allow_unknown", [True, False])
 @pytest.mark.parametrize("version", [1, 2])
-def test_swin_counted_concretely_through_the_aten_rules_equals_fvcore_and_torch(
-        version, allow_unknown):
-    """fx sees torchvision's shifted_window_attention as one opaque function; the concrete
-    rung recounts such a graph through the export rung's ATen rules (the mask's != and, in
-    v2, the in-place zero_ of the key bias included)."""
-    from convtally.analysis import peers
+def test_swin_window_attention_fx_rule_and_aten_rules_agree(version, allow_unknown, monkeypatch):
+    """The fx rung counts torchvision's shifted_window_attention with one rule; without that
+    rule the concrete rung recounts the graph through the export rung's ATen rules (the mask's
+    != and, in v2, the in-place zero_ of the key bias included). Both equal fvcore and
+    FlopCounterMode, attention module by attention module."""
+    from convtally.analysis import peers, rules
     from torchvision.models import swin_transformer as swin
 
     blocks = {} if version == 1 else {"block": swin.SwinTransformerBlockV2,
@@ -216,13 +219,34 @@ def test_swin_counted_concretely_through_the_aten_rules_equals_fvcore_and_torch(
                                     num_heads=[2, 2], window_size=[4, 4], num_classes=10,
                                     **blocks).eval()
 
-    analysis = analyse(build(), convention=preset("fvcore"), capture="concrete",
-                       resolutions=[(64, 64)], allow_unknown=allow_unknown)
-    assert analysis.capture == "concrete" and analysis.complete
-    x = torch.zeros(1, 3, 64, 64)
-    assert analysis.totals_at([(64, 64)])["connections"][0] == peers.run_fvcore(build(), x).total
-    torch_preset = analysis.with_convention(preset("torch")).totals_at([(64, 64)])
-    assert torch_preset["connections"][0] == peers.run_torch(build(), x).total
+    sizes = [(64, 64), (36, 44)]  # 36x44: windows padded, an odd size merged
+    fx = analyse(build(), exact=True)
+    assert fx.capture == "fx" and fx.symbolic
+    for name in SWIN_FUNCTIONS:
+        monkeypatch.delitem(rules.OPTIONAL_FUNCTIONS, f"torchvision.models.swin_transformer.{name}")
+        monkeypatch.delitem(rules.FUNCTION_RULES, getattr(swin, name), raising=False)
+
+    def per_attention_module(analysis, size):
+        values = analysis.evaluate([size])["connections"][:, 0]
+        counts: dict[str, int] = {}
+        for index, layer in enumerate(analysis.layers):
+            if ".attn." in layer.name:
+                module = layer.name[: layer.name.index(".attn") + len(".attn")]
+                counts[module] = counts.get(module, 0) + int(values[index])
+        return counts
+
+    for size in sizes:  # one at a time: the ATen graph pads at 36x44 only
+        aten = analyse(build(), capture="concrete", resolutions=[size],
+                       allow_unknown=allow_unknown)
+        assert aten.capture == "concrete" and aten.complete
+        assert any(layer.name.endswith("attn.linear") for layer in aten.layers)  # ATen rows
+        for tool, run in (("fvcore", peers.run_fvcore), ("torch", peers.run_torch)):
+            fx_counted, aten_counted = (a.with_convention(preset(tool)) for a in (fx, aten))
+            assert per_attention_module(fx_counted, size) == per_attention_module(
+                aten_counted, size)
+            expected = run(build(), torch.zeros(1, 3, *size)).total
+            assert fx_counted.totals_at([size])["connections"][0] == expected, (tool, size)
+            assert aten_counted.totals_at([size])["connections"][0] == expected, (tool, size)
 
 
 class LiftedConstant(nn.Module):

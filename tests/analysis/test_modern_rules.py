@@ -150,3 +150,31 @@ def test_lstm_against_the_running_layer_and_every_tool(settings):
         assert 2 * connections == counter.get_total_flops(), (height, width)
     theirs = tool_results(lambda: RowLSTM(**settings), 3, 32, 48)
     assert preset_problems(analysis, theirs, 32, 48) == []
+
+
+def tiny_swin(version: int) -> nn.Module:
+    """torchvision's SwinTransformer, two stages of 16 and 32 channels, 4x4 windows."""
+    from torchvision.models import swin_transformer as swin
+
+    blocks = {} if version == 1 else {"block": swin.SwinTransformerBlockV2,
+                                      "downsample_layer": swin.PatchMergingV2}
+    return swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 2], num_heads=[1, 2],
+                                window_size=[4, 4], num_classes=10, **blocks).eval()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_swin_window_attention_against_the_running_network_and_every_tool(version):
+    """torchvision's shifted_window_attention, _patch_merging_pad and the relative-position bias
+    as fx rules: formulas in H, W (windows padded up, odd sizes merged) that match the running
+    network, and every preset equal to its tool, in total and module by module. 36x44 pads the
+    first stage's 9x11 tokens to 12x12 and merges an odd 5x6 grid."""
+    torch.manual_seed(0)
+    analysis = analyse(tiny_swin(version), exact=True)
+    assert analysis.capture == "fx" and analysis.symbolic and analysis.complete
+    rows = [layer for layer in analysis.layers if layer.cost.op == "shifted_window_attention"]
+    assert len(rows) == 3 and all(row.connections.has(H) for row in rows)
+    sizes = [(64, 64), (36, 44)]
+    assert not verify(analysis, sizes).mismatches
+    for height, width in sizes:
+        theirs = tool_results(lambda: tiny_swin(version), 3, height, width)
+        assert preset_problems(analysis, theirs, height, width) == []
