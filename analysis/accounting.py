@@ -48,6 +48,7 @@ from convtally.models.registry import (
     declared_input_channels,
     declared_input_rank,
     resolve,
+    with_builder_keywords,
 )
 from torch import nn
 
@@ -640,7 +641,7 @@ def _prepare_model(
     if isinstance(model, str):
         model = resolve(model)
     if isinstance(model, ModelSpec):
-        spec = model
+        spec, settings = with_builder_keywords(model, settings)
         values = spec.settings(settings)
         # counting needs shapes, not weights: build on the meta device (no initialisation, no
         # memory) and make real weights only when something runs the network
@@ -847,6 +848,10 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
             )
         return analysis
     error_type = type(first_error) if isinstance(first_error, ValueError) else ValueError
+    if "assert" in reasons[-1].lower():  # the model checks its input size at every rung
+        reasons[-1] += (" (a size the model asserts against: ask for its own size, or build it at"
+                        " yours: torchvision: and timm: models take builder keywords, e.g. "
+                        "--set image_size=N for torchvision's ViT, img_size=N for timm's)")
     raise error_type(" | ".join(reasons)) from None
 
 

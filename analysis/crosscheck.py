@@ -21,7 +21,7 @@ from convtally.analysis.accounting import Analysis, analyse, answer_every_resolu
 from convtally.analysis.conventions import make_convention, preset
 from convtally.analysis.formatting import resolution_label
 from convtally.analysis.peers import TOOLS, ToolResult, run_tool, tool_package
-from convtally.models.registry import ModelSpec, resolve
+from convtally.models.registry import ModelSpec, resolve, with_builder_keywords
 from torch import nn
 from tqdm import tqdm
 
@@ -213,7 +213,8 @@ def _builder(
     if isinstance(model, str):
         model = resolve(model)
     if isinstance(model, ModelSpec):
-        spec, values = model, model.settings(settings)
+        spec, settings = with_builder_keywords(model, settings)
+        values = spec.settings(settings)
         return lambda: spec.build(values).eval()
     return lambda: copy.deepcopy(model).eval()
 

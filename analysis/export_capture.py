@@ -584,7 +584,7 @@ def _fixed_size_on_meta(prepared: _Prepared, probe: tuple[int, int]) -> None:
         return  # meta cannot run it at all: the check after the export decides
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise ValueError(
-        f"the model runs at {probe[0]}x{probe[1]} but not at {other[0]}x{other[1]} "
+        f"at {other[0]}x{other[1]}, twice {probe[0]}x{probe[1]}, the model fails "
         f"({first[:120]}): its input size is fixed"
     )
 

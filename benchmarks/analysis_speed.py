@@ -1,7 +1,7 @@
 """Benchmark: convtally's one-resolution analysis next to fvcore's FlopCountAnalysis over a list
 of models, the 1,000-resolution sweep rendered to CSV and JSON, and how fast the command starts.
 
-    .venv/bin/python benchmarks/analysis_speed.py [--models NAME ...] [--threads 1] [--rounds 5]
+    .venv/bin/python benchmarks/analysis_speed.py [--models NAME[,KEY=VALUE...][@SIDE] ...] [--threads 1] [--rounds 5]
         [--sweep-model torchvision:deeplabv3_resnet101] [--fvcore-samples 10]
         [--out reports/benchmarks]
 
@@ -50,7 +50,7 @@ from convtally.analysis import peers  # noqa: E402
 from convtally.analysis.accounting import analyse, answer_every_resolution  # noqa: E402
 from convtally.analysis.formatting import render  # noqa: E402
 from convtally.analysis.io import atomic_write_json, atomic_write_text  # noqa: E402
-from convtally.models.registry import resolve  # noqa: E402
+from convtally.models.registry import resolve, with_builder_keywords  # noqa: E402
 
 SEEDS = ["poolupsample", "convtranspose", "unet"]
 TORCHVISION = [
@@ -67,19 +67,24 @@ TIMM = ["timm:selecsls42", "timm:convnext_atto", "timm:efficientnet_b0", "timm:h
 DEFAULT_MODELS = [*SEEDS, *TORCHVISION, *TIMM, "torchvision:deeplabv3_resnet101@520"]
 
 
-def model_and_side(entry: str) -> tuple[str, int]:
-    """Return (model, side) of 'NAME@SIDE' (side 32 for the seed networks, 224 otherwise)."""
+def model_and_side(entry: str) -> tuple[str, dict[str, int], int]:
+    """Return (model, settings, side) of 'NAME[,KEY=VALUE...]@SIDE' (side 32 for the seed
+    networks, 224 otherwise); the settings are --set's (torchvision:vit_h_14,image_size=518@518
+    builds the ViT at its published crop, as `--set image_size=518` does)."""
     name, _, side = entry.rpartition("@") if "@" in entry else (entry, "", "")
-    return name, int(side) if side else (32 if ":" not in name else 224)
+    name, *pairs = name.split(",")
+    settings = {key: int(value) for key, _, value in (pair.partition("=") for pair in pairs)}
+    return name, settings, int(side) if side else (32 if ":" not in name else 224)
 
 
-def analyse_at(model, side: int) -> tuple[str, dict[str, list[int]]]:
+def analyse_at(model, side: int, settings: dict[str, int] | None = None
+               ) -> tuple[str, dict[str, list[int]]]:
     """Return (the capture used, the totals) of `model` at side x side, as `convtally table
-    --res side` answers."""
+    --res side [--set ...]` answers."""
     sizes = [(side, side)]
     analysis = answer_every_resolution(  # sizes given, as the CLI gives --res: a model with a
-        analyse(model, resolutions=sizes), sizes,  # fixed input size (vit) is counted there
-        lambda: analyse(model, exact=True, resolutions=sizes),
+        analyse(model, settings, resolutions=sizes), sizes,  # fixed size (vit) is counted there
+        lambda: analyse(model, settings, exact=True, resolutions=sizes),
     )
     return analysis.capture, analysis.totals_at(sizes)
 
@@ -103,15 +108,16 @@ def timed(function) -> tuple[float, object]:
 
 def measure_model(entry: str, rounds: int) -> dict:
     """Return the interleaved timings of one model (medians, first round, ratios)."""
-    name, side = model_and_side(entry)
-    network = resolve(name).build().eval()
-    x = torch.zeros(1, resolve(name).input_channel_count(), side, side)
+    name, settings, side = model_and_side(entry)
+    spec, hyperparameters = with_builder_keywords(resolve(name), settings)
+    network = spec.build(hyperparameters).eval()
+    x = torch.zeros(1, spec.input_channel_count(hyperparameters), side, side)
     times: dict[str, list[float]] = {"built": [], "by_name": [], "fvcore": []}
     totals = fvcore = capture = None
     for round_index in range(rounds):
         steps = [
             ("built", lambda: analyse_at(network, side)),
-            ("by_name", lambda: analyse_at(name, side)),
+            ("by_name", lambda: analyse_at(name, side, settings)),
             ("fvcore", lambda: fvcore_total(network, x)),
         ]
         shift = round_index % len(steps)  # rotate the order so none always runs first
@@ -126,7 +132,7 @@ def measure_model(entry: str, rounds: int) -> dict:
     # the first measurement of each (round 0 runs them in the order built, by name, fvcore)
     first = {key: values[0] for key, values in times.items()}
     return {
-        "model": name,
+        "model": spec.name,
         "resolution": f"{side}x{side}",
         "capture": capture,
         "rounds": rounds,
@@ -242,7 +248,8 @@ def load_average() -> float | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="MODEL[@SIDE]")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
+                        metavar="MODEL[,KEY=VALUE...][@SIDE]")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sweep-model", default="torchvision:deeplabv3_resnet101")

@@ -6,8 +6,9 @@ import importlib
 import inspect
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from convtally.models.colourization import ConvTransposeNet, PoolUpsampleNet, UNet
 from torch import nn
@@ -70,6 +71,9 @@ class ModelSpec:
     # from the network (its first convolution's in_channels; a user's module may take 1)
     description: str = ""
     defaults_override: Mapping[str, int] = field(default_factory=dict)
+    # the factory takes the builder's keyword arguments (torchvision builders, timm's
+    # create_model): --set names that are not hyperparameters go to it (with_builder_keywords)
+    builder_keywords: bool = False
 
     def settings(self, overrides: Mapping[str, int] | None = None) -> dict[str, int]:
         """Return symbol -> value: the defaults with `overrides` (by symbol or name) applied."""
@@ -234,6 +238,42 @@ def resolve(model: str) -> ModelSpec:
     )
 
 
+def with_builder_keywords(spec: ModelSpec, settings: Mapping[str, int] | None
+                          ) -> tuple[ModelSpec, Mapping[str, int] | None]:
+    """Return (spec, settings) with the settings that are not hyperparameters bound into the
+    factory as keyword arguments (image_size=518 for vit_h_14's published crop) and named in
+    the spec's name; a spec whose factory takes no keywords is returned as it is."""
+    if not spec.builder_keywords or not settings:
+        return spec, settings
+    known = {hp.name for hp in spec.hyperparameters} | {hp.symbol for hp in spec.hyperparameters}
+    keywords = {key: int(value) for key, value in settings.items() if key not in known}
+    if not keywords:
+        return spec, settings
+    for key in keywords:
+        if not key.isidentifier():
+            raise ValueError(f"--set {key}=...: a builder keyword must be a Python name, "
+                             f"e.g. image_size=518")
+    label = ", ".join(f"{key}={value}" for key, value in keywords.items())
+
+    def factory(**hyperparameters: int) -> nn.Module:
+        return spec.factory(**hyperparameters, **keywords)
+
+    rest = {key: value for key, value in settings.items() if key in known}
+    return replace(spec, name=f"{spec.name}({label})", factory=factory,
+                   builder_keywords=False), rest
+
+
+def _build_with_keywords(builder: Callable[..., nn.Module], where: str, **keywords: Any
+                         ) -> nn.Module:
+    """Return builder(**keywords), a keyword the builder does not take said in one line."""
+    try:
+        return builder(**keywords)
+    except TypeError as error:
+        if "keyword argument" not in str(error):
+            raise
+        raise ValueError(f"{where} refused a --set keyword: {error}; see its signature") from None
+
+
 def _torchvision_spec(name: str) -> ModelSpec:
     import torchvision.models as tvm
 
@@ -245,14 +285,16 @@ def _torchvision_spec(name: str) -> ModelSpec:
             "(e.g. resnet18, mobilenet_v3_large, deeplabv3_resnet101)"
         ) from None
 
-    def factory() -> nn.Module:
+    def factory(**keywords: Any) -> nn.Module:
         # weights=None: the structure is what we count; no download is needed.
         kwargs = {"weights": None}
         if "weights_backbone" in inspect.signature(builder).parameters:
             kwargs["weights_backbone"] = None
-        return builder(**kwargs)
+        return _build_with_keywords(builder, f"torchvision.models.{name}",
+                                    **kwargs, **keywords)
 
-    return ModelSpec(f"torchvision:{name}", factory, (), 3, f"torchvision.models.{name}")
+    return ModelSpec(f"torchvision:{name}", factory, (), 3, f"torchvision.models.{name}",
+                     builder_keywords=True)
 
 
 def _timm_spec(name: str) -> ModelSpec:
@@ -268,11 +310,13 @@ def _timm_spec(name: str) -> ModelSpec:
             "convnext_atto, vit_tiny_patch16_224)"
         )
 
-    def factory() -> nn.Module:
+    def factory(**keywords: Any) -> nn.Module:
         # pretrained=False: the structure is what we count; no download is needed.
-        return timm.create_model(name, pretrained=False)
+        return _build_with_keywords(timm.create_model, f"timm.create_model({name!r})",
+                                    model_name=name, pretrained=False, **keywords)
 
-    return ModelSpec(f"timm:{name}", factory, (), 3, f"timm.create_model({name!r})")
+    return ModelSpec(f"timm:{name}", factory, (), 3, f"timm.create_model({name!r})",
+                     builder_keywords=True)
 
 
 def _callable_spec(reference: str) -> ModelSpec:

@@ -50,6 +50,32 @@ def test_table_torchvision_and_callable(capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_set_passes_builder_keywords_to_torchvision_and_timm(capsys):
+    """--set names that are not hyperparameters build a torchvision: or timm: model with those
+    keywords (a ViT at another crop, another class count), and the model's name says so."""
+    from torchvision.models import resnet18, vit_b_32
+
+    assert main(["table", "torchvision:resnet18", "--set", "num_classes=10", "--res", "64",
+                 "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == "torchvision:resnet18(num_classes=10)"
+    weights = data["totals"]["weights"]["values"]["64"]
+    assert weights == sum(p.numel() for p in resnet18(num_classes=10).parameters())
+    assert main(["table", "torchvision:vit_b_32", "--set", "image_size=64", "--res", "64",
+                 "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == "torchvision:vit_b_32(image_size=64)" and data["capture"] == "concrete"
+    weights = data["totals"]["weights"]["values"]["64"]
+    assert weights == sum(p.numel() for p in vit_b_32(image_size=64).parameters())
+    timm = pytest.importorskip("timm")
+    assert main(["table", "timm:vit_tiny_patch16_224", "--set", "img_size=32", "--res", "32",
+                 "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    expected = timm.create_model("vit_tiny_patch16_224", img_size=32)
+    assert data["totals"]["weights"]["values"]["32"] == sum(
+        p.numel() for p in expected.parameters())
+
+
 def test_table_convention_switches(capsys):
     main(["table", "poolupsample", "--res", "32", "--format", "json", "--bias-connections"])
     data = json.loads(capsys.readouterr().out)
@@ -74,6 +100,12 @@ def test_table_convention_switches(capsys):
      "cannot be evaluated on symbolic sizes"),
     (["train", "colour", "--model", "unet", "--kernel", "4", "--data", "/nonexistent"],
      "unet cannot run on 32x32 input"),
+    (["table", "torchvision:resnet18", "--set", "nosuch=3"],
+     "torchvision.models.resnet18 refused a --set keyword: ResNet.__init__() got an unexpected "
+     "keyword argument 'nosuch'"),
+    (["table", "torchvision:vit_b_32", "--res", "64"],
+     "build it at yours: torchvision: and timm: models take builder keywords, e.g. --set "
+     "image_size=N"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):

@@ -20,12 +20,16 @@ def test_the_fvcore_sample_spreads_over_every_height_and_width():
     assert speed.spread_sample(resolutions, 1000) == resolutions
 
 
-def test_model_entries_name_their_resolution():
+def test_model_entries_name_their_settings_and_resolution():
     assert speed.model_and_side("torchvision:deeplabv3_resnet101@520") == (
-        "torchvision:deeplabv3_resnet101", 520
+        "torchvision:deeplabv3_resnet101", {}, 520
     )
-    assert speed.model_and_side("unet") == ("unet", 32)
-    assert speed.model_and_side("timm:resnet18") == ("timm:resnet18", 224)
+    assert speed.model_and_side("unet") == ("unet", {}, 32)
+    assert speed.model_and_side("unet,NF=64,K=5") == ("unet", {"NF": 64, "K": 5}, 32)
+    assert speed.model_and_side("timm:resnet18") == ("timm:resnet18", {}, 224)
+    assert speed.model_and_side("torchvision:vit_h_14,image_size=518@518") == (
+        "torchvision:vit_h_14", {"image_size": 518}, 518
+    )
 
 
 def test_the_report_says_threads_and_load():
