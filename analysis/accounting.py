@@ -104,6 +104,9 @@ class Analysis:
     capture_note: str = ""  # why this rung: what the rungs above it could not do
     # concrete capture: resolution -> the rows' raw costs there (formulas in H, W unavailable)
     concrete: dict[tuple[int, int], list[Layer]] | None = field(default=None, repr=False)
+    # a forward that branches on sizes, traced at one size: (lhs - rhs, relation, text) that
+    # must hold wherever the formulas are evaluated (branch_conditions)
+    branches: tuple[tuple[sp.Expr, str, str], ...] = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
         # built in steps by the capture rungs, then frozen by analyse(): what a caller holds
@@ -266,7 +269,9 @@ class Analysis:
         count = len(self.layers)
         values = self._compiled_formulas()(*columns)
         sizes = values[len(QUANTITIES) * count : len(QUANTITIES) * count + len(self._size_owner)]
-        differences = values[len(QUANTITIES) * count + len(self._size_owner) :]
+        differences = values[len(QUANTITIES) * count + len(self._size_owner) :
+                             len(values) - len(self.branches)]
+        self._check_branches(values[len(values) - len(self.branches):], resolutions)
         if differences.size and (differences != 0).any():
             row, column = np.argwhere(differences != 0)[0]
             index, (a, b, what) = self._requirement_owner[row]
@@ -294,6 +299,22 @@ class Analysis:
                 f"({layer.type}) would output shape {tuple(shape)}; try a larger resolution"
             )
         return {q: values[i * count : (i + 1) * count] for i, q in enumerate(QUANTITIES)}
+
+    def _check_branches(self, values: np.ndarray, resolutions: Sequence[tuple[int, ...]]
+                        ) -> None:
+        """Raise ResolutionError where a branch the forward took at the traced size goes the
+        other way (`values`: each condition's lhs - rhs, conditions x resolutions)."""
+        holds = {"==": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal,
+                 ">": np.greater, ">=": np.greater_equal}
+        for (_, relation, text), row in zip(self.branches, values, strict=True):
+            failing = np.flatnonzero(~holds[relation](row.astype(object), 0).astype(bool))
+            if failing.size:
+                at = size_label(resolutions[failing[0]], short=False)
+                raise ResolutionError(
+                    f"{self.model} takes another branch at {at}: its forward tests {text}, "
+                    f"which held where it was traced and not here; ask for this size alone "
+                    "(--res), or --capture export"
+                )
 
     def _evaluate_concrete(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
         captured = list(self.concrete)
@@ -346,6 +367,7 @@ class Analysis:
                 for requirement in layer.requirements:
                     formulas.append(at_setting(requirement[0] - requirement[1]))
                     self._requirement_owner.append((index, requirement))
+            formulas.extend(at_setting(difference) for difference, _, _ in self.branches)
             self._compiled = IntegerEvaluator(formulas, self.axes)
         return self._compiled
 
@@ -746,7 +768,7 @@ def _analyse(model: str | ModelSpec | nn.Module, settings: Mapping[str, int] | N
             parse_resolution(r, rank) if isinstance(r, str) else tuple(r) for r in resolutions
         ]
     if capture == "fx":
-        return _analyse_fx(prepared, convention, exact, allow_unknown)
+        return _analyse_fx(prepared, convention, exact, allow_unknown, resolutions)
     if capture == "concrete":
         return _analyse_concrete(prepared, convention, allow_unknown, resolutions)
     if capture == "export":
@@ -830,8 +852,18 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
         with _time_budget(budget, "torch.export"):
             return analyse_exported(prepared, convention, exact, allow_unknown, resolutions)
 
+    def fx() -> Analysis:
+        analysis = _analyse_fx(prepared, convention, exact, allow_unknown, resolutions)
+        if analysis.branches and resolutions:
+            try:
+                analysis.evaluate(resolutions, explain=False)
+            except ResolutionError as error:
+                if "another branch" in str(error):  # one graph cannot answer every size
+                    raise ValueError(str(error).split(";")[0]) from None
+        return analysis
+
     attempts = (
-        ("fx", lambda: _analyse_fx(prepared, convention, exact, allow_unknown)),
+        ("fx", fx),
         ("export", export_within_budget),
         ("concrete", lambda: _analyse_concrete(prepared, convention, allow_unknown, resolutions)),
     )
@@ -855,7 +887,23 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
     raise error_type(" | ".join(reasons)) from None
 
 
-def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown) -> Analysis:
+def _probe(prepared: _Prepared, resolutions, network: nn.Module | None
+           ) -> torch.Tensor | None:
+    """Return the meta-device input a forward that branches on sizes is traced at: the first
+    resolution asked for, else the size the model declares (timm's input_size), else 224."""
+    if network is None or len(prepared.axes) != 2:
+        return None
+    if resolutions:
+        size = tuple(resolutions[0])
+    else:
+        config = getattr(network, "pretrained_cfg", None)
+        declared = config.get("input_size") if isinstance(config, dict) else None
+        size = tuple(declared[1:]) if declared else (224, 224)
+    return torch.zeros(1, int(prepared.channels), *size, device="meta")
+
+
+def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown,
+                resolutions=None) -> Analysis:
     if prepared.shapes is not None:
         # the meta-device build: the same graph and shapes without weights; anything it cannot
         # do (a layer without a rule run for its shape, code that reads tensor values) falls
@@ -864,7 +912,7 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown) -> Analys
         # sizes) is the real build's answer too: building real weights to hear it again cost
         # a ViT-B a second
         try:
-            graph_module = trace(prepared.shapes)
+            graph_module = trace(prepared.shapes, _probe(prepared, resolutions, prepared.shapes))
             layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
             return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
         except ValueError as error:
@@ -873,7 +921,17 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown) -> Analys
                 raise
         except Exception:
             prepared.shapes = None
-    graph_module = trace(prepared.network)
+    try:
+        graph_module = trace(prepared.network)
+    except ValueError as error:
+        # a caller's module that branches on sizes: traced on its meta copy at the probe size
+        meta = prepared.meta_network() if "control flow" in str(error) else None
+        probe = _probe(prepared, resolutions, meta)
+        if probe is None:
+            raise
+        graph_module = trace(meta, probe)
+        layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
+        return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
     layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
     return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=False)
 
@@ -1072,6 +1130,13 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
             network, graph_module, (lambda: prepared.network) if shapes else None
         ),
     )
+    analysis.branches, notes = branch_conditions(graph_module)
+    analysis.assumptions.extend(text for _, _, text in analysis.branches)
+    analysis.assumptions.extend(notes)
+    if graph_module is not None and graph_module.meta.get("branches"):
+        probe = "x".join(map(str, graph_module.meta["probe"]))
+        analysis.capture_note = (f"traced at {probe}, where the forward's branches on the "
+                                 "input size were decided (see the assumptions)")
     analysis.assumptions.extend(requirement_assumptions(analysis))
     return analysis
 
@@ -1103,6 +1168,7 @@ def _interpret(
     seen: Counter = Counter()
     counted_modules: set[int] = set()
     owned_parameters: set[str] = set()
+    asserted: list[tuple] = []  # size conditions the forward asserts (_asserted_condition)
     placeholders = 0
     for node in graph_module.graph.nodes:
         if node.op == "placeholder":
@@ -1126,6 +1192,11 @@ def _interpret(
             return env[n.name] if isinstance(n, torch.fx.Node) else n
 
         args, kwargs = map_values(node.args, value_of), map_values(node.kwargs, value_of)
+        condition = _asserted_condition(node, args)
+        if condition is not None:
+            asserted.append(condition)
+            env[node.name] = None
+            continue
         label, function_name = _node_label(node, seen)
         if node.op == "call_module":
             module = graph_module.get_submodule(node.target)
@@ -1220,7 +1291,56 @@ def _interpret(
                 requirements=cost.requires,
             )
         )
+    if hasattr(graph_module, "meta"):  # what the formulas require of the input size
+        probe = "x".join(map(str, graph_module.meta.get("probe", ())))
+        graph_module.meta["conditions"] = asserted + [
+            (env.get(name), taken, name, f"the forward branches on it; traced at {probe}")
+            for name, taken in graph_module.meta.get("branches", ())]
     return layers
+
+
+def _asserted_condition(node: torch.fx.Node, args: tuple) -> tuple | None:
+    """Return (condition, True, node name, why) for torch._assert on a size condition that
+    does not pin the size (timm's 'H divisible by the patch size'), else None: an assert that
+    the size equals a number (a ViT's) leaves the model to the concrete rung, as before."""
+    if node.target is not torch._assert or not args:
+        return None
+    condition = args[0]
+    if not isinstance(condition, sp.core.relational.Relational):
+        return None
+    if isinstance(condition, sp.Eq) and not (condition.lhs - condition.rhs).has(
+            sp.Mod, sp.floor, sp.ceiling):
+        return None
+    return (condition, True, node.name, "the forward asserts it")
+
+
+def branch_conditions(graph_module: Any) -> tuple[tuple[tuple[sp.Expr, str, str], ...],
+                                                  list[str]]:
+    """Return (conditions, notes). The conditions on the input size that the forward's asserts
+    and the branches it took at the probe size impose, as (lhs - rhs, relation, text), e.g.
+    (W/32 - 7, '>=', 'W/32 >= 7 (...)'); those that hold at every size are left out. A branch
+    on a value that is not a size (v.device.type != 'meta') is taken as traced, and a note says
+    so; a branch the rules cannot reduce to a comparison of sizes is refused."""
+    meta = getattr(graph_module, "meta", {}) if graph_module is not None else {}
+    found, notes = [], []
+    for value, taken, name, why in meta.get("conditions") or ():
+        if value is None:
+            raise ValueError(f"the forward branches on {name}, which the rules give no value")
+        condition = sp.sympify(value)
+        if isinstance(condition, (sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational)):
+            condition = condition if taken else sp.Not(condition)
+        if condition == sp.true:
+            continue
+        if condition == sp.false:  # not a size: the meta device's answer (a device check)
+            notes.append(f"{name}: the forward branches on a value that is not a size; the "
+                         "side taken on the meta device was traced")
+            continue
+        if not isinstance(condition, sp.core.relational.Relational):
+            raise ValueError(f"the forward branches on {name} ({value}): it is not a "
+                             "comparison of the input's sizes")
+        found.append((sp.expand(condition.lhs - condition.rhs), condition.rel_op,
+                      f"{condition.lhs} {condition.rel_op} {condition.rhs} ({why})"))
+    return tuple(dict.fromkeys(found)), notes
 
 
 def _function_rule(key: Any):

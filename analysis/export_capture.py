@@ -139,6 +139,7 @@ UNARY_OPS = (
     "leaky_relu_", "hardtanh", "hardtanh_", "mish", "mish_", "softplus", "exp", "sqrt", "rsqrt",
     "erf", "abs", "neg", "clamp", "clamp_", "clamp_min", "clamp_max", "log", "sin", "cos",
     "reciprocal", "square", "prelu", "celu", "selu", "log_sigmoid", "sign", "floor", "round",
+    "cumsum", "bitwise_not", "logical_not",
 )
 BINARY_OPS = ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "pow", "maximum",
               "minimum", "where", "rsub",
@@ -156,6 +157,7 @@ ROUTING_OPS = (
     "channel_shuffle", "native_channel_shuffle", "dropout", "identity",
     "index", "gather", "index_put", "index_put_", "_unsafe_index", "scalar_tensor", "sym_size",
     "new_empty", "new_full", "empty_like", "masked_fill_", "tril", "triu", "zero_", "zero",
+    "eye",
 )
 
 # OpOverloadPacket name -> rule; the adapters reuse analysis.rules (the fx rung's rules)

@@ -806,6 +806,30 @@ def binary_elementwise(a: Any, b: Any, *args, **kwargs) -> LayerCost | PlainValu
     return LayerCost("elementwise", output, connections=output.per_example)
 
 
+COMPARISONS = {operator.eq: sp.Eq, operator.ne: sp.Ne, operator.lt: sp.Lt, operator.le: sp.Le,
+               operator.gt: sp.Gt, operator.ge: sp.Ge}
+
+
+def comparison(relation: Any) -> Callable[..., LayerCost | PlainValue]:
+    """Return the rule of ==, !=, <, <=, >, >=: on tensors one connection per output (Swin's
+    mask != 0), on sizes the sympy relation (a branch the forward takes on the input size)."""
+
+    def rule(a: Any, b: Any) -> LayerCost | PlainValue:
+        if isinstance(a, SymTensor) or isinstance(b, SymTensor):
+            shape, requires = (a if isinstance(a, SymTensor) else b).shape, ()
+            if isinstance(a, SymTensor) and isinstance(b, SymTensor):
+                shape, requires = _broadcast(a.shape, b.shape)
+            output = SymTensor(tuple(shape))
+            return LayerCost("elementwise", output, connections=output.per_example,
+                             requires=requires)
+        if isinstance(a, (int, sp.Expr)) and isinstance(b, (int, sp.Expr)):
+            return PlainValue(COMPARISONS[relation](a, b))
+        return PlainValue(None)  # other Python values: compared as Python does
+
+    rule.__doc__ = f"{relation.__name__}: a comparison (sizes: the sympy relation)."
+    return rule
+
+
 def addcmul(x: Any, tensor1: Any, tensor2: Any, *args, **kwargs) -> LayerCost:
     """torch.addcmul / addcdiv (x + value * t1 * t2): 1 connection per tensor operand per output."""
     tensors = [v for v in (x, tensor1, tensor2) if isinstance(v, SymTensor)]
@@ -1041,6 +1065,7 @@ def _advanced_getitem(container: SymTensor, index: tuple, not_masks: set[int] = 
 def _slice_length(size: sp.Expr, item: slice) -> sp.Expr:
     """Return the length of x[start:stop] along a dimension of `size` (step 1 when symbolic)."""
     bounds = [item.start, item.stop, item.step]
+    size = sp.sympify(size)
     if size.is_Integer and all(isinstance(v, int) or v is None for v in bounds):
         return sp.Integer(len(range(*item.indices(int(size)))))
     if item.step not in (None, 1) or not all(
@@ -1555,6 +1580,38 @@ def new_tensor(x: Any, *args, **kwargs) -> LayerCost | PlainValue:
     return PlainValue(None)
 
 
+def constructor(*size: Any, **kwargs: Any) -> LayerCost:
+    """torch.zeros / ones / empty(B, H, W) with sizes read from a tensor (edgenext's positional
+    encoding mask): a tensor of that shape, no arithmetic."""
+    if len(size) == 1 and isinstance(size[0], (tuple, list)):
+        size = tuple(size[0])
+    if not all(isinstance(s, (int, sp.Expr)) for s in size):
+        raise UnsupportedLayer(f"a tensor constructor expected sizes, got {size}")
+    return LayerCost("routing", SymTensor(tuple(sp.sympify(s) for s in size)), op="new_tensor")
+
+
+def full(size: Sequence[Any], fill_value: Any, **kwargs: Any) -> LayerCost:
+    """torch.full(size, value) with sizes read from a tensor: as torch.zeros."""
+    return constructor(tuple(size))
+
+
+def eye(n: Any, m: Any = None, **kwargs: Any) -> LayerCost:
+    """torch.eye(n, m) with sizes read from a tensor (bat_resnext's attention): n x m."""
+    return constructor(n, n if m is None else m)
+
+
+def size_rounding(function: Callable[[Any], Any]) -> Callable[[Any], PlainValue]:
+    """math.ceil / math.floor of a size (mobilevit's patch count): the sympy ceiling/floor."""
+
+    def rule(x: Any) -> PlainValue:
+        if isinstance(x, sp.Expr):
+            return PlainValue(function(x))
+        return PlainValue(None)
+
+    rule.__doc__ = f"math.{function.__name__} of a size."
+    return rule
+
+
 UNARY_FUNCTIONS = (
     F.relu,
     F.relu6,
@@ -1579,6 +1636,7 @@ UNARY_FUNCTIONS = (
     F.tanhshrink,
     torch.exp,
     torch.erf,
+    torch.cumsum,  # one addition per output (edgenext's positional encoding)
     torch.sqrt,
     torch.rsqrt,
     torch.abs,
@@ -1596,6 +1654,7 @@ UNARY_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "sqrt", "rsqrt",
     "abs", "neg", "log", "sin", "cos", "clamp", "clamp_", "clip", "clamp_min", "clamp_max",
     "square", "reciprocal", "erf", "gelu", "silu", "hardswish", "sign", "floor", "round",
+    "cumsum",
 )
 BINARY_FUNCTIONS = (
     operator.add,
@@ -1697,6 +1756,14 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     "amax": reduction,
     "amin": reduction,
     torch.zeros_like: new_tensor,
+    torch.zeros: constructor,
+    torch.ones: constructor,
+    torch.empty: constructor,
+    torch.full: full,
+    torch.eye: eye,
+    math.ceil: size_rounding(sp.ceiling),
+    math.floor: size_rounding(sp.floor),
+    operator.invert: unary_elementwise,  # ~mask (edgenext's positional encoding)
     torch.ones_like: new_tensor,
     "add": binary_elementwise,
     "add_": binary_elementwise,
@@ -1747,6 +1814,7 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     F.avg_pool2d: functional_pool2d,
     F.avg_pool3d: functional_pool2d,
     operator.getitem: getitem,
+    **{relation: comparison(relation) for relation in COMPARISONS},
     getattr: _getattr,
     "size": size,
     "dim": dim,

@@ -68,18 +68,122 @@ class _Tracer(torch.fx.Tracer):
         return super().create_arg(a)
 
 
-def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """Return `model` traced into a GraphModule whose leaves are the modules the rules know."""
+class _BranchingTracer(_Tracer):
+    """A _Tracer that also runs every call on the meta-device probe input as it records it, so
+    that a Python branch on sizes (`if H % 2`, `if self.window >= W`) is decided at the probe
+    size, as running the model there would; each decision is kept (node, taken) for the
+    interpreter, which turns it into a condition on H, W that the formulas then require. Only
+    for a model built on the meta device: the values are shapes, never data."""
+
+    def __init__(self, probe: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.probe = probe
+        self.values: dict[torch.fx.Node, Any] = {}
+        self.branches: list[tuple[str, bool]] = []
+        self._running = False  # inside a call run for its value: no proxies, no nodes
+        self._forward: Any = None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._running:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if self._running:
+            return forward(*args, **kwargs)
+        previous, self._forward = self._forward, forward
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._forward = previous
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                     proxy_factory_fn)
+        missing = object()
+
+        def value(v: Any) -> Any:
+            if isinstance(v, torch.fx.Proxy):
+                found = self.values.get(v.node, missing)
+                if found is missing:
+                    raise LookupError
+                return found
+            return v
+
+        try:
+            if kind == "placeholder":
+                if not any(node.op == "placeholder" for node in self.values):
+                    self.values[proxy.node] = self.probe  # the image
+                elif args:  # an optional argument: its default
+                    self.values[proxy.node] = args[0]
+                return proxy
+            call_args = torch.fx.node.map_aggregate(args, value)
+            call_kwargs = torch.fx.node.map_aggregate(kwargs, value)
+            self._running = True
+            if kind == "call_function":
+                result = target(*call_args, **call_kwargs)
+            elif kind == "call_method":
+                result = getattr(call_args[0], target)(*call_args[1:], **call_kwargs)
+            elif kind == "call_module":
+                result = self._forward(*call_args, **call_kwargs)
+            elif kind == "get_attr":
+                result = self.root
+                for part in target.split("."):
+                    result = getattr(result, part)
+            else:
+                return proxy
+            self.values[proxy.node] = result
+        except Exception:  # noqa: S110 - no value: a branch on it is refused as before
+            pass
+        finally:
+            self._running = False
+        return proxy
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        value = self.values.get(obj.node, None)
+        if value is None or isinstance(value, torch.Tensor):  # unknown, or data-dependent
+            return super().to_bool(obj)
+        taken = bool(value)
+        self.branches.append((obj.node.name, taken))
+        return taken
+
+
+def trace(model: nn.Module, probe: torch.Tensor | None = None) -> torch.fx.GraphModule:
+    """Return `model` traced into a GraphModule whose leaves are the modules the rules know.
+
+    With `probe` (a meta-device input, for a model built on the meta device), a forward that
+    branches on sizes is traced with its branches decided at the probe's size; the graph's
+    meta["branches"] lists them (node name, taken) and meta["probe"] the size.
+    """
     optional = rules.optional_function_rules()
     rules.FUNCTION_RULES.update(optional)
     try:
         graph = _Tracer(autowrap_functions=tuple(optional)).trace(model)
     except Exception as error:  # torch.fx raises many types for untraceable code
-        raise ValueError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); its forward needs "
-            "data-independent control flow"
-        ) from None
+        branches = None
+        if probe is not None and "control flow" in str(error):
+            tracer = _BranchingTracer(probe, autowrap_functions=tuple(optional))
+            try:
+                graph = tracer.trace(model)
+                branches = tracer.branches
+            except Exception:  # noqa: S110 - the plain trace's error is the answer
+                pass
+        if branches is None:
+            raise ValueError(
+                f"cannot trace {type(model).__name__} with torch.fx ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); its forward needs "
+                "data-independent control flow"
+            ) from None
+        module = _checked_graph_module(model, graph)
+        module.meta["branches"] = branches
+        module.meta["probe"] = tuple(probe.shape[2:])
+        return module
+    return _checked_graph_module(model, graph)
+
+
+def _checked_graph_module(model: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """Return the GraphModule of `graph`, refusing a graph that reads an earlier trace's node."""
     own = set(graph.nodes)
     for node in graph.nodes:
         stale = [argument for argument in node.all_input_nodes if argument not in own]

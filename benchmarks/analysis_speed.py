@@ -1,9 +1,9 @@
 """Benchmark: convtally's one-resolution analysis next to fvcore's FlopCountAnalysis over a list
 of models, the 1,000-resolution sweep rendered to CSV and JSON, and how fast the command starts.
 
-    .venv/bin/python benchmarks/analysis_speed.py [--models NAME[,KEY=VALUE...][@SIDE] ...] [--threads 1] [--rounds 5]
-        [--sweep-model torchvision:deeplabv3_resnet101] [--fvcore-samples 10]
-        [--out reports/benchmarks]
+    .venv/bin/python benchmarks/analysis_speed.py [--models NAME[,KEY=VALUE...][@SIDE] ...]
+        [--threads 1] [--rounds 5] [--sweep-model torchvision:deeplabv3_resnet101]
+        [--fvcore-samples 10] [--out reports/benchmarks]
 
 Every figure is measured in this run, in one process, with `--threads` torch threads (default
 1: on a shared machine two threads slow every forward pass, which would flatter us). For each

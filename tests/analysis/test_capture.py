@@ -25,7 +25,8 @@ def fvcore_total(network: nn.Module, size: tuple[int, int]) -> int:
 
 
 class SizeBranch(nn.Module):
-    """Control flow on the input size: torch.fx cannot trace it, torch.export can."""
+    """Control flow on the input size, behind len() of a shape: torch.fx cannot trace it (not
+    even at a probe size), torch.export can."""
 
     def __init__(self):
         super().__init__()
@@ -36,9 +37,45 @@ class SizeBranch(nn.Module):
 
     def forward(self, x):
         x = torch.relu(self.conv(x)) * self.gamma
+        if len(x.shape) == 4 and x.shape[-1] > 8:
+            x = self.pool(x)
+        return self.head(x.mean((2, 3)))
+
+
+class ProbeBranch(SizeBranch):
+    """A branch and an assert on the input size that fx traces at a probe size."""
+
+    def forward(self, x):
+        torch._assert(x.shape[-2] % 2 == 0, "H must be even")
+        x = torch.relu(self.conv(x)) * self.gamma
         if x.shape[-1] > 8:
             x = self.pool(x)
         return self.head(x.mean((2, 3)))
+
+
+def test_fx_rung_decides_a_branch_on_sizes_at_the_probe_size():
+    """fx traces the branch taken at the first size asked for and requires its condition (and
+    the assert's) wherever the formulas are evaluated; sizes that branch the other way are
+    refused in one line, and auto, asked for both sides, goes on to export."""
+    network = ProbeBranch().eval()
+    analysis = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)],
+                       exact=True)
+    assert analysis.capture == "fx" and analysis.symbolic
+    assert "traced at 32x32" in analysis.capture_note
+    assert {text.split(" (")[0] for _, _, text in analysis.branches} == {
+        "Mod(H, 2) == 0", "W > 8"}
+    for size in [(32, 32), (16, 24), (10, 9)]:
+        totals = analysis.totals_at([size])
+        assert totals["connections"][0] == fvcore_total(network, size)
+        assert totals["weights"][0] == sum(p.numel() for p in network.parameters())
+    with pytest.raises(ResolutionError, match="takes another branch at 16x8: its forward "
+                       "tests W > 8"):
+        analysis.totals_at([(16, 8)])
+    with pytest.raises(ResolutionError, match="tests Mod\\(H, 2\\) == 0"):
+        analysis.totals_at([(15, 16)])
+    both = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32), (16, 8)])
+    assert both.capture == "export" and "takes another branch at 16x8" in both.capture_note
+    assert both.totals_at([(16, 8)])["connections"][0] == fvcore_total(network, (16, 8))
 
 
 def test_export_rung_handles_control_flow_on_sizes():
@@ -319,7 +356,8 @@ def test_a_fixed_size_model_is_counted_without_real_weights_or_an_export(
     monkeypatch.setattr(export_capture, "export", no_export)
     analysis = analyse("fixed_net:build", convention=preset("fvcore"), resolutions=[(32, 32)])
     assert analysis.capture == "concrete"
-    assert "not at 64x64 (expects 32x32 images): its input size is fixed" in analysis.capture_note
+    assert ("at 64x64, twice 32x32, the model fails (expects 32x32 images): its input size is "
+            "fixed") in analysis.capture_note
     assert module.BUILDS == ["meta"]
     totals = analysis.totals_at([(32, 32)])
     network = module.build()

@@ -261,10 +261,16 @@ class AutocastOff(nn.Module):
         return self.head(tokens.mean(1))
 
 
-def test_the_export_rung_counts_the_body_of_an_autocast_block():
-    analysis = analyse(AutocastOff().eval(), capture="auto", resolutions=[(32, 32)])
-    assert analysis.capture == "export"
-    assert "aten.softmax" in [layer.type for layer in analysis.layers]
+@pytest.mark.parametrize("capture", ["export", "auto"])
+def test_the_export_rung_counts_the_body_of_an_autocast_block(capture):
+    """The export rung counts the block's body; auto now stops at fx, which traces the branch
+    at 32x32 (floor(W/4) > 1 then required) and counts the same."""
+    analysis = analyse(AutocastOff().eval(), capture=capture, resolutions=[(32, 32)])
+    if capture == "export":
+        assert "aten.softmax" in [layer.type for layer in analysis.layers]
+    else:
+        assert analysis.capture == "fx"
+        assert [text.split(" (")[0] for _, _, text in analysis.branches] == ["floor(W/4) > 1"]
     theirs = tool_results(lambda: AutocastOff(), 3, 32, 32, tools=("fvcore",))
     assert preset_problems(analysis, theirs, 32, 32) == []
 
