@@ -1735,6 +1735,7 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     "type": same_shape_routing,
     "type_as": same_shape_routing,
     "float": same_shape_routing,
+    "bool": same_shape_routing,
     "half": same_shape_routing,
     "bfloat16": same_shape_routing,
     "masked_fill": same_shape_routing,

@@ -178,3 +178,36 @@ def test_swin_window_attention_against_the_running_network_and_every_tool(versio
     for height, width in sizes:
         theirs = tool_results(lambda: tiny_swin(version), 3, height, width)
         assert preset_problems(analysis, theirs, height, width) == []
+
+
+class BuiltFromSizes(nn.Module):
+    """Tensors made from the input's sizes (edgenext's mask, bat_resnext's eye, mobilevit's
+    math.ceil of a patch count), a cumulative sum and a logical not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        import math
+
+        x = self.conv(x)
+        b, c, h, w = x.shape
+        mask = torch.zeros((b, h, w), device=x.device).bool()
+        position = (~mask).cumsum(1).float()  # (B, H, W): 1, 2, 3, ... down the rows
+        identity = torch.eye(h, device=x.device)
+        mixed = identity @ x.mean(1) + position  # (B, H, W)
+        x = x + mixed.unsqueeze(1)
+        # padded up to even sizes, as mobilevit pads to whole patches
+        x = F.pad(x, (0, 2 * math.ceil(w / 2) - w, 0, 2 * math.ceil(h / 2) - h))
+        return self.head(F.max_pool2d(x, 2).mean((2, 3)))
+
+
+def test_tensors_built_from_sizes_against_the_running_network_and_fvcore():
+    network = BuiltFromSizes().eval()
+    analysis = analyse(network, exact=True)
+    assert analysis.capture == "fx" and analysis.complete and analysis.symbolic
+    assert not verify(analysis, [(32, 32), (30, 44)]).mismatches
+    theirs = tool_results(lambda: BuiltFromSizes(), 3, 30, 44, tools=("fvcore", "torch"))
+    assert preset_problems(analysis, theirs, 30, 44) == []
