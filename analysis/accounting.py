@@ -1327,6 +1327,8 @@ def branch_conditions(graph_module: Any) -> tuple[tuple[tuple[sp.Expr, str, str]
         if value is None:
             raise ValueError(f"the forward branches on {name}, which the rules give no value")
         condition = sp.sympify(value)
+        if isinstance(condition, sp.Expr):  # `if H % 2:` tests a number against 0
+            condition = sp.Ne(condition, 0)
         if isinstance(condition, (sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational)):
             condition = condition if taken else sp.Not(condition)
         if condition == sp.true:

@@ -842,8 +842,10 @@ def addcmul(x: Any, tensor1: Any, tensor2: Any, *args, **kwargs) -> LayerCost:
                      requires=requires)
 
 
-def unary_elementwise(x: SymTensor, *args, **kwargs) -> LayerCost:
-    """F.relu, torch.sigmoid, ...: 1 connection per output."""
+def unary_elementwise(x: SymTensor, *args, **kwargs) -> LayerCost | PlainValue:
+    """F.relu, torch.sigmoid, ...: 1 connection per output (on a size, ~n or -n: Python's)."""
+    if not isinstance(x, SymTensor):
+        return PlainValue(None)  # marker: evaluate as Python arithmetic
     return LayerCost("activation", SymTensor(x.shape), connections=x.per_example)
 
 

@@ -48,6 +48,8 @@ class ProbeBranch(SizeBranch):
     def forward(self, x):
         torch._assert(x.shape[-2] % 2 == 0, "H must be even")
         x = torch.relu(self.conv(x)) * self.gamma
+        if -x.shape[-2] % 4:  # a number tested for truth (not taken at 32)
+            x = x * 2
         if x.shape[-1] > 8:
             x = self.pool(x)
         return self.head(x.mean((2, 3)))
@@ -63,8 +65,8 @@ def test_fx_rung_decides_a_branch_on_sizes_at_the_probe_size():
     assert analysis.capture == "fx" and analysis.symbolic
     assert "traced at 32x32" in analysis.capture_note
     assert {text.split(" (")[0] for _, _, text in analysis.branches} == {
-        "Mod(H, 2) == 0", "W > 8"}
-    for size in [(32, 32), (16, 24), (10, 9)]:
+        "Mod(H, 2) == 0", "W > 8", "Mod(3*H, 4) == 0"}
+    for size in [(32, 32), (16, 24), (12, 9)]:
         totals = analysis.totals_at([size])
         assert totals["connections"][0] == fvcore_total(network, size)
         assert totals["weights"][0] == sum(p.numel() for p in network.parameters())
