@@ -1131,6 +1131,7 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
         ),
     )
     analysis.branches, notes = branch_conditions(graph_module)
+    _refuse_pinned_sizes(analysis.branches, graph_module, prepared.axes)
     analysis.assumptions.extend(text for _, _, text in analysis.branches)
     analysis.assumptions.extend(notes)
     if graph_module is not None and graph_module.meta.get("branches"):
@@ -1312,6 +1313,25 @@ def _asserted_condition(node: torch.fx.Node, args: tuple) -> tuple | None:
             sp.Mod, sp.floor, sp.ceiling):
         return None
     return (condition, True, node.name, "the forward asserts it")
+
+
+def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_module: Any,
+                         axes: Sequence[sp.Symbol]) -> None:
+    """Refuse formulas whose conditions pin the input size (a stage's size == the window, an
+    assert that H matches the model's): an equality (not a divisibility) that fails at twice
+    and at four times the traced size. The model is then counted by the rungs below, as a model
+    of fixed size; bounds (H/32 >= 7) and divisibility are ranges the formulas hold on."""
+    base = (getattr(graph_module, "meta", {}) or {}).get("probe") or (224,) * len(axes)
+    holds = {"==": lambda v: v == 0, "!=": lambda v: v != 0, "<": lambda v: v < 0,
+             "<=": lambda v: v <= 0, ">": lambda v: v > 0, ">=": lambda v: v >= 0}
+    for difference, relation, text in branches:
+        if relation != "==" or difference.has(sp.Mod):  # bounds and divisibility: ranges
+            continue
+        scaled = [dict(zip(axes, (factor * side for side in base), strict=True))
+                  for factor in (2, 4)]
+        if not any(holds[relation](difference.subs(at)) for at in scaled):
+            sizes = " nor ".join("x".join(str(factor * side) for side in base) for factor in (2, 4))
+            raise ValueError(f"its input size is pinned: {text} holds at neither {sizes}")
 
 
 def branch_conditions(graph_module: Any) -> tuple[tuple[tuple[sp.Expr, str, str], ...],

@@ -154,7 +154,7 @@ ROUTING_OPS = (
     "pixel_unshuffle", "repeat", "lift_fresh_copy", "zeros_like", "ones_like", "full_like",
     "narrow", "index_select", "masked_fill", "type_as", "new_zeros", "new_ones", "zeros",
     "ones", "full", "arange", "empty", "movedim", "swapaxes", "clamp_max_", "copy_", "fill_",
-    "channel_shuffle", "native_channel_shuffle", "dropout", "identity",
+    "channel_shuffle", "native_channel_shuffle", "dropout", "feature_dropout", "identity",
     "index", "gather", "index_put", "index_put_", "_unsafe_index", "scalar_tensor", "sym_size",
     "new_empty", "new_full", "empty_like", "masked_fill_", "tril", "triu", "zero_", "zero",
     "eye",

@@ -80,6 +80,24 @@ def test_fx_rung_decides_a_branch_on_sizes_at_the_probe_size():
     assert both.totals_at([(16, 8)])["connections"][0] == fvcore_total(network, (16, 8))
 
 
+class PinnedSize(SizeBranch):
+    """An assert that pins the size through a floor (visformer's 'H // 2 == 112'): no formula
+    in H, W, whatever fx can trace."""
+
+    def forward(self, x):
+        torch._assert(x.shape[-1] // 2 == 16, "expects 32x32 images")
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_an_assert_that_pins_the_size_leaves_fx_for_a_fixed_size_count():
+    network = PinnedSize().eval()
+    analysis = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)])
+    assert analysis.capture == "concrete" and not analysis.symbolic
+    assert ("fx: its input size is pinned: floor(W/2) == 16 (the forward asserts it) holds at "
+            "neither 448x448 nor 896x896") in analysis.capture_note
+    assert analysis.totals_at([(32, 32)])["connections"][0] == fvcore_total(network, (32, 32))
+
+
 def test_export_rung_handles_control_flow_on_sizes():
     network = SizeBranch().eval()
     analysis = analyse(network, convention=preset("fvcore"))
