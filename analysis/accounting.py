@@ -929,7 +929,10 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown,
         probe = _probe(prepared, resolutions, meta)
         if probe is None:
             raise
-        graph_module = trace(meta, probe)
+        try:
+            graph_module = trace(meta, probe, branching=True)
+        except ValueError:
+            raise error from None  # the real build's refusal is the answer
         layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
         return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
     layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)

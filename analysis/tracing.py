@@ -68,6 +68,19 @@ class _Tracer(torch.fx.Tracer):
         return super().create_arg(a)
 
 
+# calls whose output has their input's shape: run for a value, they would only cost time (the
+# meta kernels of the norms are Python decompositions: half of mobilevit_s's branching trace)
+_SAME_SHAPE_MODULES = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.GELU,
+    nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish,
+    nn.Dropout, nn.Identity,
+)
+_SAME_SHAPE_FUNCTIONS = frozenset({
+    torch.nn.functional.batch_norm, torch.nn.functional.layer_norm,
+    torch.nn.functional.group_norm, torch.nn.functional.dropout,
+})
+
+
 class _BranchingTracer(_Tracer):
     """A _Tracer that also runs every call on the meta-device probe input as it records it, so
     that a Python branch on sizes (`if H % 2`, `if self.window >= W`) is decided at the probe
@@ -121,7 +134,16 @@ class _BranchingTracer(_Tracer):
             call_args = torch.fx.node.map_aggregate(args, value)
             call_kwargs = torch.fx.node.map_aggregate(kwargs, value)
             self._running = True
-            if kind == "call_function":
+            first = call_args[0] if call_args else None
+            if isinstance(first, torch.Tensor) and (
+                    target in _SAME_SHAPE_FUNCTIONS if kind == "call_function" else
+                    kind == "call_module" and isinstance(self.root.get_submodule(target),
+                                                         _SAME_SHAPE_MODULES)):
+                result = first  # only shapes are read from values
+            elif target is torch.nn.functional.scaled_dot_product_attention:
+                query, value = call_args[0], call_args[2]  # (..., L, E) and (..., S, Ev)
+                result = query.new_empty((*query.shape[:-1], value.shape[-1]))
+            elif kind == "call_function":
                 result = target(*call_args, **call_kwargs)
             elif kind == "call_method":
                 result = getattr(call_args[0], target)(*call_args[1:], **call_kwargs)
@@ -149,16 +171,20 @@ class _BranchingTracer(_Tracer):
         return taken
 
 
-def trace(model: nn.Module, probe: torch.Tensor | None = None) -> torch.fx.GraphModule:
+def trace(model: nn.Module, probe: torch.Tensor | None = None,
+          branching: bool = False) -> torch.fx.GraphModule:
     """Return `model` traced into a GraphModule whose leaves are the modules the rules know.
 
     With `probe` (a meta-device input, for a model built on the meta device), a forward that
     branches on sizes is traced with its branches decided at the probe's size; the graph's
-    meta["branches"] lists them (node name, taken) and meta["probe"] the size.
+    meta["branches"] lists them (node name, taken) and meta["probe"] the size. `branching`
+    goes straight to that trace (the plain one already refused this model's copy).
     """
     optional = rules.optional_function_rules()
     rules.FUNCTION_RULES.update(optional)
     try:
+        if branching:
+            raise torch.fx.proxy.TraceError("a branch on sizes: inputs to control flow")
         graph = _Tracer(autowrap_functions=tuple(optional)).trace(model)
     except Exception as error:  # torch.fx raises many types for untraceable code
         branches = None
