@@ -1305,8 +1305,8 @@ def _interpret(
 
 def _asserted_condition(node: torch.fx.Node, args: tuple) -> tuple | None:
     """Return (condition, True, node name, why) for torch._assert on a size condition that
-    does not pin the size (timm's 'H divisible by the patch size'), else None: an assert that
-    the size equals a number (a ViT's) leaves the model to the concrete rung, as before."""
+    does not pin the size (timm's 'H divisible by the patch size'); None for any other call. An
+    assert that the size equals a number (a ViT's) is refused: the model is of fixed size."""
     if node.target is not torch._assert or not args:
         return None
     condition = args[0]
@@ -1314,7 +1314,11 @@ def _asserted_condition(node: torch.fx.Node, args: tuple) -> tuple | None:
         return None
     if isinstance(condition, sp.Eq) and not (condition.lhs - condition.rhs).has(
             sp.Mod, sp.floor, sp.ceiling):
-        return None
+        message = str(args[1]) if len(args) > 1 else ""
+        raise UnsupportedLayer(
+            f"{node.name} (_assert): the forward asserts {condition.lhs} == {condition.rhs}"
+            f"{f' ({message[:120]})' if message else ''}: its input size is fixed"
+        )
     return (condition, True, node.name, "the forward asserts it")
 
 

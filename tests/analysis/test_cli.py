@@ -97,7 +97,8 @@ def test_table_convention_switches(capsys):
         (["padding", "--kernel", "0"], "--kernel and --stride must be positive"),
     (["table", "unet", "--set", "K=4"], "cat (cat) cannot run at any input size"),
     (["table", "torchvision:vit_b_16", "--res", "224", "--capture", "fx"],
-     "cannot be evaluated on symbolic sizes"),
+     "_assert (_assert): the forward asserts H == 224 (Wrong image height! Expected 224 but got "
+     "Proxy(getitem_2)!): its input size is fixed"),
     (["train", "colour", "--model", "unet", "--kernel", "4", "--data", "/nonexistent"],
      "unet cannot run on 32x32 input"),
     (["table", "torchvision:resnet18", "--set", "nosuch=3"],
