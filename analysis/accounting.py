@@ -514,7 +514,14 @@ class _NetworkSource:
         """Return this source with a network that has real weights (built now if need be)."""
         if self.build is not None:
             network = self.build().eval()
-            self.graph_module = trace(network) if self.graph_module is not None else None
+            if self.graph_module is not None and "branches" in self.graph_module.meta:
+                # traced at a probe size on the meta build: the same graph over real weights
+                # (a plain trace of the real build refuses the branches again)
+                meta = dict(self.graph_module.meta)
+                self.graph_module = torch.fx.GraphModule(network, self.graph_module.graph)
+                self.graph_module.meta.update(meta)
+            elif self.graph_module is not None:
+                self.graph_module = trace(network)
             self.network = network
             self.build = None
         return self

@@ -70,6 +70,10 @@ def test_fx_rung_decides_a_branch_on_sizes_at_the_probe_size():
         totals = analysis.totals_at([size])
         assert totals["connections"][0] == fvcore_total(network, size)
         assert totals["weights"][0] == sum(p.numel() for p in network.parameters())
+    # verify runs the graph traced at the probe over the real weights
+    from convtally.analysis.verification import verify
+
+    assert not verify(analysis, [(32, 32), (16, 24)]).mismatches
     with pytest.raises(ResolutionError, match="takes another branch at 16x8: its forward "
                        "tests W > 8"):
         analysis.totals_at([(16, 8)])
