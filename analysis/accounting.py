@@ -861,12 +861,11 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
 
     def fx() -> Analysis:
         analysis = _analyse_fx(prepared, convention, exact, allow_unknown, resolutions)
-        if analysis.branches and resolutions:
+        for resolution in resolutions or () if analysis.branches else ():
             try:
-                analysis.evaluate(resolutions, explain=False)
-            except ResolutionError as error:
-                if "another branch" in str(error):  # one graph cannot answer every size
-                    raise ValueError(str(error).split(";")[0]) from None
+                analysis._check_branches(_branch_values(analysis, resolution), [resolution])
+            except ResolutionError as error:  # one traced graph cannot answer every size
+                raise ValueError(str(error).split(";")[0]) from None
         return analysis
 
     attempts = (
@@ -892,6 +891,13 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
                         " yours: torchvision: and timm: models take builder keywords, e.g. "
                         "--set image_size=N for torchvision's ViT, img_size=N for timm's)")
     raise error_type(" | ".join(reasons)) from None
+
+
+def _branch_values(analysis: Analysis, resolution: Sequence[int]) -> np.ndarray:
+    """Return each branch condition's lhs - rhs at one resolution (conditions x 1)."""
+    at = {**dict(zip(analysis.axes, resolution, strict=True)), **analysis.substitutions()}
+    return np.array([[sp.sympify(difference).subs(at)] for difference, _, _ in analysis.branches],
+                    dtype=object)
 
 
 def _probe(prepared: _Prepared, resolutions, network: nn.Module | None

@@ -74,8 +74,10 @@ def compare(
 
     analyses = [
         m if isinstance(m, Analysis) else answer_every_resolution(
-            images_only(analyse(m, _settings_for(m, settings), convention)), resolutions,
-            lambda m=m: analyse(m, _settings_for(m, settings), convention, exact=True),
+            images_only(analyse(m, _settings_for(m, settings), convention,
+                                resolutions=list(resolutions))), resolutions,
+            lambda m=m: analyse(m, _settings_for(m, settings), convention, exact=True,
+                                resolutions=list(resolutions)),
         )
         for m in models
     ]

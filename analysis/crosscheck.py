@@ -234,10 +234,11 @@ def crosscheck(
     unknown = [t for t in tools if t not in TOOLS]
     if unknown:
         raise ValueError(f"unknown tool {unknown[0]!r}; use some of {', '.join(TOOLS)}")
-    first = analyse(model, settings, exact=exact)
+    first = analyse(model, settings, exact=exact, resolutions=list(resolutions))
     first.require_images("convtally crosscheck")  # the peer tools take images
     analysis = answer_every_resolution(
-        first, resolutions, lambda: analyse(model, settings, exact=True),
+        first, resolutions,
+        lambda: analyse(model, settings, exact=True, resolutions=list(resolutions)),
     )
     build = _builder(model, settings)
     channels = int(analysis.input_channels.subs(analysis.substitutions()))

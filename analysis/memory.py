@@ -1153,7 +1153,7 @@ def memory_table(model: str | Any, resolutions: Sequence[tuple[int, int]] = ((32
     from convtally.analysis.accounting import Analysis, analyse
 
     analysis = model if isinstance(model, Analysis) else analyse(
-        model, settings, exact=exact, capture="fx")
+        model, settings, exact=exact, capture="fx", resolutions=list(resolutions))
     memory = memory_model(analysis, dtype, optimizer)
     points = [(b, h, w) for h, w in resolutions for b in batches]
     labels = [point_label(*p) for p in points]

@@ -498,8 +498,9 @@ def verify(
         analysis = model
     else:
         analysis = answer_every_resolution(
-            analyse(model, settings, convention), resolutions,
-            lambda: analyse(model, settings, convention, exact=True),
+            analyse(model, settings, convention, resolutions=list(resolutions)), resolutions,
+            lambda: analyse(model, settings, convention, exact=True,
+                            resolutions=list(resolutions)),
         )
     check_forward_fits(analysis, resolutions)  # before anything runs
     device = resolve_device(device) if isinstance(device, str) else device

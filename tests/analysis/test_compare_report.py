@@ -126,6 +126,19 @@ def test_compare_cli_mixes_registry_and_torchvision(capsys):
     assert "torchvision:resnet18,64,formula" in out
 
 
+def test_compare_counts_a_model_of_fixed_size_at_the_sizes_asked_for(capsys):
+    """compare passes its resolutions to the capture: a ViT, which asserts its size, is counted
+    concretely there (before, the concrete rung had no size to count at)."""
+    from torchvision.models import vit_b_32
+
+    assert main(["compare", "torchvision:vit_b_32", "torchvision:resnet18", "--res", "224",
+                 "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    vit = next(row for row in rows if row["model"] == "torchvision:vit_b_32")
+    assert vit["weights"] == sum(p.numel() for p in vit_b_32().parameters())
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
