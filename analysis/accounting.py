@@ -304,10 +304,8 @@ class Analysis:
                         ) -> None:
         """Raise ResolutionError where a branch the forward took at the traced size goes the
         other way (`values`: each condition's lhs - rhs, conditions x resolutions)."""
-        holds = {"==": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal,
-                 ">": np.greater, ">=": np.greater_equal}
         for (_, relation, text), row in zip(self.branches, values, strict=True):
-            failing = np.flatnonzero(~holds[relation](row.astype(object), 0).astype(bool))
+            failing = np.flatnonzero(~rules.RELATIONS[relation](row, 0).astype(bool))
             if failing.size:
                 at = size_label(resolutions[failing[0]], short=False)
                 raise ResolutionError(
@@ -1342,14 +1340,12 @@ def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_mod
     and at four times the traced size. The model is then counted by the rungs below, as a model
     of fixed size; bounds (H/32 >= 7) and divisibility are ranges the formulas hold on."""
     base = (getattr(graph_module, "meta", {}) or {}).get("probe") or (224,) * len(axes)
-    holds = {"==": lambda v: v == 0, "!=": lambda v: v != 0, "<": lambda v: v < 0,
-             "<=": lambda v: v <= 0, ">": lambda v: v > 0, ">=": lambda v: v >= 0}
     for difference, relation, text in branches:
         if relation != "==" or difference.has(sp.Mod):  # bounds and divisibility: ranges
             continue
         scaled = [dict(zip(axes, (factor * side for side in base), strict=True))
                   for factor in (2, 4)]
-        if not any(holds[relation](difference.subs(at)) for at in scaled):
+        if not any(difference.subs(at) == 0 for at in scaled):
             sizes = " nor ".join("x".join(str(factor * side) for side in base) for factor in (2, 4))
             raise ValueError(f"its input size is pinned: {text} holds at neither {sizes}")
 

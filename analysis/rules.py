@@ -808,6 +808,8 @@ def binary_elementwise(a: Any, b: Any, *args, **kwargs) -> LayerCost | PlainValu
 
 COMPARISONS = {operator.eq: sp.Eq, operator.ne: sp.Ne, operator.lt: sp.Lt, operator.le: sp.Le,
                operator.gt: sp.Gt, operator.ge: sp.Ge}
+# a relation's sympy text ('>=') -> the Python operator that tests it on numbers or arrays
+RELATIONS = {relation.rel_op: test for test, relation in COMPARISONS.items()}
 
 
 def comparison(relation: Any) -> Callable[..., LayerCost | PlainValue]:

@@ -114,16 +114,6 @@ class _BranchingTracer(_Tracer):
                      proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
                                      proxy_factory_fn)
-        missing = object()
-
-        def value(v: Any) -> Any:
-            if isinstance(v, torch.fx.Proxy):
-                found = self.values.get(v.node, missing)
-                if found is missing:
-                    raise LookupError
-                return found
-            return v
-
         try:
             if kind == "placeholder":
                 if not any(node.op == "placeholder" for node in self.values):
@@ -131,8 +121,8 @@ class _BranchingTracer(_Tracer):
                 elif args:  # an optional argument: its default
                     self.values[proxy.node] = args[0]
                 return proxy
-            call_args = torch.fx.node.map_aggregate(args, value)
-            call_kwargs = torch.fx.node.map_aggregate(kwargs, value)
+            call_args = torch.fx.node.map_aggregate(args, self._value)
+            call_kwargs = torch.fx.node.map_aggregate(kwargs, self._value)
             self._running = True
             first = call_args[0] if call_args else None
             if isinstance(first, torch.Tensor) and (
@@ -162,6 +152,12 @@ class _BranchingTracer(_Tracer):
             self._running = False
         return proxy
 
+    def _value(self, argument: Any) -> Any:
+        """Return an argument's value at the probe (LookupError for a proxy without one)."""
+        if isinstance(argument, torch.fx.Proxy):
+            return self.values[argument.node]  # a KeyError is a LookupError
+        return argument
+
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         value = self.values.get(obj.node, None)
         if value is None or isinstance(value, torch.Tensor):  # unknown, or data-dependent
@@ -182,30 +178,35 @@ def trace(model: nn.Module, probe: torch.Tensor | None = None,
     """
     optional = rules.optional_function_rules()
     rules.FUNCTION_RULES.update(optional)
+    wrapped = tuple(optional)
+    refusal = None
+    if not branching:
+        try:
+            graph = _Tracer(autowrap_functions=wrapped).trace(model)
+        except Exception as error:  # torch.fx raises many types for untraceable code
+            if probe is None or "control flow" not in str(error):
+                raise _untraceable(model, error) from None
+            refusal = error
+        else:
+            return _checked_graph_module(model, graph)
+    tracer = _BranchingTracer(probe, autowrap_functions=wrapped)
     try:
-        if branching:
-            raise torch.fx.proxy.TraceError("a branch on sizes: inputs to control flow")
-        graph = _Tracer(autowrap_functions=tuple(optional)).trace(model)
-    except Exception as error:  # torch.fx raises many types for untraceable code
-        branches = None
-        if probe is not None and "control flow" in str(error):
-            tracer = _BranchingTracer(probe, autowrap_functions=tuple(optional))
-            try:
-                graph = tracer.trace(model)
-                branches = tracer.branches
-            except Exception:  # noqa: S110 - the plain trace's error is the answer
-                pass
-        if branches is None:
-            raise ValueError(
-                f"cannot trace {type(model).__name__} with torch.fx ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}); its forward needs "
-                "data-independent control flow"
-            ) from None
-        module = _checked_graph_module(model, graph)
-        module.meta["branches"] = branches
-        module.meta["probe"] = tuple(probe.shape[2:])
-        return module
-    return _checked_graph_module(model, graph)
+        graph = tracer.trace(model)
+    except Exception as error:  # the plain trace's refusal, when there was one, is the answer
+        raise _untraceable(model, refusal or error) from None
+    module = _checked_graph_module(model, graph)
+    module.meta["branches"] = tracer.branches
+    module.meta["probe"] = tuple(probe.shape[2:])
+    return module
+
+
+def _untraceable(model: nn.Module, error: Exception) -> ValueError:
+    """Return the one-line refusal of a model torch.fx cannot trace."""
+    return ValueError(
+        f"cannot trace {type(model).__name__} with torch.fx ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}); its forward needs "
+        "data-independent control flow"
+    )
 
 
 def _checked_graph_module(model: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
