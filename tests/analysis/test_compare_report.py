@@ -133,8 +133,7 @@ def test_compare_counts_a_model_of_fixed_size_at_the_sizes_asked_for(capsys):
 
     assert main(["compare", "torchvision:vit_b_32", "torchvision:resnet18", "--res", "224",
                  "--format", "json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    rows = rows["rows"] if isinstance(rows, dict) else rows
+    rows = json.loads(capsys.readouterr().out)  # one object per model and resolution
     vit = next(row for row in rows if row["model"] == "torchvision:vit_b_32")
     assert vit["weights"] == sum(p.numel() for p in vit_b_32().parameters())
 
