@@ -1110,8 +1110,8 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
     if graph_module is not None:
         used = {id(p) for p in _used_parameters(graph_module)}
     else:  # an exported graph: the parameters its rows own
-        used = {id(network.get_parameter(t)) for t in used_targets or ()
-                if t in dict(network.named_parameters())}
+        named = dict(network.named_parameters())
+        used = {id(named[t]) for t in used_targets or () if t in named}
     unused = [p for p in network.parameters() if id(p) not in used]
     unused_weights = sum(p.numel() for p in unused)
     unused_trainable = sum(p.numel() for p in unused if p.requires_grad)

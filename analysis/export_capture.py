@@ -520,7 +520,7 @@ def analyse_exported(prepared: _Prepared, convention: Convention, exact: bool,
     """Return the Analysis from torch.export with dynamic H, W (formulas in H, W)."""
     _images_only(prepared)
     probe = tuple(resolutions[0]) if resolutions else PROBE
-    _fixed_size_on_meta(prepared, probe)
+    runs_at_twice = _fixed_size_on_meta(prepared, probe)
     program = export(prepared.network, prepared.channels, probe, dynamic=True)
     image = _image(program)
     fixed = [name for name, d in zip("HW", image.shape[2:], strict=True)
@@ -530,7 +530,8 @@ def analyse_exported(prepared: _Prepared, convention: Convention, exact: bool,
             f"torch.export fixed {' and '.join(fixed)} to {probe[0]}x{probe[1]}: the model's "
             "forward holds only at that size"
         )
-    _runs_at_another_size(prepared, probe)
+    if not runs_at_twice:
+        _runs_at_another_size(prepared, probe)
     layers, owned = interpret_exported(program, convention, allow_unknown)
     analysis = _finish(prepared, None, layers, convention, exact, owned)
     analysis.capture = "export"
@@ -559,12 +560,14 @@ def _images_only(prepared: _Prepared) -> None:
         )
 
 
-def _fixed_size_on_meta(prepared: _Prepared, probe: tuple[int, int]) -> None:
+def _fixed_size_on_meta(prepared: _Prepared, probe: tuple[int, int]) -> bool:
     """Refuse, before exporting, a model whose meta-device build runs at the probe size but not
     at twice it (a ViT's size assert): the same answer _runs_at_another_size gives after the
-    export, without the export (seconds to minutes) or a forward pass at 4x the pixels."""
+    export, without the export (seconds to minutes) or a forward pass at 4x the pixels. Return
+    whether the meta build ran at twice the size (then the real one does too: meta tensors
+    refuse only what reads values, so _runs_at_another_size has nothing left to find)."""
     if prepared.meta_network() is None:
-        return
+        return False
     other = (2 * probe[0], 2 * probe[1])
 
     def failure(size: tuple[int, int]) -> Exception | None:
@@ -579,11 +582,11 @@ def _fixed_size_on_meta(prepared: _Prepared, probe: tuple[int, int]) -> None:
 
     error = failure(other)  # first: a model that runs there needs no second forward pass
     if error is None:
-        return
+        return True
     # the model's own size check (torch._assert, assert) is the answer; anything else may be
     # what meta tensors cannot do, so the probe size must run for the size to be the cause
     if not isinstance(error, AssertionError) and failure(probe) is not None:
-        return  # meta cannot run it at all: the check after the export decides
+        return False  # meta cannot run it at all: the check after the export decides
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise ValueError(
         f"at {other[0]}x{other[1]}, twice {probe[0]}x{probe[1]}, the model fails "

@@ -114,6 +114,28 @@ def test_export_rung_handles_control_flow_on_sizes():
         assert totals["weights"][0] == sum(p.numel() for p in network.parameters())
 
 
+class RecordsRealInputs(SizeBranch):
+    def __init__(self):
+        super().__init__()
+        self.real_sizes = []
+
+    def forward(self, x):
+        if x.device.type != "meta":
+            self.real_sizes.append(tuple(x.shape[2:]))
+        return super().forward(x)
+
+
+def test_export_rung_runs_no_real_forward_pass_where_the_meta_build_ran_at_twice_the_size():
+    """The meta copy running at twice the traced size shows the size is not fixed; a real
+    forward pass there (4x the pixels: most of gemma4_vit's 80 s at 1536x1536) adds nothing."""
+    network = RecordsRealInputs().eval()
+    analysis = analyse(network, convention=preset("fvcore"), capture="export",
+                       resolutions=[(32, 32)])
+    assert analysis.capture == "export" and analysis.symbolic
+    assert (64, 64) not in network.real_sizes
+    assert analysis.totals_at([(48, 64)])["connections"][0] == fvcore_total(network, (48, 64))
+
+
 class Small(nn.Module):
     def __init__(self):
         super().__init__()
