@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from convtally.analysis import peers  # noqa: E402
 from convtally.analysis.accounting import analyse, answer_every_resolution  # noqa: E402
+from convtally.analysis.export_capture import export  # noqa: E402
 from convtally.analysis.formatting import render  # noqa: E402
 from convtally.analysis.io import atomic_write_json, atomic_write_text  # noqa: E402
 from convtally.models.registry import resolve, with_builder_keywords  # noqa: E402
@@ -128,6 +129,10 @@ def measure_model(entry: str, rounds: int) -> dict:
                 fvcore = result
             else:
                 capture, totals = result
+    if capture == "export":  # PyTorch's own part of the rung, which no rule can speed up
+        for _ in range(rounds):
+            seconds, _ = timed(lambda: export(network, x.shape[1], (side, side), dynamic=True))
+            times.setdefault("torch_export", []).append(seconds)
     median = {key: statistics.median(values) for key, values in times.items()}
     # the first measurement of each (round 0 runs them in the order built, by name, fvcore)
     first = {key: values[0] for key, values in times.items()}
@@ -141,6 +146,8 @@ def measure_model(entry: str, rounds: int) -> dict:
         "seconds_all": {k: [round(v, 4) for v in values] for k, values in times.items()},
         "ratio_built_to_fvcore": round(median["built"] / median["fvcore"], 3),
         "ratio_by_name_to_fvcore": round(median["by_name"] / median["fvcore"], 3),
+        **({"ratio_torch_export_to_fvcore": round(median["torch_export"] / median["fvcore"], 3)}
+           if "torch_export" in median else {}),
         "connections": totals["connections"][0],
         "fvcore_total": fvcore,
     }
@@ -322,6 +329,14 @@ def summary_lines(models: list[dict]) -> list[str]:
             f"worst {worst['ratio_built_to_fvcore']:.2f} ({worst['model']}); by name / fvcore "
             f"median {by_name[len(by_name) // 2]:.2f}, worst {by_name[-1]:.2f}"
         )
+        floors = sorted(m["ratio_torch_export_to_fvcore"] for m in rows
+                        if "ratio_torch_export_to_fvcore" in m)
+        if floors:
+            lines.append(
+                f"  - torch.export alone (`torch.export.export` with dynamic H, W, as the rung "
+                f"calls it, timed after the rounds) / fvcore: median "
+                f"{floors[len(floors) // 2]:.2f}, least {floors[0]:.2f}, most {floors[-1]:.2f}"
+            )
     failed = [m["model"] for m in models if "error" in m]
     if failed:
         lines.append(f"- failed: {', '.join(failed)}")
@@ -373,6 +388,16 @@ def markdown(result: dict) -> str:
             f"{row['ratio_built_to_fvcore']:.2f} | {row['ratio_by_name_to_fvcore']:.2f} | "
             f"{first['built']:.3f}, {first['by_name']:.3f} |"
         )
+    floors = [row for row in result["models"] if "torch_export" in row.get("seconds_median", {})]
+    if floors:
+        lines += ["", "The export rung's floor: torch.export alone, medians of the same number "
+                  "of calls, after the rounds.", "",
+                  "| model | torch.export (s) | fvcore (s) | torch.export / fvcore | "
+                  "built / fvcore |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {row['model']} | {row['seconds_median']['torch_export']:.3f} | "
+                  f"{row['seconds_median']['fvcore']:.3f} | "
+                  f"{row['ratio_torch_export_to_fvcore']:.2f} | "
+                  f"{row['ratio_built_to_fvcore']:.2f} |" for row in floors]
     sweep = result["sweep"]
     if sweep:
         lines += [

@@ -43,3 +43,22 @@ def test_the_report_says_threads_and_load():
     text = speed.markdown(result)
     assert "1 torch thread(s), 1-minute load average 0.5 before and 0.7 after" in text
     assert "failed: ValueError: no" in text and "`convtally --help` | 0.060" in text
+
+
+def test_the_report_gives_the_export_rungs_floor_beside_its_time():
+    row = {
+        "model": "timm:m", "resolution": "224x224", "capture": "export", "rounds": 1,
+        "seconds_median": {"built": 6.0, "by_name": 6.5, "fvcore": 1.0, "torch_export": 5.0},
+        "seconds_first": {"built": 6.0, "by_name": 6.5, "fvcore": 1.0},
+        "ratio_built_to_fvcore": 6.0, "ratio_by_name_to_fvcore": 6.5,
+        "ratio_torch_export_to_fvcore": 5.0,
+    }
+    lines = speed.summary_lines([row])
+    assert lines[0].startswith("- export: 1 models, built at most 3x fvcore's time: 0 of 1")
+    assert "torch.export alone" in lines[1] and "median 5.00, least 5.00, most 5.00" in lines[1]
+    text = speed.markdown({
+        "date": "d", "machine": "m", "torch_threads": 1, "torch": "t", "python": "p",
+        "command": "c", "seconds_total": 1.0, "load_average_1min": {"before": 0, "after": 0},
+        "models": [row], "sweep": None, "startup_seconds_median": {},
+    })
+    assert "| timm:m | 5.000 | 1.000 | 5.00 | 6.00 |" in text
