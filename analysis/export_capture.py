@@ -237,6 +237,7 @@ class _Sizes:
                     self.same = True
                     continue
                 self.mapping[value.node.expr] = symbol
+        self.converted: dict[sp.Expr, sp.Expr] = {}  # a graph repeats few distinct sizes
 
 
     def expr(self, value: Any) -> Any:
@@ -247,6 +248,12 @@ class _Sizes:
         return sp.Integer(value)
 
     def convert(self, expression: sp.Expr) -> sp.Expr:
+        converted = self.converted.get(expression)
+        if converted is None:
+            converted = self.converted[expression] = self._convert(expression)
+        return converted
+
+    def _convert(self, expression: sp.Expr) -> sp.Expr:
         from torch.utils._sympy import functions as torch_functions
 
         expression = expression.xreplace(self.mapping)
