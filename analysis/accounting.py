@@ -601,6 +601,27 @@ class _Prepared:
     axes: tuple[sp.Symbol, ...] = (H, W)  # the input's sizes after its channels (--input)
     meta: nn.Module | None = None
     copy_to_meta: bool = False  # a caller's module: meta_network() copies it on first use
+    plain_traces: dict[int, torch.fx.GraphModule | ValueError] = field(default_factory=dict)
+
+    def trace(self, module: nn.Module, probe: torch.Tensor | None = None
+              ) -> torch.fx.GraphModule:
+        """Return trace(module, probe), a plain trace made once per module: the concrete rung
+        counts the graph the fx rung traced and could not count symbolically (a ViT's size
+        assert), and hears a refused trace's answer again without tracing again."""
+        known = self.plain_traces.get(id(module))
+        if isinstance(known, ValueError):
+            if probe is None or "control flow" not in str(known):
+                raise known
+        elif known is not None:
+            return known
+        try:
+            graph_module = trace(module, probe)
+        except ValueError as error:
+            self.plain_traces[id(module)] = error
+            raise
+        if "branches" not in graph_module.meta:  # traced at the probe: not for other sizes
+            self.plain_traces[id(module)] = graph_module
+        return graph_module
 
     def meta_network(self) -> nn.Module | None:
         """Return the meta build, or a meta copy of the caller's module (made on first use:
@@ -923,7 +944,8 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown,
         # sizes) is the real build's answer too: building real weights to hear it again cost
         # a ViT-B a second
         try:
-            graph_module = trace(prepared.shapes, _probe(prepared, resolutions, prepared.shapes))
+            graph_module = prepared.trace(prepared.shapes,
+                                           _probe(prepared, resolutions, prepared.shapes))
             layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
             return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
         except ValueError as error:
@@ -933,7 +955,7 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown,
         except Exception:
             prepared.shapes = None
     try:
-        graph_module = trace(prepared.network)
+        graph_module = prepared.trace(prepared.network)
     except ValueError as error:
         # a caller's module that branches on sizes: traced on its meta copy at the probe size
         meta = prepared.meta_network() if "control flow" in str(error) else None
@@ -983,11 +1005,13 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
     """Count the fx graph at each resolution with concrete sizes (no formulas in H, W)."""
     if not resolutions:
         raise ValueError("the concrete capture counts at given resolutions; pass --res")
-    if prepared.meta_network() is not None:
+    traced_real = isinstance(prepared.plain_traces.get(id(prepared.built)), torch.fx.GraphModule)
+    if not traced_real and prepared.meta_network() is not None:
         # shapes are all it needs: on the meta build when it counts every layer there (no
-        # weights made); anything else is decided on the real build below, as before
+        # weights made); anything else is decided on the real build below, as before. A real
+        # network the fx rung traced already (a caller's module) is counted from that graph
         try:
-            graph_module = trace(prepared.meta)
+            graph_module = prepared.trace(prepared.meta)
             rows = _concrete_rows(prepared, graph_module, convention, allow_unknown, resolutions)
             analysis = concrete_analysis(prepared, graph_module, rows, convention, shapes=True)
             if analysis.complete:
@@ -995,7 +1019,7 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
         except Exception:  # noqa: S110 - the real build below gives the answer and the error
             pass
     try:
-        graph_module = trace(prepared.network)
+        graph_module = prepared.trace(prepared.network)
     except ValueError:
         from convtally.analysis.export_capture import analyse_exported_concrete
 

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from convtally.analysis import accounting, tracing
 from convtally.analysis.accounting import H, ResolutionError, analyse
 from convtally.analysis.conventions import preset
 from convtally.analysis.formatting import render
@@ -461,8 +462,12 @@ def test_a_fixed_size_module_given_directly_is_counted_without_an_export(
         raise AssertionError("torch.export was called")
 
     monkeypatch.setattr(export_capture, "export", no_export)
+    traced = []
+    monkeypatch.setattr(accounting, "trace", lambda module, *args, **kwargs: traced.append(
+        module) or tracing.trace(module, *args, **kwargs))
     analysis = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)])
     assert analysis.capture == "concrete" and "its input size is fixed" in analysis.capture_note
+    assert traced == [network]  # the concrete rung counts the graph the fx rung traced
     assert analysis.totals_at([(32, 32)])["connections"][0] == fvcore_total(network, (32, 32))
     assert analysis.network is network
     assert not any(p.is_meta for p in network.parameters())
