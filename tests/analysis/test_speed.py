@@ -387,3 +387,40 @@ def test_a_fuse_keeps_its_size_requirement_as_the_plain_path_does(monkeypatch, e
     fast = analyse(spec, exact=exact)
     plain = plain_analyse(monkeypatch, spec, exact=exact)
     assert rows(fast) == rows(plain) and fast.assumptions == plain.assumptions
+
+
+class Unpacks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+
+    def forward(self, x):
+        batch, channels, height, width = x.shape
+        a, b = self.conv(x).chunk(2, dim=1)
+        first, second = b.split(2, dim=1)
+        return (a * (first + second).sum(1, keepdim=True)).reshape(batch, -1, height * width)
+
+
+class IteratesATensor(nn.Module):
+    def forward(self, x):
+        return sum(row for row in x)
+
+
+def graph_text(module):
+    return [(n.op, str(n.target), str(n.args)) for n in module.graph.nodes]
+
+
+def test_unpacking_a_proxy_traces_as_torch_fx_does(monkeypatch):
+    """The proxy that reads each forward's bytecode once unpacks shapes and chunks into the
+    graph torch.fx's own proxy gives, and refuses iteration as it does."""
+    fast = tracing.trace(Unpacks())
+    with monkeypatch.context() as patch:
+        patch.setattr(tracing._Tracer, "proxy", torch.fx.Tracer.proxy)
+        plain = tracing.trace(Unpacks())
+    assert graph_text(fast) == graph_text(plain)
+    assert any(n.target == "chunk" for n in fast.graph.nodes)
+    x = torch.randn(2, 4, 5, 6)
+    network = Unpacks()
+    assert torch.equal(tracing._graph_module(network, fast.graph)(x), network(x))
+    with pytest.raises(ValueError, match="cannot trace IteratesATensor with torch.fx"):
+        tracing.trace(IteratesATensor())
