@@ -1681,13 +1681,25 @@ def _holding_sides(
     Counted by evaluating at every size (floor() and all), not by solving: sympy's solver
     cannot invert floor().
     """
+    return _holding_sides_of([difference], substitution, axes)[0]
+
+
+def _holding_sides_of(differences: Sequence[sp.Expr], substitution: Mapping[sp.Symbol, int],
+                      axes: Sequence[sp.Symbol] = (H, W)) -> list[list[int]]:
+    """Return _holding_sides of each difference, all evaluated in one pass (a network states
+    its size agreements together: levit_128 has nine)."""
     first = axes[0]
-    square = sp.sympify(difference).subs(substitution).subs({a: first for a in axes[1:]})
-    if square.free_symbols - {first}:
-        return []
+    squares = [sp.sympify(d).subs(substitution).subs({a: first for a in axes[1:]})
+               for d in differences]
+    solvable = [i for i, square in enumerate(squares) if not square.free_symbols - {first}]
+    holding: list[list[int]] = [[] for _ in squares]
+    if not solvable:
+        return holding
     sides = np.arange(1, 4097, dtype=object)
-    values = IntegerEvaluator([square], (first,))(sides)[0]
-    return [int(side) for side, value in zip(sides, values, strict=True) if value == 0]
+    values = IntegerEvaluator([squares[i] for i in solvable], (first,))(sides)
+    for i, row in zip(solvable, values, strict=True):
+        holding[i] = [int(side) for side in np.flatnonzero(row == 0) + 1]
+    return holding
 
 
 def _where_it_holds(sizes: Sequence[int], rank: int = 2) -> str:
@@ -1735,16 +1747,18 @@ def requirement_assumptions(analysis: Analysis) -> list[str]:
             runs[side] = _runs_at(analysis, side)
         return runs[side]
 
-    for layer in analysis.layers:
-        for a, b, what in layer.requirements:
-            # a root of the equation is a size only where the whole network runs (24x24 can
-            # solve a Linear's size equation yet be too small for the layers before it)
-            sides = _holding_sides(a - b, analysis.substitutions(), analysis.axes)
-            runnable = [side for side in sides[:64] if runs_at(side)]
-            lines.append(
-                f"{layer.name} ({layer.type}): {what}, {a} = {b}"
-                f"{_where_it_holds(runnable, len(analysis.axes))}"
-            )
+    agreements = [(layer, a, b, what) for layer in analysis.layers
+                  for a, b, what in layer.requirements]
+    holding = _holding_sides_of([a - b for _, a, b, _ in agreements],
+                                analysis.substitutions(), analysis.axes)
+    for (layer, a, b, what), sides in zip(agreements, holding, strict=True):
+        # a root of the equation is a size only where the whole network runs (24x24 can
+        # solve a Linear's size equation yet be too small for the layers before it)
+        runnable = [side for side in sides[:64] if runs_at(side)]
+        lines.append(
+            f"{layer.name} ({layer.type}): {what}, {a} = {b}"
+            f"{_where_it_holds(runnable, len(analysis.axes))}"
+        )
     return lines
 
 
