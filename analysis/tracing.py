@@ -150,6 +150,7 @@ class _BranchingTracer(_Tracer):
         self.branches: list[tuple[str, bool]] = []
         self._running = False  # inside a call run for its value: no proxies, no nodes
         self._forward: Any = None
+        self._submodules: dict[str, nn.Module] = {}
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
         if self._running:
@@ -182,7 +183,7 @@ class _BranchingTracer(_Tracer):
             first = call_args[0] if call_args else None
             if isinstance(first, torch.Tensor) and (
                     target in _SAME_SHAPE_FUNCTIONS if kind == "call_function" else
-                    kind == "call_module" and isinstance(self.root.get_submodule(target),
+                    kind == "call_module" and isinstance(self._submodule(target),
                                                          _SAME_SHAPE_MODULES)):
                 result = first  # only shapes are read from values
             elif target is torch.nn.functional.scaled_dot_product_attention:
@@ -206,6 +207,12 @@ class _BranchingTracer(_Tracer):
         finally:
             self._running = False
         return proxy
+
+    def _submodule(self, target: str) -> nn.Module:
+        """Return the root's submodule at `target`, each looked up once per trace."""
+        if target not in self._submodules:
+            self._submodules[target] = self.root.get_submodule(target)
+        return self._submodules[target]
 
     def _value(self, argument: Any) -> Any:
         """Return an argument's value at the probe (LookupError for a proxy without one)."""
