@@ -181,6 +181,16 @@ class Analysis:
         network = self._source.real().network if self._source else None
         self._source = _NetworkSource(network, value)
 
+    def graph_at(self, resolution: Sequence[int]) -> torch.fx.GraphModule | None:
+        """Return the graph the rows at `resolution` were counted from, over this analysis'
+        network: the one traced at that size when fx could trace the forward only size by
+        size, else graph_module."""
+        graphs = getattr(self, "size_graphs", None)
+        if not graphs:
+            return self.graph_module
+        graph_module = graphs[tuple(resolution)]
+        return torch.fx.GraphModule(self.network, graph_module.graph)
+
     @property
     def shape_graph_module(self) -> torch.fx.GraphModule | None:
         """Return the traced graph the rows were counted from, without building weights: on
@@ -512,7 +522,9 @@ class _NetworkSource:
         """Return this source with a network that has real weights (built now if need be)."""
         if self.build is not None:
             network = self.build().eval()
-            if self.graph_module is not None and "branches" in self.graph_module.meta:
+            if self.graph_module is not None and (
+                    "branches" in self.graph_module.meta
+                    or "size_only" in self.graph_module.meta):
                 # traced at a probe size on the meta build: the same graph over real weights
                 # (a plain trace of the real build refuses the branches again)
                 meta = dict(self.graph_module.meta)
@@ -1012,12 +1024,21 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
         # network the fx rung traced already (a caller's module) is counted from that graph
         try:
             graph_module = prepared.trace(prepared.meta)
-            rows = _concrete_rows(prepared, graph_module, convention, allow_unknown, resolutions)
-            analysis = concrete_analysis(prepared, graph_module, rows, convention, shapes=True)
-            if analysis.complete:
-                return analysis
-        except Exception:  # noqa: S110 - the real build below gives the answer and the error
-            pass
+        except ValueError:  # a forward fx cannot trace for every size: traced at each one
+            counted = _count_traced_at_each_size(prepared, convention, allow_unknown,
+                                                 resolutions)
+            if counted is not None:
+                return counted
+        else:
+            try:
+                rows = _concrete_rows(prepared, graph_module, convention, allow_unknown,
+                                      resolutions)
+                analysis = concrete_analysis(prepared, graph_module, rows, convention,
+                                             shapes=True)
+                if analysis.complete:
+                    return analysis
+            except Exception:  # noqa: S110 - the real build below gives the answer and error
+                pass
     try:
         graph_module = prepared.trace(prepared.network)
     except ValueError:
@@ -1046,6 +1067,34 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
     analysis = concrete_analysis(prepared, graph_module, per_resolution, convention)
     if not analysis.complete:
         return through_aten() or analysis
+    return analysis
+
+
+def _count_traced_at_each_size(prepared, convention, allow_unknown, resolutions
+                               ) -> Analysis | None:
+    """Return the concrete count of the meta build traced anew at each resolution (its branches
+    taken as there, len() and int() of sizes read there: what a forward pass at that size
+    does), every layer known; None where that cannot count it (the export rung may)."""
+    if len(prepared.axes) != 2:
+        return None
+    per_resolution: dict[tuple[int, ...], list[Layer]] = {}
+    graphs: dict[tuple[int, ...], torch.fx.GraphModule] = {}
+    try:
+        for resolution in map(tuple, resolutions):
+            probe = torch.zeros(1, int(prepared.channels), *resolution, device="meta")
+            graphs[resolution] = trace(prepared.meta, probe, branching=True, concrete=True)
+            per_resolution.update(_concrete_rows(prepared, graphs[resolution], convention,
+                                                 allow_unknown, [resolution]))
+        first = next(iter(graphs.values()))
+        analysis = concrete_analysis(prepared, first, per_resolution, convention, shapes=True)
+    except ResolutionError:
+        raise
+    except Exception:  # the export rung's concrete count is the answer, or gives the error
+        return None
+    if not analysis.complete:
+        return None
+    analysis.size_graphs = graphs  # verify runs each size's own graph
+    analysis.capture_note = "torch.fx traced it at each size (its forward reads sizes as numbers)"
     return analysis
 
 

@@ -63,6 +63,12 @@ class _Proxy(torch.fx.Proxy):
     def __getattr__(self, k: str) -> torch.fx.proxy.Attribute:
         return _Attribute(self, k)
 
+    def __len__(self) -> int:
+        return self.tracer.length(self)
+
+    def __int__(self) -> int:
+        return self.tracer.integer(self)
+
 
 class _Attribute(torch.fx.proxy.Attribute):
     """torch.fx's Attribute (`x.shape`, `x.split`), iterated as _Proxy is."""
@@ -74,6 +80,12 @@ class _Attribute(torch.fx.proxy.Attribute):
     def __getattr__(self, k: str) -> torch.fx.proxy.Attribute:
         return _Attribute(self, k)
 
+    def __len__(self) -> int:
+        return self.tracer.length(self)
+
+    def __int__(self) -> int:
+        return self.tracer.integer(self)
+
 
 class _Tracer(torch.fx.Tracer):
     """Stops at modules that have a rule (and at torch.nn's own leaves), traces through others."""
@@ -84,6 +96,19 @@ class _Tracer(torch.fx.Tracer):
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _Proxy(node, self)
+
+    def length(self, proxy: torch.fx.Proxy) -> int:
+        """Return len() of a traced value: refused, as torch.fx refuses it."""
+        raise RuntimeError(
+            "'len' is not supported in symbolic tracing by default. If you want this call to "
+            "be recorded, please call torch.fx.wrap('len') at module scope"
+        )
+
+    def integer(self, proxy: torch.fx.Proxy) -> int:
+        """Return int() of a traced value: refused, as Python refuses it for torch.fx's Proxy."""
+        raise TypeError(
+            "int() argument must be a string, a bytes-like object or a real number, not 'Proxy'"
+        )
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if rules.module_rule(module) is not None:
@@ -141,11 +166,15 @@ class _BranchingTracer(_Tracer):
     that a Python branch on sizes (`if H % 2`, `if self.window >= W`) is decided at the probe
     size, as running the model there would; each decision is kept (node, taken) for the
     interpreter, which turns it into a condition on H, W that the formulas then require. Only
-    for a model built on the meta device: the values are shapes, never data."""
+    for a model built on the meta device: the values are shapes, never data. `concrete`: the
+    graph is for the probe's size alone, so len() and int() of a traced size are read there
+    (written into the graph as numbers, as a forward pass at that size computes them)."""
 
-    def __init__(self, probe: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, probe: torch.Tensor, *args: Any, concrete: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.probe = probe
+        self.concrete = concrete
         self.values: dict[torch.fx.Node, Any] = {}
         self.branches: list[tuple[str, bool]] = []
         self._running = False  # inside a call run for its value: no proxies, no nodes
@@ -220,6 +249,18 @@ class _BranchingTracer(_Tracer):
             return self.values[argument.node]  # a KeyError is a LookupError
         return argument
 
+    def length(self, proxy: torch.fx.Proxy) -> int:
+        value = self.values.get(proxy.node) if self.concrete else None
+        if value is None or isinstance(value, torch.Tensor) and value.dim() == 0:
+            return super().length(proxy)
+        return len(value)
+
+    def integer(self, proxy: torch.fx.Proxy) -> int:
+        value = self.values.get(proxy.node) if self.concrete else None
+        if value is None or isinstance(value, torch.Tensor):  # a tensor's data: not a size
+            return super().integer(proxy)
+        return int(value)
+
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         value = self.values.get(obj.node, None)
         if value is None or isinstance(value, torch.Tensor):  # unknown, or data-dependent
@@ -230,13 +271,15 @@ class _BranchingTracer(_Tracer):
 
 
 def trace(model: nn.Module, probe: torch.Tensor | None = None,
-          branching: bool = False) -> torch.fx.GraphModule:
+          branching: bool = False, concrete: bool = False) -> torch.fx.GraphModule:
     """Return `model` traced into a GraphModule whose leaves are the modules the rules know.
 
     With `probe` (a meta-device input, for a model built on the meta device), a forward that
     branches on sizes is traced with its branches decided at the probe's size; the graph's
     meta["branches"] lists them (node name, taken) and meta["probe"] the size. `branching`
     goes straight to that trace (the plain one already refused this model's copy).
+    `concrete` (with `branching`): a graph for the probe's size only (len() and int() of
+    sizes read there), without branch records; meta["size_only"] is that size.
     """
     optional = rules.optional_function_rules()
     rules.FUNCTION_RULES.update(optional)
@@ -251,15 +294,31 @@ def trace(model: nn.Module, probe: torch.Tensor | None = None,
             refusal = error
         else:
             return _checked_graph_module(model, graph)
-    tracer = _BranchingTracer(probe, autowrap_functions=wrapped)
+    tracer = _BranchingTracer(probe, autowrap_functions=wrapped, concrete=concrete)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_absent_inputs(model) if concrete else None)
     except Exception as error:  # the plain trace's refusal, when there was one, is the answer
         raise _untraceable(model, refusal or error) from None
     module = _checked_graph_module(model, graph)
+    if concrete:
+        module.meta["size_only"] = tuple(probe.shape[2:])
+        return module
     module.meta["branches"] = tracer.branches
     module.meta["probe"] = tuple(probe.shape[2:])
     return module
+
+
+def _absent_inputs(model: nn.Module) -> dict[str, None] | None:
+    """Return the forward's inputs after the first that default to None (hiera's mask), as
+    torch.fx's concrete_args: absent, as in a forward pass given the image alone (a traced
+    input is never None, so `if mask is not None:` would take the mask's side)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    absent = {p.name: None for p in parameters if p.default is None
+              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return absent or None
 
 
 def _untraceable(model: nn.Module, error: Exception) -> ValueError:

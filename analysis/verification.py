@@ -317,7 +317,8 @@ def _measure_run(analysis: Analysis, resolution: tuple[int, ...], device: torch.
         warnings.simplefilter("ignore")  # fvcore's jit tracing warns about deprecations
         fvcore = peers.run_tool("fvcore", network, x, threads=None)
         torch_counts = _run_torch_counter(network, x)
-    if analysis.graph_module is None:
+    graph_module = analysis.graph_at(resolution)
+    if graph_module is None:
         program = _program_at(analysis, *resolution)
         shapes, problems = _run_exported(program, x, expected, network)
         run = _Run(shapes, fvcore, torch_counts, problems=problems, exported=True)
@@ -325,14 +326,14 @@ def _measure_run(analysis: Analysis, resolution: tuple[int, ...], device: torch.
         return run
     measured: dict[str, Any] = {}
     seen: dict[str, int] = defaultdict(int)
-    for node in analysis.graph_module.graph.nodes:
+    for node in graph_module.graph.nodes:
         if node.op == "call_module":
             measured[node.name] = calls[node.target][seen[node.target]]
             seen[node.target] += 1
     with torch.no_grad():
-        measured.update(_record_functional_shapes(analysis.graph_module, x))
+        measured.update(_record_functional_shapes(graph_module, x))
     run = _Run(measured, fvcore, torch_counts)
-    _fx_owners(analysis, run, resolution)
+    _fx_owners(analysis, run, resolution, graph_module)
     return run
 
 
@@ -364,11 +365,12 @@ def _rows_at(analysis: Analysis, resolution: tuple[int, int]) -> list:
     return [*rows, *analysis.layers[len(rows):]]  # the unused-parameters row, if any
 
 
-def _fx_owners(analysis: Analysis, run: _Run, resolution: tuple[int, int]) -> None:
-    """Fill `run` for an fx graph: a called module's parameters (its first call) and the
-    parameters a node reads directly (get_attr, first read), and each module call's name."""
-    graph_module = analysis.graph_module
-    module_nodes = _module_nodes(analysis)
+def _fx_owners(analysis: Analysis, run: _Run, resolution: tuple[int, int],
+               graph_module: torch.fx.GraphModule) -> None:
+    """Fill `run` for the fx graph of the rows at `resolution`: a called module's parameters
+    (its first call) and the parameters a node reads directly (get_attr, first read), and each
+    module call's name."""
+    module_nodes = {n.name for n in graph_module.graph.nodes if n.op == "call_module"}
     nodes = {n.name: n for n in graph_module.graph.nodes}
     parameters = dict(analysis.network.named_parameters())
     owners: set[str] = set()
@@ -716,14 +718,6 @@ def _fvcore_blind(analysis: Analysis, module_name: str | None, count: int | None
         return False
     module = analysis.network.get_submodule(module_name)
     return isinstance(module, nn.Conv2d) and isinstance(module.padding, str)
-
-
-def _module_nodes(analysis: Analysis) -> set[str]:
-    if not hasattr(analysis, "_module_nodes"):
-        analysis._module_nodes = {
-            n.name for n in analysis.graph_module.graph.nodes if n.op == "call_module"
-        }
-    return analysis._module_nodes
 
 
 def render_verification(result: Verification, fmt: str) -> str:

@@ -471,3 +471,45 @@ def test_a_fixed_size_module_given_directly_is_counted_without_an_export(
     assert analysis.totals_at([(32, 32)])["connections"][0] == fvcore_total(network, (32, 32))
     assert analysis.network is network
     assert not any(p.is_meta for p in network.parameters())
+
+
+class ReadsSizesAsNumbers(nn.Module):
+    """int() and len() of traced sizes: torch.fx refuses both; a trace at one size reads them
+    there, as a forward pass does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.conv(x)
+        batch, channels = x.shape[0], x.shape[1]
+        tokens = x.flatten(2)
+        side = int(tokens.shape[2] ** 0.5)
+        grid = tokens.reshape(batch, channels, side, side)
+        if len(grid.shape) == 4:
+            grid = torch.relu(grid).mean((2, 3))
+        return self.fc(grid)
+
+
+def test_concrete_rung_traces_a_forward_fx_refuses_at_each_size_without_an_export(monkeypatch):
+    from convtally.analysis import export_capture
+
+    network = ReadsSizesAsNumbers().eval()
+    with pytest.raises(ValueError, match="cannot trace ReadsSizesAsNumbers with torch.fx"):
+        analyse(network, capture="fx")
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("torch.export was called")
+
+    monkeypatch.setattr(export_capture, "export", no_export)
+    sizes = [(32, 32), (64, 64), (48, 48)]
+    analysis = analyse(network, convention=preset("fvcore"), capture="concrete",
+                       resolutions=sizes)
+    assert analysis.capture == "concrete" and analysis.complete
+    totals = analysis.totals_at(sizes)
+    for index, size in enumerate(sizes):
+        assert totals["connections"][index] == fvcore_total(network, size)
+        assert totals["weights"][index] == sum(p.numel() for p in network.parameters())
+    assert [layer.type for layer in analysis.layers][:1] == ["Conv2d"]

@@ -100,14 +100,42 @@ def test_concrete_capture_through_fx_verifies():
     assert totals["torch"].ours == totals["torch"].tool_total == torch_total(network, (32, 32))
 
 
+class WritesIntoATensor(FixedSizeBranch):
+    """Item assignment on a traced value: torch.fx cannot record it at any size; torch.export
+    can, at each size."""
+
+    def forward(self, x):
+        x = x.clone()
+        x[:, :, 0] = 0
+        return super().forward(x)
+
+
 def test_concrete_capture_through_export_verifies_at_each_size():
-    network = FixedSizeBranch().eval()
+    network = WritesIntoATensor().eval()
     sizes = [(32, 32), (40, 32)]
     analysis = analyse(network, resolutions=sizes)
     assert analysis.capture == "concrete" and analysis.graph_module is None
     result = verify(analysis, sizes)
     assert result.mismatches == []
     conv = [c for c in result.checks if c.type == "aten.conv2d"]
+    assert [c.connections_formula for c in conv] == [c.fvcore for c in conv] == [
+        8 * 27 * 32 * 32, 8 * 27 * 40 * 32]
+    assert [t.tool_total for t in result.totals if t.tool == "fvcore"] == [
+        fvcore_total(network, size) for size in sizes]
+
+
+def test_concrete_capture_traced_at_each_size_verifies_each_sizes_own_graph():
+    """fx refuses the branch on W for every size at once; traced at each size, each count is
+    verified against the graph of its own size, run on the real network."""
+    network = FixedSizeBranch().eval()
+    sizes = [(32, 32), (40, 32)]
+    analysis = analyse(network, resolutions=sizes)
+    assert analysis.capture == "concrete" and "at each size" in analysis.capture_note
+    assert [g.meta["size_only"] for g in analysis.size_graphs.values()] == sizes
+    assert not any(p.is_meta for size in sizes for p in analysis.graph_at(size).parameters())
+    result = verify(analysis, sizes)
+    assert result.mismatches == []
+    conv = [c for c in result.checks if c.type == "Conv2d"]
     assert [c.connections_formula for c in conv] == [c.fvcore for c in conv] == [
         8 * 27 * 32 * 32, 8 * 27 * 40 * 32]
     assert [t.tool_total for t in result.totals if t.tool == "fvcore"] == [
