@@ -532,9 +532,13 @@ TORCH_RULES = _table(
         ),
         "baddbmm": count(TORCH + "utils/flop_counter.py baddbmm_flop: 2 * the product", macs=2),
         "addmm": count(TORCH + "utils/flop_counter.py addmm_flop: 2 * the product", macs=2),
-        "scaled_dot_product_attention": zero(
+        "scaled_dot_product_attention": count(
             TORCH + "utils/flop_counter.py: formulas for the flash/efficient/cudnn kernels only; "
-            "on the CPU sdpa runs _scaled_dot_product_flash_attention_for_cpu, which has none"
+            "on the CPU sdpa of 3-d or 4-d q, k, v runs "
+            "_scaled_dot_product_flash_attention_for_cpu, which has none (0); any other rank "
+            "runs the math path: its Q·K^T and A·V are mm_flop / bmm_flop, 2 * multiply-adds",
+            bias={},
+            math_path_macs=2,
         ),
         "shifted_window_attention": count(
             TORCH + "utils/flop_counter.py addmm_flop / bmm_flop: torchvision Swin's projections "

@@ -1464,7 +1464,11 @@ def scaled_dot_product_attention(
     output = SymTensor((*query.shape[:-1], value_depth))
     heads = query.per_example / (length * depth)
     macs = heads * length * kv_length * (depth + value_depth)
-    return LayerCost("attention", output, connections=macs, op="scaled_dot_product_attention")
+    # the CPU's fused kernel takes 3-d and 4-d q, k, v; any other rank (hiera's mask units:
+    # 5-d) runs the math path, whose two matmuls are mm / bmm calls a FLOP counter sees
+    math_path = macs if len(query.shape) not in (3, 4) else sp.Integer(0)
+    return LayerCost("attention", output, connections=macs, op="scaled_dot_product_attention",
+                     extra=(("math_path_macs", math_path),))
 
 
 def functional_linear(x: SymTensor, weight: SymTensor, bias: Any = None) -> LayerCost:

@@ -13,6 +13,7 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 from convtally.analysis.accounting import H, W, analyse
+from convtally.analysis.conventions import preset
 from convtally.analysis.verification import verify
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -211,3 +212,42 @@ def test_tensors_built_from_sizes_against_the_running_network_and_fvcore():
     assert not verify(analysis, [(32, 32), (30, 44)]).mismatches
     theirs = tool_results(lambda: BuiltFromSizes(), 3, 30, 44, tools=("fvcore", "torch"))
     assert preset_problems(analysis, theirs, 30, 44) == []
+
+
+class AttentionOfRank(nn.Module):
+    """scaled_dot_product_attention on q, k, v of a given rank (5: hiera's mask units, whose
+    queries are pooled to a quarter of the keys)."""
+
+    def __init__(self, rank: int, channels: int = 8):
+        super().__init__()
+        self.rank = rank
+        self.stem = nn.Conv2d(3, channels, 4, stride=4)
+        self.qkv = nn.Linear(channels, 3 * channels)
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        b, n, c = tokens.shape
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        if self.rank == 5:  # (B, heads, windows, N / windows, C / heads), pooled queries
+            q, k, v = (t.reshape(b, 2, 2, n // 2, c // 2) for t in (q, k, v))
+            q = q.reshape(b, 2, 2, 4, n // 8, c // 2).amax(dim=3)
+        elif self.rank == 4:
+            q, k, v = (t.reshape(b, n, 2, c // 2).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).sum()
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("rank", [3, 4, 5])
+def test_attention_of_any_rank_under_the_torch_preset_equals_flop_counter_mode(rank, capture):
+    """On the CPU, sdpa of 3-d or 4-d q, k, v runs the fused kernel FlopCounterMode has no
+    formula for (0); other ranks run the math path, whose two matmuls it counts as bmm."""
+    network = AttentionOfRank(rank).eval()
+    analysis = analyse(network, convention=preset("torch"), capture=capture)
+    for size in [(32, 32), (64, 48)]:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            network(torch.zeros(1, 3, *size))
+        assert analysis.totals_at([size])["connections"][0] == counter.get_total_flops()
+        row = next(layer for layer in analysis.layers if "scaled_dot" in layer.name)
+        attention = int(sp.sympify(row.connections).subs(
+            {**dict(zip((H, W), size)), **analysis.substitutions()}))
+        assert (attention == 0) == (rank in (3, 4))
