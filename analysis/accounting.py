@@ -892,7 +892,9 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
 
     def fx() -> Analysis:
         analysis = _analyse_fx(prepared, convention, exact, allow_unknown, resolutions)
-        for resolution in resolutions or () if analysis.branches else ():
+        if not analysis.branches:
+            return analysis
+        for resolution in resolutions or ():
             try:
                 analysis._check_branches(_branch_values(analysis, resolution), [resolution])
             except ResolutionError as error:  # one traced graph cannot answer every size

@@ -51,10 +51,11 @@ def _iterate(proxy: torch.fx.Proxy, calling_frame: types.FrameType | None
     return proxy.tracer.iter(proxy)
 
 
-class _Proxy(torch.fx.Proxy):
-    """torch.fx's Proxy, whose iteration reads the caller's bytecode disassembled once per
-    function: torch.fx disassembles the whole forward at each `a, b = proxy` (a fifth of
-    timm levit_128's analysis, whose attention unpacks shapes and q, k, v)."""
+class _ReadsBytecodeOnce:
+    """What torch.fx's Proxy and Attribute do differently here: iteration reads the caller's
+    bytecode disassembled once per function (torch.fx disassembles the whole forward at each
+    `a, b = proxy`: a fifth of timm levit_128's analysis, whose attention unpacks shapes and
+    q, k, v), attributes stay of this kind, and len() and int() are the tracer's to answer."""
 
     def __iter__(self) -> Iterator[torch.fx.Proxy]:
         frame = inspect.currentframe()
@@ -70,21 +71,12 @@ class _Proxy(torch.fx.Proxy):
         return self.tracer.integer(self)
 
 
-class _Attribute(torch.fx.proxy.Attribute):
-    """torch.fx's Attribute (`x.shape`, `x.split`), iterated as _Proxy is."""
+class _Proxy(_ReadsBytecodeOnce, torch.fx.Proxy):
+    """torch.fx's Proxy, as _ReadsBytecodeOnce says."""
 
-    def __iter__(self) -> Iterator[torch.fx.Proxy]:
-        frame = inspect.currentframe()
-        return _iterate(self, frame.f_back if frame is not None else None)
 
-    def __getattr__(self, k: str) -> torch.fx.proxy.Attribute:
-        return _Attribute(self, k)
-
-    def __len__(self) -> int:
-        return self.tracer.length(self)
-
-    def __int__(self) -> int:
-        return self.tracer.integer(self)
+class _Attribute(_ReadsBytecodeOnce, torch.fx.proxy.Attribute):
+    """torch.fx's Attribute (`x.shape`, `x.split`), as _ReadsBytecodeOnce says."""
 
 
 class _Tracer(torch.fx.Tracer):

@@ -100,6 +100,18 @@ def test_concrete_capture_through_fx_verifies():
     assert totals["torch"].ours == totals["torch"].tool_total == torch_total(network, (32, 32))
 
 
+def assert_conv_verified_at(network, analysis, sizes, conv_type):
+    """verify finds no mismatch; the conv row at each size equals fvcore's, and the totals
+    fvcore's own."""
+    result = verify(analysis, sizes)
+    assert result.mismatches == []
+    conv = [c for c in result.checks if c.type == conv_type]
+    assert [c.connections_formula for c in conv] == [c.fvcore for c in conv] == [
+        8 * 27 * h * w for h, w in sizes]
+    assert [t.tool_total for t in result.totals if t.tool == "fvcore"] == [
+        fvcore_total(network, size) for size in sizes]
+
+
 class WritesIntoATensor(FixedSizeBranch):
     """Item assignment on a traced value: torch.fx cannot record it at any size; torch.export
     can, at each size."""
@@ -115,13 +127,7 @@ def test_concrete_capture_through_export_verifies_at_each_size():
     sizes = [(32, 32), (40, 32)]
     analysis = analyse(network, resolutions=sizes)
     assert analysis.capture == "concrete" and analysis.graph_module is None
-    result = verify(analysis, sizes)
-    assert result.mismatches == []
-    conv = [c for c in result.checks if c.type == "aten.conv2d"]
-    assert [c.connections_formula for c in conv] == [c.fvcore for c in conv] == [
-        8 * 27 * 32 * 32, 8 * 27 * 40 * 32]
-    assert [t.tool_total for t in result.totals if t.tool == "fvcore"] == [
-        fvcore_total(network, size) for size in sizes]
+    assert_conv_verified_at(network, analysis, sizes, "aten.conv2d")
 
 
 def test_concrete_capture_traced_at_each_size_verifies_each_sizes_own_graph():
@@ -133,13 +139,7 @@ def test_concrete_capture_traced_at_each_size_verifies_each_sizes_own_graph():
     assert analysis.capture == "concrete" and "at each size" in analysis.capture_note
     assert [g.meta["size_only"] for g in analysis.size_graphs.values()] == sizes
     assert not any(p.is_meta for size in sizes for p in analysis.graph_at(size).parameters())
-    result = verify(analysis, sizes)
-    assert result.mismatches == []
-    conv = [c for c in result.checks if c.type == "Conv2d"]
-    assert [c.connections_formula for c in conv] == [c.fvcore for c in conv] == [
-        8 * 27 * 32 * 32, 8 * 27 * 40 * 32]
-    assert [t.tool_total for t in result.totals if t.tool == "fvcore"] == [
-        fvcore_total(network, size) for size in sizes]
+    assert_conv_verified_at(network, analysis, sizes, "Conv2d")
 
 
 def test_a_concrete_size_not_counted_is_refused_in_one_line():
