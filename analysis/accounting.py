@@ -27,7 +27,7 @@ import numpy as np
 import sympy as sp
 import torch
 import torch.fx
-from convtally.analysis import rules
+from convtally.analysis import rules, shapes
 from convtally.analysis.conventions import DEFAULT, Convention
 from convtally.analysis.evaluation import IntegerEvaluator
 from convtally.analysis.hyperparameters import (
@@ -1553,7 +1553,8 @@ def _python_call(node, args, kwargs):
 
     try:
         try:
-            return call(args, kwargs)
+            # H + (n - H % n) % n, a size padded to a multiple of n, as n*ceiling(H/n)
+            return shapes.rounded_up(call(args, kwargs))
         except TypeError:
             if not any(isinstance(v, sp.Integer) for v in flat_values((args, kwargs))):
                 raise

@@ -157,7 +157,7 @@ ROUTING_OPS = (
     "channel_shuffle", "native_channel_shuffle", "dropout", "feature_dropout", "identity",
     "index", "gather", "index_put", "index_put_", "_unsafe_index", "scalar_tensor", "sym_size",
     "new_empty", "new_full", "empty_like", "masked_fill_", "tril", "triu", "zero_", "zero",
-    "eye",
+    "eye", "tile", "repeat_interleave", "im2col",
 )
 
 # OpOverloadPacket name -> rule; the adapters reuse analysis.rules (the fx rung's rules)

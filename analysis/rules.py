@@ -643,6 +643,11 @@ def pixel_unshuffle(module: nn.Module, attrs: Attributes, x: SymTensor) -> Layer
     return functional_pixel_unshuffle(x, module.downscale_factor)
 
 
+def unfold_module(module: nn.Unfold, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """Unfold (im2col): routing only; (B, C, H, W) -> (B, C*Kh*Kw, sliding positions)."""
+    return unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+
+
 def padding_module(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
     """ZeroPad2d, ConstantPad, ReflectionPad, ReplicationPad: routing only."""
     return pad(x, tuple(module.padding))
@@ -722,6 +727,7 @@ MODULE_RULES: dict[type, Callable[..., LayerCost]] = {
     nn.Identity: identity,
     nn.Flatten: flatten_module,
     nn.Upsample: upsample,
+    nn.Unfold: unfold_module,
 }
 
 
@@ -1175,7 +1181,7 @@ def pad(x: SymTensor, pad: Sequence[int], mode: str = "constant", value: Any = N
     shape = list(x.shape)
     for index in range(len(pad) // 2):
         axis = len(shape) - 1 - index
-        shape[axis] = shape[axis] + pad[2 * index] + pad[2 * index + 1]
+        shape[axis] = shapes.rounded_up(shape[axis] + pad[2 * index] + pad[2 * index + 1])
     return LayerCost("routing", SymTensor(tuple(shape)), op="pad")
 
 
@@ -1321,6 +1327,28 @@ def repeat(x: SymTensor, *sizes) -> LayerCost:
         sizes = tuple(sizes[0])
     shape = (sp.Integer(1),) * (len(sizes) - len(x.shape)) + tuple(x.shape)
     return LayerCost("routing", SymTensor(tuple(d * r for d, r in zip(shape, sizes, strict=True))))
+
+
+def tile(x: SymTensor, *sizes) -> LayerCost:
+    """Tensor.tile: routing only (copies); fewer sizes than dimensions repeat the last ones."""
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    return repeat(x, *((1,) * (len(x.shape) - len(sizes)) + tuple(sizes)))
+
+
+def repeat_interleave(x: SymTensor, repeats: Any, dim: int | None = None, *,
+                      output_size: Any = None) -> LayerCost:
+    """Tensor.repeat_interleave with a number of repeats: routing only (copies); dimension
+    `dim` (the flattened tensor when None) grows `repeats` times."""
+    if isinstance(repeats, SymTensor):
+        raise UnsupportedLayer(
+            "repeat_interleave with a tensor of repeats: its output size depends on the "
+            "tensor's values; pass --allow-unknown to count it from the running network")
+    if dim is None:
+        return LayerCost("routing", SymTensor((sp.Mul(*x.shape) * repeats,)))
+    shape = list(x.shape)
+    shape[_dim_index(x, dim)] *= repeats
+    return LayerCost("routing", SymTensor(tuple(shape)))
 
 
 def stack(tensors: Sequence[SymTensor], dim: int = 0) -> LayerCost:
@@ -1562,6 +1590,19 @@ def glu(x: SymTensor, dim: int = -1) -> LayerCost:
     return LayerCost("elementwise", output, connections=2 * output.per_example, op="glu")
 
 
+def unfold(x: SymTensor, kernel_size: Any, dilation: Any = 1, padding: Any = 0,
+           stride: Any = 1) -> LayerCost:
+    """F.unfold (im2col): routing only; (B, C, H, W) -> (B, C*Kh*Kw, sliding positions)."""
+    sizes = _spatial_nd(x, 2, "unfold")
+    kernel, dilation, padding, stride = map(_pair, (kernel_size, dilation, padding, stride))
+    positions = sp.Mul(*(
+        shapes.conv_output_size(size, k, s, p, d)
+        for size, k, s, p, d in zip(sizes, kernel, stride, padding, dilation, strict=True)
+    ))
+    return LayerCost("routing", SymTensor((x.shape[0], x.shape[1] * kernel[0] * kernel[1],
+                                           positions)), op="unfold")
+
+
 def functional_pixel_shuffle(x: SymTensor, upscale_factor: int) -> LayerCost:
     """F.pixel_shuffle: routing only."""
     r = upscale_factor
@@ -1730,6 +1771,7 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     F.normalize: normalize,
     F.pad: pad,
     F.pixel_shuffle: functional_pixel_shuffle,
+    F.unfold: unfold,
     F.pixel_unshuffle: functional_pixel_unshuffle,
     torch.split: split,
     "split": split,
@@ -1756,6 +1798,10 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     "view_as": expand_as,
     "reshape_as": expand_as,
     "repeat": repeat,
+    "tile": tile,
+    torch.tile: tile,
+    "repeat_interleave": repeat_interleave,
+    torch.repeat_interleave: repeat_interleave,
     torch.stack: stack,
     "unflatten": unflatten,
     torch.swapaxes: transpose,

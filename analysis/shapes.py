@@ -102,3 +102,21 @@ def adaptive_window_total(size: Size, output_size: int) -> sp.Expr:
         ),
         sp.Integer(0),
     )
+
+
+def rounded_up(size: object) -> object:
+    """Return `size` with a term a + Mod(E, n), where E = -a modulo n, written n*ceiling(a/n):
+    a size padded up to a multiple of n (window attention pads H by (n - H % n) % n), in the
+    form whose multiples and quotients by n cancel."""
+    import sympy as sp
+
+    if not isinstance(size, sp.Expr) or not size.has(sp.Mod):
+        return size
+    for remainder in sp.Add.make_args(size):
+        if not isinstance(remainder, sp.Mod) or not remainder.args[1].is_Integer:
+            continue
+        difference, multiple = remainder.args
+        rest = size - remainder
+        if rest.is_integer and (sp.expand(difference + rest) / multiple).is_integer:
+            return multiple * sp.ceiling(rest / multiple)
+    return size

@@ -251,3 +251,62 @@ def test_attention_of_any_rank_under_the_torch_preset_equals_flop_counter_mode(r
         attention = int(sp.sympify(row.connections).subs(
             {**dict(zip((H, W), size)), **analysis.substitutions()}))
         assert (attention == 0) == (rank in (3, 4))
+
+
+class PaddedWindows(nn.Module):
+    """Window attention's size arithmetic, as timm's DaViT and SAM's Hiera write it: tokens
+    padded up to a multiple of the window, windows cut out with view(-1, ...), the batch read
+    back from the window count, the padding cropped; plus tile, repeat_interleave and unfold."""
+
+    window = 4
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.mix = nn.Linear(8, 8)
+        self.window_bias = nn.Parameter(torch.zeros(1, 8, 2, 2))
+        self.patches = nn.Unfold(2, stride=2)
+        self.head = nn.Linear(8 * 4, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h, w = x.shape[2:]
+        x = x + self.window_bias.tile(((h + 1) // 2, (w + 1) // 2))[..., :h, :w]
+        x = x.permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
+        n = self.window
+        pad_bottom, pad_right = (n - h % n) % n, (n - w % n) % n
+        x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
+        padded_h, padded_w = h + pad_bottom, w + pad_right
+        x = x.view(b, padded_h // n, n, padded_w // n, n, c).permute(0, 1, 3, 2, 4, 5)
+        windows = self.mix(x.contiguous().view(-1, n * n, c))
+        batch = windows.shape[0] // (padded_h * padded_w // n // n)
+        x = windows.view(batch, padded_h // n, padded_w // n, n, n, -1).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(batch, padded_h, padded_w, -1)[:, :h, :w, :].permute(0, 3, 1, 2)
+        x = x.repeat_interleave(2, dim=1)[:, ::2]  # the same channels again
+        x = self.patches(x)  # (B, 8 * 2 * 2, positions)
+        return self.head(x.mean(2))
+
+
+def test_padded_windows_have_formulas_in_h_w_that_match_the_running_network_and_fvcore():
+    """Sizes padded to a multiple of the window reduce (n*ceiling(H/n)), so the view's -1
+    and the batch read back from the window count cancel: formulas in H, W where the fx rung
+    used to refuse, equal to the running network and to fvcore at sizes that need padding."""
+    torch.manual_seed(0)
+    analysis = analyse(PaddedWindows().eval(), exact=True)
+    assert analysis.capture == "fx" and analysis.symbolic and analysis.complete
+    sizes = [(32, 32), (30, 44), (26, 38)]
+    assert not verify(analysis, sizes).mismatches
+    for height, width in sizes[1:]:
+        theirs = tool_results(lambda: PaddedWindows(), 3, height, width,
+                              tools=("fvcore", "torch"))
+        assert preset_problems(analysis, theirs, height, width) == []
+
+
+def test_repeat_interleave_by_a_tensor_is_refused_with_what_to_do():
+    class ByTensor(nn.Module):
+        def forward(self, x):
+            return x.repeat_interleave(torch.tensor([1, 2, 3]), dim=1)
+
+    with pytest.raises(ValueError, match="tensor of repeats.*--allow-unknown"):
+        analyse(ByTensor(), capture="fx")

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from convtally.analysis import peers
 from convtally.analysis.accounting import analyse
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from tests.analysis.test_accounting import assert_matches_running_network
@@ -77,3 +79,27 @@ def test_zoo_convolutions_match_pytorch_flop_counter():
                                                   "up2", "head"}
     for index, layer in convs:
         assert 2 * int(values["connections"][index, 0]) == counts[layer.name], layer.name
+
+
+@settings(deadline=None, max_examples=60)  # sympy's first calls are slow, not wrong
+@given(stride=st.integers(1, 5), offset=st.integers(-3, 3), multiple=st.integers(2, 16),
+       heights=st.lists(st.integers(1, 400), min_size=1, max_size=8))
+def test_a_size_padded_up_to_a_multiple_is_rewritten_with_the_same_value(
+        stride, offset, multiple, heights):
+    """rounded_up(a + (n - a % n) % n) is n*ceiling(a/n), equal to the padding PyTorch code
+    writes at every size; a remainder that is not such a padding is left as it was."""
+    import sympy as sp
+    from convtally.analysis.shapes import rounded_up
+    from convtally.analysis.symbols import H
+
+    size = sp.floor((H + offset) / stride) + 1
+    padded = size + (multiple - size % multiple) % multiple
+    rewritten = rounded_up(padded)
+    assert not rewritten.has(sp.Mod)
+    assert sp.simplify(rewritten / multiple).is_integer
+    not_padding = size + (multiple - size % multiple) % multiple + size % 2
+    assert rounded_up(not_padding) == not_padding
+    for height in heights:
+        if (height + offset) >= 0:
+            point = {H: height}
+            assert rewritten.xreplace(point) == padded.xreplace(point)
