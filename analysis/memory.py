@@ -205,6 +205,19 @@ def dropout(call: Call) -> Saved:
                  "CPU input * noise saves noise (on CUDA native_dropout saves a bool mask)")
 
 
+def attention(call: Call) -> Saved:
+    """scaled_dot_product_attention on the CPU's fused kernel (3-d and 4-d, no dropout in
+    training): query, key, value, the mask, the output and one logsumexp per query row. The
+    math path (other ranks, dropout) keeps its matmuls' operands: not modelled."""
+    dropout = call.argument("dropout_p", 4, 0.0)
+    if len(call.shape()) not in (3, 4) or (call.training and dropout):
+        return Saved(known=False)
+    rows = NewTensor("logsumexp (one per query row)", call.output_elements() / call.shape()[-1])
+    return Saved((0, 1, 2, 3), output=True, new=(rows,), source=(
+        "aten/src/ATen/native/transformers/attention.cpp: _scaled_dot_product_flash_attention"
+        "_cpu keeps query, key, value, attn_mask, output, logsumexp"))
+
+
 def stochastic_depth(call: Call) -> Saved:
     """torchvision's stochastic depth in training: one noise value per row (or one per batch)."""
     if not call.training or not call.argument("p", 1, 0.0):
@@ -304,6 +317,7 @@ SAVED_RULES: Mapping[str, Rule] = {
     "upsample": nothing(DERIVATIVES + " upsample_nearest2d / upsample_bilinear2d: sizes only"),
     "dropout": dropout,
     "stochastic_depth": stochastic_depth,
+    "scaled_dot_product_attention": attention,
     **{op: nothing(DERIVATIVES + f" {op}: alpha and sizes only")
        for op in ("add", "iadd", "add_", "sub", "isub", "sub_")},
     **{op: multiply for op in ("mul", "imul", "mul_")},
@@ -453,6 +467,10 @@ class _Value:
     requires_grad: bool
     contiguous: bool = True
     parts: tuple | None = None  # storages of a layer's separate outputs, nested as returned
+    # laid out as its transpose(1, 2): attention's output for a query permuted from
+    # (B, N, heads, d), which PyTorch's kernels lay out as the query, so x.transpose(1, 2)
+    # .reshape(B, N, C) before the projection is a view of the storage attention keeps
+    heads_inner: bool = False
 
 
 # --- the model -----------------------------------------------------------------------------
@@ -888,11 +906,14 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
         output_values = _batch_values(layer.cost)
         contiguous = True
         parts = None
+        heads_inner = False
         if inputs and _aliases(call, op, inputs[0]):
             storage = inputs[0].storage
             contiguous = inputs[0].contiguous and op not in STRIDED_OPS
             if op in ("chunk", "split", "unbind", "getitem"):
                 contiguous = False
+            if inputs[0].heads_inner:
+                contiguous = _swaps_dimensions_1_and_2(call.node, op)
         elif not inputs and operands and (op in VIEW_OPS or layer.cost.op in VIEW_OPS):
             storage = None  # a view of a parameter: the parameter's memory
         elif _nested(layer.cost.output):
@@ -902,7 +923,10 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
             storage = _first_storage(parts)
         else:
             storage = new_storage(output_values * size, index, layer.name)
-        values[node.name] = _Value(storage, requires_grad, contiguous, parts)
+            heads_inner = (op == "scaled_dot_product_attention" and bool(inputs)
+                           and not inputs[0].contiguous and _rank(layer.cost.output) == 4)
+            contiguous = not heads_inner
+        values[node.name] = _Value(storage, requires_grad, contiguous, parts, heads_inner)
         row: dict[str, Any] = {}
         if training:
             key, rule = saved_rule(layer.cost, rules)
@@ -984,6 +1008,21 @@ def _frames(node: torch.fx.Node) -> frozenset[str]:
         parts = str(node.target).split(".")
         names.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
     return frozenset(names)
+
+
+def _swaps_dimensions_1_and_2(node: torch.fx.Node, op: str) -> bool:
+    """Return True for x.transpose(1, 2), x.swapaxes(1, 2) or x.permute(0, 2, 1, 3)."""
+    arguments = list(node.args[1:])
+    if op in ("transpose", "swapaxes"):
+        return len(arguments) == 2 and {a % 4 for a in arguments if isinstance(a, int)} == {1, 2}
+    if op == "permute":
+        dims = arguments[0] if len(arguments) == 1 else arguments
+        return list(dims) == [0, 2, 1, 3]
+    return False
+
+
+def _rank(output: Any) -> int:
+    return len(output.shape) if isinstance(output, SymTensor) else 0
 
 
 def _allocates(call: Call, op: str, inputs: list[_Value]) -> bool:

@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from convtally.analysis.accounting import analyse
 from convtally.analysis.cli import main
 from convtally.analysis.memory import (
@@ -275,3 +276,42 @@ def test_a_module_called_twice_holds_its_argument_per_call():
     result = memory_model(analysis).evaluate([(4, 32, 32)])
     measured = measure_forward_peak(analysis.network, (4, 16, 32, 32))
     assert abs(measured - result["inference_peak"][0]) <= 1024, (measured, result)
+
+
+class Attention(nn.Module):
+    """A conv stem, then attention over its H*W tokens: timm's form (q, k, v one permuted
+    qkv storage, the output transposed back and reshaped for the projection) or heads split
+    off contiguous tensors, 4-d or 3-d."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.qkv = nn.Linear(16, 48)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        b, n, c = x.shape
+        if self.form == "timm":
+            q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+            x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            if self.form == "heads":
+                q, k, v = (t.reshape(b, n, 2, c // 2).permute(0, 2, 1, 3).contiguous()
+                           for t in (q, k, v))
+            else:  # 3-d, the heads folded into the batch
+                q, k, v = (t.contiguous() for t in (q, k, v))
+            x = F.scaled_dot_product_attention(q, k, v)
+            x = x.transpose(1, 2).reshape(b, n, c) if self.form == "heads" else x
+        return self.proj(x).mean(1)
+
+
+@pytest.mark.parametrize("form", ["timm", "heads", "3-d"])
+def test_attention_keeps_what_the_fused_cpu_kernel_keeps(form):
+    """q, k, v, the output and a logsumexp per query row; timm's transposed-back output is a
+    view of the output attention keeps, so the projection keeps nothing new."""
+    torch.manual_seed(0)
+    analysis = analyse(Attention(form).train())
+    assert_saved_matches_autograd(analysis, [(2, 16, 16), (3, 12, 20)])
