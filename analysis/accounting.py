@@ -748,9 +748,38 @@ def _meta_copy(network: nn.Module) -> nn.Module | None:
         memo[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
                             if isinstance(tensor, nn.Parameter) else empty)
     try:
+        return _module_copy(network, memo, {}).eval()
+    except Exception:  # noqa: BLE001 - an unusual module: the deep copy decides
+        pass
+    try:
         return deepcopy(network, memo).eval()
     except Exception:  # a module that refuses deepcopy: the real network decides
         return None
+
+
+_MODULE_TABLES = ("_parameters", "_buffers", "_modules")
+
+
+def _module_copy(module: nn.Module, tensors: dict[int, Any], copies: dict[int, nn.Module]
+                 ) -> nn.Module:
+    """Return a copy of the module tree with its parameters and buffers swapped for `tensors`:
+    each module a new object, its dicts, lists and sets copied one level (a cache the forward
+    fills stays the caller's), other attributes shared. A deep copy walks every attribute of
+    every module (a tenth of timm bat_resnext26ts's analysis)."""
+    if id(module) in copies:  # a module registered twice stays one module
+        return copies[id(module)]
+    clone = module.__class__.__new__(module.__class__)
+    copies[id(module)] = clone
+    state = {key: (value.copy() if isinstance(value, (dict, list, set)) else value)
+             for key, value in module.__dict__.items() if key not in _MODULE_TABLES}
+    state["_parameters"] = {k: None if v is None else tensors[id(v)]
+                            for k, v in module._parameters.items()}
+    state["_buffers"] = {k: None if v is None else tensors[id(v)]
+                         for k, v in module._buffers.items()}
+    state["_modules"] = {k: None if v is None else _module_copy(v, tensors, copies)
+                         for k, v in module._modules.items()}
+    clone.__dict__.update(state)
+    return clone
 
 
 def analyse(

@@ -513,3 +513,43 @@ def test_concrete_rung_traces_a_forward_fx_refuses_at_each_size_without_an_expor
         assert totals["connections"][index] == fvcore_total(network, size)
         assert totals["weights"][index] == sum(p.numel() for p in network.parameters())
     assert [layer.type for layer in analysis.layers][:1] == ["Conv2d"]
+
+
+class CachesBySize(ProbeBranch):
+    """A module registered twice (tied), a plain tensor attribute and a cache the forward
+    fills, as timm's attention-bias caches are filled per device."""
+
+    def __init__(self):
+        super().__init__()
+        self.tied = self.conv
+        self.cache: dict[str, int] = {}
+        self.scale = torch.tensor(2.0)
+
+    def forward(self, x):
+        self.cache["calls"] = self.cache.get("calls", 0) + 1
+        return super().forward(x) * self.scale
+
+
+def test_meta_copy_of_a_callers_module_keeps_its_structure_and_leaves_it_untouched():
+    """The copy the branching trace runs: the same parameters and buffers by name and shape,
+    on the meta device, one module where the caller registered one twice; the caller's
+    module, its cache included, as it was; the counts those of a deep copy's."""
+    network = CachesBySize().eval()
+    copied = accounting._meta_copy(network)
+    assert [(n, p.shape) for n, p in copied.named_parameters()] == [
+        (n, p.shape) for n, p in network.named_parameters()]
+    assert all(p.is_meta for p in [*copied.parameters(), *copied.buffers()])
+    assert copied.tied is copied.conv and copied.conv is not network.conv
+    assert copied.cache is not network.cache and copied.scale is network.scale
+    analysis = analyse(network, convention=preset("fvcore"), capture="fx",
+                       resolutions=[(32, 32)])
+    # one call: torch.fx's plain trace, refused; the trace at the probe size runs the copy
+    assert analysis.capture == "fx" and network.cache == {"calls": 1}
+    assert not any(p.is_meta for p in network.parameters())
+    sizes = [(32, 32), (24, 40)]
+    assert analysis.totals_at(sizes) == analyse(
+        copied, convention=preset("fvcore"), capture="fx", resolutions=[(32, 32)]
+    ).totals_at(sizes)
+    for height, width in sizes:
+        assert analysis.totals_at([(height, width)])["connections"][0] == fvcore_total(
+            network, (height, width))

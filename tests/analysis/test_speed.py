@@ -424,3 +424,41 @@ def test_unpacking_a_proxy_traces_as_torch_fx_does(monkeypatch):
     assert torch.equal(tracing._graph_module(network, fast.graph)(x), network(x))
     with pytest.raises(ValueError, match="cannot trace IteratesATensor with torch.fx"):
         tracing.trace(IteratesATensor())
+
+
+@pytest.mark.parametrize("settings", [
+    {"act_layer": nn.SiLU}, {"act_layer": nn.ReLU, "drop_layer": nn.Dropout},
+    {"apply_act": False}, {"affine": False}, {"track_running_stats": False},
+], ids=["silu", "relu-dropout", "no-act", "not-affine", "no-running-stats"])
+def test_timm_batch_norm_act_records_the_graph_torch_fx_records(settings):
+    """The BatchNormAct2d shortcut writes the nodes torch.fx writes for its forward, less the
+    input-rank assert's four (which count nothing); the analysis equals fvcore."""
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = norm_act.BatchNormAct2d(8, **settings)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+    network = Block().eval()
+
+    def nodes(graph_module):
+        return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph_module.graph.nodes
+                if not (n.op == "call_function" and n.target in (getattr, torch._assert))
+                and not (n.op == "call_function" and "eq" in n.name)]
+
+    ours = tracing.trace(network)
+    assert nodes(ours) == nodes(torch.fx.symbolic_trace(network))
+    assert not any(n.target is torch._assert for n in ours.graph.nodes)
+    from convtally.analysis.conventions import preset
+
+    from tests.analysis.test_capture import fvcore_total
+
+    analysis = analyse(network, convention=preset("fvcore"))
+    for size in [(16, 16), (20, 12)]:
+        assert analysis.totals_at([size])["connections"][0] == fvcore_total(network, size)
