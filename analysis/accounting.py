@@ -289,11 +289,14 @@ class Analysis:
             at = size_label(resolutions[column], short=False)
             if not explain:
                 raise ResolutionError(f"{layer.name} cannot run at {at}")
-            sides = _holding_sides(a - b, self.substitutions(), self.axes)
-            runnable = [side for side in sides[:64] if _runs_at(self, side)]
+            sides = _holding_sides(a - b, self.substitutions(), self.axes, SIDES_SHOWN + 1)
+            rank = len(self.axes)
+            shown = sides[:SIDES_SHOWN]
+            runnable = [side for side, runs in zip(
+                shown, self.runnable([(side,) * rank for side in shown]), strict=True) if runs]
             raise ResolutionError(
                 f"{layer.name} ({layer.type}) cannot run at {at}: {what} "
-                f"({a} = {b}){_where_it_holds(runnable, len(self.axes))}"
+                f"({a} = {b}){_where_it_holds(runnable, rank, len(sides) <= SIDES_SHOWN)}"
             )
         if sizes.size and (sizes < 1).any():
             row, column = np.argwhere(sizes < 1)[0]
@@ -309,6 +312,34 @@ class Analysis:
                 f"({layer.type}) would output shape {tuple(shape)}; try a larger resolution"
             )
         return {q: values[i * count : (i + 1) * count] for i, q in enumerate(QUANTITIES)}
+
+    def runnable(self, resolutions: Sequence[tuple[int, ...]]) -> list[bool]:
+        """Return, per resolution, whether every layer can run there (where evaluate would
+        not refuse it), all of them evaluated at once."""
+        if self.concrete is not None:
+            return [tuple(r) in self.concrete for r in resolutions]
+        usable = [len(r) == len(self.axes) and all(v >= 1 and v % d == 0 for v, d in
+                                                   zip(r, self.divisor, strict=True))
+                  for r in resolutions]
+        checked = [r for r, ok in zip(resolutions, usable, strict=True) if ok]
+        if not checked:
+            return usable
+        columns = [np.array([int(r[axis]) for r in checked], dtype=object)
+                   for axis in range(len(self.axes))]
+        count = len(QUANTITIES) * len(self.layers)
+        values = self._compiled_formulas()(*columns)
+        sizes = values[count : count + len(self._size_owner)]
+        differences = values[count + len(self._size_owner) : len(values) - len(self.branches)]
+        runs = np.ones(len(checked), dtype=bool)
+        if sizes.size:
+            runs &= ~(sizes < 1).any(axis=0)
+        if differences.size:
+            runs &= ~(differences != 0).any(axis=0)
+        for (_, relation, _), row in zip(self.branches, values[len(values) - len(self.branches):],
+                                         strict=True):
+            runs &= rules.RELATIONS[relation](row, 0).astype(bool)
+        answers = iter(runs.tolist())
+        return [ok and next(answers) for ok in usable]
 
     def _check_branches(self, values: np.ndarray, resolutions: Sequence[tuple[int, ...]]
                         ) -> None:
@@ -1289,6 +1320,15 @@ def _interpret(
     owned_parameters: set[str] = set()
     asserted: list[tuple] = []  # size conditions the forward asserts (_asserted_condition)
     placeholders = 0
+    rows_counted: dict[tuple[LayerCost, bool], dict[str, sp.Expr]] = {}
+
+    def _counted_once(cost: LayerCost, known: bool) -> dict[str, sp.Expr]:
+        # a network repeats its layers: csatv2's 1,017 rows are 198 distinct costs
+        key = (cost, known)
+        if key not in rows_counted:
+            rows_counted[key] = counted(cost, known, convention)
+        return rows_counted[key]
+
     for node in graph_module.graph.nodes:
         if node.op == "placeholder":
             placeholders += 1
@@ -1403,7 +1443,7 @@ def _interpret(
                 kind=cost.kind,
                 node=node.name,
                 output_shape=tuple(sp.sympify(d) for d in shape),
-                **counted(cost, known, convention),
+                **_counted_once(cost, known),
                 outputs=cost.outputs,
                 cost=cost,
                 known=known,
@@ -1755,18 +1795,21 @@ def _around(value: int, reach: int) -> list[int]:
 
 
 def _holding_sides(
-    difference: sp.Expr, substitution: Mapping[sp.Symbol, int], axes: Sequence[sp.Symbol] = (H, W)
+    difference: sp.Expr, substitution: Mapping[sp.Symbol, int], axes: Sequence[sp.Symbol] = (H, W),
+    limit: int | None = None,
 ) -> list[int]:
-    """Return the sides up to 4096 where `difference` is 0, the same size on every axis.
+    """Return the sides up to 4096 where `difference` is 0, the same size on every axis (the
+    first `limit` of them).
 
     Counted by evaluating at every size (floor() and all), not by solving: sympy's solver
     cannot invert floor().
     """
-    return _holding_sides_of([difference], substitution, axes)[0]
+    return _holding_sides_of([difference], substitution, axes, limit)[0]
 
 
 def _holding_sides_of(differences: Sequence[sp.Expr], substitution: Mapping[sp.Symbol, int],
-                      axes: Sequence[sp.Symbol] = (H, W)) -> list[list[int]]:
+                      axes: Sequence[sp.Symbol] = (H, W), limit: int | None = None
+                      ) -> list[list[int]]:
     """Return _holding_sides of each difference, all evaluated in one pass (a network states
     its size agreements together: levit_128 has nine)."""
     first = axes[0]
@@ -1779,17 +1822,24 @@ def _holding_sides_of(differences: Sequence[sp.Expr], substitution: Mapping[sp.S
     sides = np.arange(1, 4097, dtype=object)
     values = IntegerEvaluator([squares[i] for i in solvable], (first,))(sides)
     for i, row in zip(solvable, values, strict=True):
-        holding[i] = [int(side) for side in np.flatnonzero(row == 0) + 1]
+        holding[i] = [int(side) for side in np.flatnonzero(row == 0)[:limit] + 1]
     return holding
 
 
-def _where_it_holds(sizes: Sequence[int], rank: int = 2) -> str:
+SIDES_SHOWN = 64  # the sides where a size agreement holds that are checked to run
+
+
+def _where_it_holds(sizes: Sequence[int], rank: int = 2, all_sizes: bool = True) -> str:
     """Return '; it holds at 32x32' for the sides given (the same on each of `rank` axes), or
-    '' when there are none."""
+    '' when there are none; `all_sizes` False: they are the first of more."""
     if not sizes:
         return ""
     shown = ", ".join(size_label((s,) * rank, short=False) for s in sizes[:6])
-    more = f", ... ({len(sizes)} sizes up to 4096)" if len(sizes) > 6 else ""
+    more = ""
+    if not all_sizes:
+        more = ", ... (more up to 4096)"
+    elif len(sizes) > 6:
+        more = f", ... ({len(sizes)} sizes up to 4096)"
     return f"; it holds at {shown}{more}"
 
 
@@ -1820,25 +1870,28 @@ def requirement_assumptions(analysis: Analysis) -> list[str]:
             kept.append((a, b, what))
         layer.requirements = tuple(kept)
     analysis._compiled = None  # the requirements changed
-    runs: dict[int, bool] = {}  # side -> the whole network runs there (the same sides recur:
-    # nasnetalarge's 198 agreements asked 12,672 times, 80 s of its 100 s)
-
-    def runs_at(side: int) -> bool:
-        if side not in runs:
-            runs[side] = _runs_at(analysis, side)
-        return runs[side]
-
     agreements = [(layer, a, b, what) for layer in analysis.layers
                   for a, b, what in layer.requirements]
     holding = _holding_sides_of([a - b for _, a, b, _ in agreements],
-                                analysis.substitutions(), analysis.axes)
-    for (layer, a, b, what), sides in zip(agreements, holding, strict=True):
-        # a root of the equation is a size only where the whole network runs (24x24 can
-        # solve a Linear's size equation yet be too small for the layers before it)
-        runnable = [side for side in sides[:64] if runs_at(side)]
+                                analysis.substitutions(), analysis.axes, SIDES_SHOWN + 1)
+    # a root of the equation is a size only where the whole network runs (24x24 can solve a
+    # Linear's size equation yet be too small for the layers before it); the same sides recur
+    # (nasnetalarge's 198 agreements), so each is evaluated once, all of them together
+    sides = sorted({side for found in holding for side in found[:SIDES_SHOWN]})
+    rank = len(analysis.axes)
+    runs = dict(zip(sides, analysis.runnable([(side,) * rank for side in sides]), strict=True))
+    printed: dict[sp.Expr, str] = {}  # nasnetalarge states one agreement in many cells
+
+    def text(expression: sp.Expr) -> str:
+        if expression not in printed:
+            printed[expression] = str(expression)
+        return printed[expression]
+
+    for (layer, a, b, what), found in zip(agreements, holding, strict=True):
+        runnable = [side for side in found[:SIDES_SHOWN] if runs[side]]
         lines.append(
-            f"{layer.name} ({layer.type}): {what}, {a} = {b}"
-            f"{_where_it_holds(runnable, len(analysis.axes))}"
+            f"{layer.name} ({layer.type}): {what}, {text(a)} = {text(b)}"
+            f"{_where_it_holds(runnable, rank, len(found) <= SIDES_SHOWN)}"
         )
     return lines
 

@@ -462,3 +462,32 @@ def test_timm_batch_norm_act_records_the_graph_torch_fx_records(settings):
     analysis = analyse(network, convention=preset("fvcore"))
     for size in [(16, 16), (20, 12)]:
         assert analysis.totals_at([size])["connections"][0] == fvcore_total(network, size)
+
+
+class FlattenHead(Fuse):
+    """A size agreement (the Linear after a flatten holds at 16x16 only) after a fuse whose
+    own agreement holds at even sizes, and a branch on the width."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x):
+        x = super().forward(x)
+        if x.shape[-1] > 4:
+            x = nn.functional.max_pool2d(x, 2)
+        return self.head(x.flatten(1))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("model", [Fuse, FlattenHead])
+def test_runnable_answers_each_size_as_evaluating_it_alone_does(model, exact):
+    """All sizes at once (the assumptions' 'it holds at' list) give the answer a one-size
+    evaluate gives each of them, refusals of every kind included (too small, a size
+    agreement, the branch, divisibility)."""
+    network = model().eval()
+    analysis = analyse(network, exact=exact, resolutions=[(32, 32)])
+    sides = list(range(1, 70))
+    assert analysis.runnable([(side, side) for side in sides]) == [
+        accounting._runs_at(analysis, side) for side in sides]
+    assert any(analysis.runnable([(side, side) for side in sides]))
