@@ -491,3 +491,24 @@ def test_runnable_answers_each_size_as_evaluating_it_alone_does(model, exact):
     assert analysis.runnable([(side, side) for side in sides]) == [
         accounting._runs_at(analysis, side) for side in sides]
     assert any(analysis.runnable([(side, side) for side in sides]))
+
+
+@pytest.mark.parametrize("model", ["torchvision:resnet18", "torchvision:swin_t",
+                                   "timm:efficientnet_b0", "timm:pvt_v2_b0"])
+def test_arguments_are_written_into_the_graph_as_torch_fx_writes_them(monkeypatch, model):
+    """Numbers, proxies, tuples and lists go into nodes without torch.fx's per-argument type
+    questions; the graph's code is the one torch.fx's own create_arg gives."""
+    pytest.importorskip("timm")
+    network = resolve(model).build({}).eval()
+    fast = tracing.trace(network).code
+
+    def torch_fx_create_arg(self, a):
+        if isinstance(a, torch.Tensor):  # the buffer lookup, which has its own test
+            parameters, buffers = self._names()
+            name = (parameters if isinstance(a, nn.Parameter) else buffers).get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return torch.fx.Tracer.create_arg(self, a)
+
+    monkeypatch.setattr(tracing._Tracer, "create_arg", torch_fx_create_arg)
+    assert fast == tracing.trace(network).code
