@@ -278,10 +278,8 @@ class Analysis:
         ]
         count = len(self.layers)
         values = self._compiled_formulas()(*columns)
-        sizes = values[len(QUANTITIES) * count : len(QUANTITIES) * count + len(self._size_owner)]
-        differences = values[len(QUANTITIES) * count + len(self._size_owner) :
-                             len(values) - len(self.branches)]
-        self._check_branches(values[len(values) - len(self.branches):], resolutions)
+        sizes, differences, branch_values = self._size_rows(values)
+        self._check_branches(branch_values, resolutions)
         if differences.size and (differences != 0).any():
             row, column = np.argwhere(differences != 0)[0]
             index, (a, b, what) = self._requirement_owner[row]
@@ -326,20 +324,25 @@ class Analysis:
             return usable
         columns = [np.array([int(r[axis]) for r in checked], dtype=object)
                    for axis in range(len(self.axes))]
-        count = len(QUANTITIES) * len(self.layers)
-        values = self._compiled_formulas()(*columns)
-        sizes = values[count : count + len(self._size_owner)]
-        differences = values[count + len(self._size_owner) : len(values) - len(self.branches)]
+        sizes, differences, branch_values = self._size_rows(self._compiled_formulas()(*columns))
         runs = np.ones(len(checked), dtype=bool)
         if sizes.size:
             runs &= ~(sizes < 1).any(axis=0)
         if differences.size:
             runs &= ~(differences != 0).any(axis=0)
-        for (_, relation, _), row in zip(self.branches, values[len(values) - len(self.branches):],
-                                         strict=True):
+        for (_, relation, _), row in zip(self.branches, branch_values, strict=True):
             runs &= rules.RELATIONS[relation](row, 0).astype(bool)
         answers = iter(runs.tolist())
         return [ok and next(answers) for ok in usable]
+
+    def _size_rows(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return the rows of the compiled values after the quantities: the output sizes, the
+        size agreements' differences and the branch conditions."""
+        sizes_start = len(QUANTITIES) * len(self.layers)
+        agreements_start = sizes_start + len(self._size_owner)
+        branches_start = len(values) - len(self.branches)
+        return (values[sizes_start:agreements_start], values[agreements_start:branches_start],
+                values[branches_start:])
 
     def _check_branches(self, values: np.ndarray, resolutions: Sequence[tuple[int, ...]]
                         ) -> None:
@@ -470,25 +473,18 @@ class Analysis:
                 return dict(zip(labels, ints))
             return values_as(labels, ints)
 
-        printed: dict[sp.Expr, str] = {}  # a network's layers repeat few distinct formulas
-
-        def text(expression: sp.Expr) -> str:
-            if expression not in printed:
-                printed[expression] = str(expression)
-            return printed[expression]
-
         layers = []
         for index, layer in enumerate(self.layers):
             row = {
                 "name": layer.name,
                 "type": layer.type,
                 "kind": layer.kind,
-                "output_shape": [text(d) for d in layer.output_shape],
+                "output_shape": [_printed(d) for d in layer.output_shape],
                 "known": layer.known,  # False: no rule, counted from the running network
             }
             for quantity in QUANTITIES:
                 row[quantity] = {
-                    "formula": text(layer.formula(quantity))
+                    "formula": _printed(layer.formula(quantity))
                     if self._has_formula(quantity)
                     else None,
                     "values": labelled(list(map(int, values[quantity][index].tolist()))),
@@ -531,6 +527,13 @@ def counted(cost: LayerCost, known: bool, convention: Convention) -> dict[str, s
         "weights": convention.weights(cost),
         "connections": convention.connections(cost) if known else sp.Integer(0),
     }
+
+
+@functools.lru_cache(maxsize=16384)
+def _printed(expression: sp.Expr) -> str:
+    """Return str(expression), printed once: a network's layers repeat few distinct formulas
+    (and nasnetalarge states one size agreement in many cells)."""
+    return str(expression)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -1880,17 +1883,10 @@ def requirement_assumptions(analysis: Analysis) -> list[str]:
     sides = sorted({side for found in holding for side in found[:SIDES_SHOWN]})
     rank = len(analysis.axes)
     runs = dict(zip(sides, analysis.runnable([(side,) * rank for side in sides]), strict=True))
-    printed: dict[sp.Expr, str] = {}  # nasnetalarge states one agreement in many cells
-
-    def text(expression: sp.Expr) -> str:
-        if expression not in printed:
-            printed[expression] = str(expression)
-        return printed[expression]
-
     for (layer, a, b, what), found in zip(agreements, holding, strict=True):
         runnable = [side for side in found[:SIDES_SHOWN] if runs[side]]
         lines.append(
-            f"{layer.name} ({layer.type}): {what}, {text(a)} = {text(b)}"
+            f"{layer.name} ({layer.type}): {what}, {_printed(a)} = {_printed(b)}"
             f"{_where_it_holds(runnable, rank, len(found) <= SIDES_SHOWN)}"
         )
     return lines
