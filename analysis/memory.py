@@ -924,7 +924,7 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
         else:
             storage = new_storage(output_values * size, index, layer.name)
             heads_inner = (op == "scaled_dot_product_attention" and bool(inputs)
-                           and not inputs[0].contiguous and _rank(layer.cost.output) == 4)
+                           and not inputs[0].contiguous and len(call.shape()) == 4)
             contiguous = not heads_inner
         values[node.name] = _Value(storage, requires_grad, contiguous, parts, heads_inner)
         row: dict[str, Any] = {}
@@ -1019,10 +1019,6 @@ def _swaps_dimensions_1_and_2(node: torch.fx.Node, op: str) -> bool:
         dims = arguments[0] if len(arguments) == 1 else arguments
         return list(dims) == [0, 2, 1, 3]
     return False
-
-
-def _rank(output: Any) -> int:
-    return len(output.shape) if isinstance(output, SymTensor) else 0
 
 
 def _allocates(call: Call, op: str, inputs: list[_Value]) -> bool:
