@@ -37,9 +37,19 @@ def order_in_hw(formula: sp.Expr, axes: Sequence[sp.Symbol] | None = None) -> st
         axes = AXES[1] if formula.has(T) else AXES[3] if formula.has(D) else AXES[2]
     if not formula.has(*axes):
         return "O(1)"
-    if formula.atoms(sp.floor, sp.ceiling):
+    if formula.atoms(sp.floor, sp.ceiling, sp.Mod):
         formula = formula.replace(sp.floor, lambda x: x).replace(sp.ceiling, lambda x: x)
-    degrees = [sp.Poly(formula, axis).degree() for axis in axes]
+        formula = formula.replace(sp.Mod, lambda x, n: 0 if not n.free_symbols else sp.Mod(x, n))
+    # A quotient (a count divided by a window count, as torch.export writes some views) grows
+    # as its numerator's degree less its denominator's.
+    numerator, denominator = sp.fraction(sp.together(formula))
+    try:
+        degrees = [max(sp.Poly(numerator, axis).degree() - sp.Poly(denominator, axis).degree(), 0)
+                   for axis in axes]
+    except sp.PolynomialError:
+        return "O(?)"
+    if not any(degrees):
+        return "O(1)"
     if len(set(degrees)) == 1:
         product = "·".join(map(str, axes))
         if degrees[0] == 1:

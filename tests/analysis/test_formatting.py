@@ -136,6 +136,10 @@ def test_latex_compiles_with_pdflatex(tmp_path):
         (H**2 * W**2 / 256, "O((H·W)^2)"),
         (H**2 / 16, "O(H^2)"),
         (sp.floor(H / 2) * W, "O(H·W)"),
+        (sp.Mod(H, 7) * W + H * W**2, "O(H·W^2)"),
+        ((H**2 * W**2 + 3) / (H * W / 49 + 1) + H, "O(H·W)"),
+        (7 + 1 / (H * W + 1), "O(1)"),
+        (H * W + sp.Max(H, 5), "O(?)"),
     ],
 )
 def test_order_in_hw(formula, order):
