@@ -35,7 +35,14 @@ from convtally.analysis.hyperparameters import (
     fit_attributes,
     hyperparameter_symbols,
 )
-from convtally.analysis.rules import BATCH, LayerCost, PlainValue, SymTensor, UnsupportedLayer
+from convtally.analysis.rules import (
+    BATCH,
+    LayerCost,
+    NoClosedForm,
+    PlainValue,
+    SymTensor,
+    UnsupportedLayer,
+)
 from convtally.analysis.symbols import AXES, H, W
 from convtally.analysis.tracing import (
     concrete_shapes,
@@ -970,6 +977,11 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
         ("concrete", lambda: _analyse_concrete(prepared, convention, allow_unknown, resolutions)),
     )
     for rung, attempt in attempts:
+        if rung == "export" and isinstance(first_error, NoClosedForm):
+            # hieradet's pooled windows: torch.export ran out auto's whole budget on them
+            reasons.append("export: not tried, since its symbolic shapes meet the same floors "
+                           "and remainders (--capture export tries it)")
+            continue
         try:
             analysis = attempt()
         except (ValueError, NotImplementedError, RuntimeError, TypeError, KeyError) as error:
@@ -1381,7 +1393,7 @@ def _interpret(
                 try:
                     cost = rule(module, attributes.get(node.target, {}), *args, **kwargs)
                 except UnsupportedLayer as error:
-                    raise UnsupportedLayer(f"{node.target} ({type_name}): {error}") from None
+                    raise type(error)(f"{node.target} ({type_name}): {error}") from None
                 known = True
             cost = replace(
                 cost,

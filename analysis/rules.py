@@ -159,6 +159,11 @@ class UnsupportedLayer(ValueError):
     """A module or function that has no rule."""
 
 
+class NoClosedForm(UnsupportedLayer):
+    """A size whose floors and remainders do not reduce to a closed form (a view's -1 of pooled
+    windows): torch.export's symbolic shapes meet the same arithmetic and ran for minutes."""
+
+
 # Attribute access for a module: channel counts and kernel sizes as sympy expressions in the
 # hyperparameters where they were fitted, concrete integers otherwise.
 Attributes = Mapping[str, Any]
@@ -905,7 +910,7 @@ def _quotient(total: sp.Expr, known: sp.Expr) -> sp.Expr:
         return quotient
     operations = sp.count_ops(total / known)
     if operations > SIMPLIFY_LIMIT:
-        raise UnsupportedLayer(
+        raise NoClosedForm(
             f"a view's -1 size, {operations} operations of floors and "
             "remainders, does not reduce to a closed form here; use --capture concrete"
         )

@@ -347,6 +347,51 @@ def test_a_view_size_without_a_closed_form_is_refused_not_simplified_for_minutes
         rules.view(x, nested + 2, -1)
 
 
+class TangledView(nn.Module):
+    """A reshape whose -1 size is a quotient of nested floors and remainders (hieradet's pooled
+    windows in miniature): no closed form in H, W; it runs only at some sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, _, h, _ = x.shape
+        n = h // 3
+        for _ in range(4):
+            n = ((n + 5) % 7 + n) // 2 + (3 * n) % 5
+        return x.reshape(b, n + 2, -1)
+
+
+def test_auto_counts_a_size_without_a_closed_form_concretely_without_waiting_on_export(
+        monkeypatch):
+    """hieradet_small spent auto's 90 s export budget before its one-second concrete count:
+    export meets the same floors and remainders, so auto does not try it; --capture export
+    still does."""
+    from convtally.analysis import export_capture
+    from convtally.analysis.rules import NoClosedForm
+
+    exported = []
+
+    def refuse(*args, **kwargs):
+        exported.append(args)
+        raise RuntimeError("torch.export stand-in")
+
+    monkeypatch.setattr(export_capture, "analyse_exported", refuse)
+    network = TangledView().eval()
+    with pytest.raises(NoClosedForm):
+        analyse(network, capture="fx")
+    sizes = [(36, 36), (30, 30)]
+    analysis = analyse(network, resolutions=sizes)
+    assert analysis.capture == "concrete" and not exported
+    assert "export: not tried" in analysis.capture_note
+    assert_matches_running_network(analysis, network, 3, sizes)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        analyse(network, capture="export", resolutions=sizes)
+    assert exported
+
+
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
 def test_a_bad_export_budget_is_refused_in_one_line(monkeypatch, value):
     monkeypatch.setenv("CONVTALLY_EXPORT_SECONDS", value)
