@@ -982,6 +982,11 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
             reasons.append("export: not tried, since its symbolic shapes meet the same floors "
                            "and remainders (--capture export tries it)")
             continue
+        if rung == "export" and isinstance(first_error, AssertedSize):
+            refusal = _export_refuses_assert(first_error, prepared, resolutions)
+            if refusal:
+                reasons.append(f"export: {refusal}")
+                continue
         try:
             analysis = attempt()
         except (ValueError, NotImplementedError, RuntimeError, TypeError, KeyError) as error:
@@ -999,6 +1004,24 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
                         " yours: torchvision: and timm: models take builder keywords, e.g. "
                         "--set image_size=N for torchvision's ViT, img_size=N for timm's)")
     raise error_type(" | ".join(reasons)) from None
+
+
+def _export_refuses_assert(error: AssertedSize, prepared: _Prepared, resolutions) -> str | None:
+    """Return why the export rung would refuse a model whose forward asserts a pinned size:
+    the assert fails at twice the size export probes, where the rung runs the model first (as
+    botnet26t's and visformer's do); None where that is not certain."""
+    from convtally.analysis.export_capture import PROBE
+
+    if len(prepared.axes) != 2 or error.branched or error.difference is None:
+        return None
+    probe = tuple(resolutions[0]) if resolutions else PROBE
+    other = [2 * side for side in probe]
+    value = error.difference.subs(dict(zip(prepared.axes, other, strict=True)))
+    if not value.is_number or value == 0:
+        return None
+    return (f"not tried, since at {other[0]}x{other[1]}, twice {probe[0]}x{probe[1]}, the "
+            "forward's assert fails (where the export rung runs it first): its input size is "
+            "fixed")
 
 
 def _branch_values(analysis: Analysis, resolution: Sequence[int]) -> np.ndarray:
@@ -1485,11 +1508,29 @@ def _asserted_condition(node: torch.fx.Node, args: tuple) -> tuple | None:
     if isinstance(condition, sp.Eq) and not (condition.lhs - condition.rhs).has(
             sp.Mod, sp.floor, sp.ceiling):
         message = str(args[1]) if len(args) > 1 else ""
-        raise UnsupportedLayer(
+        raise AssertedSize(
             f"{node.name} (_assert): the forward asserts {condition.lhs} == {condition.rhs}"
-            f"{f' ({message[:120]})' if message else ''}: its input size is fixed"
+            f"{f' ({message[:120]})' if message else ''}: its input size is fixed",
+            condition.lhs - condition.rhs,
+            node.graph.owning_module,
         )
-    return (condition, True, node.name, "the forward asserts it")
+    return (condition, True, node.name, ASSERTED)
+
+
+class AssertedSize(UnsupportedLayer):
+    """The forward asserts an equality of sizes that pins the input size: `difference` == 0
+    (a ViT's H == 224, botnet26t's stage size == 16)."""
+
+    def __init__(self, message: str, difference: sp.Expr | None = None,
+                 graph_module: Any = None):
+        super().__init__(message)
+        self.difference = difference
+        # traced at a probe size with branches decided there (crossvit resizes its input
+        # when H differs from its own): the assert may hold only on the branch taken
+        self.branched = bool((getattr(graph_module, "meta", {}) or {}).get("branches"))
+
+
+ASSERTED = "the forward asserts it"
 
 
 def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_module: Any,
@@ -1506,7 +1547,10 @@ def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_mod
                   for factor in (2, 4)]
         if not any(difference.subs(at) == 0 for at in scaled):
             sizes = " nor ".join("x".join(str(factor * side) for side in base) for factor in (2, 4))
-            raise ValueError(f"its input size is pinned: {text} holds at neither {sizes}")
+            message = f"its input size is pinned: {text} holds at neither {sizes}"
+            if text.endswith(f"({ASSERTED})"):
+                raise AssertedSize(message, difference, graph_module)
+            raise ValueError(message)
 
 
 def branch_conditions(graph_module: Any) -> tuple[tuple[tuple[sp.Expr, str, str], ...],

@@ -403,8 +403,9 @@ def test_a_fixed_size_model_is_counted_without_real_weights_or_an_export(
     monkeypatch.setattr(export_capture, "export", no_export)
     analysis = analyse("fixed_net:build", convention=preset("fvcore"), resolutions=[(32, 32)])
     assert analysis.capture == "concrete"
-    assert ("at 64x64, twice 32x32, the model fails (expects 32x32 images): its input size is "
-            "fixed") in analysis.capture_note
+    # fx found the assert, which fails at twice the size: the export rung is not even entered
+    assert ("export: not tried, since at 64x64, twice 32x32, the forward's assert fails"
+            in analysis.capture_note)
     assert module.BUILDS == ["meta"]
     totals = analysis.totals_at([(32, 32)])
     network = module.build()
@@ -412,6 +413,80 @@ def test_a_fixed_size_model_is_counted_without_real_weights_or_an_export(
     assert totals["connections"][0] == fvcore_total(network.eval(), (32, 32))
     assert not verify(analysis, [(32, 32)]).mismatches
     assert module.BUILDS == ["meta", "cpu", "cpu"]  # the test's own build, then verify's
+    with pytest.raises(ValueError, match=r"at 64x64, twice 32x32, the model fails \(expects "
+                                         r"32x32 images\): its input size is fixed"):
+        analyse("fixed_net:build", capture="export", resolutions=[(32, 32)])
+
+
+class PinnedStage(nn.Module):
+    """Asserts its stage size as botnet26t does (floor(H/4) == 8: a size, not H itself)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = self.conv(x)
+        torch._assert(x.shape[2] == 8, "expects an 8x8 stage")
+        torch._assert(x.shape[3] == 8, "expects an 8x8 stage")
+        return self.head(x.flatten(1))
+
+
+@pytest.mark.parametrize("side", [32, 35])
+def test_a_stage_size_the_forward_asserts_is_counted_concretely_without_the_export_rung(
+        monkeypatch, side):
+    """fx's pinned assert fails at twice the size, where the export rung would run the model
+    first and refuse: auto skips that rung (a meta forward pass at four times the pixels)."""
+    from convtally.analysis import export_capture
+
+    def no_export_rung(*args, **kwargs):
+        raise AssertionError("the export rung was entered")
+
+    monkeypatch.setattr(export_capture, "analyse_exported", no_export_rung)
+    network = PinnedStage().eval()
+    with pytest.raises(ValueError, match=r"its input size is pinned: .* == 8 \(the forward "
+                                         r"asserts it\) holds at neither"):
+        analyse(network, capture="fx")
+    analysis = analyse(network, convention=preset("fvcore"), resolutions=[(side, side)])
+    assert analysis.capture == "concrete"
+    assert (f"export: not tried, since at {2 * side}x{2 * side}, twice {side}x{side}, the "
+            "forward's assert fails") in analysis.capture_note
+    assert analysis.totals_at([(side, side)])["connections"][0] == fvcore_total(
+        network, (side, side))
+
+
+class ResizesFirst(nn.Module):
+    """Resizes an input of another size before asserting its own (as crossvit does): the
+    assert holds on the branch taken at the traced size only, so the export rung is tried."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, x):
+        if x.shape[2] != 32 or x.shape[3] != 32:
+            x = nn.functional.interpolate(x, size=(32, 32))
+        torch._assert(x.shape[2] == 32, "expects 32x32 images")
+        return self.conv(x)
+
+
+def test_an_assert_behind_a_size_branch_leaves_the_export_rung_to_decide(monkeypatch):
+    from convtally.analysis import export_capture
+    from convtally.analysis.accounting import AssertedSize
+
+    entered = []
+
+    def export_rung(*args, **kwargs):
+        entered.append(args)
+        raise RuntimeError("torch.export stand-in")
+
+    monkeypatch.setattr(export_capture, "analyse_exported", export_rung)
+    with pytest.raises(AssertedSize) as refusal:
+        analyse(ResizesFirst(), capture="fx", resolutions=[(32, 32)])
+    assert refusal.value.branched
+    analysis = analyse(ResizesFirst(), resolutions=[(32, 32)])
+    assert entered and "export: torch.export stand-in" in analysis.capture_note
 
 
 READS_A_CONSTANT = '''
