@@ -34,6 +34,7 @@ from convtally.analysis.accounting import (
     counted,
 )
 from convtally.analysis.conventions import Convention
+from convtally.analysis.meta_shapes import MetaShapes
 from convtally.analysis.rules import BATCH, LayerCost, ParameterTensor, SymTensor, UnsupportedLayer
 from torch import nn
 
@@ -579,7 +580,7 @@ def _fixed_size_on_meta(prepared: _Prepared, probe: tuple[int, int]) -> bool:
 
     def failure(size: tuple[int, int]) -> Exception | None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), MetaShapes():
                 prepared.meta(torch.zeros(1, prepared.channels, *size, device="meta"))
         except OutOfTime:  # auto's budget for this rung, not the model's answer
             raise

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx
 from convtally.analysis import rules
+from convtally.analysis.meta_shapes import MetaShapes
 from torch import nn
 
 
@@ -255,16 +256,13 @@ class _BranchingTracer(_Tracer):
             elif target is torch.nn.functional.scaled_dot_product_attention:
                 query, value = call_args[0], call_args[2]  # (..., L, E) and (..., S, Ev)
                 result = query.new_empty((*query.shape[:-1], value.shape[-1]))
-            elif kind == "call_function":
-                result = target(*call_args, **call_kwargs)
-            elif kind == "call_method":
-                result = getattr(call_args[0], target)(*call_args[1:], **call_kwargs)
-            elif kind == "call_module":
-                result = self._forward(*call_args, **call_kwargs)
             elif kind == "get_attr":
                 result = self.root
                 for part in target.split("."):
                     result = getattr(result, part)
+            elif kind in ("call_function", "call_method", "call_module"):
+                with MetaShapes():
+                    result = self._run(kind, target, call_args, call_kwargs)
             else:
                 return proxy
             self.values[proxy.node] = result
@@ -273,6 +271,14 @@ class _BranchingTracer(_Tracer):
         finally:
             self._running = False
         return proxy
+
+    def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        """Return a call's value on the probe's meta tensors."""
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        return self._forward(*args, **kwargs)
 
     def _submodule(self, target: str) -> nn.Module:
         """Return the root's submodule at `target`, each looked up once per trace."""

@@ -1,0 +1,143 @@
+"""Fast forward passes on the meta device: shapes without PyTorch's Python meta kernels.
+
+Counting runs networks built on the meta device (no weights) to learn shapes: to decide a
+forward's branches at a probe size, and to see whether a model runs at twice its size. Many
+meta kernels are Python decompositions that cost more than the real CPU kernel (a meta
+layer_norm or hardswish takes about a millisecond; a meta forward pass of timm's hiera_base
+took longer than the real one). `MetaShapes` answers the element-wise calls, the norms and
+linear with an empty meta tensor of the output's shape, after the shape checks the call makes;
+anything it does not know, or whose checks fail, runs as before, so errors are PyTorch's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Return whether `tensor`'s elements fill its storage without gaps or overlaps (any order
+    of dimensions): then an element-wise result is laid out as it is."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _like(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """Return an empty meta tensor with `tensor`'s shape and strides (None where `tensor` is
+    not dense: PyTorch lays the result out afresh)."""
+    if not _dense(tensor):
+        return None
+    return tensor.new_empty_strided(tensor.shape, tensor.stride(), dtype=dtype or tensor.dtype)
+
+
+def _unary(inplace_at: int | None) -> Callable[..., torch.Tensor | None]:
+    """Return the rule of an element-wise call whose `inplace` flag is positional argument
+    `inplace_at` (None: the call has none): the input itself in place, else one like it."""
+
+    def rule(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        inplace = kwargs.get("inplace", False)
+        if inplace_at is not None and len(args) >= inplace_at:
+            inplace = args[inplace_at - 1]
+        return input if inplace else _like(input)
+
+    return rule
+
+
+def _binary(input: torch.Tensor, other: Any, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """add, sub, mul: the broadcast shape and the promoted dtype (None with out=)."""
+    if kwargs.get("out") is not None or len(args) > 1:
+        return None
+    if isinstance(other, torch.Tensor):
+        if not other.is_meta:
+            return None
+        shape = torch.broadcast_shapes(input.shape, other.shape)
+        if shape != input.shape or (other.shape == shape and other.stride() != input.stride()):
+            return None  # the layout PyTorch picks among several operands: left to it
+    elif isinstance(other, (int, float, bool)):
+        shape = input.shape
+    else:
+        return None
+    return _like(input, torch.result_type(input, other))
+
+
+def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+            ) -> torch.Tensor | None:
+    if (weight.dim() != 2 or input.dim() < 1 or input.shape[-1] != weight.shape[1]
+            or input.dtype != weight.dtype or not weight.is_meta):
+        return None
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != input.dtype
+                             or not bias.is_meta):
+        return None
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+def _layer_norm(input: torch.Tensor, normalized_shape: Any, weight: Any = None, bias: Any = None,
+                eps: float = 1e-5) -> torch.Tensor | None:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or tuple(input.shape[-len(shape):]) != shape or input.dim() < len(shape):
+        return None
+    if any(p is not None and tuple(p.shape) != shape for p in (weight, bias)):
+        return None
+    return input.new_empty(input.shape)  # contiguous, whatever the input's layout
+
+
+def _batch_norm(input: torch.Tensor, running_mean: Any, running_var: Any, weight: Any = None,
+                bias: Any = None, training: bool = False, *args: Any, **kwargs: Any
+                ) -> torch.Tensor | None:
+    if training or kwargs.get("training") or input.dim() < 2:
+        return None  # training checks the batch in Python first: left to PyTorch
+    channels = input.shape[1]
+    if any(p is not None and tuple(p.shape) != (channels,)
+           for p in (running_mean, running_var, weight, bias)):
+        return None
+    return _like(input)
+
+
+def _group_norm(input: torch.Tensor, num_groups: int, weight: Any = None, bias: Any = None,
+                eps: float = 1e-5) -> torch.Tensor | None:
+    if input.dim() < 2 or num_groups <= 0 or input.shape[1] % num_groups:
+        return None
+    if any(p is not None and tuple(p.shape) != (input.shape[1],) for p in (weight, bias)):
+        return None
+    return input.new_empty(input.shape)  # contiguous, whatever the input's layout
+
+
+_NO_FLAG = _unary(None)
+RULES: dict[Any, Callable[..., torch.Tensor | None]] = {
+    F.relu: _unary(1), F.relu6: _unary(1), F.silu: _unary(1), F.hardswish: _unary(1),
+    F.hardsigmoid: _unary(1), F.mish: _unary(1), F.leaky_relu: _unary(2), F.elu: _unary(2),
+    F.hardtanh: _unary(3), F.dropout: _unary(3), F.gelu: _NO_FLAG,
+    torch.relu: _NO_FLAG, torch.Tensor.relu: _NO_FLAG, torch.sigmoid: _NO_FLAG,
+    torch.Tensor.sigmoid: _NO_FLAG, torch.tanh: _NO_FLAG, torch.Tensor.tanh: _NO_FLAG,
+    torch.add: _binary, torch.Tensor.add: _binary, torch.sub: _binary,
+    torch.Tensor.sub: _binary, torch.mul: _binary, torch.Tensor.mul: _binary,
+    F.linear: _linear, F.layer_norm: _layer_norm, F.batch_norm: _batch_norm,
+    F.group_norm: _group_norm,
+}
+
+
+class MetaShapes(TorchFunctionMode):
+    """While active, the calls in RULES on meta tensors return an empty meta tensor of their
+    output's shape (strides and dtype as PyTorch gives them), checked as the call checks it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rule = RULES.get(func)
+        if rule is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            try:
+                result = rule(*args, **kwargs)
+            except (TypeError, ValueError, RuntimeError, IndexError):
+                result = None  # an unusual call: PyTorch answers it
+            if result is not None:
+                return result
+        return func(*args, **kwargs)

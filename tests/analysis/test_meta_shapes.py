@@ -1,0 +1,148 @@
+"""MetaShapes answers as PyTorch's meta kernels do: shape, dtype and layout, or PyTorch's error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from convtally.analysis import meta_shapes
+from convtally.analysis.meta_shapes import MetaShapes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+def meta(*shape: int, dtype: torch.dtype = torch.float32,
+         channels_last: bool = False) -> torch.Tensor:
+    tensor = torch.empty(shape, dtype=dtype, device="meta")
+    return tensor.to(memory_format=torch.channels_last) if channels_last else tensor
+
+
+def outcome(call) -> tuple:
+    """Return what a call gives: (shape, dtype, strides of the dimensions longer than 1), or
+    the error's type and message."""
+    try:
+        result = call()
+    except Exception as error:  # noqa: BLE001 - the error itself is compared
+        return (type(error), str(error))
+    return (tuple(result.shape), result.dtype,
+            tuple(s for n, s in zip(result.shape, result.stride(), strict=True) if n > 1))
+
+
+def answered(call) -> tuple:
+    """Return (outcome with MetaShapes, whether a rule answered without running PyTorch)."""
+    ran = []
+    original = meta_shapes.MetaShapes.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        ran.append(func in meta_shapes.RULES)
+        return original(self, func, types, args, kwargs)
+
+    meta_shapes.MetaShapes.__torch_function__ = spy
+    try:
+        with MetaShapes():
+            result = outcome(call)
+    finally:
+        meta_shapes.MetaShapes.__torch_function__ = original
+    return result, any(ran)
+
+
+x4 = meta(2, 8, 6, 5)
+CALLS = {
+    "relu": lambda: F.relu(x4), "relu_inplace": lambda: F.relu(x4, True),
+    "gelu": lambda: F.gelu(meta(2, 7, 16)), "gelu_tanh": lambda: F.gelu(x4, approximate="tanh"),
+    "hardswish_channels_last": lambda: F.hardswish(meta(2, 8, 6, 5, channels_last=True)),
+    "silu_transposed": lambda: F.silu(meta(2, 7, 16).transpose(1, 2)),
+    "relu_of_a_slice": lambda: F.relu(meta(2, 8, 6, 5)[:, :4]),
+    "leaky_relu": lambda: F.leaky_relu(x4, 0.2), "elu": lambda: F.elu(x4, 1.0, False),
+    "hardtanh": lambda: F.hardtanh(x4, -1.0, 1.0), "dropout": lambda: F.dropout(x4, 0.1, False),
+    "sigmoid": lambda: torch.sigmoid(x4), "tanh_method": lambda: x4.tanh(),
+    "linear": lambda: F.linear(meta(2, 7, 16), meta(32, 16), meta(32)),
+    "linear_no_bias": lambda: F.linear(meta(5, 16), meta(3, 16)),
+    "linear_wrong_features": lambda: F.linear(meta(2, 7, 15), meta(32, 16), meta(32)),
+    "linear_wrong_bias": lambda: F.linear(meta(2, 7, 16), meta(32, 16), meta(31)),
+    "layer_norm": lambda: F.layer_norm(meta(2, 7, 16), (16,), meta(16), meta(16)),
+    "layer_norm_two_dims": lambda: F.layer_norm(meta(2, 7, 16), (7, 16)),
+    "layer_norm_wrong_shape": lambda: F.layer_norm(meta(2, 7, 16), (15,)),
+    "layer_norm_transposed": lambda: F.layer_norm(meta(2, 16, 7).transpose(1, 2), (16,)),
+    "group_norm_channels_last": lambda: F.group_norm(meta(2, 8, 6, 5, channels_last=True), 4),
+    "batch_norm_transposed": lambda: F.batch_norm(meta(2, 5, 8).transpose(1, 2), meta(8),
+                                                  meta(8)),
+    "dropout_training_transposed": lambda: F.dropout(meta(2, 5, 8).transpose(1, 2), 0.1, True),
+    "batch_norm": lambda: F.batch_norm(x4, meta(8), meta(8), meta(8), meta(8)),
+    "batch_norm_channels_last": lambda: F.batch_norm(
+        meta(2, 8, 6, 5, channels_last=True), meta(8), meta(8)),
+    "batch_norm_wrong_channels": lambda: F.batch_norm(x4, meta(7), meta(7)),
+    "group_norm": lambda: F.group_norm(x4, 4, meta(8), meta(8)),
+    "group_norm_indivisible": lambda: F.group_norm(x4, 3),
+    "add_residual": lambda: x4 + meta(2, 8, 6, 5),
+    "add_broadcast_scale": lambda: x4 * meta(8, 1, 1),
+    "add_scalar_right": lambda: 1 + x4, "mul_int_scalar": lambda: meta(3, 4, dtype=torch.long) * 2,
+    "mul_int_by_float": lambda: meta(3, 4, dtype=torch.long) * 0.5,
+    "add_alpha": lambda: torch.add(x4, x4, alpha=2), "sub_method": lambda: x4.sub(x4),
+    "add_mismatch": lambda: x4 + meta(2, 7, 6, 5),
+    "add_layouts_differ": lambda: x4 + meta(2, 8, 6, 5, channels_last=True),
+    "mul_smaller_first": lambda: meta(8, 1, 1) * x4,
+}
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_each_call_gives_what_pytorchs_meta_kernel_gives(name):
+    call = CALLS[name]
+    assert answered(call)[0] == outcome(call)
+
+
+def test_the_rules_answer_the_common_calls_without_pytorchs_kernels():
+    """The element-wise calls, norms and linear of a transformer block are answered by a rule
+    (what makes the meta forward fast); a layout PyTorch decides is left to it."""
+    for name in ("relu", "gelu", "linear", "layer_norm", "batch_norm", "add_residual",
+                 "add_scalar_right"):
+        _, by_rule = answered(CALLS[name])
+        assert by_rule, name
+    assert not answered(lambda: torch.cat([x4, x4], 1))[1]
+
+
+dims = st.lists(st.integers(1, 4), min_size=1, max_size=4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(left=dims, right=dims, layout=st.booleans(), op=st.sampled_from(["add", "mul", "sub"]),
+       dtype=st.sampled_from([torch.float32, torch.int64, torch.bfloat16]))
+def test_binary_calls_match_pytorch_for_any_shapes(left, right, layout, op, dtype):
+    a = meta(*left, dtype=dtype)
+    if layout and a.dim() == 4:
+        a = a.to(memory_format=torch.channels_last)
+    b = meta(*right)
+    call = lambda: getattr(torch, op)(a, b)  # noqa: E731
+    assert answered(call)[0] == outcome(call)
+
+
+class PositionEmbedding(torch.nn.Module):
+    """Patches plus a learned embedding for 16 of them: runs at 16x16 (4x4 patches) only."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.position = torch.nn.Parameter(torch.zeros(1, 16, 8))
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.patches(x).flatten(2).transpose(1, 2) + self.position)
+
+
+@pytest.mark.parametrize("build,side", [(PositionEmbedding, 16), ("hiera_tiny_224", 224)])
+def test_a_model_that_fails_at_twice_its_size_fails_as_it_does_without_the_rules(build, side):
+    """The export rung's size check runs the meta build under MetaShapes: the shape error the
+    model meets at another size (hiera's position embedding) is PyTorch's own error."""
+    if isinstance(build, str):
+        timm = pytest.importorskip("timm")
+        build = lambda: timm.create_model("hiera_tiny_224")  # noqa: E731
+    with torch.device("meta"):
+        network = build().eval()
+    with torch.no_grad():
+        twice = outcome(lambda: network(meta(1, 3, 2 * side, 2 * side)))
+        once = outcome(lambda: network(meta(1, 3, side, side)))
+        assert isinstance(twice[0], type) and issubclass(twice[0], RuntimeError)
+        assert isinstance(once[0], tuple)  # it runs at its own size
+        with MetaShapes():
+            assert outcome(lambda: network(meta(1, 3, 2 * side, 2 * side))) == twice
+            assert outcome(lambda: network(meta(1, 3, side, side))) == once
