@@ -112,6 +112,30 @@ def _group_norm(input: torch.Tensor, num_groups: int, weight: Any = None, bias: 
     return input.new_empty(input.shape)  # contiguous, whatever the input's layout
 
 
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None,
+               dropout_p: float = 0.0, is_causal: bool = False, scale: Any = None,
+               enable_gqa: bool = False) -> torch.Tensor | None:
+    """scaled_dot_product_attention: (..., L, Ev), contiguous (as the meta kernel lays it)."""
+    tensors = (query, key, value) + ((attn_mask,) if attn_mask is not None else ())
+    if (enable_gqa or query.dim() < 2 or not all(isinstance(t, torch.Tensor) and t.is_meta
+                                                 for t in tensors)
+            or not query.dim() == key.dim() == value.dim()
+            or not query.shape[:-2] == key.shape[:-2] == value.shape[:-2]
+            or query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]
+            or not query.dtype == key.dtype == value.dtype):
+        return None
+    if attn_mask is not None:
+        if is_causal:
+            return None  # PyTorch refuses a mask with is_causal
+        scores = (*query.shape[:-1], key.shape[-2])
+        if attn_mask.dim() > len(scores) or torch.broadcast_shapes(
+                attn_mask.shape, scores) != scores:
+            return None
+        if attn_mask.dtype not in (torch.bool, query.dtype):
+            return None
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
 _NO_FLAG = _unary(None)
 RULES: dict[Any, Callable[..., torch.Tensor | None]] = {
     F.relu: _unary(1), F.relu6: _unary(1), F.silu: _unary(1), F.hardswish: _unary(1),
@@ -122,7 +146,7 @@ RULES: dict[Any, Callable[..., torch.Tensor | None]] = {
     torch.add: _binary, torch.Tensor.add: _binary, torch.sub: _binary,
     torch.Tensor.sub: _binary, torch.mul: _binary, torch.Tensor.mul: _binary,
     F.linear: _linear, F.layer_norm: _layer_norm, F.batch_norm: _batch_norm,
-    F.group_norm: _group_norm,
+    F.group_norm: _group_norm, F.scaled_dot_product_attention: _attention,
 }
 
 

@@ -82,6 +82,26 @@ CALLS = {
     "add_mismatch": lambda: x4 + meta(2, 7, 6, 5),
     "add_layouts_differ": lambda: x4 + meta(2, 8, 6, 5, channels_last=True),
     "mul_smaller_first": lambda: meta(8, 1, 1) * x4,
+    "attention": lambda: F.scaled_dot_product_attention(meta(2, 3, 10, 8), meta(2, 3, 12, 8),
+                                                         meta(2, 3, 12, 5)),
+    "attention_timm_heads": lambda: F.scaled_dot_product_attention(
+        *meta(2, 10, 3, 3, 8).permute(2, 0, 3, 1, 4).unbind(0)),
+    "attention_mask": lambda: F.scaled_dot_product_attention(
+        meta(2, 3, 10, 8), meta(2, 3, 12, 8), meta(2, 3, 12, 8), attn_mask=meta(10, 12)),
+    "attention_bool_mask": lambda: F.scaled_dot_product_attention(
+        meta(2, 10, 8), meta(2, 10, 8), meta(2, 10, 8), meta(1, 10, 10, dtype=torch.bool)),
+    "attention_causal": lambda: F.scaled_dot_product_attention(
+        meta(2, 3, 10, 8), meta(2, 3, 10, 8), meta(2, 3, 10, 8), is_causal=True),
+    "attention_causal_rectangular": lambda: F.scaled_dot_product_attention(
+        meta(2, 3, 10, 8), meta(2, 3, 12, 8), meta(2, 3, 12, 8), is_causal=True),
+    "attention_mask_and_causal": lambda: F.scaled_dot_product_attention(
+        meta(2, 3, 10, 8), meta(2, 3, 10, 8), meta(2, 3, 10, 8), meta(10, 10), is_causal=True),
+    "attention_wrong_mask": lambda: F.scaled_dot_product_attention(
+        meta(2, 3, 10, 8), meta(2, 3, 12, 8), meta(2, 3, 12, 8), attn_mask=meta(10, 11)),
+    "attention_wrong_width": lambda: F.scaled_dot_product_attention(
+        meta(2, 3, 10, 8), meta(2, 3, 12, 7), meta(2, 3, 12, 8)),
+    "attention_wrong_length": lambda: F.scaled_dot_product_attention(
+        meta(2, 3, 10, 8), meta(2, 3, 12, 8), meta(2, 3, 11, 8)),
 }
 
 
@@ -95,7 +115,7 @@ def test_the_rules_answer_the_common_calls_without_pytorchs_kernels():
     """The element-wise calls, norms and linear of a transformer block are answered by a rule
     (what makes the meta forward fast); a layout PyTorch decides is left to it."""
     for name in ("relu", "gelu", "linear", "layer_norm", "batch_norm", "add_residual",
-                 "add_scalar_right"):
+                 "add_scalar_right", "attention_timm_heads", "attention_mask"):
         _, by_rule = answered(CALLS[name])
         assert by_rule, name
     assert not answered(lambda: torch.cat([x4, x4], 1))[1]
