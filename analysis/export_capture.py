@@ -92,13 +92,13 @@ def _adaptive(op: str) -> Callable[..., LayerCost]:
     return rule
 
 
-def _upsample(mode: str) -> Callable[..., LayerCost]:
+def _upsample(mode: str, antialias: bool = False) -> Callable[..., LayerCost]:
     per_output = {"nearest": 1, "bilinear": 4, "bicubic": 16}[mode]
+    op = f"upsample_{mode}_aa" if antialias else f"upsample_{mode}"  # as rules._interpolate
 
     def rule(x: SymTensor, *args, **kwargs) -> LayerCost:
         # the output shape comes from the graph; the count per output from the mode
-        return LayerCost("upsample", None, op=f"upsample_{mode}",
-                         extra=(("per_output", sp.Integer(per_output)),))
+        return LayerCost("upsample", None, op=op, extra=(("per_output", sp.Integer(per_output)),))
 
     return rule
 
@@ -202,6 +202,9 @@ ATEN_RULES: dict[str, Callable[..., LayerCost]] = {
     "upsample_nearest2d": _upsample("nearest"),
     "upsample_bilinear2d": _upsample("bilinear"),
     "upsample_bicubic2d": _upsample("bicubic"),
+    # antialias=True (naflexvit resizes its position embedding so), as F.interpolate's rule
+    "_upsample_bilinear2d_aa": _upsample("bilinear", antialias=True),
+    "_upsample_bicubic2d_aa": _upsample("bicubic", antialias=True),
     "glu": rules.glu,
     "addcmul": rules.addcmul,
     "addcdiv": rules.addcmul,

@@ -759,7 +759,8 @@ INTERPOLATION_READS = {"nearest": 1, "nearest-exact": 1, "linear": 2, "bilinear"
                        "bicubic": 16, "trilinear": 8}
 
 
-def _interpolate(x: SymTensor, size: Any, scale_factor: Any, mode: str) -> LayerCost:
+def _interpolate(x: SymTensor, size: Any, scale_factor: Any, mode: str,
+                 antialias: bool = False) -> LayerCost:
     sizes_in = _sizes(x, "interpolation")
     count = len(sizes_in)
     if size is not None:
@@ -773,6 +774,8 @@ def _interpolate(x: SymTensor, size: Any, scale_factor: Any, mode: str) -> Layer
     # the 2-d op keeps its name (the presets count aten::upsample_nearest2d and friends); the
     # 1-d and 3-d ones are named apart, as the tools see other ATen ops there
     op = f"upsample_{mode}" if count == 2 else f"upsample_{mode}{count}d"
+    if antialias and mode in ("bilinear", "bicubic"):
+        op += "_aa"  # another ATen op (aten::_upsample_bilinear2d_aa), which fvcore does not count
     return LayerCost(
         "upsample", output, connections=output.per_example * INTERPOLATION_READS[mode], op=op
     )
@@ -787,8 +790,9 @@ def interpolate(
     recompute_scale_factor=None,
     antialias=False,
 ) -> LayerCost:
-    """F.interpolate: nearest 1 connection per output, bilinear 4, bicubic 16."""
-    return _interpolate(x, size, scale_factor, mode)
+    """F.interpolate: nearest 1 connection per output, bilinear 4, bicubic 16 (antialiased
+    too: the same reads per output, under an op of its own)."""
+    return _interpolate(x, size, scale_factor, mode, bool(antialias))
 
 
 def _broadcast(a: tuple, b: tuple) -> tuple[tuple, tuple]:

@@ -172,6 +172,37 @@ def test_module_rules_and_aten_rules_agree(convention):
     assert by_kind["fx"] == by_kind["export"]
 
 
+class ResizedEmbedding(nn.Module):
+    """Resizes a learned 4x4 embedding to the feature map with antialiasing (naflexvit's
+    position embedding), then adds it."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+        self.embedding = nn.Parameter(torch.zeros(1, 8, 4, 4))
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x + nn.functional.interpolate(self.embedding, size=x.shape[2:], mode=self.mode,
+                                             antialias=True, align_corners=False)
+
+
+@pytest.mark.parametrize("convention", ["default", "fvcore", "torch"])
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_antialiased_interpolation_counts_alike_in_module_and_aten_rules(convention, mode):
+    network = ResizedEmbedding(mode).eval()
+    exported = analyse(network, convention=preset(convention), capture="export")
+    concrete = analyse(network, convention=preset(convention), capture="concrete",
+                       resolutions=[(32, 32), (64, 48)])
+    assert exported.symbolic
+    sizes = [(32, 32), (64, 48)]
+    assert exported.totals_at(sizes) == concrete.totals_at(sizes)
+    if convention == "fvcore":
+        assert exported.totals_at(sizes)["connections"] == [
+            fvcore_total(network, size) for size in sizes]
+
+
 def tiny_vit():
     timm = pytest.importorskip("timm")
     return timm.create_model(
