@@ -199,6 +199,8 @@ class Zoo(nn.Module):
         x = self.up_bilinear(x) + F.interpolate(x, scale_factor=2, mode="bilinear")
         x = self.up_bicubic(x) + F.interpolate(x, size=(x.shape[2] * 2, x.shape[3] * 2))
         x = self.dropout(x)
+        half = F.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True)
+        x = x + F.interpolate(half, size=x.shape[2:], mode="bilinear", antialias=True)
         x = x * (F.adaptive_avg_pool2d(x, 1) + x.mean((2, 3), keepdim=True))
         p = self.adaptive_max(x) + F.adaptive_max_pool2d(x, 2)
         q = self.row_linear(self.ln(self.adaptive_avg(x)))
