@@ -42,7 +42,10 @@ def order_in_hw(formula: sp.Expr, axes: Sequence[sp.Symbol] | None = None) -> st
         formula = formula.replace(sp.Mod, lambda x, n: 0 if not n.free_symbols else sp.Mod(x, n))
     # A quotient (a count divided by a window count, as torch.export writes some views) grows
     # as its numerator's degree less its denominator's.
-    numerator, denominator = sp.fraction(sp.together(formula))
+    numerator, denominator = formula, sp.Integer(1)
+    if any(power.exp.is_negative and power.base.free_symbols
+           for power in formula.atoms(sp.Pow)):
+        numerator, denominator = sp.fraction(sp.together(formula))
     try:
         degrees = [max(sp.Poly(numerator, axis).degree() - sp.Poly(denominator, axis).degree(), 0)
                    for axis in axes]
