@@ -136,6 +136,52 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
+def _convolution(dims: int) -> Callable[..., torch.Tensor | None]:
+    """Return the rule of conv{dims}d: floor((size + 2 padding - dilation (K - 1) - 1) /
+    stride) + 1 per spatial size, contiguous; 'same' and 'valid' padding as PyTorch reads them."""
+
+    def rule(input: torch.Tensor, weight: torch.Tensor, bias: Any = None, stride: Any = 1,
+             padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor | None:
+        if (input.dim() != dims + 2 or weight.dim() != dims + 2 or not weight.is_meta
+                or input.dtype != weight.dtype or not input.is_contiguous()
+                or groups < 1 or input.shape[1] != weight.shape[1] * groups
+                or weight.shape[0] % groups):
+            return None
+        if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or not bias.is_meta):
+            return None
+        strides, dilations = _per_dim(stride, dims), _per_dim(dilation, dims)
+        kernel = weight.shape[2:]
+        if padding == "valid":
+            paddings = (0,) * dims
+        elif padding == "same":
+            if any(s != 1 for s in strides):
+                return None  # PyTorch refuses it
+            return input.new_empty((input.shape[0], weight.shape[0], *input.shape[2:]))
+        else:
+            paddings = _per_dim(padding, dims)
+        if None in (strides, dilations, paddings) or min(strides) < 1 or min(dilations) < 1:
+            return None
+        sizes = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+                 zip(input.shape[2:], paddings, dilations, kernel, strides, strict=True)]
+        if min(sizes) < 1 or min(paddings) < 0:
+            return None  # PyTorch says why
+        return input.new_empty((input.shape[0], weight.shape[0], *sizes))
+
+    return rule
+
+
+def _per_dim(value: Any, dims: int) -> tuple[int, ...] | None:
+    """Return a conv argument as one int per spatial dimension (None for anything else)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * dims
+    if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
+        if len(value) == dims:
+            return tuple(value)
+        if len(value) == 1:
+            return (value[0],) * dims
+    return None
+
+
 _NO_FLAG = _unary(None)
 RULES: dict[Any, Callable[..., torch.Tensor | None]] = {
     F.relu: _unary(1), F.relu6: _unary(1), F.silu: _unary(1), F.hardswish: _unary(1),
@@ -147,6 +193,7 @@ RULES: dict[Any, Callable[..., torch.Tensor | None]] = {
     torch.Tensor.sub: _binary, torch.mul: _binary, torch.Tensor.mul: _binary,
     F.linear: _linear, F.layer_norm: _layer_norm, F.batch_norm: _batch_norm,
     F.group_norm: _group_norm, F.scaled_dot_product_attention: _attention,
+    F.conv1d: _convolution(1), F.conv2d: _convolution(2), F.conv3d: _convolution(3),
 }
 
 
