@@ -359,10 +359,11 @@ class Analysis:
             failing = np.flatnonzero(~rules.RELATIONS[relation](row, 0).astype(bool))
             if failing.size:
                 at = size_label(resolutions[failing[0]], short=False)
+                other = "concrete" if self.capture == "export" else "export"
                 raise ResolutionError(
                     f"{self.model} takes another branch at {at}: its forward tests {text}, "
                     f"which held where it was traced and not here; ask for this size alone "
-                    "(--res), or --capture export"
+                    f"(--res), or --capture {other}"
                 )
 
     def _evaluate_concrete(self, resolutions: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
@@ -958,13 +959,15 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
 
     def export_within_budget() -> Analysis:
         with _time_budget(budget, "torch.export"):
-            return analyse_exported(prepared, convention, exact, allow_unknown, resolutions)
+            return answers_every_size(
+                analyse_exported(prepared, convention, exact, allow_unknown, resolutions))
 
     def fx() -> Analysis:
-        analysis = _analyse_fx(prepared, convention, exact, allow_unknown, resolutions)
-        if not analysis.branches:
-            return analysis
-        for resolution in resolutions or ():
+        return answers_every_size(
+            _analyse_fx(prepared, convention, exact, allow_unknown, resolutions))
+
+    def answers_every_size(analysis: Analysis) -> Analysis:
+        for resolution in (resolutions or ()) if analysis.branches else ():
             try:
                 analysis._check_branches(_branch_values(analysis, resolution), [resolution])
             except ResolutionError as error:  # one traced graph cannot answer every size
@@ -981,6 +984,14 @@ def _analyse_auto(prepared, convention, exact, allow_unknown, resolutions) -> An
             # hieradet's pooled windows: torch.export ran out auto's whole budget on them
             reasons.append("export: not tried, since its symbolic shapes meet the same floors "
                            "and remainders (--capture export tries it)")
+            continue
+        if (rung == "export" and isinstance(first_error, PinnedBranch) and resolutions
+                and tuple(resolutions[0]) == first_error.probe):
+            # torch.export traces the same branch there and records the same equality, which
+            # its rung refuses: efficientvit_m0 and tiny_vit spent 30-40 s learning that
+            reasons.append("export: not tried, since torch.export takes the same branch at "
+                           f"{size_label(first_error.probe, short=False)}, whose guard pins the "
+                           "input size (--capture export tries it)")
             continue
         if rung == "export" and isinstance(first_error, AssertedSize):
             refusal = _export_refuses_assert(first_error, prepared, resolutions)
@@ -1533,6 +1544,15 @@ class AssertedSize(UnsupportedLayer):
 ASSERTED = "the forward asserts it"
 
 
+class PinnedBranch(ValueError):
+    """The forward branched, at the probe size, on an equality that pins the input size
+    (efficientvit_m0's last stage equal to its window)."""
+
+    def __init__(self, message: str, probe: tuple[int, ...]):
+        super().__init__(message)
+        self.probe = probe
+
+
 def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_module: Any,
                          axes: Sequence[sp.Symbol]) -> None:
     """Refuse formulas whose conditions pin the input size (a stage's size == the window, an
@@ -1550,7 +1570,7 @@ def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_mod
             message = f"its input size is pinned: {text} holds at neither {sizes}"
             if text.endswith(f"({ASSERTED})"):
                 raise AssertedSize(message, difference, graph_module)
-            raise ValueError(message)
+            raise PinnedBranch(message, tuple(base))
 
 
 def branch_conditions(graph_module: Any) -> tuple[tuple[tuple[sp.Expr, str, str], ...],

@@ -550,6 +550,8 @@ def analyse_exported(prepared: _Prepared, convention: Convention, exact: bool,
     analysis.export_program = program
     guards = _guards(program)
     analysis.assumptions.extend(guards)
+    analysis.branches = _branch_guards(program, probe)
+    analysis.assumptions.extend(text for _, _, text in analysis.branches)
     return analysis
 
 
@@ -634,6 +636,44 @@ def _guards(program) -> list[str]:
         upper_text = "" if str(upper) in ("int_oo", "oo") else f" and at most {upper}"
         lines.append(f"torch.export guard: {name} at least {bounds.lower}{upper_text}")
     return lines
+
+
+def _branch_guards(program, probe: tuple[int, int]) -> tuple[tuple[sp.Expr, str, str], ...]:
+    """Return the conditions on H, W that torch.export's trace took for granted, as the fx
+    rung's branch conditions (lhs - rhs, relation, text): the guards its symbolic shapes
+    recorded (a branch on a size, a size that is not 1), which the exported program keeps
+    only as ranges where they are ranges. Refuse a guard that pins the input size: an
+    equality that fails at twice and at four times the probe (efficientvit_m0's last stage
+    equal to its window: the graph holds at 193..224 only, and gave wrong counts at 448)."""
+    image = _image(program)
+    environment = getattr(getattr(image, "fake_mode", None), "shape_env", None)
+    if environment is None:
+        return ()
+    sizes = _Sizes(*image.shape[2:])
+    at_probe = dict(zip((H, W), probe, strict=True))
+    conditions = {}
+    for guard in environment.guards:
+        try:
+            condition = sizes.convert(guard.expr)
+        except UnsupportedLayer:
+            continue  # a guard on no size of the image (another input's, a value's)
+        if condition in (sp.true, True) or not isinstance(condition, sp.core.relational.Relational):
+            continue
+        if not condition.free_symbols or condition.subs(at_probe) is not sp.true:
+            continue  # not about H, W; or not a condition the probe met (never recorded so)
+        difference = sp.expand(condition.lhs - condition.rhs)
+        text = (f"{condition.lhs} {condition.rel_op} {condition.rhs} (a torch.export guard, "
+                f"traced at {probe[0]}x{probe[1]})")
+        if condition.rel_op == "==":
+            scaled = [{H: factor * probe[0], W: factor * probe[1]} for factor in (2, 4)]
+            if not any(difference.subs(at) == 0 for at in scaled):
+                sizes_text = " nor ".join(f"{factor * probe[0]}x{factor * probe[1]}"
+                                          for factor in (2, 4))
+                raise ValueError(f"torch.export's trace pins the input size: {text} holds at "
+                                 f"neither {sizes_text}")
+        conditions[(difference, condition.rel_op)] = text
+    return tuple((difference, relation, text)
+                 for (difference, relation), text in conditions.items())
 
 
 def analyse_exported_concrete(prepared: _Prepared, convention: Convention, allow_unknown: bool,

@@ -59,7 +59,7 @@ class ProbeBranch(SizeBranch):
 def test_fx_rung_decides_a_branch_on_sizes_at_the_probe_size():
     """fx traces the branch taken at the first size asked for and requires its condition (and
     the assert's) wherever the formulas are evaluated; sizes that branch the other way are
-    refused in one line, and auto, asked for both sides, goes on to export."""
+    refused in one line; asked for both sides, auto refuses, saying why at each rung."""
     network = ProbeBranch().eval()
     analysis = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)],
                        exact=True)
@@ -80,9 +80,83 @@ def test_fx_rung_decides_a_branch_on_sizes_at_the_probe_size():
         analysis.totals_at([(16, 8)])
     with pytest.raises(ResolutionError, match="tests Mod\\(H, 2\\) == 0"):
         analysis.totals_at([(15, 16)])
-    both = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32), (16, 8)])
-    assert both.capture == "export" and "takes another branch at 16x8" in both.capture_note
-    assert both.totals_at([(16, 8)])["connections"][0] == fvcore_total(network, (16, 8))
+    # torch.export traces one branch too (its guard W > 8 is a condition of its formulas,
+    # where it used to answer 16x8 with the pooled branch's outputs), and the concrete rung
+    # counts one graph: asked for both sides at once, auto says so; each alone is counted
+    with pytest.raises(ValueError, match=r"export: ProbeBranch takes another branch at 16x8: "
+                       r"its forward tests W > 8 \(a torch.export guard.*analyse each "
+                       r"resolution on its own"):
+        analyse(network, convention=preset("fvcore"), resolutions=[(32, 32), (16, 8)])
+    alone = analyse(network, convention=preset("fvcore"), resolutions=[(16, 8)])
+    assert alone.totals_at([(16, 8)])["connections"][0] == fvcore_total(network, (16, 8))
+    assert not verify(alone, [(16, 8)]).mismatches
+
+
+class WindowOrWhole(nn.Module):
+    """efficientvit_m0's attention in miniature: a stage that equals its window (7) attends as
+    a whole, any other size doubles; the trace at 224 holds at 193..224 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=32, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[2] == 7:
+            return y * 2
+        return y * y + 1
+
+
+class AtLeastWindow(WindowOrWhole):
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[2] >= 7:
+            return y * 2
+        return y * y + 1
+
+
+def test_the_export_rung_refuses_a_branch_its_guards_pin_to_one_size():
+    """torch.export (Dim.AUTO) keeps such a guard out of its ranges and graph: formulas from
+    it were claimed for every H and were wrong at 448 (efficientvit_m0: 314,492,480 against
+    fvcore's 304,845,056). Its symbolic shapes still record the guard; the rung reads it."""
+    with pytest.raises(ValueError, match=r"torch.export's trace pins the input size: "
+                       r"floor\(H/32 - 1/32\) \+ 1 == 7 \(a torch.export guard, traced at "
+                       r"224x224\) holds at neither 448x448 nor 896x896"):
+        analyse(WindowOrWhole().eval(), capture="export", resolutions=[(224, 224)])
+
+
+def test_the_export_rungs_guards_are_conditions_where_its_formulas_hold():
+    network = AtLeastWindow().eval()
+    exported = analyse(network, convention=preset("fvcore"), capture="export",
+                       resolutions=[(224, 224)])
+    assert exported.capture == "export"
+    assert any(">= 7 (a torch.export guard" in text for text in exported.assumptions)
+    for size in [(224, 224), (448, 320)]:
+        assert exported.totals_at([size])["connections"][0] == fvcore_total(network, size)
+    with pytest.raises(ResolutionError, match=r"takes another branch at 64x64: .* torch.export "
+                       r"guard.*or --capture concrete"):
+        exported.totals_at([(64, 64)])
+    # asked for both sides, auto says why neither symbolic trace answers them (the concrete
+    # rung counts one graph, which runs other layers at each); each alone is counted
+    with pytest.raises(ValueError, match=r"export: AtLeastWindow takes another branch at 64x64"):
+        analyse(network, convention=preset("fvcore"), resolutions=[(224, 224), (64, 64)])
+    small = analyse(network, convention=preset("fvcore"), resolutions=[(64, 64)])
+    assert small.totals_at([(64, 64)])["connections"][0] == fvcore_total(network, (64, 64))
+
+
+def test_auto_does_not_export_a_branch_fx_found_pins_the_size(monkeypatch):
+    from convtally.analysis import export_capture
+
+    def no_export_rung(*args, **kwargs):
+        raise AssertionError("the export rung was entered")
+
+    monkeypatch.setattr(export_capture, "analyse_exported", no_export_rung)
+    network = WindowOrWhole().eval()
+    analysis = analyse(network, convention=preset("fvcore"), resolutions=[(224, 224)])
+    assert analysis.capture == "concrete"
+    assert ("export: not tried, since torch.export takes the same branch at 224x224"
+            in analysis.capture_note)
+    assert analysis.totals_at([(224, 224)])["connections"][0] == fvcore_total(network, (224, 224))
 
 
 class PinnedSize(SizeBranch):
