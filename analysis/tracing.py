@@ -5,6 +5,7 @@ there)."""
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dis
 import functools
 import inspect
@@ -313,8 +314,41 @@ class _BranchingTracer(_Tracer):
         return taken
 
 
+@contextlib.contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """Put back, after a trace, the Python attributes its forward changed: timm's
+    efficientvit_msra caches its attention biases in a dict in evaluation, and the proxy a
+    trace left there broke the next trace of the same module (the concrete rung's)."""
+    saved = []
+    for module in model.modules():
+        attributes = vars(module)
+        saved.append((attributes, dict(attributes), {
+            name: dict(value) for name, value in attributes.items() if type(value) is dict}))
+    try:
+        yield
+    finally:
+        for attributes, before, dicts in saved:
+            for name in [name for name in attributes if name not in before]:
+                del attributes[name]
+            attributes.update(before)
+            for name, content in dicts.items():
+                now = attributes[name]  # compared by identity: tensors have no truth value
+                if len(now) != len(content) or any(now.get(key, now) is not value
+                                                   for key, value in content.items()):
+                    now.clear()
+                    now.update(content)
+
+
 def trace(model: nn.Module, probe: torch.Tensor | None = None,
           branching: bool = False, concrete: bool = False) -> torch.fx.GraphModule:
+    """Return `model` traced into a GraphModule whose leaves are the modules the rules know;
+    the model's Python state is left as it was (_state_kept)."""
+    with _state_kept(model):
+        return _trace(model, probe, branching, concrete)
+
+
+def _trace(model: nn.Module, probe: torch.Tensor | None = None,
+           branching: bool = False, concrete: bool = False) -> torch.fx.GraphModule:
     """Return `model` traced into a GraphModule whose leaves are the modules the rules know.
 
     With `probe` (a meta-device input, for a model built on the meta device), a forward that
