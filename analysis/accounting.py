@@ -1553,6 +1553,15 @@ class PinnedBranch(ValueError):
         self.probe = probe
 
 
+def pinned_away(difference: sp.Expr, axes: Sequence[sp.Symbol], base: Sequence[int]) -> str:
+    """Return '448x448 nor 896x896' where `difference` == 0 holds at neither twice nor four
+    times the traced size `base` (an equality that pins the input size), else ''."""
+    scaled = [dict(zip(axes, (factor * side for side in base), strict=True)) for factor in (2, 4)]
+    if any(difference.subs(at) == 0 for at in scaled):
+        return ""
+    return " nor ".join("x".join(str(factor * side) for side in base) for factor in (2, 4))
+
+
 def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_module: Any,
                          axes: Sequence[sp.Symbol]) -> None:
     """Refuse formulas whose conditions pin the input size (a stage's size == the window, an
@@ -1563,10 +1572,8 @@ def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_mod
     for difference, relation, text in branches:
         if relation != "==" or difference.has(sp.Mod):  # bounds and divisibility: ranges
             continue
-        scaled = [dict(zip(axes, (factor * side for side in base), strict=True))
-                  for factor in (2, 4)]
-        if not any(difference.subs(at) == 0 for at in scaled):
-            sizes = " nor ".join("x".join(str(factor * side) for side in base) for factor in (2, 4))
+        sizes = pinned_away(difference, axes, base)
+        if sizes:
             message = f"its input size is pinned: {text} holds at neither {sizes}"
             if text.endswith(f"({ASSERTED})"):
                 raise AssertedSize(message, difference, graph_module)

@@ -32,6 +32,7 @@ from convtally.analysis.accounting import (
     _Prepared,
     concrete_analysis,
     counted,
+    pinned_away,
 )
 from convtally.analysis.conventions import Convention
 from convtally.analysis.meta_shapes import MetaShapes
@@ -664,13 +665,10 @@ def _branch_guards(program, probe: tuple[int, int]) -> tuple[tuple[sp.Expr, str,
         difference = sp.expand(condition.lhs - condition.rhs)
         text = (f"{condition.lhs} {condition.rel_op} {condition.rhs} (a torch.export guard, "
                 f"traced at {probe[0]}x{probe[1]})")
-        if condition.rel_op == "==":
-            scaled = [{H: factor * probe[0], W: factor * probe[1]} for factor in (2, 4)]
-            if not any(difference.subs(at) == 0 for at in scaled):
-                sizes_text = " nor ".join(f"{factor * probe[0]}x{factor * probe[1]}"
-                                          for factor in (2, 4))
-                raise ValueError(f"torch.export's trace pins the input size: {text} holds at "
-                                 f"neither {sizes_text}")
+        pinned = pinned_away(difference, (H, W), probe) if condition.rel_op == "==" else ""
+        if pinned:
+            raise ValueError(f"torch.export's trace pins the input size: {text} holds at "
+                             f"neither {pinned}")
         conditions[(difference, condition.rel_op)] = text
     return tuple((difference, relation, text)
                  for (difference, relation), text in conditions.items())

@@ -254,9 +254,6 @@ class _BranchingTracer(_Tracer):
                     kind == "call_module" and isinstance(self._submodule(target),
                                                          _SAME_SHAPE_MODULES)):
                 result = first  # only shapes are read from values
-            elif target is torch.nn.functional.scaled_dot_product_attention:
-                query, value = call_args[0], call_args[2]  # (..., L, E) and (..., S, Ev)
-                result = query.new_empty((*query.shape[:-1], value.shape[-1]))
             elif kind == "get_attr":
                 result = self.root
                 for part in target.split("."):
