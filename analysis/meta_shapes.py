@@ -2,10 +2,10 @@
 
 Counting runs networks built on the meta device (no weights) to learn shapes: to decide a
 forward's branches at a probe size, and to see whether a model runs at twice its size. Many
-meta kernels are Python decompositions that cost more than the real CPU kernel (a meta
-layer_norm or hardswish takes about a millisecond; a meta forward pass of timm's hiera_base
-took longer than the real one). `MetaShapes` answers the element-wise calls, the norms and
-linear with an empty meta tensor of the output's shape, after the shape checks the call makes;
+meta kernels are Python decompositions (layer_norm, hardswish, add), which do far more work
+than the output's shape needs. `MetaShapes` answers the element-wise calls, the norms, linear,
+convolutions and attention with an empty meta tensor of the output's shape, after the shape
+checks the call makes;
 anything it does not know, or whose checks fail, runs as before, so errors are PyTorch's own.
 """
 
