@@ -48,6 +48,7 @@ from convtally.analysis.tracing import (
     concrete_shapes,
     flat_values,
     map_values,
+    rebound,
     trace,
 )
 from convtally.models.registry import (
@@ -196,7 +197,7 @@ class Analysis:
         if not graphs:
             return self.graph_module
         graph_module = graphs[tuple(resolution)]
-        return torch.fx.GraphModule(self.network, graph_module.graph)
+        return rebound(graph_module, self.network)
 
     @property
     def shape_graph_module(self) -> torch.fx.GraphModule | None:
@@ -569,9 +570,7 @@ class _NetworkSource:
                     or "size_only" in self.graph_module.meta):
                 # traced at a probe size on the meta build: the same graph over real weights
                 # (a plain trace of the real build refuses the branches again)
-                meta = dict(self.graph_module.meta)
-                self.graph_module = torch.fx.GraphModule(network, self.graph_module.graph)
-                self.graph_module.meta.update(meta)
+                self.graph_module = rebound(self.graph_module, network)
             elif self.graph_module is not None:
                 self.graph_module = trace(network)
             self.network = network

@@ -37,6 +37,7 @@ from convtally.analysis.accounting import (
 from convtally.analysis.conventions import Convention
 from convtally.analysis.meta_shapes import MetaShapes
 from convtally.analysis.rules import BATCH, LayerCost, ParameterTensor, SymTensor, UnsupportedLayer
+from convtally.analysis.tracing import state_kept
 from torch import nn
 
 aten = torch.ops.aten
@@ -586,7 +587,7 @@ def _fixed_size_on_meta(prepared: _Prepared, probe: tuple[int, int]) -> bool:
 
     def failure(size: tuple[int, int]) -> Exception | None:
         try:
-            with torch.no_grad(), MetaShapes():
+            with torch.no_grad(), MetaShapes(), state_kept(prepared.meta):
                 prepared.meta(torch.zeros(1, prepared.channels, *size, device="meta"))
         except OutOfTime:  # auto's budget for this rung, not the model's answer
             raise
@@ -612,7 +613,7 @@ def _runs_at_another_size(prepared: _Prepared, probe: tuple[int, int]) -> None:
     """Refuse formulas for a model that runs at the probe size only (a check export dropped)."""
     other = (2 * probe[0], 2 * probe[1])
     try:
-        with torch.no_grad():
+        with torch.no_grad(), state_kept(prepared.network):  # a cache it fills stays as it was
             prepared.network(torch.zeros(1, prepared.channels, *other))
     except Exception as error:  # the model's own check, whatever its type
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -988,6 +988,16 @@ def functional_pool2d(
     return _pool(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
+def setitem(container: Any, index: Any, value: Any) -> LayerCost:
+    """Item assignment `x[index] = value` (timm ConViT's relative indices): routing, with no
+    output of its own (it writes into x and returns None)."""
+    if not isinstance(container, SymTensor):
+        raise UnsupportedLayer(f"item assignment into {type(container).__name__}, not a tensor")
+    if not isinstance(getitem(container, index), LayerCost):
+        raise UnsupportedLayer(f"item assignment at {index!r}: expected a region of a tensor")
+    return LayerCost("routing", None, op="setitem")
+
+
 def getitem(container: Any, index: Any) -> LayerCost | PlainValue:
     """Indexing: on a tensor, routing (basic slices only); on anything else, plain Python."""
     if not isinstance(container, SymTensor):
@@ -1878,6 +1888,7 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     F.avg_pool2d: functional_pool2d,
     F.avg_pool3d: functional_pool2d,
     operator.getitem: getitem,
+    operator.setitem: setitem,
     **{relation: comparison(relation) for relation in COMPARISONS},
     getattr: _getattr,
     "size": size,

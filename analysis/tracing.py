@@ -9,6 +9,7 @@ import contextlib
 import dis
 import functools
 import inspect
+import operator
 import sys
 import types
 import weakref
@@ -74,7 +75,11 @@ class _ReadsBytecodeOnce:
 
 
 class _Proxy(_ReadsBytecodeOnce, torch.fx.Proxy):
-    """torch.fx's Proxy, as _ReadsBytecodeOnce says."""
+    """torch.fx's Proxy, as _ReadsBytecodeOnce says, that also records item assignment
+    (`table[:, :, 0] = x`, timm ConViT's relative indices), which torch.fx refuses."""
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
 
 
 class _Attribute(_ReadsBytecodeOnce, torch.fx.proxy.Attribute):
@@ -122,8 +127,12 @@ class _Tracer(torch.fx.Tracer):
         """Return the proxy of a parameter read in a traced forward, as torch.fx does, found by
         one dict lookup: torch.fx scans every parameter of the model on each read (quadratic;
         1 s of timm fbnetv3_b's 1.3 s trace, whose BatchNormAct2d layers are traced into)."""
-        if isinstance(attr_val, nn.Parameter):
-            name = self._names()[0].get(id(attr_val))
+        if isinstance(attr_val, torch.Tensor):
+            parameters, buffers = self._names()
+            if isinstance(attr_val, nn.Parameter):
+                name = parameters.get(id(attr_val))
+            else:
+                name = buffers.get(id(attr_val)) if self.proxy_buffer_attributes else None
             if name is not None:
                 if name not in parameter_proxy_cache:
                     parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
@@ -214,6 +223,10 @@ class _BranchingTracer(_Tracer):
         super().__init__(*args, **kwargs)
         self.probe = probe
         self.concrete = concrete
+        # at one size, a buffer read is traced like a parameter read, so that a call on it
+        # with a traced size (timm ConViT's `self.rel_indices.expand(B, -1, -1, -1)`) is
+        # recorded: called on the buffer itself, PyTorch refuses the proxy for B
+        self.proxy_buffer_attributes = concrete
         self.values: dict[torch.fx.Node, Any] = {}
         self.branches: list[tuple[str, bool]] = []
         self._running = False  # inside a call run for its value: no proxies, no nodes
@@ -312,7 +325,7 @@ class _BranchingTracer(_Tracer):
 
 
 @contextlib.contextmanager
-def _state_kept(model: nn.Module) -> Iterator[None]:
+def state_kept(model: nn.Module) -> Iterator[None]:
     """Put back, after a trace, the Python attributes its forward changed: timm's
     efficientvit_msra caches its attention biases in a dict in evaluation, and the proxy a
     trace left there broke the next trace of the same module (the concrete rung's)."""
@@ -339,8 +352,8 @@ def _state_kept(model: nn.Module) -> Iterator[None]:
 def trace(model: nn.Module, probe: torch.Tensor | None = None,
           branching: bool = False, concrete: bool = False) -> torch.fx.GraphModule:
     """Return `model` traced into a GraphModule whose leaves are the modules the rules know;
-    the model's Python state is left as it was (_state_kept)."""
-    with _state_kept(model):
+    the model's Python state is left as it was (state_kept)."""
+    with state_kept(model):
         return _trace(model, probe, branching, concrete)
 
 
@@ -370,7 +383,9 @@ def _trace(model: nn.Module, probe: torch.Tensor | None = None,
             return _checked_graph_module(model, graph)
     tracer = _BranchingTracer(probe, autowrap_functions=wrapped, concrete=concrete)
     try:
-        graph = tracer.trace(model, concrete_args=_absent_inputs(model) if concrete else None)
+        with _traced_buffers():
+            graph = tracer.trace(model,
+                                 concrete_args=_absent_inputs(model) if concrete else None)
     except Exception as error:  # the plain trace's refusal, when there was one, is the answer
         raise _untraceable(model, refusal or error) from None
     module = _checked_graph_module(model, graph)
@@ -380,6 +395,32 @@ def _trace(model: nn.Module, probe: torch.Tensor | None = None,
     module.meta["branches"] = tracer.branches
     module.meta["probe"] = tuple(probe.shape[2:])
     return module
+
+
+@contextlib.contextmanager
+def _traced_buffers() -> Iterator[None]:
+    """Let a forward assign a traced value to one of its buffers (timm ConViT caches its
+    relative indices so: `self.rel_indices = self.get_rel_indices(N)`), which nn.Module
+    refuses for anything but a tensor; each such buffer is put back when the trace ends,
+    before the graph's module copies the buffers its graph reads."""
+    assign = nn.Module.__setattr__
+    replaced: list[tuple[dict, str, Any]] = []
+
+    def setattr_traced(module: nn.Module, name: str, value: Any) -> None:
+        buffers = module.__dict__.get("_buffers")
+        if isinstance(value, torch.fx.Proxy) and buffers is not None and name in buffers:
+            replaced.append((buffers, name, buffers[name]))
+            buffers[name] = value
+        else:
+            assign(module, name, value)
+
+    nn.Module.__setattr__ = setattr_traced
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = assign
+        for buffers, name, value in reversed(replaced):
+            buffers[name] = value
 
 
 def _absent_inputs(model: nn.Module) -> dict[str, None] | None:
@@ -427,6 +468,30 @@ def _graph_module(model: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModu
     except ImportError:
         return torch.fx.GraphModule(model, graph)
     return _LazyGraphModule(model, graph)
+
+
+def rebound(graph_module: torch.fx.GraphModule, network: nn.Module) -> torch.fx.GraphModule:
+    """Return `graph_module`'s graph over `network` (a graph traced on the meta build, run with
+    real weights); a tensor the trace made a constant of (a table computed from sizes, timm
+    ConViT's relative indices) is not the network's and is kept from `graph_module`."""
+    root: dict[str, Any] = {}
+    for node in graph_module.graph.nodes:
+        if node.op in ("get_attr", "call_module") and node.target not in root:
+            try:
+                root[node.target] = _attribute(network, node.target)
+            except AttributeError:
+                root[node.target] = _attribute(graph_module, node.target)
+    rebuilt = torch.fx.GraphModule(root, graph_module.graph)
+    rebuilt.meta.update(graph_module.meta)
+    return rebuilt
+
+
+def _attribute(module: nn.Module, target: str) -> Any:
+    """Return the attribute at the dotted path `target` of `module`."""
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def map_values(value: Any, function) -> Any:

@@ -112,18 +112,17 @@ def assert_conv_verified_at(network, analysis, sizes, conv_type):
         fvcore_total(network, size) for size in sizes]
 
 
-class WritesIntoATensor(FixedSizeBranch):
-    """Item assignment on a traced value: torch.fx cannot record it at any size; torch.export
+class IteratesOverATensor(FixedSizeBranch):
+    """Iteration over a traced tensor: torch.fx cannot record it at any size; torch.export
     can, at each size."""
 
     def forward(self, x):
-        x = x.clone()
-        x[:, :, 0] = 0
+        x = torch.stack([channel * 2 for channel in x[0]])[None]
         return super().forward(x)
 
 
 def test_concrete_capture_through_export_verifies_at_each_size():
-    network = WritesIntoATensor().eval()
+    network = IteratesOverATensor().eval()
     sizes = [(32, 32), (40, 32)]
     analysis = analyse(network, resolutions=sizes)
     assert analysis.capture == "concrete" and analysis.graph_module is None
@@ -140,6 +139,98 @@ def test_concrete_capture_traced_at_each_size_verifies_each_sizes_own_graph():
     assert [g.meta["size_only"] for g in analysis.size_graphs.values()] == sizes
     assert not any(p.is_meta for size in sizes for p in analysis.graph_at(size).parameters())
     assert_conv_verified_at(network, analysis, sizes, "Conv2d")
+
+
+class CachesATable(nn.Module):
+    """timm ConViT's pattern: a table of relative positions built by item assignment from the
+    token count and cached in a buffer when the count changes, then a call on the buffer with
+    a traced size (`expand(B, ...)`); torch.fx records none of it at every size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+        self.register_buffer("table", torch.zeros(1, 1, 1, 3), persistent=False)
+        self.project = nn.Linear(3, 2)
+
+    def forward(self, x):
+        x = self.conv(x).flatten(2).transpose(1, 2)
+        batch, tokens, _ = x.shape
+        if self.table.shape[1] != tokens:
+            self.table = self.relative_positions(tokens)
+        scores = self.project(self.table.expand(batch, -1, -1, -1)).softmax(-2).sum(-1)
+        return scores @ x
+
+    def relative_positions(self, tokens: int) -> torch.Tensor:
+        side = int(tokens ** 0.5)
+        table = torch.zeros(1, tokens, tokens, 3)
+        offsets = torch.arange(side).view(1, -1) - torch.arange(side).view(-1, 1)
+        across = offsets.repeat(side, side)
+        table[:, :, :, 0] = across.unsqueeze(0)
+        table[:, :, :, 2] = (across ** 2).unsqueeze(0)
+        return table.to(self.conv.weight.device)
+
+
+def test_a_table_cached_in_a_buffer_is_counted_by_fx_at_each_size():
+    network = CachesATable().eval()
+    sizes = [(32, 32), (48, 48)]
+    analysis = analyse(network, resolutions=sizes)
+    assert analysis.capture == "concrete" and "at each size" in analysis.capture_note
+    assert network.table.shape == (1, 1, 1, 3)  # the trace left the buffer as it was
+    result = verify(analysis, sizes)
+    assert result.mismatches == []
+    assert [t.tool_total for t in result.totals if t.tool == "fvcore"] == [
+        t.ours for t in result.totals if t.tool == "fvcore"] == [
+        fvcore_total(network, size) for size in sizes]
+    setitems = [c for c in result.checks if c.type == "setitem"]
+    assert len(setitems) == 2 * len(sizes) and all(c.outputs_measured == 0 for c in setitems)
+    # the same count once a forward pass has cached the table (no table built in the graph)
+    with torch.no_grad():
+        network(torch.zeros(1, 3, *sizes[0]))
+    cached = analyse(network, resolutions=sizes[:1])
+    assert cached.capture == "concrete" and "at each size" in cached.capture_note
+    assert not any(layer.type == "setitem" for layer in cached.concrete[sizes[0]])
+    assert cached.totals_at(sizes[:1])["connections"] == analysis.totals_at(
+        sizes[:1])["connections"]
+
+
+def test_the_size_checks_leave_a_cache_the_forward_fills_as_it_was():
+    """The export rung runs the network at twice the probe size (on the meta build, and the
+    real one where meta cannot tell); a cache its forward fills there stays the caller's."""
+    from types import SimpleNamespace
+
+    from convtally.analysis.accounting import _meta_copy
+
+    network = CachesATable().eval()
+    meta = _meta_copy(network)
+    prepared = SimpleNamespace(network=network, meta=meta, meta_network=lambda: meta,
+                               channels=3)
+    assert export_capture._fixed_size_on_meta(prepared, (32, 32)) is True
+    export_capture._runs_at_another_size(prepared, (32, 32))
+    assert network.table.shape == meta.table.shape == (1, 1, 1, 3)
+    assert network.table.device.type == "cpu" and meta.table.is_meta
+
+
+class WritesIntoATensor(nn.Module):
+    """Item assignment on a traced value, the same at every size: fx records it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x[:, :4] = x[:, 4:] * 2
+        return x.relu()
+
+
+def test_item_assignment_is_routing_in_the_formulas():
+    network = WritesIntoATensor().eval()
+    analysis = analyse(network)
+    assert analysis.capture == "fx" and analysis.symbolic
+    written = next(layer for layer in analysis.layers if layer.type == "setitem")
+    assert (written.outputs, written.connections, written.output_shape) == (0, 0, ())
+    result = verify(analysis, [(16, 16), (24, 40)])
+    assert result.mismatches == []
 
 
 def test_a_concrete_size_not_counted_is_refused_in_one_line():
