@@ -20,7 +20,15 @@ def conv_output_size(
     """Return Conv2d/MaxPool2d's output length: floor((I + 2p - d(k-1) - 1) / s) + 1."""
     import sympy as sp
 
-    return sp.floor(sp.Rational(1, stride) * (size + 2 * padding - dilation * (kernel - 1) - 1)) + 1
+    return sp.floor(_per(stride) * (size + 2 * padding - dilation * (kernel - 1) - 1)) + 1
+
+
+def _per(stride: Size) -> sp.Expr:
+    """Return 1 / stride: a Rational for a number, a quotient for a size read from the input
+    (timm MobileNetV5 pools with a window and stride of H // 16)."""
+    import sympy as sp
+
+    return sp.Rational(1, stride) if isinstance(stride, (int, sp.Integer)) else 1 / stride
 
 
 def pool_output_size(
@@ -44,7 +52,7 @@ def pool_output_size(
             "PyTorch's last-window correction, which has no closed form here"
         )
     return (
-        sp.ceiling(sp.Rational(1, stride) * (size + 2 * padding - dilation * (kernel - 1) - 1)) + 1
+        sp.ceiling(_per(stride) * (size + 2 * padding - dilation * (kernel - 1) - 1)) + 1
     )
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from convtally.analysis import peers
 from convtally.analysis.accounting import analyse
+from convtally.analysis.symbols import H, W
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -103,3 +104,32 @@ def test_a_size_padded_up_to_a_multiple_is_rewritten_with_the_same_value(
         if (height + offset) >= 0:
             point = {H: height}
             assert rewritten.xreplace(point) == padded.xreplace(point)
+
+
+class PoolsToAFixedGrid(nn.Module):
+    """timm MobileNetV5's fusion: an average pool whose window and stride are read from the
+    input size (H // 4), so the output is a 4 x 4 grid at sizes divisible by 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        window = (x.shape[2] // 4, x.shape[3] // 4)
+        return F.avg_pool2d(x, kernel_size=window, stride=window)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_pool_window_read_from_the_input_size_has_formulas(exact):
+    from convtally.analysis.verification import verify
+
+    analysis = analyse(PoolsToAFixedGrid().eval(), exact=exact)
+    assert analysis.capture == "fx" and analysis.symbolic
+    pool = next(layer for layer in analysis.layers if layer.type == "avg_pool2d")
+    sizes = [(32, 32), (40, 24), (64, 96)] + ([(42, 30)] if exact else [])
+    for height, width in sizes:
+        values = {H: height, W: width}
+        assert [int(d.subs(values)) for d in pool.output_shape] == [8, 4, 4]
+        assert int(pool.connections.subs(values)) == 8 * 4 * 4 * (height // 4) * (width // 4)
+    assert verify(analysis, sizes).mismatches == []
