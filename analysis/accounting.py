@@ -655,6 +655,9 @@ class _Prepared:
     meta: nn.Module | None = None
     copy_to_meta: bool = False  # a caller's module: meta_network() copies it on first use
     plain_traces: dict[int, torch.fx.GraphModule | ValueError] = field(default_factory=dict)
+    # size -> the meta build's graph the fx rung traced there and refused for other sizes (a
+    # pinned branch): the graph the concrete rung would trace at that size
+    probe_graphs: dict[tuple[int, ...], torch.fx.GraphModule] = field(default_factory=dict)
 
     def trace(self, module: nn.Module, probe: torch.Tensor | None = None
               ) -> torch.fx.GraphModule:
@@ -1084,6 +1087,7 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown,
         probe = _probe(prepared, resolutions, meta)
         if probe is None:
             raise
+        prepared.plain_traces[id(meta)] = error  # its copy's plain trace refuses the same
         try:
             graph_module = trace(meta, probe, branching=True)
         except ValueError:
@@ -1098,7 +1102,13 @@ def _finish_fx(prepared, graph_module, layers, convention, exact, shapes) -> Ana
     """Return _finish's Analysis of the fx rows; a simplified one keeps the rows as counted, so
     that its exact form (floor() kept) is made from them without tracing again."""
     raw = [copy(layer) for layer in layers]
-    analysis = _finish(prepared, graph_module, layers, convention, exact, shapes=shapes)
+    try:
+        analysis = _finish(prepared, graph_module, layers, convention, exact, shapes=shapes)
+    except (PinnedBranch, AssertedSize):
+        probe = graph_module.meta.get("probe")
+        if probe is not None:  # traced on the meta build at the probe: right for that size
+            prepared.probe_graphs[tuple(probe)] = graph_module
+        raise
     if not exact:
         analysis._exact_again = lambda: _finish(
             prepared, graph_module, [copy(layer) for layer in raw], convention, True,
@@ -1191,8 +1201,11 @@ def _count_traced_at_each_size(prepared, convention, allow_unknown, resolutions
     graphs: dict[tuple[int, ...], torch.fx.GraphModule] = {}
     try:
         for resolution in map(tuple, resolutions):
-            probe = torch.zeros(1, int(prepared.channels), *resolution, device="meta")
-            graphs[resolution] = trace(prepared.meta, probe, branching=True, concrete=True)
+            graphs[resolution] = prepared.probe_graphs.get(resolution)
+            if graphs[resolution] is None:
+                probe = torch.zeros(1, int(prepared.channels), *resolution, device="meta")
+                graphs[resolution] = trace(prepared.meta, probe, branching=True, concrete=True)
+            graphs[resolution].meta["size_only"] = resolution
             per_resolution.update(_concrete_rows(prepared, graphs[resolution], convention,
                                                  allow_unknown, [resolution]))
         first = next(iter(graphs.values()))
@@ -1592,6 +1605,10 @@ def branch_conditions(graph_module: Any) -> tuple[tuple[tuple[sp.Expr, str, str]
         if value is None:
             raise ValueError(f"the forward branches on {name}, which the rules give no value")
         condition = sp.sympify(value)
+        # max(k / q, 1.0) (timm MViTv2): a whole float is printed as 1, not 1.00000000000000
+        condition = condition.xreplace({number: sp.Integer(int(number))
+                                        for number in condition.atoms(sp.Float)
+                                        if float(number).is_integer()})
         if isinstance(condition, sp.Expr):  # `if H % 2:` tests a number against 0
             condition = sp.Ne(condition, 0)
         if isinstance(condition, (sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational)):

@@ -239,6 +239,31 @@ def multiply(call: Call) -> Saved:
                  "if self does")
 
 
+def index(call: Call) -> Saved:
+    """x[idx] with index tensors: the indices (int64), kept alive by the saving where the forward
+    computed them (timm MViTv2's relative positions); an index buffer is the buffer's memory."""
+    nodes = [n for n in flat_values(call.node.args[1:]) if isinstance(n, torch.fx.Node)]
+    if all(_read_from_a_buffer(n) for n in nodes):
+        return Saved(source=DERIVATIVES + " index.Tensor: indices (a buffer: its own memory)")
+    values = dict(call.cost.extra).get("index_values", sp.Integer(0))
+    return Saved(new=(NewTensor("int64 indices", values, "int64"),),
+                 source=DERIVATIVES + " index.Tensor: indices")
+
+
+def _read_from_a_buffer(node: torch.fx.Node) -> bool:
+    """Return True for a buffer (get_attr) or a view of one (swin's index.view(-1)), whose
+    storage is the buffer's; `.long()` of an int64 buffer returns the buffer itself."""
+    while node.op != "get_attr":
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if node.op not in ("call_method", "call_function") or not node.args or (
+                name not in VIEW_OPS and name != "long"):
+            return False
+        node = node.args[0]
+        if not isinstance(node, torch.fx.Node):
+            return False
+    return True
+
+
 def divide(call: Call) -> Saved:
     """Tensor / tensor: the divisor always, the dividend when the divisor needs a gradient."""
     flags = call.inputs_require_grad
@@ -322,6 +347,7 @@ SAVED_RULES: Mapping[str, Rule] = {
        for op in ("add", "iadd", "add_", "sub", "isub", "sub_")},
     **{op: multiply for op in ("mul", "imul", "mul_")},
     **{op: divide for op in ("truediv", "itruediv", "div", "div_")},
+    "index": index,
     "routing": ROUTING,
     "*": lambda call: Saved(known=False),
 }
@@ -1380,17 +1406,17 @@ def _in_training(graph: torch.fx.Graph) -> torch.fx.Graph:
 
 
 def measure_saved(network: nn.Module, x: torch.Tensor, per_node: bool = False,
-                  graph: torch.fx.Graph | None = None) -> tuple[int, dict[str, int]]:
+                  graph: torch.fx.GraphModule | None = None) -> tuple[int, dict[str, int]]:
     """Return (total, node name -> bytes) autograd saves in one training-mode forward pass.
 
     Each storage is counted once (by data_ptr), charged to the first node that saves it;
     parameters and buffers are left out. With `per_node` the network runs node by node: the
-    nodes of `graph` when given (an analysis' graph, so the names are its layers' even where
+    nodes of `graph` when given (an analysis' traced graph, so the names are its layers' even where
     training mode would trace other nodes, as inception_v3's auxiliary head), else of a
     training-mode trace (analysis.tracing.trace). The network's modes and buffers
     (BatchNorm's running statistics) are restored afterwards.
     """
-    from convtally.analysis.tracing import trace
+    from convtally.analysis.tracing import rebound, trace
 
     modes = {module: module.training for module in network.modules()}
     buffers = {name: buffer.clone() for name, buffer in network.named_buffers()}
@@ -1420,7 +1446,7 @@ def measure_saved(network: nn.Module, x: torch.Tensor, per_node: bool = False,
                 output = network(x)
             else:
                 module = (trace(network) if graph is None
-                          else torch.fx.GraphModule(network, _in_training(graph)))
+                          else rebound(graph, network, _in_training(graph.graph)))
                 output = Runner(module).run(x)
         del output
     finally:

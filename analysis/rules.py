@@ -1071,7 +1071,7 @@ def _advanced_getitem(container: SymTensor, index: tuple, not_masks: set[int] = 
         if isinstance(item, SymTensor) and position not in not_masks:
             indexed = tuple(container.shape[position : position + len(item.shape)])
             if len(item.shape) == len(indexed) and all(
-                sp.simplify(a - b) == 0 for a, b in zip(item.shape, indexed, strict=True)
+                _same_size(a, b) for a, b in zip(item.shape, indexed, strict=True)
             ):
                 raise UnsupportedLayer(
                     f"indexing with a tensor shaped like the dimensions it indexes "
@@ -1088,7 +1088,22 @@ def _advanced_getitem(container: SymTensor, index: tuple, not_masks: set[int] = 
     adjacent = advanced == list(range(advanced[0], advanced[-1] + 1))
     before = [size for position, size in kept if adjacent and position < advanced[0]]
     after = [size for position, size in kept if not adjacent or position > advanced[-1]]
-    return LayerCost("routing", SymTensor((*before, *index_shape, *after)), op="index")
+    return LayerCost("routing", SymTensor((*before, *index_shape, *after)), op="index",
+                     extra=(("index_values", sp.Mul(*index_shape)),))
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """Return True when sizes `a` and `b` are equal for every value of their symbols: a
+    difference that is not 0 at some sizes is decided there, without simplify (seconds on
+    timm MViTv2's pooled relative positions)."""
+    difference = sp.sympify(a - b)
+    if difference.is_number:
+        return difference == 0
+    symbols = sorted(difference.free_symbols, key=str)
+    for values in ((224,) * len(symbols), tuple(range(97, 97 + 31 * len(symbols), 31))):
+        if difference.subs(dict(zip(symbols, values, strict=True))) != 0:
+            return False
+    return sp.simplify(difference) == 0
 
 
 def _slice_length(size: sp.Expr, item: slice) -> sp.Expr:
@@ -1648,6 +1663,19 @@ def new_tensor(x: Any, *args, **kwargs) -> LayerCost | PlainValue:
     return PlainValue(None)
 
 
+def arange(*limits: Any, **kwargs: Any) -> LayerCost | PlainValue:
+    """torch.arange(end) / (start, end[, step]) with a limit read from the input size (timm
+    MViTv2's relative positions): a tensor of ceil((end - start) / step) values, no arithmetic;
+    with numbers only, PyTorch's own (a constant)."""
+    if not any(isinstance(v, sp.Expr) and not v.is_number for v in limits):
+        return PlainValue(None)
+    start, end, step = ((0, *limits, 1) if len(limits) == 1 else (*limits, 1))[:3]
+    if not all(isinstance(v, (int, sp.Expr)) for v in (start, end, step)):
+        raise UnsupportedLayer(f"arange expected sizes, got {limits}")
+    length = sp.ceiling(sp.sympify(end - start) / step)
+    return LayerCost("routing", SymTensor((length,)), op="arange")
+
+
 def constructor(*size: Any, **kwargs: Any) -> LayerCost:
     """torch.zeros / ones / empty(B, H, W) with sizes read from a tensor (edgenext's positional
     encoding mask): a tensor of that shape, no arithmetic."""
@@ -1807,6 +1835,9 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     "bool": same_shape_routing,
     "half": same_shape_routing,
     "bfloat16": same_shape_routing,
+    "long": same_shape_routing,
+    "int": same_shape_routing,
+    "double": same_shape_routing,
     "masked_fill": same_shape_routing,
     torch.unsqueeze: unsqueeze,
     "unsqueeze": unsqueeze,
@@ -1831,6 +1862,7 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     "amin": reduction,
     torch.zeros_like: new_tensor,
     torch.zeros: constructor,
+    torch.arange: arange,
     torch.ones: constructor,
     torch.empty: constructor,
     torch.full: full,

@@ -470,18 +470,21 @@ def _graph_module(model: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModu
     return _LazyGraphModule(model, graph)
 
 
-def rebound(graph_module: torch.fx.GraphModule, network: nn.Module) -> torch.fx.GraphModule:
-    """Return `graph_module`'s graph over `network` (a graph traced on the meta build, run with
-    real weights); a tensor the trace made a constant of (a table computed from sizes, timm
-    ConViT's relative indices) is not the network's and is kept from `graph_module`."""
+def rebound(graph_module: torch.fx.GraphModule, network: nn.Module,
+            graph: torch.fx.Graph | None = None) -> torch.fx.GraphModule:
+    """Return `graph_module`'s graph (or `graph`, a changed copy of it) over `network` (a graph
+    traced on the meta build, run with real weights); a tensor the trace made a constant of (a
+    table computed from sizes, timm ConViT's relative indices, swin's index.view(-1)) is not
+    the network's and is kept from `graph_module`."""
+    graph = graph_module.graph if graph is None else graph
     root: dict[str, Any] = {}
-    for node in graph_module.graph.nodes:
+    for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and node.target not in root:
             try:
                 root[node.target] = _attribute(network, node.target)
             except AttributeError:
                 root[node.target] = _attribute(graph_module, node.target)
-    rebuilt = torch.fx.GraphModule(root, graph_module.graph)
+    rebuilt = torch.fx.GraphModule(root, graph)
     rebuilt.meta.update(graph_module.meta)
     return rebuilt
 

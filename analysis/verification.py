@@ -692,7 +692,7 @@ def measure_saved_bytes(analysis: Analysis, memory: Any, height: int, width: int
         network = copy.deepcopy(network).cpu()  # the witness is exact on the CPU
     channels = int(analysis.input_channels.subs(analysis.substitutions()))
     x = torch.randn(MEMORY_BATCH, channels, height, width)
-    _, autograd = measure_saved(network, x, per_node=True, graph=analysis.graph_module.graph)
+    _, autograd = measure_saved(network, x, per_node=True, graph=analysis.graph_module)
     rows = list(zip(analysis.layers, memory.layers, strict=True))
     ours = {layer.node: int(result["layers"]["saved"][i, 0])
             for i, (layer, _) in enumerate(rows) if layer.node}

@@ -772,3 +772,26 @@ def test_meta_copy_of_a_callers_module_keeps_its_structure_and_leaves_it_untouch
     for height, width in sizes:
         assert analysis.totals_at([(height, width)])["connections"][0] == fvcore_total(
             network, (height, width))
+
+
+class RatioBranch(nn.Module):
+    """timm MViTv2's `max(k / q, 1.0)`: a branch on a ratio of sizes against a float."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 4, stride=4)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if max(x.shape[2] / x.shape[3], 1.0) > 1.0:
+            x = self.pool(x)
+        return x
+
+
+def test_a_branch_against_a_whole_float_prints_the_whole_number():
+    analysis = analyse(RatioBranch().eval(), resolutions=[(64, 32)])
+    assert analysis.capture == "fx"
+    assert "floor(H/4)/floor(W/4) > 1 (the forward branches on it; traced at 64x32)" in (
+        analysis.assumptions)
+    assert not any("1.000" in text for text in analysis.assumptions)

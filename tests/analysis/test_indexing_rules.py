@@ -52,6 +52,28 @@ def test_bias_table_indexing_is_counted_and_verified():
     assert row.outputs_measured == 2 * 16 * 16
 
 
+class AttentionBiasThroughAView(AttentionBias):
+    """Swin's read: the index buffer flattened by a view, the bias shaped back after."""
+
+    def forward(self, x):
+        x = self.proj(x).flatten(2)
+        bias = self.biases[:, self.index.view(-1)].view(-1, 16, 16)
+        attention = x[..., :, None] * x[..., None, :] + bias
+        return attention.softmax(-1).sum((2, 3))
+
+
+@pytest.mark.parametrize("build", [AttentionBias, AttentionBiasThroughAView])
+def test_an_index_buffer_is_not_saved_again_for_backward(build):
+    """autograd keeps the indices of x[index], but an index buffer (or a view of one) is the
+    buffer's memory: nothing new, as the saved-tensor hooks measure."""
+    analysis = analyse(build().eval(), capture="fx")
+    index = next(layer for layer in analysis.layers if layer.cost.op == "index")
+    result = verify(analysis, [(16, 16)])
+    assert result.mismatches == []
+    row = next(c for c in result.checks if c.layer == index.name)
+    assert row.saved_formula == row.saved_measured == 0
+
+
 def test_boolean_mask_like_index_is_refused():
     table = ParameterTensor((sp.Integer(4), sp.Integer(3)), target="table")
     mask = ParameterTensor((sp.Integer(4),), target="mask")

@@ -315,3 +315,17 @@ def test_attention_keeps_what_the_fused_cpu_kernel_keeps(form):
     torch.manual_seed(0)
     analysis = analyse(Attention(form).train())
     assert_saved_matches_autograd(analysis, [(2, 16, 16), (3, 12, 20)])
+
+
+def test_an_index_read_through_views_of_a_buffer_is_the_buffers_memory():
+    """A trace that reads buffers as nodes (fx at one size) indexes through index.view(-1) or
+    index.long(): the buffer's storage, nothing new; an index computed from the input is new."""
+    from convtally.analysis.memory import _read_from_a_buffer
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    index = graph.get_attr("index")
+    viewed = graph.call_method("long", (graph.call_method("view", (index, -1)),))
+    computed = graph.call_method("view", (graph.call_function(torch.argmax, (x,)), -1))
+    assert _read_from_a_buffer(index) and _read_from_a_buffer(viewed)
+    assert not _read_from_a_buffer(computed) and not _read_from_a_buffer(x)

@@ -133,3 +133,35 @@ def test_a_pool_window_read_from_the_input_size_has_formulas(exact):
         assert [int(d.subs(values)) for d in pool.output_shape] == [8, 4, 4]
         assert int(pool.connections.subs(values)) == 8 * 4 * 4 * (height // 4) * (width // 4)
     assert verify(analysis, sizes).mismatches == []
+
+
+class RelativePositions(nn.Module):
+    """timm MViTv2's pattern: relative positions from torch.arange over the token grid's side
+    (a size read from the input), cast to long and read through a table of fixed size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 4, stride=4)
+        self.table = nn.Parameter(torch.randn(63, 4))
+
+    def forward(self, x):
+        x = self.conv(x)
+        side = x.shape[2]
+        distance = torch.arange(side)[:, None] - torch.arange(side)[None, :] + (side - 1)
+        return x.mean((2, 3))[:, None, None, :] + self.table[distance.long()]
+
+
+def test_arange_over_a_size_read_from_the_input_has_formulas():
+    from convtally.analysis.verification import verify
+
+    analysis = analyse(RelativePositions().eval())
+    assert analysis.capture == "fx" and analysis.symbolic
+    ranges = [layer for layer in analysis.layers if layer.type == "arange"]
+    assert len(ranges) == 2
+    assert [layer.outputs for layer in ranges] == [H / 4, H / 4]  # under H divisible by 4
+    result = verify(analysis, [(32, 32), (64, 40), (128, 96)])
+    assert result.mismatches == []
+    # the indices x[index] keeps for backward, computed in forward: new int64 memory
+    read = [c for c in result.checks if c.type == "getitem" and c.saved_measured]
+    assert [c.saved_formula for c in read] == [c.saved_measured for c in read] == [
+        8 * (side // 4) ** 2 for side in (32, 64, 128)]

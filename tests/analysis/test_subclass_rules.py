@@ -85,7 +85,7 @@ def test_the_memory_check_runs_the_analysis_graph_in_training():
     plain, _ = measure_saved(analysis.network, x)
     torch.manual_seed(0)
     total, per_node = measure_saved(analysis.network, x, per_node=True,
-                                    graph=analysis.graph_module.graph)
+                                    graph=analysis.graph_module)
     assert total == plain
     assert per_node["stochastic_depth"] == 2 * 4  # the noise, one float per example
 
