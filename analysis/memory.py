@@ -250,6 +250,15 @@ def index(call: Call) -> Saved:
                  source=DERIVATIVES + " index.Tensor: indices")
 
 
+def _reads_sizes(node: torch.fx.Node) -> bool:
+    """Return True for a read of a tensor's sizes (x.shape, x.size(), x.dim()): what is made
+    from them (torch.arange(H), timm's coordinate grid) needs no gradient."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel")
+    return (node.op == "call_function" and node.target is getattr and len(node.args) > 1
+            and node.args[1] in ("shape", "ndim", "dtype", "device", "is_cuda"))
+
+
 def _read_from_a_buffer(node: torch.fx.Node) -> bool:
     """Return True for a buffer (get_attr) or a view of one (swin's index.view(-1)), whose
     storage is the buffer's; `.long()` of an int64 buffer returns the buffer itself."""
@@ -910,6 +919,9 @@ def _walk(analysis: Any, graph_module: torch.fx.GraphModule, size: int, training
         operands = [values[a.name] for a in arguments if a.name in values]
         inputs = [value for value in operands if value.storage is not None]
         layer = layers.get(node.name)
+        if layer is None and _reads_sizes(node):  # x.shape, x.size(1): numbers, no tensor
+            values[node.name] = _Value(None, False)
+            continue
         if layer is None:  # getitem on a tuple, size arithmetic: alias of its first input
             if inputs:
                 first = inputs[0]

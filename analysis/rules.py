@@ -1300,8 +1300,23 @@ def shifted_window_attention(
 
 # functions of optional libraries, by import path (the library need not be installed); the
 # tracer keeps them as one call (their Python branches on sizes) and counts them with the rule
+def coordinate_grid(feat_shape: Sequence[Any], *args: Any, ndim: int | None = None,
+                    **kwargs: Any) -> LayerCost | PlainValue:
+    """timm's _build_grid(feat_shape): the (*feat_shape, len(feat_shape)) coordinates rotary
+    and sin-cos embeddings are computed over (qwen3_vit, deepseek_vit), a table built from
+    sizes: routing. With numbers for sizes, timm's own function (a constant)."""
+    feat_shape = tuple(feat_shape)
+    if all(isinstance(s, int) or isinstance(s, sp.Expr) and s.is_number for s in feat_shape):
+        return PlainValue(None)
+    if ndim is not None and len(feat_shape) != ndim:
+        raise UnsupportedLayer(f"expected {ndim} spatial dimensions, got {len(feat_shape)}")
+    return LayerCost("routing", SymTensor((*map(sp.sympify, feat_shape), len(feat_shape))),
+                     op="coordinate_grid")
+
+
 OPTIONAL_FUNCTIONS: dict[str, Callable[..., LayerCost]] = {
     "timm.layers.padding.pad_same": same_padding,
+    "timm.layers.pos_embed_sincos._build_grid": coordinate_grid,
     "torchvision.models.swin_transformer._patch_merging_pad": patch_merging_pad,
     "torchvision.models.swin_transformer._get_relative_position_bias": relative_position_bias,
     "torchvision.models.swin_transformer.shifted_window_attention": shifted_window_attention,

@@ -165,3 +165,33 @@ def test_arange_over_a_size_read_from_the_input_has_formulas():
     read = [c for c in result.checks if c.type == "getitem" and c.saved_measured]
     assert [c.saved_formula for c in read] == [c.saved_measured for c in read] == [
         8 * (side // 4) ** 2 for side in (32, 64, 128)]
+
+
+build_grid = None  # timm's _build_grid, set by the test (timm is optional)
+
+
+class Grid(nn.Module):
+    """Coordinates over the feature map's size, as qwen3_vit's rotary positions build them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 4, stride=4)
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 3, 1)
+        return x * build_grid([x.shape[1], x.shape[2]], ndim=2)
+
+
+def test_timm_coordinate_grid_over_the_input_size_has_formulas(monkeypatch):
+    """timm's _build_grid (qwen3_vit's and deepseek_vit's rotary positions) over the feature
+    map's size: a table of (h, w, 2) coordinates, routing, in formulas that verify."""
+    pytest.importorskip("timm")
+    from convtally.analysis.verification import verify
+    from timm.layers.pos_embed_sincos import _build_grid
+
+    monkeypatch.setitem(globals(), "build_grid", _build_grid)  # a leaf, as timm's own calls
+    analysis = analyse(Grid().eval())
+    assert analysis.capture == "fx" and analysis.symbolic
+    grid = next(layer for layer in analysis.layers if layer.cost.op == "coordinate_grid")
+    assert grid.outputs == H * W / 8  # (H/4) x (W/4) x 2, no batch
+    assert verify(analysis, [(16, 16), (32, 48)]).mismatches == []
