@@ -159,6 +159,27 @@ def test_auto_does_not_export_a_branch_fx_found_pins_the_size(monkeypatch):
     assert analysis.totals_at([(224, 224)])["connections"][0] == fvcore_total(network, (224, 224))
 
 
+@pytest.mark.parametrize("by_name", [False, True])
+def test_the_concrete_rung_counts_the_graph_fx_traced_at_the_probe(monkeypatch, by_name):
+    """fx traced the pinned branch at 224 and refused it for other sizes; at 224 that graph is
+    the one the concrete rung needs, so it is counted without tracing the forward again."""
+    from convtally.analysis import accounting
+    from convtally.models.registry import ModelSpec
+
+    traced = []
+    original = accounting.trace
+    monkeypatch.setattr(accounting, "trace", lambda *args, **kwargs: traced.append(
+        kwargs) or original(*args, **kwargs))
+    model = (ModelSpec(name="window", factory=WindowOrWhole)
+             if by_name else WindowOrWhole().eval())
+    analysis = analyse(model, convention=preset("fvcore"), resolutions=[(224, 224)])
+    assert analysis.capture == "concrete" and "at each size" in analysis.capture_note
+    assert not any(kwargs.get("concrete") for kwargs in traced)
+    assert analysis.size_graphs[(224, 224)].meta["size_only"] == (224, 224)
+    assert analysis.totals_at([(224, 224)])["connections"][0] == fvcore_total(
+        WindowOrWhole().eval(), (224, 224))
+
+
 class CachesItsBias(WindowOrWhole):
     """Keeps a computed bias in a dict in evaluation, as timm's efficientvit_msra does, and
     branches on a stage equal to 7 (the size pinned: fx refuses, the concrete rung counts)."""
