@@ -1025,9 +1025,21 @@ def _export_refuses_assert(error: AssertedSize, prepared: _Prepared, resolutions
     botnet26t's and visformer's do); None where that is not certain."""
     from convtally.analysis.export_capture import PROBE
 
-    if len(prepared.axes) != 2 or error.branched or error.difference is None:
+    if len(prepared.axes) != 2 or error.difference is None:
         return None
     probe = tuple(resolutions[0]) if resolutions else PROBE
+    if error.branched:  # the assert may hold on another branch, unless the branch pins too
+        for value, taken in error.taken:
+            condition = sp.sympify(value)
+            condition = sp.Ne(condition, 0) if isinstance(condition, sp.Expr) else condition
+            condition = condition if taken else sp.Not(condition)
+            if isinstance(condition, sp.Eq) and tuple(probe) == tuple(error.probe or ()) and (
+                    pinned_away(condition.lhs - condition.rhs, prepared.axes, probe)):
+                return (f"not tried, since torch.export takes the same branch at "
+                        f"{size_label(probe, short=False)} ({condition.lhs} == "
+                        f"{condition.rhs}), whose guard pins the input size (--capture export "
+                        "tries it)")
+        return None
     other = [2 * side for side in probe]
     value = error.difference.subs(dict(zip(prepared.axes, other, strict=True)))
     if not value.is_number or value == 0:
@@ -1071,8 +1083,7 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown,
         try:
             graph_module = prepared.trace(prepared.shapes,
                                            _probe(prepared, resolutions, prepared.shapes))
-            layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
-            return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
+            return _count_fx(prepared, graph_module, convention, exact, allow_unknown)
         except ValueError as error:
             prepared.shapes = None
             if "meta" not in str(error):  # a trace that failed on meta tensors only is retried
@@ -1092,23 +1103,30 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown,
             graph_module = trace(meta, probe, branching=True)
         except ValueError:
             raise error from None  # the real build's refusal is the answer
-        layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
-        return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
+        return _count_fx(prepared, graph_module, convention, exact, allow_unknown)
     layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
     return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=False)
+
+
+def _count_fx(prepared, graph_module, convention, exact, allow_unknown) -> Analysis:
+    """Return the fx Analysis of a graph of the meta build; a graph traced at the probe size
+    and refused for other sizes (a pinned branch or assert) is kept for the concrete rung,
+    which needs that very graph at that size."""
+    try:
+        layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
+        return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
+    except (PinnedBranch, AssertedSize):
+        probe = graph_module.meta.get("probe")
+        if probe is not None:
+            prepared.probe_graphs[tuple(probe)] = graph_module
+        raise
 
 
 def _finish_fx(prepared, graph_module, layers, convention, exact, shapes) -> Analysis:
     """Return _finish's Analysis of the fx rows; a simplified one keeps the rows as counted, so
     that its exact form (floor() kept) is made from them without tracing again."""
     raw = [copy(layer) for layer in layers]
-    try:
-        analysis = _finish(prepared, graph_module, layers, convention, exact, shapes=shapes)
-    except (PinnedBranch, AssertedSize):
-        probe = graph_module.meta.get("probe")
-        if probe is not None:  # traced on the meta build at the probe: right for that size
-            prepared.probe_graphs[tuple(probe)] = graph_module
-        raise
+    analysis = _finish(prepared, graph_module, layers, convention, exact, shapes=shapes)
     if not exact:
         analysis._exact_again = lambda: _finish(
             prepared, graph_module, [copy(layer) for layer in raw], convention, True,
@@ -1412,7 +1430,12 @@ def _interpret(
             return env[n.name] if isinstance(n, torch.fx.Node) else n
 
         args, kwargs = map_values(node.args, value_of), map_values(node.kwargs, value_of)
-        condition = _asserted_condition(node, args)
+        try:
+            condition = _asserted_condition(node, args)
+        except AssertedSize as error:  # the branches taken before it, for auto's export rung
+            error.taken = [(env[name], taken) for name, taken in
+                           graph_module.meta.get("branches", ()) if name in env]
+            raise
         if condition is not None:
             asserted.append(condition)
             env[node.name] = None
@@ -1550,7 +1573,10 @@ class AssertedSize(UnsupportedLayer):
         self.difference = difference
         # traced at a probe size with branches decided there (crossvit resizes its input
         # when H differs from its own): the assert may hold only on the branch taken
-        self.branched = bool((getattr(graph_module, "meta", {}) or {}).get("branches"))
+        meta = getattr(graph_module, "meta", {}) or {}
+        self.branched = bool(meta.get("branches"))
+        self.probe = meta.get("probe")
+        self.taken: list[tuple[Any, bool]] = []  # (branch value, taken) before the assert
 
 
 ASSERTED = "the forward asserts it"
@@ -1581,7 +1607,10 @@ def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_mod
     and at four times the traced size. The model is then counted by the rungs below, as a model
     of fixed size; bounds (H/32 >= 7) and divisibility are ranges the formulas hold on."""
     base = (getattr(graph_module, "meta", {}) or {}).get("probe") or (224,) * len(axes)
-    for difference, relation, text in branches:
+    # a pinned branch first: torch.export takes it too, and refuses (crossvit's `H != 240`
+    # before its patch embedding's assert), so auto goes on without exporting
+    for difference, relation, text in sorted(branches, key=lambda b: b[2].endswith(
+            f"({ASSERTED})")):
         if relation != "==" or difference.has(sp.Mod):  # bounds and divisibility: ranges
             continue
         sizes = pinned_away(difference, axes, base)

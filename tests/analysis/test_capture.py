@@ -622,7 +622,7 @@ def test_a_stage_size_the_forward_asserts_is_counted_concretely_without_the_expo
 
 class ResizesFirst(nn.Module):
     """Resizes an input of another size before asserting its own (as crossvit does): the
-    assert holds on the branch taken at the traced size only, so the export rung is tried."""
+    assert holds on the branch taken at the traced size only."""
 
     def __init__(self):
         super().__init__()
@@ -635,22 +635,36 @@ class ResizesFirst(nn.Module):
         return self.conv(x)
 
 
-def test_an_assert_behind_a_size_branch_leaves_the_export_rung_to_decide(monkeypatch):
+def test_the_export_rung_refuses_a_size_its_guards_specialise():
+    """At 32 the forward skips its resize: torch.export guards H == 32, W == 32 and keeps
+    the sizes as SymInts whose value is that number. Its formulas were constants (crossvit's
+    count was the same at 248, which resizes, as at 240, which does not)."""
+    with pytest.raises(ValueError, match=r"torch.export fixed H and W to 32x32"):
+        analyse(ResizesFirst().eval(), capture="export", resolutions=[(32, 32)])
+
+
+def test_an_assert_behind_a_branch_that_pins_the_size_skips_the_export_rung(monkeypatch):
     from convtally.analysis import export_capture
     from convtally.analysis.accounting import AssertedSize
 
-    entered = []
+    def no_export_rung(*args, **kwargs):
+        raise AssertionError("the export rung was entered")
 
-    def export_rung(*args, **kwargs):
-        entered.append(args)
-        raise RuntimeError("torch.export stand-in")
-
-    monkeypatch.setattr(export_capture, "analyse_exported", export_rung)
+    monkeypatch.setattr(export_capture, "analyse_exported", no_export_rung)
+    network = ResizesFirst().eval()
     with pytest.raises(AssertedSize) as refusal:
-        analyse(ResizesFirst(), capture="fx", resolutions=[(32, 32)])
+        analyse(network, capture="fx", resolutions=[(32, 32)])
     assert refusal.value.branched
-    analysis = analyse(ResizesFirst(), resolutions=[(32, 32)])
-    assert entered and "export: torch.export stand-in" in analysis.capture_note
+    at_its_size = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)])
+    assert at_its_size.capture == "concrete"
+    assert ("export: not tried, since torch.export takes the same branch at 32x32 (H == 32)"
+            in at_its_size.capture_note)
+    assert at_its_size.totals_at([(32, 32)])["connections"][0] == fvcore_total(network, (32, 32))
+    # at another size the resize is the branch taken, and the assert holds on it: formulas
+    resized = analyse(network, convention=preset("fvcore"), resolutions=[(40, 48)])
+    assert resized.capture == "fx" and resized.symbolic
+    for size in [(40, 48), (64, 64)]:
+        assert resized.totals_at([size])["connections"][0] == fvcore_total(network, size)
 
 
 READS_A_CONSTANT = '''
