@@ -378,24 +378,47 @@ class Analysis:
                 f"({self.capture_note or 'no symbolic capture'}); pass the resolution with "
                 "--res so it is captured too"
             )
-        substitution = self.substitutions()
         values = {q: np.zeros((len(self.layers), len(resolutions)), dtype=object)
                   for q in QUANTITIES}
         for j, resolution in enumerate(resolutions):
-            rows = self.concrete[tuple(resolution)]
-            for i, layer in enumerate(self.layers):
-                if layer.kind == "unused" or i >= len(rows):
-                    numbers = (layer.weights, layer.outputs, layer.connections)
-                else:
-                    cost = rows[i].cost
-                    count = counted(cost, rows[i].known, self.convention)
-                    numbers = (count["weights"], cost.outputs, count["connections"])
-                for quantity, number in zip(QUANTITIES, numbers, strict=True):
-                    number = sp.sympify(number)
-                    if not number.is_Integer:  # most counts are numbers already
-                        number = number.subs(substitution).subs({BATCH: 1})
-                    values[quantity][i, j] = int(number)
+            for quantity, column in zip(QUANTITIES, self._concrete_column(tuple(resolution)),
+                                        strict=True):
+                values[quantity][:, j] = column
         return values
+
+    def _concrete_column(self, resolution: tuple[int, ...]) -> tuple[list[int], ...]:
+        """Return (weights, outputs, connections) of every row at a counted resolution under
+        this analysis' convention, worked out once: answer_every_resolution and totals_at
+        each evaluate it (two fifths of a small ViT's concrete analysis)."""
+        memo = self.__dict__.get("_concrete_columns")
+        if memo is None or memo[0] is not self.convention:  # a copy under another convention
+            memo = (self.convention, {})
+            self._concrete_columns = memo
+        if resolution in memo[1]:
+            return memo[1][resolution]
+        substitution = self.substitutions()
+        rows = self.concrete[resolution]
+        counts: dict[tuple[LayerCost, bool], dict[str, sp.Expr]] = {}
+        column: tuple[list[int], ...] = ([], [], [])
+        for i, layer in enumerate(self.layers):
+            if layer.kind == "unused" or i >= len(rows):
+                numbers = (layer.weights, layer.outputs, layer.connections)
+            else:
+                cost, known = rows[i].cost, rows[i].known
+                try:
+                    count = counts.get((cost, known))  # a network repeats its layers
+                except TypeError:  # a cost holding a list (an exported op's outputs)
+                    count = counted(cost, known, self.convention)
+                if count is None:
+                    count = counts[(cost, known)] = counted(cost, known, self.convention)
+                numbers = (count["weights"], cost.outputs, count["connections"])
+            for values, number in zip(column, numbers, strict=True):
+                number = sp.sympify(number)
+                if not number.is_Integer:  # most counts are numbers already
+                    number = number.subs(substitution).subs({BATCH: 1})
+                values.append(int(number))
+        memo[1][resolution] = column
+        return column
 
     def _compiled_formulas(self) -> IntegerEvaluator:
         if getattr(self, "_compiled", None) is None:

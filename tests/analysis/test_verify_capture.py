@@ -310,3 +310,18 @@ def test_an_export_capture_verifies_with_a_checkpoint(tmp_path):
     analysis = analyse(SizeBranch().eval(), capture="export", resolutions=[(32, 32)])
     result = verify(analysis, [(32, 32)], checkpoint=path)
     assert result.mismatches == [], [c.problems for c in result.mismatches]
+
+
+def test_a_concrete_count_evaluated_once_follows_its_convention():
+    """The rows of a concrete capture are worked out once per convention: a copy under the
+    fvcore preset gives fvcore's total, and the default analysis its own, in any order."""
+    from convtally.analysis.conventions import preset
+
+    network = FixedSizeBranch().eval()
+    analysis = analyse(network, resolutions=[(32, 32)])
+    default = analysis.totals_at([(32, 32)])["connections"][0]
+    under_fvcore = analysis.with_convention(preset("fvcore"))
+    assert under_fvcore.totals_at([(32, 32)])["connections"][0] == fvcore_total(network, (32, 32))
+    assert default != fvcore_total(network, (32, 32))
+    assert analysis.totals_at([(32, 32)])["connections"][0] == default
+    assert analysis.evaluate([(32, 32)])["connections"][:, 0].sum() == default
