@@ -326,9 +326,10 @@ class _BranchingTracer(_Tracer):
 
 @contextlib.contextmanager
 def state_kept(model: nn.Module) -> Iterator[None]:
-    """Put back, after a trace, the Python attributes its forward changed: timm's
-    efficientvit_msra caches its attention biases in a dict in evaluation, and the proxy a
-    trace left there broke the next trace of the same module (the concrete rung's)."""
+    """Put back, after a trace or a forward pass run as a check, the Python attributes its
+    forward changed: timm's efficientvit_msra caches its attention biases in a dict in
+    evaluation, and the proxy a trace left there broke the next trace of the same module (the
+    concrete rung's); convit caches its relative indices for the last size it ran at."""
     saved = []
     for module in model.modules():
         attributes = vars(module)
@@ -485,6 +486,7 @@ def rebound(graph_module: torch.fx.GraphModule, network: nn.Module,
             except AttributeError:
                 root[node.target] = _attribute(graph_module, node.target)
     rebuilt = torch.fx.GraphModule(root, graph)
+    rebuilt.training = network.training  # a dict root leaves the mode unset (training)
     rebuilt.meta.update(graph_module.meta)
     return rebuilt
 
