@@ -160,3 +160,41 @@ def test_new_ops_under_every_preset_equal_their_tool():
     tools = {t.tool: t for check in result.resolutions for t in check.tools}
     assert set(tools) == {"fvcore", "ptflops", "thop", "torchinfo", "torch"}
     assert all(t.number == t.preset for t in tools.values())
+
+
+class SizeBuiltOps(nn.Module):
+    """The ops docs/conventions.md lists from session 11: positions from torch.arange over a
+    size read from the input, cast .long() and read through a table; item assignment; an
+    average pool whose window is read from the input size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(31, 4))
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        side = x.shape[2]
+        distance = torch.arange(side)[:, None] - torch.arange(side)[None, :] + (side - 1)
+        x = x + self.table[distance.long()].permute(2, 0, 1)
+        x[:, :2] = x[:, 2:] * 2
+        window = (x.shape[2] // 4, x.shape[3] // 4)
+        return self.head(torch.nn.functional.avg_pool2d(x, window, window))
+
+
+def test_size_built_ops_under_every_preset_equal_their_tool():
+    from convtally.analysis.crosscheck import crosscheck
+
+    network = SizeBuiltOps().eval()
+    analysis = analyse(network)
+    assert analysis.capture == "fx" and analysis.symbolic
+    result = crosscheck(network, [(16, 16), (12, 12)])
+    assert result.mismatches == []
+    tools = {t.tool for check in result.resolutions for t in check.tools}
+    assert tools == {"fvcore", "ptflops", "thop", "torchinfo", "torch"}
+    assert all(t.number == t.preset for check in result.resolutions for t in check.tools)
+    for name in ("fvcore", "ptflops", "thop", "torchinfo", "torch"):
+        counted = analysis.with_convention(preset(name)).evaluate([(16, 16)])["connections"]
+        assert all(counted[i, 0] == 0 for i, layer in enumerate(analysis.layers)
+                   if layer.type in ("arange", "long", "setitem"))
