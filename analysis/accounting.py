@@ -1052,12 +1052,12 @@ def _export_refuses_assert(error: AssertedSize, prepared: _Prepared, resolutions
         return None
     probe = tuple(resolutions[0]) if resolutions else PROBE
     if error.branched:  # the assert may hold on another branch, unless the branch pins too
+        if tuple(probe) != tuple(error.probe or ()):  # export would trace at another size
+            return None
         for value, taken in error.taken:
-            condition = sp.sympify(value)
-            condition = sp.Ne(condition, 0) if isinstance(condition, sp.Expr) else condition
-            condition = condition if taken else sp.Not(condition)
-            if isinstance(condition, sp.Eq) and tuple(probe) == tuple(error.probe or ()) and (
-                    pinned_away(condition.lhs - condition.rhs, prepared.axes, probe)):
+            condition = taken_condition(value, taken)
+            if isinstance(condition, sp.Eq) and pinned_away(condition.lhs - condition.rhs,
+                                                           prepared.axes, probe):
                 return (f"not tried, since torch.export takes the same branch at "
                         f"{size_label(probe, short=False)} ({condition.lhs} == "
                         f"{condition.rhs}), whose guard pins the input size (--capture export "
@@ -1630,8 +1630,8 @@ def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_mod
     and at four times the traced size. The model is then counted by the rungs below, as a model
     of fixed size; bounds (H/32 >= 7) and divisibility are ranges the formulas hold on."""
     base = (getattr(graph_module, "meta", {}) or {}).get("probe") or (224,) * len(axes)
-    # a pinned branch first: torch.export takes it too, and refuses (crossvit's `H != 240`
-    # before its patch embedding's assert), so auto goes on without exporting
+    # a pinned branch before a pinned assert: torch.export takes that branch too and refuses
+    # it, so auto goes on without exporting (an AssertedSize after a branch leaves it to try)
     for difference, relation, text in sorted(branches, key=lambda b: b[2].endswith(
             f"({ASSERTED})")):
         if relation != "==" or difference.has(sp.Mod):  # bounds and divisibility: ranges
@@ -1642,6 +1642,21 @@ def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_mod
             if text.endswith(f"({ASSERTED})"):
                 raise AssertedSize(message, difference, graph_module)
             raise PinnedBranch(message, tuple(base))
+
+
+def taken_condition(value: Any, taken: bool) -> Any:
+    """Return the condition a branch on `value` (a relation of sizes, or a size tested against
+    0) puts on the input where the side `taken` was traced."""
+    condition = sp.sympify(value)
+    # max(k / q, 1.0) (timm MViTv2): a whole float is printed as 1, not 1.00000000000000
+    condition = condition.xreplace({number: sp.Integer(int(number))
+                                    for number in condition.atoms(sp.Float)
+                                    if float(number).is_integer()})
+    if isinstance(condition, sp.Expr):  # `if H % 2:` tests a number against 0
+        condition = sp.Ne(condition, 0)
+    if isinstance(condition, (sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational)):
+        condition = condition if taken else sp.Not(condition)
+    return condition
 
 
 def branch_conditions(graph_module: Any) -> tuple[tuple[tuple[sp.Expr, str, str], ...],
@@ -1656,15 +1671,7 @@ def branch_conditions(graph_module: Any) -> tuple[tuple[tuple[sp.Expr, str, str]
     for value, taken, name, why in meta.get("conditions") or ():
         if value is None:
             raise ValueError(f"the forward branches on {name}, which the rules give no value")
-        condition = sp.sympify(value)
-        # max(k / q, 1.0) (timm MViTv2): a whole float is printed as 1, not 1.00000000000000
-        condition = condition.xreplace({number: sp.Integer(int(number))
-                                        for number in condition.atoms(sp.Float)
-                                        if float(number).is_integer()})
-        if isinstance(condition, sp.Expr):  # `if H % 2:` tests a number against 0
-            condition = sp.Ne(condition, 0)
-        if isinstance(condition, (sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational)):
-            condition = condition if taken else sp.Not(condition)
+        condition = taken_condition(value, taken)
         if condition == sp.true:
             continue
         if condition == sp.false:  # not a size: the meta device's answer (a device check)

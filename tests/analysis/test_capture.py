@@ -667,6 +667,36 @@ def test_an_assert_behind_a_branch_that_pins_the_size_skips_the_export_rung(monk
         assert resized.totals_at([size])["connections"][0] == fvcore_total(network, size)
 
 
+class ResizesThenAssertsItsGrid(ResizesFirst):
+    """ResizesFirst's branch, then an assert on the convolution's grid (a floor of H): at 32
+    both pin the size; the branch is the reason given, so auto does not export."""
+
+    def forward(self, x):
+        if x.shape[2] != 32 or x.shape[3] != 32:
+            x = nn.functional.interpolate(x, size=(32, 32))
+        x = self.conv(x)
+        torch._assert(x.shape[2] == 8, "expects an 8x8 grid")
+        return x
+
+
+def test_a_pinned_branch_is_the_reason_before_a_pinned_assert(monkeypatch):
+    from convtally.analysis import export_capture
+    from convtally.analysis.accounting import PinnedBranch
+
+    def no_export_rung(*args, **kwargs):
+        raise AssertionError("the export rung was entered")
+
+    monkeypatch.setattr(export_capture, "analyse_exported", no_export_rung)
+    network = ResizesThenAssertsItsGrid().eval()
+    with pytest.raises(PinnedBranch):
+        analyse(network, capture="fx", resolutions=[(32, 32)])
+    analysis = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)])
+    assert analysis.capture == "concrete"
+    assert ("export: not tried, since torch.export takes the same branch at 32x32"
+            in analysis.capture_note)
+    assert analysis.totals_at([(32, 32)])["connections"][0] == fvcore_total(network, (32, 32))
+
+
 READS_A_CONSTANT = '''
 import torch
 from torch import nn
