@@ -1305,12 +1305,17 @@ def concrete_analysis(
     return analysis
 
 
+@functools.lru_cache(maxsize=16384)  # a network repeats its rows' expressions
+def _mentions_batch(value: sp.Basic) -> bool:
+    return value.has(BATCH)
+
+
 def _count_at_batch_one(layers: list[Layer]) -> list[str]:
     """Put B = 1 into rows whose per-example cost depends on the batch size (an op that mixes
     examples, e.g. timm csatv2's q @ k.T over the batch); return the note that says so."""
     def has_batch(layer: Layer) -> bool:
         values = (layer.weights, layer.outputs, layer.connections, *layer.output_shape)
-        return any(isinstance(v, sp.Basic) and v.has(BATCH) for v in values)
+        return any(isinstance(v, sp.Basic) and _mentions_batch(v) for v in values)
 
     def at_one(value: Any) -> Any:
         if isinstance(value, sp.Basic):
@@ -1343,6 +1348,9 @@ def _count_at_batch_one(layers: list[Layer]) -> list[str]:
 def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
             used_targets: set[str] | None = None, shapes: bool = False) -> Analysis:
     """Return the Analysis of `layers`; `shapes`: they were counted from the meta build."""
+    # first, as the cheap part: a size the forward pins sends auto to the rungs below
+    branches, branch_notes = branch_conditions(graph_module)
+    _refuse_pinned_sizes(branches, graph_module, prepared.axes)
     network = prepared.meta if shapes else prepared.network
     if graph_module is not None:
         used = {id(p) for p in _used_parameters(graph_module)}
@@ -1381,10 +1389,9 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
             network, graph_module, (lambda: prepared.network) if shapes else None
         ),
     )
-    analysis.branches, notes = branch_conditions(graph_module)
-    _refuse_pinned_sizes(analysis.branches, graph_module, prepared.axes)
-    analysis.assumptions.extend(text for _, _, text in analysis.branches)
-    analysis.assumptions.extend(notes)
+    analysis.branches = branches
+    analysis.assumptions.extend(text for _, _, text in branches)
+    analysis.assumptions.extend(branch_notes)
     if graph_module is not None and graph_module.meta.get("branches"):
         probe = "x".join(map(str, graph_module.meta["probe"]))
         analysis.capture_note = (f"traced at {probe}, where the forward's branches on the "

@@ -827,6 +827,11 @@ COMPARISONS = {operator.eq: sp.Eq, operator.ne: sp.Ne, operator.lt: sp.Lt, opera
 RELATIONS = {relation.rel_op: test for test, relation in COMPARISONS.items()}
 
 
+@functools.lru_cache(maxsize=16384, typed=True)  # a block repeated per stage tests a size again
+def _relation(relation: Any, a: int | sp.Expr, b: int | sp.Expr) -> Any:
+    return COMPARISONS[relation](a, b)
+
+
 def comparison(relation: Any) -> Callable[..., LayerCost | PlainValue]:
     """Return the rule of ==, !=, <, <=, >, >=: on tensors one connection per output (Swin's
     mask != 0), on sizes the sympy relation (a branch the forward takes on the input size)."""
@@ -840,7 +845,7 @@ def comparison(relation: Any) -> Callable[..., LayerCost | PlainValue]:
             return LayerCost("elementwise", output, connections=output.per_example,
                              requires=requires)
         if isinstance(a, (int, sp.Expr)) and isinstance(b, (int, sp.Expr)):
-            return PlainValue(COMPARISONS[relation](a, b))
+            return PlainValue(_relation(relation, a, b))
         return PlainValue(None)  # other Python values: compared as Python does
 
     rule.__doc__ = f"{relation.__name__}: a comparison (sizes: the sympy relation)."

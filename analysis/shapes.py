@@ -6,6 +6,7 @@ arithmetic only) starts at once.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ def halving_and_doubling_padding(kernel: int, stride: int = 2) -> tuple[int, int
     return padding, stride - kernel + 2 * padding
 
 
+@functools.lru_cache(maxsize=4096, typed=True)  # a block repeated per stage pools a size again
 def adaptive_window_total(size: Size, output_size: int) -> sp.Expr:
     """Return the summed window length of adaptive pooling from `size` to `output_size` cells.
 

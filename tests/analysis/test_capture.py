@@ -180,6 +180,19 @@ def test_the_concrete_rung_counts_the_graph_fx_traced_at_the_probe(monkeypatch, 
         WindowOrWhole().eval(), (224, 224))
 
 
+def test_a_pinned_branch_is_refused_before_the_formulas_are_simplified(monkeypatch):
+    """The refusal needs the branch conditions only: simplifying every row first was a sixth
+    of timm efficientvit_m0's analysis, thrown away."""
+    from convtally.analysis import accounting
+
+    def simplified(*args, **kwargs):
+        raise AssertionError("the rows were simplified before the pinned branch was refused")
+
+    monkeypatch.setattr(accounting, "_apply_divisibility", simplified)
+    with pytest.raises(accounting.PinnedBranch, match="its input size is pinned"):
+        analyse(WindowOrWhole().eval(), capture="fx", resolutions=[(224, 224)])
+
+
 class CachesItsBias(WindowOrWhole):
     """Keeps a computed bias in a dict in evaluation, as timm's efficientvit_msra does, and
     branches on a stage equal to 7 (the size pinned: fx refuses, the concrete rung counts)."""

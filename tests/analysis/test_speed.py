@@ -10,13 +10,14 @@ pandas' to_csv and json.dumps.
 from __future__ import annotations
 
 import json
+import operator
 import subprocess
 import sys
 
 import pytest
 import sympy as sp
 import torch
-from convtally.analysis import accounting, hyperparameters, rules, tracing
+from convtally.analysis import accounting, hyperparameters, rules, shapes, tracing
 from convtally.analysis.accounting import QUANTITIES, H, W, analyse
 from convtally.analysis.evaluation import IntegerEvaluator
 from convtally.analysis.formatting import (
@@ -53,6 +54,9 @@ def plain_analyse(monkeypatch, model, **kwargs):
         patch.setattr(rules, "_exact_scale", sp.nsimplify)
         patch.setattr(hyperparameters, "_FITTED", {})  # the hyperparameters fitted again
         patch.setattr(accounting, "_at_setting", accounting._at_setting.__wrapped__)
+        patch.setattr(accounting, "_mentions_batch", accounting._mentions_batch.__wrapped__)
+        patch.setattr(rules, "_relation", rules._relation.__wrapped__)
+        patch.setattr(shapes, "adaptive_window_total", shapes.adaptive_window_total.__wrapped__)
         return analyse(model, **kwargs)
 
 
@@ -307,6 +311,48 @@ def test_train_tasks_still_parse(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("convtally ")
+
+
+class PoolsBranchesAndMixes(nn.Module):
+    """What the remembered rules answer: adaptive pooling to windows that overlap, a branch on
+    a size (timm bat_resnext's `if t <= 1`) and a product over the batch (csatv2's q @ k.T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.pool = nn.AdaptiveMaxPool2d((5, 1))
+
+    def forward(self, x):
+        y = self.conv(x)
+        rows = self.pool(y).flatten(1)
+        if y.shape[-1] // 2 <= 1:
+            return rows
+        columns = nn.functional.adaptive_avg_pool2d(y, (1, 3)).flatten(1)
+        return rows.sum() + columns @ columns.transpose(0, 1)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_remembered_pooling_branches_and_batch_rows_give_the_plain_paths_formulas(
+    monkeypatch, exact
+):
+    fast = analyse(PoolsBranchesAndMixes().eval(), exact=exact)
+    plain = plain_analyse(monkeypatch, PoolsBranchesAndMixes().eval(), exact=exact)
+    assert fast.branches and any("mix examples" in note for note in fast.assumptions)
+    assert rows(fast) == rows(plain)
+    assert (fast.divisor, fast.assumptions, fast.branches) == (
+        plain.divisor, plain.assumptions, plain.branches
+    )
+    sizes = [(32, 32), (36, 44), (64, 40)]
+    assert fast.totals_at(sizes) == plain.totals_at(sizes)
+
+
+def test_a_remembered_size_comparison_keeps_the_number_type_it_was_given():
+    """A relation is remembered per argument type: H <= 1.0 and H <= 1 are different texts."""
+    assert str(rules._relation(operator.le, H, 1.0)) == "H <= 1.0"
+    assert str(rules._relation(operator.le, H, 1)) == "H <= 1"
+    assert str(shapes.adaptive_window_total(H, 3)) == str(
+        shapes.adaptive_window_total.__wrapped__(H, 3)
+    )
 
 
 @pytest.mark.parametrize(
