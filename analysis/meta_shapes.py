@@ -4,9 +4,9 @@ Counting runs networks built on the meta device (no weights) to learn shapes: to
 forward's branches at a probe size, and to see whether a model runs at twice its size. Many
 meta kernels are Python decompositions (layer_norm, hardswish, add), which do far more work
 than the output's shape needs. `MetaShapes` answers the element-wise calls, the norms, linear,
-convolutions and attention with an empty meta tensor of the output's shape, after the shape
-checks the call makes;
-anything it does not know, or whose checks fail, runs as before, so errors are PyTorch's own.
+convolutions, attention and resizing with an empty meta tensor of the output's shape, after
+the shape checks the call makes; anything it does not know, or whose checks fail, runs as
+before, so errors are PyTorch's own.
 """
 
 from __future__ import annotations
@@ -29,6 +29,17 @@ def _dense(tensor: torch.Tensor) -> bool:
         if stride != expected:
             return False
         expected *= size
+    return True
+
+
+def _row_major(tensor: torch.Tensor) -> bool:
+    """Return whether `tensor` has exactly the strides of a new tensor of its shape (size-1
+    dimensions included: a channels-last tensor of 1x1 images passes is_contiguous())."""
+    expected = 1
+    for size, stride in zip(reversed(tensor.shape), reversed(tensor.stride()), strict=True):
+        if stride != expected:
+            return False
+        expected *= max(size, 1)
     return True
 
 
@@ -61,6 +72,10 @@ def _binary(input: torch.Tensor, other: Any, *args: Any, **kwargs: Any) -> torch
         if not other.is_meta:
             return None
         shape = torch.broadcast_shapes(input.shape, other.shape)
+        if shape != input.shape and _row_major(input) and _row_major(other):
+            # a smaller operand first (`bias + x`): row-major operands (exact strides, size-1
+            # dimensions too) give a row-major result
+            return input.new_empty(shape, dtype=torch.result_type(input, other))
         if shape != input.shape or (other.shape == shape and other.stride() != input.stride()):
             return None  # the layout PyTorch picks among several operands: left to it
     elif isinstance(other, (int, float, bool)):
@@ -182,6 +197,29 @@ def _per_dim(value: Any, dims: int) -> tuple[int, ...] | None:
     return None
 
 
+# the modes F.interpolate runs on an input of 1, 2 or 3 sizes after its channels
+_INTERPOLATE_MODES = {"nearest": (1, 2, 3), "nearest-exact": (1, 2, 3), "area": (1, 2, 3),
+                      "linear": (1,), "bilinear": (2,), "bicubic": (2,), "trilinear": (3,)}
+
+
+def _interpolate(input: torch.Tensor, size: Any = None, scale_factor: Any = None,
+                 mode: str = "nearest", align_corners: Any = None,
+                 recompute_scale_factor: Any = None, antialias: bool = False
+                 ) -> torch.Tensor | None:
+    """F.interpolate to a given `size`, contiguous (a scale factor is left to PyTorch): the
+    bicubic kernel's meta function is a Python decomposition, 26 ms of timm crossvit's trace."""
+    dims = input.dim() - 2
+    if (size is None or scale_factor is not None or antialias or not _row_major(input)
+            or dims not in _INTERPOLATE_MODES.get(mode, ())
+            or (align_corners is not None and mode in ("nearest", "nearest-exact", "area"))):
+        return None
+    sizes = _per_dim(size, dims)
+    if (sizes is None or isinstance(size, (tuple, list)) and len(size) != dims
+            or min(sizes) < 1 or min(input.shape) < 1):
+        return None  # PyTorch says why
+    return input.new_empty((*input.shape[:2], *sizes))
+
+
 _NO_FLAG = _unary(None)
 RULES: dict[Any, Callable[..., torch.Tensor | None]] = {
     F.relu: _unary(1), F.relu6: _unary(1), F.silu: _unary(1), F.hardswish: _unary(1),
@@ -194,6 +232,7 @@ RULES: dict[Any, Callable[..., torch.Tensor | None]] = {
     F.linear: _linear, F.layer_norm: _layer_norm, F.batch_norm: _batch_norm,
     F.group_norm: _group_norm, F.scaled_dot_product_attention: _attention,
     F.conv1d: _convolution(1), F.conv2d: _convolution(2), F.conv3d: _convolution(3),
+    F.interpolate: _interpolate,
 }
 
 

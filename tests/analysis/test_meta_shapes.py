@@ -86,6 +86,15 @@ CALLS = {
     "add_mismatch": lambda: x4 + meta(2, 7, 6, 5),
     "add_layouts_differ": lambda: x4 + meta(2, 8, 6, 5, channels_last=True),
     "mul_smaller_first": lambda: meta(8, 1, 1) * x4,
+    "add_smaller_first_transposed": lambda: meta(1, 8) + meta(2, 8, 6).transpose(1, 2),
+    "add_both_broadcast": lambda: meta(1, 3, 1) + meta(2, 1, 1),
+    # is_contiguous() but strided otherwise in a size-1 dimension: PyTorch lays it out (1, 2)
+    "add_both_broadcast_permuted": lambda: meta(1, 3, 1) + meta(1, 1, 2).permute(2, 1, 0),
+    "interpolate_bicubic": lambda: F.interpolate(x4, size=(9, 4), mode="bicubic"),
+    "interpolate_channels_last": lambda: F.interpolate(
+        meta(2, 8, 6, 5, channels_last=True), size=(3, 3)),
+    "interpolate_channels_last_1x1": lambda: F.interpolate(  # is_contiguous() all the same
+        meta(2, 8, 1, 1, channels_last=True), size=(3, 3)),
     "attention": lambda: F.scaled_dot_product_attention(meta(2, 3, 10, 8), meta(2, 3, 12, 8),
                                                          meta(2, 3, 12, 5)),
     "attention_timm_heads": lambda: F.scaled_dot_product_attention(
@@ -119,7 +128,8 @@ def test_the_rules_answer_the_common_calls_without_pytorchs_kernels():
     """The element-wise calls, norms and linear of a transformer block are answered by a rule
     (what makes the meta forward fast); a layout PyTorch decides is left to it."""
     for name in ("relu", "gelu", "linear", "layer_norm", "batch_norm", "add_residual",
-                 "add_scalar_right", "attention_timm_heads", "attention_mask"):
+                 "add_scalar_right", "attention_timm_heads", "attention_mask",
+                 "mul_smaller_first", "interpolate_bicubic"):
         _, by_rule = answered(CALLS[name])
         assert by_rule, name
     assert not answered(lambda: torch.cat([x4, x4], 1))[1]
@@ -137,6 +147,25 @@ def test_binary_calls_match_pytorch_for_any_shapes(left, right, layout, op, dtyp
         a = a.to(memory_format=torch.channels_last)
     b = meta(*right)
     call = lambda: getattr(torch, op)(a, b)  # noqa: E731
+    assert answered(call)[0] == outcome(call)
+
+
+@settings(max_examples=200, deadline=None)
+@given(dims=st.integers(1, 3), mode=st.sampled_from(
+           ["nearest", "nearest-exact", "area", "linear", "bilinear", "bicubic", "trilinear"]),
+       size=st.one_of(st.none(), st.integers(0, 5), st.lists(st.integers(1, 5), min_size=1,
+                                                              max_size=3)),
+       scale=st.sampled_from([None, 2.0, 0.5]), align_corners=st.sampled_from([None, False, True]),
+       antialias=st.booleans(), layout=st.booleans(), empty=st.booleans())
+def test_interpolate_matches_pytorch_for_any_arguments(dims, mode, size, scale, align_corners,
+                                                       antialias, layout, empty):
+    """Shapes and layout, or PyTorch's own error: a mode for another rank, align_corners with
+    nearest, a size of the wrong length or zero, both size and scale, an empty input."""
+    x = meta(2, 3, *(0 if empty else 4,) * dims)
+    if layout and dims == 2:
+        x = x.to(memory_format=torch.channels_last)
+    call = lambda: F.interpolate(x, size, scale, mode, align_corners,  # noqa: E731
+                                 antialias=antialias)
     assert answered(call)[0] == outcome(call)
 
 
