@@ -198,3 +198,28 @@ def test_size_built_ops_under_every_preset_equal_their_tool():
         counted = analysis.with_convention(preset(name)).evaluate([(16, 16)])["connections"]
         assert all(counted[i, 0] == 0 for i, layer in enumerate(analysis.layers)
                    if layer.type in ("arange", "long", "setitem"))
+
+
+def test_timm_coordinate_grid_under_every_preset_equals_its_tool(monkeypatch):
+    """docs/conventions.md's row for timm's _build_grid (qwen3_vit's and deepseek_vit's rotary
+    coordinates over the input's sizes): 0 in every tool, routing in ours."""
+    pytest.importorskip("timm")
+    from convtally.analysis.crosscheck import crosscheck
+    from timm.layers.pos_embed_sincos import _build_grid
+
+    from tests.analysis import test_rules
+
+    monkeypatch.setattr(test_rules, "build_grid", _build_grid)
+    network = test_rules.Grid().eval()
+    analysis = analyse(network)
+    assert analysis.capture == "fx" and analysis.symbolic
+    result = crosscheck(network, [(16, 16), (12, 20)])
+    assert result.mismatches == []
+    tools = {t.tool for check in result.resolutions for t in check.tools}
+    assert tools == {"fvcore", "ptflops", "thop", "torchinfo", "torch"}
+    assert all(t.number == t.preset for check in result.resolutions for t in check.tools)
+    grid = [i for i, layer in enumerate(analysis.layers) if layer.cost.op == "coordinate_grid"]
+    assert len(grid) == 1 and analysis.layers[grid[0]].connections == 0  # ours: routing
+    for name in ("fvcore", "ptflops", "thop", "torchinfo", "torch"):
+        counted = analysis.with_convention(preset(name)).evaluate([(16, 16)])["connections"]
+        assert counted[grid[0], 0] == 0
