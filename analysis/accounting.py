@@ -85,6 +85,7 @@ class Layer:
     divisor: tuple[int, ...] = (1, 1)  # what H, W (T; D, H, W) must be divisible by so far
     known: bool = True  # False when counted from hooks under allow_unknown
     requirements: tuple[tuple[sp.Expr, sp.Expr, str], ...] = ()  # (a, b, what): a must equal b
+    bounds: tuple[tuple[sp.Expr, str], ...] = ()  # (margin, what): a margin must be >= 0
 
     def formula(self, quantity: str) -> sp.Expr:
         """Return the formula for 'weights', 'outputs' or 'connections'."""
@@ -286,8 +287,17 @@ class Analysis:
         ]
         count = len(self.layers)
         values = self._compiled_formulas()(*columns)
-        sizes, differences, branch_values = self._size_rows(values)
+        sizes, differences, margins, branch_values = self._size_rows(values)
         self._check_branches(branch_values, resolutions)
+        if margins.size and (margins < 0).any():
+            row, column = np.argwhere(margins < 0)[0]
+            index, (margin, what) = self._bound_owner[row]
+            layer = self.layers[index]
+            raise ResolutionError(
+                f"{layer.name} ({layer.type}) cannot run at "
+                f"{size_label(resolutions[column], short=False)}: {what}, "
+                f"{-margins[row, column]} beyond it"
+            )
         if differences.size and (differences != 0).any():
             row, column = np.argwhere(differences != 0)[0]
             index, (a, b, what) = self._requirement_owner[row]
@@ -332,25 +342,30 @@ class Analysis:
             return usable
         columns = [np.array([int(r[axis]) for r in checked], dtype=object)
                    for axis in range(len(self.axes))]
-        sizes, differences, branch_values = self._size_rows(self._compiled_formulas()(*columns))
+        sizes, differences, margins, branch_values = self._size_rows(
+            self._compiled_formulas()(*columns))
         runs = np.ones(len(checked), dtype=bool)
         if sizes.size:
             runs &= ~(sizes < 1).any(axis=0)
         if differences.size:
             runs &= ~(differences != 0).any(axis=0)
+        if margins.size:
+            runs &= ~(margins < 0).any(axis=0)
         for (_, relation, _), row in zip(self.branches, branch_values, strict=True):
             runs &= rules.RELATIONS[relation](row, 0).astype(bool)
         answers = iter(runs.tolist())
         return [ok and next(answers) for ok in usable]
 
-    def _size_rows(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _size_rows(self, values: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Return the rows of the compiled values after the quantities: the output sizes, the
-        size agreements' differences and the branch conditions."""
+        size agreements' differences, the index margins and the branch conditions."""
         sizes_start = len(QUANTITIES) * len(self.layers)
         agreements_start = sizes_start + len(self._size_owner)
+        bounds_start = agreements_start + len(self._requirement_owner)
         branches_start = len(values) - len(self.branches)
-        return (values[sizes_start:agreements_start], values[agreements_start:branches_start],
-                values[branches_start:])
+        return (values[sizes_start:agreements_start], values[agreements_start:bounds_start],
+                values[bounds_start:branches_start], values[branches_start:])
 
     def _check_branches(self, values: np.ndarray, resolutions: Sequence[tuple[int, ...]]
                         ) -> None:
@@ -441,6 +456,11 @@ class Analysis:
                 for requirement in layer.requirements:
                     formulas.append(at_setting(requirement[0] - requirement[1]))
                     self._requirement_owner.append((index, requirement))
+            self._bound_owner = []
+            for index, layer in enumerate(self.layers):
+                for bound in layer.bounds:
+                    formulas.append(at_setting(bound[0]))
+                    self._bound_owner.append((index, bound))
             formulas.extend(at_setting(difference) for difference, _, _ in self.branches)
             self._compiled = IntegerEvaluator(formulas, self.axes)
         return self._compiled
@@ -1541,6 +1561,9 @@ def _interpret(
                 weights=result.weights + owned,
                 parameters=result.weights + owned,
             )
+            if any(getattr(a, "value_range", None) is not None for a in args):
+                cost = replace(cost, output=rules.with_value_range(node.target, args,
+                                                                     cost.output))
         env[node.name] = cost.output
         output = cost.output
         if isinstance(output, tuple) and all(v is None or isinstance(v, SymTensor)
@@ -1562,6 +1585,7 @@ def _interpret(
                 cost=cost,
                 known=known,
                 requirements=cost.requires,
+                bounds=cost.bounds,
             )
         )
     if hasattr(graph_module, "meta"):  # what the formulas require of the input size
@@ -1616,8 +1640,8 @@ class PinnedBranch(ValueError):
     """The forward branched, at the probe size, on an equality that pins the input size
     (efficientvit_m0's last stage equal to its window)."""
 
-    def __init__(self, message: str, probe: tuple[int, ...]):
-        super().__init__(message)
+    def __init__(self, message: str, probe: tuple[int, ...] = ()):
+        super().__init__(message)  # () where auto raises it again with every rung's reason
         self.probe = probe
 
 

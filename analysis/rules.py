@@ -12,7 +12,7 @@ import math
 import operator
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sympy as sp
@@ -29,6 +29,9 @@ class SymTensor:
     """A tensor known only by its symbolic shape (batch dimension first)."""
 
     shape: tuple[sp.Expr, ...]
+    # (least, greatest) value of its elements, for a tensor computed from sizes alone (the
+    # positions torch.arange gives): what an index into a fixed table must stay inside
+    value_range: tuple[sp.Expr, sp.Expr] | None = field(default=None, compare=False)
 
     @property
     def per_example(self) -> sp.Expr:
@@ -75,6 +78,9 @@ class LayerCost:
     # sizes that must be equal for the call to run, (a, b, what), when they are equal only at
     # some input sizes (e.g. a Linear after a flatten); checked wherever formulas are evaluated
     requires: tuple[tuple[sp.Expr, sp.Expr, str], ...] = ()
+    # (margin, what): a margin that must be >= 0 for the call to run (an index computed from
+    # the input size inside the table it reads: mvitv2's relative positions)
+    bounds: tuple[tuple[sp.Expr, str], ...] = ()
 
     @property
     def outputs(self) -> sp.Expr:
@@ -1093,8 +1099,26 @@ def _advanced_getitem(container: SymTensor, index: tuple, not_masks: set[int] = 
     adjacent = advanced == list(range(advanced[0], advanced[-1] + 1))
     before = [size for position, size in kept if adjacent and position < advanced[0]]
     after = [size for position, size in kept if not adjacent or position > advanced[-1]]
+    bounds = tuple(
+        bound for position, item in enumerate(index) if isinstance(item, SymTensor)
+        for bound in _index_bounds(item, container.shape[position], position))
     return LayerCost("routing", SymTensor((*before, *index_shape, *after)), op="index",
-                     extra=(("index_values", sp.Mul(*index_shape)),))
+                     extra=(("index_values", sp.Mul(*index_shape)),), bounds=bounds)
+
+
+def _index_bounds(index: SymTensor, size: sp.Expr, dimension: int
+                  ) -> tuple[tuple[sp.Expr, str], ...]:
+    """Return the margins an index whose values are known from sizes leaves inside a dimension
+    of `size` (PyTorch reads -size..size-1): none for an index read from a buffer."""
+    if index.value_range is None:
+        return ()
+    least, greatest = index.value_range
+    return (
+        (sp.sympify(size - 1 - greatest),
+         f"its index reaches {greatest} in dimension {dimension} of size {size}"),
+        (sp.sympify(least + size),
+         f"its index goes down to {least} in dimension {dimension} of size {size}"),
+    )
 
 
 def _same_size(a: Any, b: Any) -> bool:
@@ -1693,7 +1717,10 @@ def arange(*limits: Any, **kwargs: Any) -> LayerCost | PlainValue:
     if not all(isinstance(v, (int, sp.Expr)) for v in (start, end, step)):
         raise UnsupportedLayer(f"arange expected sizes, got {limits}")
     length = sp.ceiling(sp.sympify(end - start) / step)
-    return LayerCost("routing", SymTensor((length,)), op="arange")
+    values = None
+    if sp.sympify(step).is_positive:
+        values = (sp.sympify(start), sp.sympify(start + (length - 1) * step))
+    return LayerCost("routing", SymTensor((length,), value_range=values), op="arange")
 
 
 def constructor(*size: Any, **kwargs: Any) -> LayerCost:
@@ -1948,6 +1975,100 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
 }
 if _stochastic_depth_target() is not None:
     FUNCTION_RULES[_stochastic_depth_target()] = stochastic_depth
+
+
+# --- value ranges of tensors computed from sizes: (range of the first argument, the others)
+# -> the range of the output, or None where it is not known ---------------------------------
+
+Range = tuple[sp.Expr, sp.Expr]
+
+
+def _number_range(value: Any) -> Range | None:
+    """Return (v, v) for a number or a size (a whole float as an integer), else the range a
+    tensor carries (None without one)."""
+    if isinstance(value, SymTensor):
+        return value.value_range
+    if isinstance(value, bool) or not isinstance(value, (int, float, sp.Expr)):
+        return None
+    value = sp.sympify(value)
+    if isinstance(value, sp.Float) and float(value).is_integer():
+        value = sp.Integer(int(value))
+    return (value, value)
+
+
+def _range_kept(x: Range, *args: Any) -> Range:
+    """Routing (view, unsqueeze, x[:, None], casts to a float type): the same values."""
+    return x
+
+
+def _range_sum(x: Range, other: Any, *args: Any) -> Range | None:
+    other_range = _number_range(other)
+    if other_range is None:
+        return None
+    return (x[0] + other_range[0], x[1] + other_range[1])
+
+
+def _range_difference(x: Range, other: Any, *args: Any) -> Range | None:
+    other_range = _number_range(other)
+    if other_range is None:
+        return None
+    return (x[0] - other_range[1], x[1] - other_range[0])
+
+
+def _range_scaled(x: Range, other: Any, *args: Any) -> Range | None:
+    """x * c for a number or size c of known sign (a tensor's range times another: unknown)."""
+    if isinstance(other, SymTensor):
+        return None
+    factor = _number_range(other)
+    if factor is None:
+        return None
+    if factor[0].is_nonnegative:
+        return (x[0] * factor[0], x[1] * factor[0])
+    if factor[0].is_nonpositive:
+        return (x[1] * factor[0], x[0] * factor[0])
+    return None
+
+
+def _range_truncated(x: Range, *args: Any) -> Range | None:
+    """.long() / .int(): toward zero, which is floor() where no value is negative."""
+    if not sp.sympify(x[0]).is_nonnegative:
+        return None
+    return (sp.floor(x[0]), sp.floor(x[1]))
+
+
+VALUE_RANGE_RULES: dict[Any, Callable[..., Range | None]] = {
+    **{key: _range_kept for key in (
+        "view", "reshape", torch.reshape, "unsqueeze", torch.unsqueeze, "permute",
+        torch.permute, "transpose", torch.transpose, "contiguous", "clone", "detach",
+        "expand", "expand_as", "flatten", torch.flatten, "float", "double", "to",
+        operator.getitem)},
+    **{key: _range_sum for key in (operator.add, operator.iadd, torch.add, "add", "add_")},
+    **{key: _range_difference for key in (operator.sub, operator.isub, torch.sub, "sub",
+                                          "sub_")},
+    **{key: _range_scaled for key in (operator.mul, operator.imul, torch.mul, "mul", "mul_")},
+    "long": _range_truncated,
+    "int": _range_truncated,
+}
+
+
+def with_value_range(target: Any, args: tuple, output: Any) -> Any:
+    """Return `output` with the range of values VALUE_RANGE_RULES gives for a call of `target`
+    on `args` (a tensor computed from sizes: positions, offsets), else `output` as it is."""
+    rule = VALUE_RANGE_RULES.get(target) if isinstance(output, SymTensor) else None
+    if rule is None or not args:
+        return output
+    first, others = args[0], args[1:]
+    if not isinstance(first, SymTensor) and target in (operator.add, operator.mul, torch.add,
+                                                       torch.mul):
+        first, others = (args[1], (args[0], *args[2:])) if len(args) > 1 else (first, others)
+    if not isinstance(first, SymTensor) or first.value_range is None:
+        return output
+    if target is operator.getitem and any(
+            isinstance(item, SymTensor) for item in (
+                others[0] if isinstance(others[0], tuple) else (others[0],))):
+        return output  # a gather: the values of what it reads
+    values = rule(first.value_range, *others)
+    return output if values is None else replace(output, value_range=values)
 
 
 def call_via(node_op: str, target: Any) -> str:

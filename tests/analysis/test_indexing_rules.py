@@ -4,14 +4,28 @@ each checked against the running network, fvcore and FlopCounterMode."""
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import pytest
 import sympy as sp
 import torch
-from convtally.analysis.accounting import analyse
+from convtally.analysis.accounting import (
+    H,
+    PinnedBranch,
+    ResolutionError,
+    W,
+    analyse,
+    answer_every_resolution,
+)
 from convtally.analysis.conventions import preset
-from convtally.analysis.rules import ParameterTensor, SymTensor, UnsupportedLayer, getitem
+from convtally.analysis.rules import (
+    ParameterTensor,
+    SymTensor,
+    UnsupportedLayer,
+    getitem,
+    with_value_range,
+)
 from convtally.analysis.verification import verify
 from torch import nn
 
@@ -223,3 +237,98 @@ def test_timm_coordinate_grid_under_every_preset_equals_its_tool(monkeypatch):
     for name in ("fvcore", "ptflops", "thop", "torchinfo", "torch"):
         counted = analysis.with_convention(preset(name)).evaluate([(16, 16)])["connections"]
         assert counted[grid[0], 0] == 0
+
+
+RANGED = SymTensor((H,), value_range=(sp.Integer(0), H - 1))  # torch.arange(H)
+
+
+def runs(network: nn.Module, size: tuple[int, int]) -> bool:
+    """Return whether a real forward pass at `size` runs (an index past a table fails)."""
+    try:
+        with torch.no_grad():
+            network(torch.zeros(1, 3, *size))
+    except (IndexError, RuntimeError):  # past a table; sizes that do not agree
+        return False
+    return True
+
+
+class ReadsATable(SizeBuiltOps):
+    """SizeBuiltOps' relative positions read from a table of `rows` rows: it runs up to the
+    side whose positions 0..2(side-1) fit."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(rows, 4))
+
+
+@pytest.mark.parametrize("rows", [23, 31, 40])
+def test_a_size_whose_positions_leave_the_table_is_refused_as_the_forward_fails(rows):
+    network = ReadsATable(rows).eval()
+    analysis = analyse(network)
+    sizes = [(side, side) for side in (4, 8, 12, 16, 20, 24)] + [(12, 24), (24, 8)]
+    assert analysis.runnable(sizes) == [runs(network, size) for size in sizes]
+    assert not all(analysis.runnable(sizes))  # the check is not vacuous
+    last = max(side for side, _ in sizes if runs(network, (side, side)))
+    with pytest.raises(ResolutionError, match=(
+            rf"getitem:4 \(getitem\) cannot run at {last + 4}x{last + 4}: its index reaches "
+            rf"2\*H - 2 in dimension 0 of size {rows}, {2 * (last + 4) - 2 - (rows - 1)} "
+            "beyond it")):
+        analysis.evaluate([(last + 4, last + 4)])
+
+
+class PinnedTableRead(ReadsATable):
+    """ReadsATable behind a branch on the width equal to `pinned` (efficientvit_m0's stage equal
+    to its window): fx refuses formulas there, the concrete rung counts that size alone."""
+
+    def __init__(self, pinned: int):
+        super().__init__(31)
+        self.pinned = pinned
+
+    def forward(self, x):
+        if x.shape[-1] == self.pinned:
+            x = x * 2
+        return super().forward(x)
+
+
+def test_every_rungs_reason_is_given_when_the_first_refusal_was_a_pinned_branch():
+    """auto raised its first error's type again with every rung's reason, and PinnedBranch
+    could not be built from a message alone: a TypeError instead of the reasons."""
+    with pytest.raises(PinnedBranch, match=(
+            r"fx: its input size is pinned: W == 16 .* \| concrete: the network runs other "
+            r"layers at 12x12 than at 16x16; analyse each resolution on its own")):
+        analyse(PinnedTableRead(16).eval(), resolutions=[(16, 16), (12, 12)])
+
+
+def test_timm_mvitv2_is_refused_where_its_relative_positions_leave_the_table():
+    """mvitv2 sizes its relative-position tables for 224x224: larger inputs index past them
+    (the formulas used to give a count at 256x256, where the model raises IndexError)."""
+    timm = pytest.importorskip("timm")
+    network = timm.create_model("mvitv2_tiny").eval()
+    analysis = analyse(network)
+    sizes = [(224, 224), (256, 256), (160, 224)]
+    assert analysis.runnable(sizes) == [runs(network, size) for size in sizes] == [
+        True, False, True]
+    with pytest.raises(ResolutionError, match=r"cannot run at 256x256: .*the nearest sizes it "
+                                              r"runs at: 224x224, 192x192"):
+        answer_every_resolution(analyse(network, resolutions=[(256, 256)]), [(256, 256)],
+                                lambda: analyse(network, exact=True))
+
+
+@pytest.mark.parametrize("target, args, expected", [
+    (operator.mul, (RANGED, -2), (2 - 2 * H, 0)),
+    (operator.mul, (3, RANGED), (0, 3 * H - 3)),
+    (operator.add, (2, RANGED), (2, H + 1)),
+    (operator.sub, (RANGED, RANGED), (1 - H, H - 1)),
+    (operator.iadd, (RANGED, 1.0), (1, H)),  # a whole float adds as an integer
+    ("long", (RANGED,), (0, H - 1)),
+    ("long", (SymTensor((H,), value_range=(-1, H)),), None),  # toward zero is not floor
+    ("long", (SymTensor((H,), value_range=(0, H / 2)),), (0, sp.floor(H / 2))),
+    (operator.getitem, (RANGED, (slice(None), None)), (0, H - 1)),
+    (operator.getitem, (RANGED, RANGED), None),  # a gather: the values read, not the index
+    (operator.mul, (RANGED, RANGED), None),
+    (operator.mul, (RANGED, W - H), None),  # a factor of unknown sign
+])
+def test_value_ranges_follow_the_arithmetic_on_positions(target, args, expected):
+    output = with_value_range(target, args, SymTensor((H,)))
+    assert output.value_range == (None if expected is None else tuple(map(sp.sympify,
+                                                                          expected)))
