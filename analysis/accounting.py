@@ -13,6 +13,7 @@ import contextlib
 import functools
 import gc
 import math
+import operator
 import os
 import signal
 import threading
@@ -1450,6 +1451,7 @@ def _interpret(
     asserted: list[tuple] = []  # size conditions the forward asserts (_asserted_condition)
     placeholders = 0
     rows_counted: dict[tuple[LayerCost, bool], dict[str, sp.Expr]] = {}
+    ranged_storage: dict[str, str] = {}  # node -> the node whose storage its values are in
 
     def counted_once(cost: LayerCost, known: bool) -> dict[str, sp.Expr]:
         # a network repeats its layers: csatv2's 1,017 rows are 198 distinct costs
@@ -1562,8 +1564,10 @@ def _interpret(
                 parameters=result.weights + owned,
             )
             if any(getattr(a, "value_range", None) is not None for a in args):
-                cost = replace(cost, output=rules.with_value_range(node.target, args,
+                cost = replace(cost, output=rules.with_value_range(node.target, args, kwargs,
                                                                      cost.output))
+        if ranged_storage or getattr(cost.output, "value_range", None) is not None:
+            _track_ranged_storage(node, kwargs, cost.output, env, ranged_storage)
         env[node.name] = cost.output
         output = cost.output
         if isinstance(output, tuple) and all(v is None or isinstance(v, SymTensor)
@@ -1594,6 +1598,41 @@ def _interpret(
             (env.get(name), taken, name, f"the forward branches on it; traced at {probe}")
             for name, taken in graph_module.meta.get("branches", ())]
     return layers
+
+
+def _track_ranged_storage(node: torch.fx.Node, kwargs: dict, output: Any,
+                          env: dict[str, Any], storage: dict[str, str]) -> None:
+    """Keep the value ranges of tensors computed from sizes sound under in-place writes: what
+    is computed from such a tensor shares its storage (a view, a cast: conservatively, any
+    call but arithmetic, which makes a new tensor), and a write into any of them (`p += 1`,
+    `p.clamp_(max=15)`, `p[0] = 100`, an inplace module) forgets the range of every tensor on
+    that storage; the write's own result keeps the range its rule gave."""
+    first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    tracked = first is not None and first.name in storage
+    if tracked and _writes_in_place(node, kwargs):
+        root = storage[first.name]
+        for name, shared in storage.items():
+            value = env.get(name)
+            if shared == root and isinstance(value, SymTensor) and value.value_range:
+                env[name] = replace(value, value_range=None)
+        storage[node.name] = root
+    elif tracked and node.target not in rules.NEW_TENSOR_ARITHMETIC:
+        storage[node.name] = storage[first.name]
+    elif getattr(output, "value_range", None) is not None:
+        storage[node.name] = node.name  # torch.arange, or arithmetic: a tensor of its own
+
+
+def _writes_in_place(node: torch.fx.Node, kwargs: dict) -> bool:
+    """Return whether a call writes into its first argument (x += 1, x.add_(1), x[i] = v)."""
+    if node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.setitem):
+        return True
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+        return True
+    if node.op == "call_module":
+        return bool(getattr(node.graph.owning_module.get_submodule(node.target), "inplace",
+                            False))
+    return bool(kwargs.get("inplace")) or kwargs.get("out") is not None
 
 
 def _asserted_condition(node: torch.fx.Node, args: tuple) -> tuple | None:

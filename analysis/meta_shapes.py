@@ -66,11 +66,11 @@ def _unary(inplace_at: int | None) -> Callable[..., torch.Tensor | None]:
 
 def _binary(input: torch.Tensor, other: Any, *args: Any, **kwargs: Any) -> torch.Tensor | None:
     """add, sub, mul: the broadcast shape and the promoted dtype (None with out=)."""
-    if kwargs.get("out") is not None or len(args) > 1:
-        return None
+    if kwargs.get("out") is not None or len(args) > 1 or kwargs.get("alpha", 1) != 1:
+        return None  # alpha: PyTorch checks it against the dtypes
     if isinstance(other, torch.Tensor):
-        if not other.is_meta:
-            return None
+        if not other.is_meta or input.dtype is other.dtype is torch.bool:
+            return None  # bool - bool: PyTorch refuses it
         shape = torch.broadcast_shapes(input.shape, other.shape)
         if shape != input.shape and _row_major(input) and _row_major(other):
             # a smaller operand first (`bias + x`): row-major operands (exact strides, size-1
@@ -209,7 +209,11 @@ def _interpolate(input: torch.Tensor, size: Any = None, scale_factor: Any = None
     """F.interpolate to a given `size`, contiguous (a scale factor is left to PyTorch): the
     bicubic kernel's meta function is a Python decomposition, 26 ms of timm crossvit's trace."""
     dims = input.dim() - 2
+    if isinstance(size, bool) or isinstance(size, (tuple, list)) and any(
+            isinstance(v, bool) for v in size):
+        return None  # PyTorch refuses it
     if (size is None or scale_factor is not None or antialias or not _row_major(input)
+            or recompute_scale_factor
             or dims not in _INTERPOLATE_MODES.get(mode, ())
             or (align_corners is not None and mode in ("nearest", "nearest-exact", "area"))):
         return None

@@ -1110,8 +1110,9 @@ def _index_bounds(index: SymTensor, size: sp.Expr, dimension: int
                   ) -> tuple[tuple[sp.Expr, str], ...]:
     """Return the margins an index whose values are known from sizes leaves inside a dimension
     of `size` (PyTorch reads -size..size-1): none for an index read from a buffer."""
-    if index.value_range is None:
-        return ()
+    if index.value_range is None or any(sp.sympify(v).has(BATCH)
+                                        for v in (*index.value_range, size)):
+        return ()  # positions over the batch (arange(B)): not a size of the input
     least, greatest = index.value_range
     return (
         (sp.sympify(size - 1 - greatest),
@@ -1996,7 +1997,7 @@ def _number_range(value: Any) -> Range | None:
     return (value, value)
 
 
-def _range_kept(x: Range, *args: Any) -> Range:
+def range_kept(x: Range, *args: Any) -> Range:
     """Routing (view, unsqueeze, x[:, None], casts to a float type): the same values."""
     return x
 
@@ -2036,12 +2037,26 @@ def _range_truncated(x: Range, *args: Any) -> Range | None:
     return (sp.floor(x[0]), sp.floor(x[1]))
 
 
+def _range_cast(x: Range, *args: Any, dtype: Any = None, **kwargs: Any) -> Range | None:
+    """.to(dtype) / .to(device): int64 and int32 truncate as .long() does, a floating dtype
+    keeps the values; another tensor's dtype, narrower integers, bool or complex: unknown."""
+    if any(isinstance(a, SymTensor) for a in args):
+        return None
+    dtype = dtype or next((a for a in args if isinstance(a, torch.dtype)), None)
+    if dtype is None or dtype.is_floating_point:
+        return x
+    if dtype in (torch.int64, torch.int32):
+        return _range_truncated(x)
+    return None  # bool, complex; uint8 and int8 wrap around (and a byte index is a mask)
+
+
 VALUE_RANGE_RULES: dict[Any, Callable[..., Range | None]] = {
-    **{key: _range_kept for key in (
+    **{key: range_kept for key in (
         "view", "reshape", torch.reshape, "unsqueeze", torch.unsqueeze, "permute",
         torch.permute, "transpose", torch.transpose, "contiguous", "clone", "detach",
-        "expand", "expand_as", "flatten", torch.flatten, "float", "double", "to",
+        "expand", "expand_as", "flatten", torch.flatten, "float", "double",
         operator.getitem)},
+    "to": _range_cast,
     **{key: _range_sum for key in (operator.add, operator.iadd, torch.add, "add", "add_")},
     **{key: _range_difference for key in (operator.sub, operator.isub, torch.sub, "sub",
                                           "sub_")},
@@ -2051,12 +2066,19 @@ VALUE_RANGE_RULES: dict[Any, Callable[..., Range | None]] = {
 }
 
 
-def with_value_range(target: Any, args: tuple, output: Any) -> Any:
+# calls that compute a new tensor (never a view of their input): x + 1, x * 2, x - y
+NEW_TENSOR_ARITHMETIC = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, "add", "sub", "mul", "div", "neg",
+})
+
+
+def with_value_range(target: Any, args: tuple, kwargs: Mapping[str, Any], output: Any) -> Any:
     """Return `output` with the range of values VALUE_RANGE_RULES gives for a call of `target`
     on `args` (a tensor computed from sizes: positions, offsets), else `output` as it is."""
     rule = VALUE_RANGE_RULES.get(target) if isinstance(output, SymTensor) else None
-    if rule is None or not args:
-        return output
+    if rule is None or not args or (kwargs and rule is not _range_cast):
+        return output  # alpha=, out=, ...: not followed
     first, others = args[0], args[1:]
     if not isinstance(first, SymTensor) and target in (operator.add, operator.mul, torch.add,
                                                        torch.mul):
@@ -2067,7 +2089,7 @@ def with_value_range(target: Any, args: tuple, output: Any) -> Any:
             isinstance(item, SymTensor) for item in (
                 others[0] if isinstance(others[0], tuple) else (others[0],))):
         return output  # a gather: the values of what it reads
-    values = rule(first.value_range, *others)
+    values = rule(first.value_range, *others, **kwargs)
     return output if values is None else replace(output, value_range=values)
 
 

@@ -329,6 +329,70 @@ def test_timm_mvitv2_is_refused_where_its_relative_positions_leave_the_table():
     (operator.mul, (RANGED, W - H), None),  # a factor of unknown sign
 ])
 def test_value_ranges_follow_the_arithmetic_on_positions(target, args, expected):
-    output = with_value_range(target, args, SymTensor((H,)))
+    output = with_value_range(target, args, {}, SymTensor((H,)))
     assert output.value_range == (None if expected is None else tuple(map(sp.sympify,
                                                                           expected)))
+
+
+def _shifted_in_place(p):
+    p += 3
+    return p
+
+
+def _clamped_in_place(p):
+    p.clamp_(max=15)
+    return p
+
+
+def _written_through_a_view(p):
+    p[None, :].sub_(p.shape[0] // 2)
+    return p
+
+
+def _item_written(p):
+    p[0] = 100
+    return p
+
+
+POSITIONS = {  # positions from the side s of the feature map -> whether the range is followed
+    "arange": (lambda s, b: torch.arange(s), True),
+    "halved, to(long)": (lambda s, b: (torch.arange(s) * 0.5).to(torch.long), True),
+    "+= 3": (lambda s, b: _shifted_in_place(torch.arange(s)), True),
+    "clamp_": (lambda s, b: _clamped_in_place(torch.arange(s)), False),
+    "sub_ through a view": (lambda s, b: _written_through_a_view(torch.arange(s)), False),
+    "p[0] = 100": (lambda s, b: _item_written(torch.arange(s)), False),
+    "add with alpha": (lambda s, b: torch.add(torch.arange(s), 5, alpha=3), False),
+    "to(uint8), which wraps": (lambda s, b: (torch.arange(s) + 250).to(torch.uint8), False),
+    "arange over the batch": (lambda s, b: torch.arange(b), False),
+}
+
+
+class ReadsPositions(nn.Module):
+    def __init__(self, positions):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(16, 4))
+        self.positions = positions
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x + self.table[self.positions(x.shape[2], x.shape[0])].sum()
+
+
+@pytest.mark.parametrize("name", POSITIONS)
+def test_a_size_is_never_refused_where_the_forward_reads_inside_the_table(name):
+    """The ranges are sound: an in-place write (into the tensor or a view of it), alpha=, a
+    wrapping cast or positions over the batch leave a range unknown (not checked, as before)
+    rather than wrong; where a range is followed, the refusals are exactly the failures."""
+    positions, followed = POSITIONS[name]
+    network = ReadsPositions(positions).eval()
+    sizes = [(side, side) for side in (2, 4, 8, 12, 16, 20, 24, 32, 40)]
+    analysis = analyse(network)
+    assert analysis.capture == "fx"
+    predicted = analysis.runnable(sizes)
+    real = [runs(network, size) for size in sizes]
+    assert all(p or not r for p, r in zip(predicted, real, strict=True))
+    if followed:
+        assert predicted == real and not all(real)
+    else:
+        assert not any(layer.bounds for layer in analysis.layers)

@@ -95,6 +95,15 @@ CALLS = {
         meta(2, 8, 6, 5, channels_last=True), size=(3, 3)),
     "interpolate_channels_last_1x1": lambda: F.interpolate(  # is_contiguous() all the same
         meta(2, 8, 1, 1, channels_last=True), size=(3, 3)),
+    # PyTorch's errors: recompute_scale_factor with a size, a size of bools, bool - bool, a
+    # fractional alpha on integers
+    "interpolate_recompute_with_size": lambda: F.interpolate(x4, size=3,
+                                                             recompute_scale_factor=True),
+    "interpolate_bool_size": lambda: F.interpolate(x4, size=[True, True]),
+    "sub_bools_broadcast": lambda: torch.sub(meta(1, 8, dtype=torch.bool),
+                                             meta(2, 8, dtype=torch.bool)),
+    "add_integers_fractional_alpha": lambda: torch.add(meta(1, 8, dtype=torch.long),
+                                                       meta(2, 8, dtype=torch.long), alpha=0.5),
     "attention": lambda: F.scaled_dot_product_attention(meta(2, 3, 10, 8), meta(2, 3, 12, 8),
                                                          meta(2, 3, 12, 5)),
     "attention_timm_heads": lambda: F.scaled_dot_product_attention(
