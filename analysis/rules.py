@@ -2038,16 +2038,18 @@ def _range_truncated(x: Range, *args: Any) -> Range | None:
 
 
 def _range_cast(x: Range, *args: Any, dtype: Any = None, **kwargs: Any) -> Range | None:
-    """.to(dtype) / .to(device): int64 and int32 truncate as .long() does, a floating dtype
-    keeps the values; another tensor's dtype, narrower integers, bool or complex: unknown."""
+    """.to(dtype) / .to(device): int64 and int32 truncate as .long() does, float32 and float64
+    keep the values; another tensor's dtype, narrower types, bool or complex: unknown."""
     if any(isinstance(a, SymTensor) for a in args):
         return None
     dtype = dtype or next((a for a in args if isinstance(a, torch.dtype)), None)
-    if dtype is None or dtype.is_floating_point:
+    if dtype in (None, torch.float32, torch.float64):
         return x
     if dtype in (torch.int64, torch.int32):
         return _range_truncated(x)
-    return None  # bool, complex; uint8 and int8 wrap around (and a byte index is a mask)
+    # bool, complex, half precision (which rounds whole numbers past 2048); uint8 and int8
+    # wrap around (and a byte index is a mask)
+    return None
 
 
 VALUE_RANGE_RULES: dict[Any, Callable[..., Range | None]] = {

@@ -363,6 +363,8 @@ POSITIONS = {  # positions from the side s of the feature map -> whether the ran
     "p[0] = 100": (lambda s, b: _item_written(torch.arange(s)), False),
     "add with alpha": (lambda s, b: torch.add(torch.arange(s), 5, alpha=3), False),
     "to(uint8), which wraps": (lambda s, b: (torch.arange(s) + 250).to(torch.uint8), False),
+    "to(float16), which rounds": (
+        lambda s, b: (torch.arange(s) + 2047).to(torch.float16).long() - 2047, False),
     "arange over the batch": (lambda s, b: torch.arange(b), False),
 }
 
