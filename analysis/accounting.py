@@ -1234,6 +1234,8 @@ def _analyse_concrete(prepared, convention, allow_unknown, resolutions) -> Analy
         # ops the export rung has rules for: its count, when it is complete
         try:
             exported = analyse_exported_concrete(prepared, convention, allow_unknown, resolutions)
+        except ResolutionError:  # the forward cannot run there (a table read past its end)
+            raise
         except (ValueError, NotImplementedError, RuntimeError, TypeError, KeyError):
             return None
         return exported if exported.complete else None
@@ -1300,7 +1302,20 @@ def _concrete_rows(prepared, graph_module, convention, allow_unknown, resolution
             )
         except UnsupportedLayer as error:
             raise UnsupportedLayer(f"at {size_label(resolution, short=False)}: {error}") from None
+        refuse_reads_outside(prepared.name, rows[resolution], resolution)
     return rows
+
+
+def refuse_reads_outside(model: str, layers: Sequence[Layer], size: tuple[int, ...]) -> None:
+    """Raise ResolutionError where a row counted at one size reads past a table there (its
+    margin is a number below 0), as the forward pass fails there."""
+    for layer in layers:
+        for margin, what in layer.bounds:
+            if sp.sympify(margin) < 0:
+                at = size_label(size, short=False)
+                raise ResolutionError(f"{model} cannot run at {at}: {layer.name} "
+                                      f"({layer.type}) cannot run at {at}: {what}, "
+                                      f"{-margin} beyond it")
 
 
 def concrete_analysis(
@@ -1563,8 +1578,10 @@ def _interpret(
                 weights=result.weights + owned,
                 parameters=result.weights + owned,
             )
-            if any(getattr(a, "value_range", None) is not None for a in args):
-                cost = replace(cost, output=rules.with_value_range(node.target, args, kwargs,
+            if any(getattr(a, "value_range", None) is not None or _known_positions(a)
+                   for a in args):
+                ranged = tuple(_known_positions(a) or a for a in args)
+                cost = replace(cost, output=rules.with_value_range(node.target, ranged, kwargs,
                                                                      cost.output))
         if ranged_storage or getattr(cost.output, "value_range", None) is not None:
             _track_ranged_storage(node, kwargs, cost.output, env, ranged_storage)
@@ -1598,6 +1615,17 @@ def _interpret(
             (env.get(name), taken, name, f"the forward branches on it; traced at {probe}")
             for name, taken in graph_module.meta.get("branches", ())]
     return layers
+
+
+def _known_positions(value: Any) -> SymTensor | None:
+    """Return an integer tensor the forward computed from sizes at a counted size (torch.arange
+    of a number: PyTorch's own) as its shape and the range of its values, for the ranges of
+    what is computed from it; None for anything else."""
+    if (not isinstance(value, torch.Tensor) or value.is_meta or not value.numel()
+            or value.is_floating_point() or value.is_complex() or value.dtype is torch.bool):
+        return None
+    return SymTensor(tuple(sp.Integer(d) for d in value.shape),
+                     value_range=(sp.Integer(int(value.min())), sp.Integer(int(value.max()))))
 
 
 def _track_ranged_storage(node: torch.fx.Node, kwargs: dict, output: Any,

@@ -33,6 +33,7 @@ from convtally.analysis.accounting import (
     concrete_analysis,
     counted,
     pinned_away,
+    refuse_reads_outside,
 )
 from convtally.analysis.conventions import Convention
 from convtally.analysis.meta_shapes import MetaShapes
@@ -381,6 +382,7 @@ def interpret_exported(
     owned: set[str] = set()
     seen: Counter = Counter()
     checks: list = []
+    ranged_storage: dict[str, str] = {}  # node -> the node whose storage its values are in
     for node in program.graph.nodes:
         if node.op == "placeholder":
             value = node.meta["val"]
@@ -436,6 +438,9 @@ def interpret_exported(
             except UnsupportedLayer as error:
                 raise UnsupportedLayer(f"{label} (aten.{op}): {error}") from None
         cost = _with_output(cost, output)
+        output, bounds = _ranged(op, args, kwargs, output, sizes)
+        if ranged_storage or getattr(output, "value_range", None) is not None:
+            _track_ranged_storage(node, op, output, env, ranged_storage)
         weights = _new_parameters(args, owned)
         cost = replace(
             cost, op=cost.op or op, via="aten", weights=cost.weights + weights,
@@ -448,10 +453,74 @@ def interpret_exported(
             name=label, type=f"aten.{op}", kind=cost.kind, node=node.name,
             output_shape=tuple(sp.sympify(d) for d in shape),
             **counted(cost, known, convention), outputs=cost.outputs,
-            cost=cost, known=known, requirements=(),
+            cost=cost, known=known, requirements=(), bounds=bounds,
         ))
     _apply_checks(layers, [c for c in checks if c is not None], sizes)
     return layers, owned
+
+
+# ATen op -> the fx rung's value-range rule it follows (the exported graph is functional:
+# no in-place writes to forget ranges for)
+_RANGE_KEYS = {
+    "unsqueeze": "unsqueeze", "view": "view", "_unsafe_view": "view", "reshape": "reshape",
+    "expand": "expand", "permute": "permute", "transpose": "transpose", "t": "transpose",
+    "clone": "clone", "alias": "view", "slice": "view", "select": "view", "squeeze": "view",
+    "add": "add", "sub": "sub", "mul": "mul", "to": "to", "_to_copy": "to",
+    "add_": "add_", "sub_": "sub_", "mul_": "mul_",
+}
+
+
+def _track_ranged_storage(node: torch.fx.Node, op: str, output: Any, env: dict[str, Any],
+                          storage: dict[str, str]) -> None:
+    """As the fx rung does (accounting._track_ranged_storage): an exported graph may keep
+    in-place ops (mvitv2's `dist += offset` is aten.add_), and a write forgets the range of
+    every tensor on the storage it writes; views and casts share their input's storage."""
+    first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    tracked = first is not None and first.name in storage
+    if tracked and op.endswith("_"):
+        root = storage[first.name]
+        for name, shared in storage.items():
+            value = env.get(name)
+            if shared == root and isinstance(value, SymTensor) and value.value_range:
+                env[name] = replace(value, value_range=None)
+        storage[node.name] = root
+    elif tracked and op not in ("add", "sub", "mul", "div", "neg"):
+        storage[node.name] = storage[first.name]
+    elif getattr(output, "value_range", None) is not None:
+        storage[node.name] = node.name
+
+
+def _ranged(op: str, args: tuple, kwargs: dict, output: Any, sizes: _Sizes
+            ) -> tuple[Any, tuple[tuple[sp.Expr, str], ...]]:
+    """Return (output with the range of its values, the margins of a table read): positions
+    from aten.arange through the fx rung's value-range rules, checked where aten.index reads
+    a table with them."""
+    def symbolic(value: Any) -> Any:  # a size scale torch.export keeps as a SymFloat
+        if isinstance(value, (torch.SymInt, torch.SymFloat)):
+            try:
+                return sizes.convert(value.node.expr)
+            except UnsupportedLayer:
+                return None
+        return value
+
+    args = tuple(symbolic(a) for a in args)
+    if op == "arange" and isinstance(output, SymTensor):
+        start, end, step = ((0, *args, 1) if len(args) == 1 else (*args, 1))[:3]
+        if all(isinstance(v, (int, sp.Expr)) and not isinstance(v, bool)
+               for v in (start, end, step)) and sp.sympify(step).is_positive:
+            length = sp.ceiling(sp.sympify(end - start) / step)
+            return replace(output, value_range=(sp.sympify(start),
+                                                sp.sympify(start + (length - 1) * step))), ()
+        return output, ()
+    if op == "index" and len(args) == 2 and isinstance(args[0], SymTensor):
+        bounds = tuple(
+            bound for position, index in enumerate(args[1]) if isinstance(index, SymTensor)
+            for bound in rules._index_bounds(index, args[0].shape[position], position))
+        return output, bounds
+    key = _RANGE_KEYS.get(op)
+    if key is None or not any(getattr(a, "value_range", None) is not None for a in args):
+        return output, ()
+    return rules.with_value_range(key, args, kwargs, output), ()
 
 
 def _size_value(sizes: _Sizes, value: Any) -> Any:
@@ -690,6 +759,7 @@ def analyse_exported_concrete(prepared: _Prepared, convention: Convention, allow
         per_resolution[(height, width)], owned = interpret_exported(
             program, convention, allow_unknown
         )
+        refuse_reads_outside(prepared.name, per_resolution[(height, width)], (height, width))
     analysis = concrete_analysis(prepared, None, per_resolution, convention, owned)
     analysis.capture_note = "torch.fx cannot trace it; counted from torch.export at each size"
     analysis.export_programs = programs  # verify runs each size's graph

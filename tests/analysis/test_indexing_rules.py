@@ -290,6 +290,33 @@ class PinnedTableRead(ReadsATable):
         return super().forward(x)
 
 
+@pytest.mark.parametrize("rows", [23, 31])
+def test_the_export_rung_refuses_a_size_whose_positions_leave_the_table(rows):
+    """aten.arange's range followed through the exported graph (sub, add, to) to aten.index."""
+    network = ReadsPositions(lambda s, b: (torch.arange(s)[:, None] - torch.arange(s)[None, :]
+                                           + (s - 1)).long())
+    network.table = nn.Parameter(torch.randn(rows, 4))
+    network.eval()
+    analysis = analyse(network, capture="export")
+    assert analysis.capture == "export" and any(layer.bounds for layer in analysis.layers)
+    sizes = [(side, side) for side in (4, 8, 12, 16, 20)]
+    assert analysis.runnable(sizes) == [runs(network, size) for size in sizes]
+
+
+def test_the_concrete_rung_refuses_a_size_whose_positions_leave_the_table():
+    """Counted at one size (here through torch.export), a margin is a number: below 0 there,
+    the size is refused as the forward fails."""
+    network = SizeBuiltOps().eval()
+    counted = analyse(network, capture="concrete", resolutions=[(16, 16)])
+    assert counted.totals_at([(16, 16)])["connections"] == analyse(network).totals_at(
+        [(16, 16)])["connections"]
+    assert not runs(network, (20, 20))
+    with pytest.raises(ResolutionError, match=r"SizeBuiltOps cannot run at 20x20: index "
+                                              r"\(aten.index\) cannot run at 20x20: its index "
+                                              "reaches 38 in dimension 0 of size 31, 8 beyond it"):
+        analyse(network, capture="concrete", resolutions=[(20, 20)])
+
+
 def test_every_rungs_reason_is_given_when_the_first_refusal_was_a_pinned_branch():
     """auto raised its first error's type again with every rung's reason, and PinnedBranch
     could not be built from a message alone: a TypeError instead of the reasons."""
@@ -312,6 +339,11 @@ def test_timm_mvitv2_is_refused_where_its_relative_positions_leave_the_table():
                                               r"runs at: 224x224, 192x192"):
         answer_every_resolution(analyse(network, resolutions=[(256, 256)]), [(256, 256)],
                                 lambda: analyse(network, exact=True))
+    # traced at 256 alone (its positions computed there as numbers): 123 > 110
+    with pytest.raises(ResolutionError, match=r"its index reaches 123 in dimension 0 of size "
+                                              "111, 13 beyond it"):
+        analyse(network, capture="concrete", resolutions=[(256, 256)])
+    assert analyse(network, capture="export").runnable(sizes) == [True, False, True]
 
 
 @pytest.mark.parametrize("target, args, expected", [
