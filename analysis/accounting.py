@@ -292,13 +292,9 @@ class Analysis:
         self._check_branches(branch_values, resolutions)
         if margins.size and (margins < 0).any():
             row, column = np.argwhere(margins < 0)[0]
-            index, (margin, what) = self._bound_owner[row]
-            layer = self.layers[index]
-            raise ResolutionError(
-                f"{layer.name} ({layer.type}) cannot run at "
-                f"{size_label(resolutions[column], short=False)}: {what}, "
-                f"{-margins[row, column]} beyond it"
-            )
+            index, (_, what) = self._bound_owner[row]
+            raise ResolutionError(_read_outside(self.layers[index], resolutions[column], what,
+                                                -margins[row, column]))
         if differences.size and (differences != 0).any():
             row, column = np.argwhere(differences != 0)[0]
             index, (a, b, what) = self._requirement_owner[row]
@@ -1312,10 +1308,14 @@ def refuse_reads_outside(model: str, layers: Sequence[Layer], size: tuple[int, .
     for layer in layers:
         for margin, what in layer.bounds:
             if sp.sympify(margin) < 0:
-                at = size_label(size, short=False)
-                raise ResolutionError(f"{model} cannot run at {at}: {layer.name} "
-                                      f"({layer.type}) cannot run at {at}: {what}, "
-                                      f"{-margin} beyond it")
+                raise ResolutionError(f"{model} cannot run at {size_label(size, short=False)}: "
+                                      f"{_read_outside(layer, size, what, -margin)}")
+
+
+def _read_outside(layer: Layer, size: Sequence[int], what: str, beyond: Any) -> str:
+    """Return 'getitem:4 (getitem) cannot run at 20x20: its index reaches ..., 8 beyond it'."""
+    return (f"{layer.name} ({layer.type}) cannot run at {size_label(size, short=False)}: "
+            f"{what}, {beyond} beyond it")
 
 
 def concrete_analysis(
@@ -1578,13 +1578,15 @@ def _interpret(
                 weights=result.weights + owned,
                 parameters=result.weights + owned,
             )
-            if any(getattr(a, "value_range", None) is not None or _known_positions(a)
+            if any(isinstance(a, torch.Tensor) or getattr(a, "value_range", None) is not None
                    for a in args):
                 ranged = tuple(_known_positions(a) or a for a in args)
                 cost = replace(cost, output=rules.with_value_range(node.target, ranged, kwargs,
                                                                      cost.output))
         if ranged_storage or getattr(cost.output, "value_range", None) is not None:
-            _track_ranged_storage(node, kwargs, cost.output, env, ranged_storage)
+            track_ranged_storage(node, cost.output, env, ranged_storage,
+                                 writes=_writes_in_place(node, kwargs),
+                                 fresh=node.target in rules.NEW_TENSOR_ARITHMETIC)
         env[node.name] = cost.output
         output = cost.output
         if isinstance(output, tuple) and all(v is None or isinstance(v, SymTensor)
@@ -1628,23 +1630,24 @@ def _known_positions(value: Any) -> SymTensor | None:
                      value_range=(sp.Integer(int(value.min())), sp.Integer(int(value.max()))))
 
 
-def _track_ranged_storage(node: torch.fx.Node, kwargs: dict, output: Any,
-                          env: dict[str, Any], storage: dict[str, str]) -> None:
+def track_ranged_storage(node: torch.fx.Node, output: Any, env: dict[str, Any],
+                         storage: dict[str, str], writes: bool, fresh: bool) -> None:
     """Keep the value ranges of tensors computed from sizes sound under in-place writes: what
     is computed from such a tensor shares its storage (a view, a cast: conservatively, any
-    call but arithmetic, which makes a new tensor), and a write into any of them (`p += 1`,
-    `p.clamp_(max=15)`, `p[0] = 100`, an inplace module) forgets the range of every tensor on
-    that storage; the write's own result keeps the range its rule gave."""
+    call but arithmetic, `fresh`, which makes a new tensor), and a write into any of them
+    (`writes`: `p += 1`, `p.clamp_(max=15)`, `p[0] = 100`, an inplace module, aten.add_)
+    forgets the range of every tensor on that storage; the write's own result keeps the range
+    its rule gave. Both the fx and the export rung's interpreters call it per node."""
     first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
     tracked = first is not None and first.name in storage
-    if tracked and _writes_in_place(node, kwargs):
+    if tracked and writes:
         root = storage[first.name]
         for name, shared in storage.items():
             value = env.get(name)
             if shared == root and isinstance(value, SymTensor) and value.value_range:
                 env[name] = replace(value, value_range=None)
         storage[node.name] = root
-    elif tracked and node.target not in rules.NEW_TENSOR_ARITHMETIC:
+    elif tracked and not fresh:
         storage[node.name] = storage[first.name]
     elif getattr(output, "value_range", None) is not None:
         storage[node.name] = node.name  # torch.arange, or arithmetic: a tensor of its own

@@ -34,6 +34,7 @@ from convtally.analysis.accounting import (
     counted,
     pinned_away,
     refuse_reads_outside,
+    track_ranged_storage,
 )
 from convtally.analysis.conventions import Convention
 from convtally.analysis.meta_shapes import MetaShapes
@@ -440,7 +441,9 @@ def interpret_exported(
         cost = _with_output(cost, output)
         output, bounds = _ranged(op, args, kwargs, output, sizes)
         if ranged_storage or getattr(output, "value_range", None) is not None:
-            _track_ranged_storage(node, op, output, env, ranged_storage)
+            # an exported graph may keep in-place ops (mvitv2's `dist += offset` is aten.add_)
+            track_ranged_storage(node, output, env, ranged_storage, writes=op.endswith("_"),
+                                 fresh=op in ("add", "sub", "mul", "div", "neg"))
         weights = _new_parameters(args, owned)
         cost = replace(
             cost, op=cost.op or op, via="aten", weights=cost.weights + weights,
@@ -470,26 +473,6 @@ _RANGE_KEYS = {
 }
 
 
-def _track_ranged_storage(node: torch.fx.Node, op: str, output: Any, env: dict[str, Any],
-                          storage: dict[str, str]) -> None:
-    """As the fx rung does (accounting._track_ranged_storage): an exported graph may keep
-    in-place ops (mvitv2's `dist += offset` is aten.add_), and a write forgets the range of
-    every tensor on the storage it writes; views and casts share their input's storage."""
-    first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-    tracked = first is not None and first.name in storage
-    if tracked and op.endswith("_"):
-        root = storage[first.name]
-        for name, shared in storage.items():
-            value = env.get(name)
-            if shared == root and isinstance(value, SymTensor) and value.value_range:
-                env[name] = replace(value, value_range=None)
-        storage[node.name] = root
-    elif tracked and op not in ("add", "sub", "mul", "div", "neg"):
-        storage[node.name] = storage[first.name]
-    elif getattr(output, "value_range", None) is not None:
-        storage[node.name] = node.name
-
-
 def _ranged(op: str, args: tuple, kwargs: dict, output: Any, sizes: _Sizes
             ) -> tuple[Any, tuple[tuple[sp.Expr, str], ...]]:
     """Return (output with the range of its values, the margins of a table read): positions
@@ -515,7 +498,7 @@ def _ranged(op: str, args: tuple, kwargs: dict, output: Any, sizes: _Sizes
     if op == "index" and len(args) == 2 and isinstance(args[0], SymTensor):
         bounds = tuple(
             bound for position, index in enumerate(args[1]) if isinstance(index, SymTensor)
-            for bound in rules._index_bounds(index, args[0].shape[position], position))
+            for bound in rules.index_bounds(index, args[0].shape[position], position))
         return output, bounds
     key = _RANGE_KEYS.get(op)
     if key is None or not any(getattr(a, "value_range", None) is not None for a in args):

@@ -1101,12 +1101,12 @@ def _advanced_getitem(container: SymTensor, index: tuple, not_masks: set[int] = 
     after = [size for position, size in kept if not adjacent or position > advanced[-1]]
     bounds = tuple(
         bound for position, item in enumerate(index) if isinstance(item, SymTensor)
-        for bound in _index_bounds(item, container.shape[position], position))
+        for bound in index_bounds(item, container.shape[position], position))
     return LayerCost("routing", SymTensor((*before, *index_shape, *after)), op="index",
                      extra=(("index_values", sp.Mul(*index_shape)),), bounds=bounds)
 
 
-def _index_bounds(index: SymTensor, size: sp.Expr, dimension: int
+def index_bounds(index: SymTensor, size: sp.Expr, dimension: int
                   ) -> tuple[tuple[sp.Expr, str], ...]:
     """Return the margins an index whose values are known from sizes leaves inside a dimension
     of `size` (PyTorch reads -size..size-1): none for an index read from a buffer."""

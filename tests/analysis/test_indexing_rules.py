@@ -166,14 +166,22 @@ class NewOps(nn.Module):
         return self.head(-x[..., :4])
 
 
-def test_new_ops_under_every_preset_equal_their_tool():
+TOOLS = ("fvcore", "ptflops", "thop", "torchinfo", "torch")
+
+
+def assert_every_tool_equals_its_preset(network: nn.Module, sizes: list[tuple[int, int]]):
+    """Run all five tools on `network` at `sizes`: each tool's own count equals our count under
+    its preset."""
     from convtally.analysis.crosscheck import crosscheck
 
-    result = crosscheck(NewOps().eval(), [(16, 16)])
+    result = crosscheck(network, sizes)
     assert result.mismatches == []
-    tools = {t.tool: t for check in result.resolutions for t in check.tools}
-    assert set(tools) == {"fvcore", "ptflops", "thop", "torchinfo", "torch"}
-    assert all(t.number == t.preset for t in tools.values())
+    assert {t.tool for check in result.resolutions for t in check.tools} == set(TOOLS)
+    assert all(t.number == t.preset for check in result.resolutions for t in check.tools)
+
+
+def test_new_ops_under_every_preset_equal_their_tool():
+    assert_every_tool_equals_its_preset(NewOps().eval(), [(16, 16)])
 
 
 class SizeBuiltOps(nn.Module):
@@ -198,17 +206,11 @@ class SizeBuiltOps(nn.Module):
 
 
 def test_size_built_ops_under_every_preset_equal_their_tool():
-    from convtally.analysis.crosscheck import crosscheck
-
     network = SizeBuiltOps().eval()
     analysis = analyse(network)
     assert analysis.capture == "fx" and analysis.symbolic
-    result = crosscheck(network, [(16, 16), (12, 12)])
-    assert result.mismatches == []
-    tools = {t.tool for check in result.resolutions for t in check.tools}
-    assert tools == {"fvcore", "ptflops", "thop", "torchinfo", "torch"}
-    assert all(t.number == t.preset for check in result.resolutions for t in check.tools)
-    for name in ("fvcore", "ptflops", "thop", "torchinfo", "torch"):
+    assert_every_tool_equals_its_preset(network, [(16, 16), (12, 12)])
+    for name in TOOLS:
         counted = analysis.with_convention(preset(name)).evaluate([(16, 16)])["connections"]
         assert all(counted[i, 0] == 0 for i, layer in enumerate(analysis.layers)
                    if layer.type in ("arange", "long", "setitem"))
@@ -218,7 +220,6 @@ def test_timm_coordinate_grid_under_every_preset_equals_its_tool(monkeypatch):
     """docs/conventions.md's row for timm's _build_grid (qwen3_vit's and deepseek_vit's rotary
     coordinates over the input's sizes): 0 in every tool, routing in ours."""
     pytest.importorskip("timm")
-    from convtally.analysis.crosscheck import crosscheck
     from timm.layers.pos_embed_sincos import _build_grid
 
     from tests.analysis import test_rules
@@ -227,14 +228,10 @@ def test_timm_coordinate_grid_under_every_preset_equals_its_tool(monkeypatch):
     network = test_rules.Grid().eval()
     analysis = analyse(network)
     assert analysis.capture == "fx" and analysis.symbolic
-    result = crosscheck(network, [(16, 16), (12, 20)])
-    assert result.mismatches == []
-    tools = {t.tool for check in result.resolutions for t in check.tools}
-    assert tools == {"fvcore", "ptflops", "thop", "torchinfo", "torch"}
-    assert all(t.number == t.preset for check in result.resolutions for t in check.tools)
+    assert_every_tool_equals_its_preset(network, [(16, 16), (12, 20)])
     grid = [i for i, layer in enumerate(analysis.layers) if layer.cost.op == "coordinate_grid"]
     assert len(grid) == 1 and analysis.layers[grid[0]].connections == 0  # ours: routing
-    for name in ("fvcore", "ptflops", "thop", "torchinfo", "torch"):
+    for name in TOOLS:
         counted = analysis.with_convention(preset(name)).evaluate([(16, 16)])["connections"]
         assert counted[grid[0], 0] == 0
 
