@@ -159,6 +159,20 @@ class _Tracer(torch.fx.Tracer):
         )
         return m.act(m.drop(x))
 
+    def create_node(self, kind: str, target: Any, args: tuple, kwargs: dict,
+                    name: str | None = None, type_expr: Any = None) -> torch.fx.Node:
+        """Return torch.fx's node, made without its arguments and then given them: made with
+        them, Graph.create_node walks them all with pytree looking for a raw SymInt, which a
+        trace of proxies never holds (a sixth of timm test_vit_relpos's trace)."""
+        if self.check_mutable_operations:  # its check reads the arguments
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        node = super().create_node(kind, target, (), {}, name, type_expr)
+        if args:
+            node.args = args
+        if kwargs:
+            node.kwargs = kwargs
+        return node
+
     def create_arg(self, a: Any) -> Any:
         """Return the graph argument for `a`, as torch.fx makes it: a number, a proxy and a
         tuple or list of them directly (torch.fx asks of each whether it is an opaque or
@@ -231,7 +245,7 @@ class _BranchingTracer(_Tracer):
         self.branches: list[tuple[str, bool]] = []
         self._running = False  # inside a call run for its value: no proxies, no nodes
         self._forward: Any = None
-        self._submodules: dict[str, nn.Module] = {}
+        self._module: nn.Module | None = None  # the module whose call is being recorded
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
         if self._running:
@@ -241,11 +255,12 @@ class _BranchingTracer(_Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         if self._running:
             return forward(*args, **kwargs)
-        previous, self._forward = self._forward, forward
+        previous = self._forward, self._module
+        self._forward, self._module = forward, m
         try:
             return super().call_module(m, forward, args, kwargs)
         finally:
-            self._forward = previous
+            self._forward, self._module = previous
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
                      proxy_factory_fn=None):
@@ -264,8 +279,7 @@ class _BranchingTracer(_Tracer):
             first = call_args[0] if call_args else None
             if isinstance(first, torch.Tensor) and (
                     target in _SAME_SHAPE_FUNCTIONS if kind == "call_function" else
-                    kind == "call_module" and isinstance(self._submodule(target),
-                                                         _SAME_SHAPE_MODULES)):
+                    kind == "call_module" and isinstance(self._module, _SAME_SHAPE_MODULES)):
                 result = first  # only shapes are read from values
             elif kind == "get_attr":
                 result = self.root
@@ -290,12 +304,6 @@ class _BranchingTracer(_Tracer):
         if kind == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
         return self._forward(*args, **kwargs)
-
-    def _submodule(self, target: str) -> nn.Module:
-        """Return the root's submodule at `target`, each looked up once per trace."""
-        if target not in self._submodules:
-            self._submodules[target] = self.root.get_submodule(target)
-        return self._submodules[target]
 
     def _value(self, argument: Any) -> Any:
         """Return an argument's value at the probe (LookupError for a proxy without one)."""

@@ -558,3 +558,23 @@ def test_arguments_are_written_into_the_graph_as_torch_fx_writes_them(monkeypatc
 
     monkeypatch.setattr(tracing._Tracer, "create_arg", torch_fx_create_arg)
     assert fast == tracing.trace(network).code
+
+
+@pytest.mark.parametrize("model", ["torchvision:resnet18", "torchvision:swin_t",
+                                   "timm:efficientnet_b0"])
+def test_nodes_are_made_with_the_arguments_and_users_torch_fx_gives_them(monkeypatch, model):
+    """A node is made without arguments and given them after (torch.fx's pytree walk of every
+    argument, looking for SymInts, skipped): the code, each node's inputs and its users are
+    those of torch.fx's own create_node."""
+    if model.startswith("timm:"):
+        pytest.importorskip("timm")
+    network = resolve(model).build({}).eval()
+
+    def structure(graph_module):
+        return graph_module.code, [
+            (node.name, [n.name for n in node.all_input_nodes], [n.name for n in node.users])
+            for node in graph_module.graph.nodes]
+
+    fast = structure(tracing.trace(network))
+    monkeypatch.setattr(tracing._Tracer, "create_node", torch.fx.Tracer.create_node)
+    assert fast == structure(tracing.trace(network))
