@@ -1068,18 +1068,8 @@ def _export_refuses_assert(error: AssertedSize, prepared: _Prepared, resolutions
     if len(prepared.axes) != 2 or error.difference is None:
         return None
     probe = tuple(resolutions[0]) if resolutions else PROBE
-    if error.branched:  # the assert may hold on another branch, unless the branch pins too
-        if tuple(probe) != tuple(error.probe or ()):  # export would trace at another size
-            return None
-        for value, taken in error.taken:
-            condition = taken_condition(value, taken)
-            if isinstance(condition, sp.Eq) and pinned_away(condition.lhs - condition.rhs,
-                                                           prepared.axes, probe):
-                return (f"not tried, since torch.export takes the same branch at "
-                        f"{size_label(probe, short=False)} ({condition.lhs} == "
-                        f"{condition.rhs}), whose guard pins the input size (--capture export "
-                        "tries it)")
-        return None
+    if error.branched:  # the assert may hold on another branch (a branch before it that
+        return None  # pins the size was refused as a PinnedBranch where the fx rung met it)
     other = [2 * side for side in probe]
     value = error.difference.subs(dict(zip(prepared.axes, other, strict=True)))
     if not value.is_number or value == 0:
@@ -1475,7 +1465,16 @@ def _interpret(
             rows_counted[key] = counted(cost, known, convention)
         return rows_counted[key]
 
+    meta = getattr(graph_module, "meta", None) or {}
+    # a forward traced at a probe size: a branch that pins the size is refused where it is met
+    watched = (dict(meta.get("branches", ())) if meta.get("probe")
+               and all(isinstance(side, sp.Symbol) for side in size) else {})
+    previous = None
     for node in graph_module.graph.nodes:
+        if previous in watched and not _refuse_pinned_branch(
+                graph_module, env, previous, watched[previous], size):
+            watched = {}  # a branch that is no comparison: _finish refuses it first
+        previous = node.name
         if node.op == "placeholder":
             placeholders += 1
             if placeholders > 1:
@@ -1497,12 +1496,7 @@ def _interpret(
             return env[n.name] if isinstance(n, torch.fx.Node) else n
 
         args, kwargs = map_values(node.args, value_of), map_values(node.kwargs, value_of)
-        try:
-            condition = _asserted_condition(node, args)
-        except AssertedSize as error:  # the branches taken before it, for auto's export rung
-            error.taken = [(env[name], taken) for name, taken in
-                           graph_module.meta.get("branches", ()) if name in env]
-            raise
+        condition = _asserted_condition(node, args)
         if condition is not None:
             asserted.append(condition)
             env[node.name] = None
@@ -1612,9 +1606,9 @@ def _interpret(
             )
         )
     if hasattr(graph_module, "meta"):  # what the formulas require of the input size
-        probe = "x".join(map(str, graph_module.meta.get("probe", ())))
+        reason = _branch_reason(graph_module.meta.get("probe", ()))
         graph_module.meta["conditions"] = asserted + [
-            (env.get(name), taken, name, f"the forward branches on it; traced at {probe}")
+            (env.get(name), taken, name, reason)
             for name, taken in graph_module.meta.get("branches", ())]
     return layers
 
@@ -1700,7 +1694,6 @@ class AssertedSize(UnsupportedLayer):
         meta = getattr(graph_module, "meta", {}) or {}
         self.branched = bool(meta.get("branches"))
         self.probe = meta.get("probe")
-        self.taken: list[tuple[Any, bool]] = []  # (branch value, taken) before the assert
 
 
 ASSERTED = "the forward asserts it"
@@ -1735,14 +1728,44 @@ def _refuse_pinned_sizes(branches: Sequence[tuple[sp.Expr, str, str]], graph_mod
     # it, so auto goes on without exporting (an AssertedSize after a branch leaves it to try)
     for difference, relation, text in sorted(branches, key=lambda b: b[2].endswith(
             f"({ASSERTED})")):
-        if relation != "==" or difference.has(sp.Mod):  # bounds and divisibility: ranges
-            continue
-        sizes = pinned_away(difference, axes, base)
-        if sizes:
-            message = f"its input size is pinned: {text} holds at neither {sizes}"
-            if text.endswith(f"({ASSERTED})"):
-                raise AssertedSize(message, difference, graph_module)
+        message = _pinned(difference, relation, text, axes, base)
+        if message and text.endswith(f"({ASSERTED})"):
+            raise AssertedSize(message, difference, graph_module)
+        if message:
             raise PinnedBranch(message, tuple(base))
+
+
+def _pinned(difference: sp.Expr, relation: str, text: str, axes: Sequence[sp.Symbol],
+            base: Sequence[int]) -> str:
+    """Return the refusal of a condition (lhs - rhs, relation, text) that pins the input size,
+    else '' (bounds and divisibility are ranges the formulas hold on)."""
+    if relation != "==" or difference.has(sp.Mod):
+        return ""
+    sizes = pinned_away(difference, axes, base)
+    return f"its input size is pinned: {text} holds at neither {sizes}" if sizes else ""
+
+
+def _refuse_pinned_branch(graph_module: Any, env: dict[str, Any], name: str, taken: bool,
+                          axes: Sequence[sp.Symbol]) -> bool:
+    """Raise the PinnedBranch _finish would raise for the branch on `name` as soon as it is
+    interpreted, without counting the layers after it (three quarters of timm efficientvit_m0's
+    symbolic count, which the concrete rung then counts again); return False where the branch is
+    not a comparison of sizes (_finish says why), True otherwise."""
+    probe = graph_module.meta["probe"]
+    try:
+        row = _condition_row(env.get(name), taken, name, _branch_reason(probe))
+    except ValueError:
+        return False
+    if isinstance(row, tuple):
+        message = _pinned(*row, axes, probe)
+        if message:
+            raise PinnedBranch(message, tuple(probe))
+    return True
+
+
+def _branch_reason(probe: Sequence[int]) -> str:
+    """Return the reason a traced branch's condition gives."""
+    return f"the forward branches on it; traced at {'x'.join(map(str, probe))}"
 
 
 def taken_condition(value: Any, taken: bool) -> Any:
@@ -1770,21 +1793,32 @@ def branch_conditions(graph_module: Any) -> tuple[tuple[tuple[sp.Expr, str, str]
     meta = getattr(graph_module, "meta", {}) if graph_module is not None else {}
     found, notes = [], []
     for value, taken, name, why in meta.get("conditions") or ():
-        if value is None:
-            raise ValueError(f"the forward branches on {name}, which the rules give no value")
-        condition = taken_condition(value, taken)
-        if condition == sp.true:
-            continue
-        if condition == sp.false:  # not a size: the meta device's answer (a device check)
-            notes.append(f"{name}: the forward branches on a value that is not a size; the "
-                         "side taken on the meta device was traced")
-            continue
-        if not isinstance(condition, sp.core.relational.Relational):
-            raise ValueError(f"the forward branches on {name} ({value}): it is not a "
-                             "comparison of the input's sizes")
-        found.append((sp.expand(condition.lhs - condition.rhs), condition.rel_op,
-                      f"{condition.lhs} {condition.rel_op} {condition.rhs} ({why})"))
+        row = _condition_row(value, taken, name, why)
+        if isinstance(row, str):
+            notes.append(row)
+        elif row is not None:
+            found.append(row)
     return tuple(dict.fromkeys(found)), notes
+
+
+def _condition_row(value: Any, taken: bool, name: str, why: str
+                   ) -> tuple[sp.Expr, str, str] | str | None:
+    """Return the condition of one branch or assert as (lhs - rhs, relation, text); None where it
+    holds at every size, a note where the value is not a size; ValueError where it is not a
+    comparison of sizes."""
+    if value is None:
+        raise ValueError(f"the forward branches on {name}, which the rules give no value")
+    condition = taken_condition(value, taken)
+    if condition == sp.true:
+        return None
+    if condition == sp.false:  # not a size: the meta device's answer (a device check)
+        return (f"{name}: the forward branches on a value that is not a size; the side taken "
+                "on the meta device was traced")
+    if not isinstance(condition, sp.core.relational.Relational):
+        raise ValueError(f"the forward branches on {name} ({value}): it is not a "
+                         "comparison of the input's sizes")
+    return (sp.expand(condition.lhs - condition.rhs), condition.rel_op,
+            f"{condition.lhs} {condition.rel_op} {condition.rhs} ({why})")
 
 
 def _function_rule(key: Any):

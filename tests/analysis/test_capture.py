@@ -193,6 +193,35 @@ def test_a_pinned_branch_is_refused_before_the_formulas_are_simplified(monkeypat
         analyse(WindowOrWhole().eval(), capture="fx", resolutions=[(224, 224)])
 
 
+class PinsThenCallsAnUnknownLayer(WindowOrWhole):
+    """WindowOrWhole's pinned branch, then a module without a rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.unknown = nn.LocalResponseNorm(2)  # a torch.nn leaf without a rule
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[2] == 7:
+            y = y * 2
+        return self.unknown(y)
+
+
+def test_a_pinned_branch_is_refused_where_the_forward_meets_it():
+    """The layers after a branch that pins the size are not counted (three quarters of timm
+    efficientvit_m0's symbolic count, which the concrete rung counted again): the branch is the
+    fx rung's refusal, before a layer after it that the rules do not know."""
+    from convtally.analysis import accounting
+
+    network = PinsThenCallsAnUnknownLayer().eval()
+    with pytest.raises(accounting.PinnedBranch, match=r"its input size is pinned: .* == 7 \(the "
+                       r"forward branches on it; traced at 224x224\)"):
+        analyse(network, capture="fx", resolutions=[(224, 224)])
+    with pytest.raises(accounting.UnsupportedLayer,
+                       match=r"no rule for unknown \(LocalResponseNorm\)"):
+        analyse(network, capture="fx", resolutions=[(256, 256)])  # not taken there: no pin
+
+
 class CachesItsBias(WindowOrWhole):
     """Keeps a computed bias in a dict in evaluation, as timm's efficientvit_msra does, and
     branches on a stage equal to 7 (the size pinned: fx refuses, the concrete rung counts)."""
@@ -656,22 +685,23 @@ def test_the_export_rung_refuses_a_size_its_guards_specialise():
         analyse(ResizesFirst().eval(), capture="export", resolutions=[(32, 32)])
 
 
-def test_an_assert_behind_a_branch_that_pins_the_size_skips_the_export_rung(monkeypatch):
+def test_a_branch_that_pins_the_size_before_an_assert_skips_the_export_rung(monkeypatch):
+    """The branch is refused where the fx rung meets it, before the assert is counted."""
     from convtally.analysis import export_capture
-    from convtally.analysis.accounting import AssertedSize
+    from convtally.analysis.accounting import PinnedBranch
 
     def no_export_rung(*args, **kwargs):
         raise AssertionError("the export rung was entered")
 
     monkeypatch.setattr(export_capture, "analyse_exported", no_export_rung)
     network = ResizesFirst().eval()
-    with pytest.raises(AssertedSize) as refusal:
+    with pytest.raises(PinnedBranch, match=r"its input size is pinned: H == 32 \(the forward "
+                       r"branches on it; traced at 32x32\) holds at neither 64x64 nor 128x128"):
         analyse(network, capture="fx", resolutions=[(32, 32)])
-    assert refusal.value.branched
     at_its_size = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)])
     assert at_its_size.capture == "concrete"
-    assert ("export: not tried, since torch.export takes the same branch at 32x32 (H == 32)"
-            in at_its_size.capture_note)
+    assert ("export: not tried, since torch.export takes the same branch at 32x32, whose guard "
+            "pins the input size" in at_its_size.capture_note)
     assert at_its_size.totals_at([(32, 32)])["connections"][0] == fvcore_total(network, (32, 32))
     # at another size the resize is the branch taken, and the assert holds on it: formulas
     resized = analyse(network, convention=preset("fvcore"), resolutions=[(40, 48)])
