@@ -224,9 +224,10 @@ _SAME_SHAPE_FUNCTIONS = frozenset({
 
 
 class _BranchingTracer(_Tracer):
-    """A _Tracer that also runs every call on the meta-device probe input as it records it, so
-    that a Python branch on sizes (`if H % 2`, `if self.window >= W`) is decided at the probe
-    size, as running the model there would; each decision is kept (node, taken) for the
+    """A _Tracer that also runs the calls it records on the meta-device probe input (those a
+    branch, len() or int() needs, when it needs them), so that a Python branch on sizes
+    (`if H % 2`, `if self.window >= W`) is decided at the probe size, as running the model
+    there would; each decision is kept (node, taken) for the
     interpreter, which turns it into a condition on H, W that the formulas then require. Only
     for a model built on the meta device: the values are shapes, never data. `concrete`: the
     graph is for the probe's size alone, so len() and int() of a traced size are read there
@@ -242,6 +243,8 @@ class _BranchingTracer(_Tracer):
         # recorded: called on the buffer itself, PyTorch refuses the proxy for B
         self.proxy_buffer_attributes = concrete
         self.values: dict[torch.fx.Node, Any] = {}
+        # node -> (kind, target, args, kwargs, forward, module): recorded, not yet run
+        self._pending: dict[torch.fx.Node, tuple] = {}
         self.branches: list[tuple[str, bool]] = []
         self._running = False  # inside a call run for its value: no proxies, no nodes
         self._forward: Any = None
@@ -266,70 +269,111 @@ class _BranchingTracer(_Tracer):
                      proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
                                      proxy_factory_fn)
+        if kind == "placeholder":
+            if not any(node.op == "placeholder" for node in self.values):
+                self.values[proxy.node] = self.probe  # the image
+            elif args:  # an optional argument: its default
+                self.values[proxy.node] = args[0]
+        elif kind in ("get_attr", "call_function", "call_method", "call_module"):
+            # run when a branch, len() or int() needs its value: the layers after a forward's
+            # last branch are never run (crossvit branches on its input size only)
+            self._pending[proxy.node] = (kind, target, args, kwargs, self._forward, self._module)
+            if kind == "call_method" and target in _RESHAPES_IN_PLACE:
+                # what was recorded before it reads the shapes from before it
+                for node in list(self._pending):
+                    self._known(node)
+        return proxy
+
+    def _known(self, node: torch.fx.Node) -> Any:
+        """Return a node's value at the probe, running first the recorded calls it needs (in
+        the order they were recorded); LookupError where it has none."""
+        if node not in self._pending:
+            return self.values[node]  # a KeyError is a LookupError
+        needed, stack = set(), [node]
+        while stack:
+            found = stack.pop()
+            if found in self._pending and found not in needed:
+                needed.add(found)
+                _, _, args, kwargs, _, _ = self._pending[found]
+                torch.fx.node.map_aggregate(
+                    (args, kwargs),
+                    lambda a: stack.append(a.node) if isinstance(a, torch.fx.Proxy) else None)
+        for found in [n for n in self._pending if n in needed]:
+            self._run_recorded(found, *self._pending.pop(found))
+        return self.values[node]
+
+    def _run_recorded(self, node: torch.fx.Node, kind: str, target: Any, args: Any,
+                      kwargs: Any, forward: Any, module: nn.Module | None) -> None:
+        """Keep the value of one recorded call at the probe (none where it cannot run)."""
         try:
-            if kind == "placeholder":
-                if not any(node.op == "placeholder" for node in self.values):
-                    self.values[proxy.node] = self.probe  # the image
-                elif args:  # an optional argument: its default
-                    self.values[proxy.node] = args[0]
-                return proxy
             call_args = torch.fx.node.map_aggregate(args, self._value)
             call_kwargs = torch.fx.node.map_aggregate(kwargs, self._value)
             self._running = True
             first = call_args[0] if call_args else None
             if isinstance(first, torch.Tensor) and (
                     target in _SAME_SHAPE_FUNCTIONS if kind == "call_function" else
-                    kind == "call_module" and isinstance(self._module, _SAME_SHAPE_MODULES)):
+                    kind == "call_module" and isinstance(module, _SAME_SHAPE_MODULES)):
                 result = first  # only shapes are read from values
             elif kind == "get_attr":
                 result = self.root
                 for part in target.split("."):
                     result = getattr(result, part)
-            elif kind in ("call_function", "call_method", "call_module"):
-                with MetaShapes():
-                    result = self._run(kind, target, call_args, call_kwargs)
             else:
-                return proxy
-            self.values[proxy.node] = result
+                with MetaShapes():
+                    result = self._run(kind, target, call_args, call_kwargs, forward)
+            self.values[node] = result
         except Exception:  # noqa: S110 - no value: a branch on it is refused as before
             pass
         finally:
             self._running = False
-        return proxy
 
-    def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+    @staticmethod
+    def _run(kind: str, target: Any, args: tuple, kwargs: dict, forward: Any) -> Any:
         """Return a call's value on the probe's meta tensors."""
         if kind == "call_function":
             return target(*args, **kwargs)
         if kind == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
-        return self._forward(*args, **kwargs)
+        return forward(*args, **kwargs)
 
     def _value(self, argument: Any) -> Any:
         """Return an argument's value at the probe (LookupError for a proxy without one)."""
         if isinstance(argument, torch.fx.Proxy):
-            return self.values[argument.node]  # a KeyError is a LookupError
+            return self._known(argument.node)
         return argument
 
+    def _value_or_none(self, proxy: torch.fx.Proxy) -> Any:
+        try:
+            return self._known(proxy.node)
+        except LookupError:
+            return None
+
     def length(self, proxy: torch.fx.Proxy) -> int:
-        value = self.values.get(proxy.node) if self.concrete else None
+        value = self._value_or_none(proxy) if self.concrete else None
         if value is None or isinstance(value, torch.Tensor) and value.dim() == 0:
             return super().length(proxy)
         return len(value)
 
     def integer(self, proxy: torch.fx.Proxy) -> int:
-        value = self.values.get(proxy.node) if self.concrete else None
+        value = self._value_or_none(proxy) if self.concrete else None
         if value is None or isinstance(value, torch.Tensor):  # a tensor's data: not a size
             return super().integer(proxy)
         return int(value)
 
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
-        value = self.values.get(obj.node, None)
+        value = self._value_or_none(obj)
         if value is None or isinstance(value, torch.Tensor):  # unknown, or data-dependent
             return super().to_bool(obj)
         taken = bool(value)
         self.branches.append((obj.node.name, taken))
         return taken
+
+
+# methods that change a tensor's shape in place (the data-only ones, add_, do not matter here)
+_RESHAPES_IN_PLACE = frozenset({
+    "unsqueeze_", "squeeze_", "transpose_", "t_", "swapdims_", "swapaxes_", "resize_",
+    "resize_as_", "as_strided_", "set_",
+})
 
 
 @contextlib.contextmanager

@@ -578,3 +578,80 @@ def test_nodes_are_made_with_the_arguments_and_users_torch_fx_gives_them(monkeyp
     fast = structure(tracing.trace(network))
     monkeypatch.setattr(tracing._Tracer, "create_node", torch.fx.Tracer.create_node)
     assert fast == structure(tracing.trace(network))
+
+
+class ReadsAShapeThenReshapesInPlace(nn.Module):
+    """Reads a size, then unsqueezes in place and branches on both: the size read first is
+    the size from before the unsqueeze, whenever the branch on it asks for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        channels = y.shape[1]
+        y.unsqueeze_(0)
+        if y.dim() == 5:
+            y = y * 2
+        if channels == 8:
+            return y + 1
+        return y - 1
+
+
+def eager_branching_trace(monkeypatch, network, probe, concrete=False):
+    """Return tracing.trace's branching graph with every recorded call run as it is recorded
+    (the tracer before it ran them only when a branch, len() or int() asked)."""
+    recorded = tracing._BranchingTracer.create_proxy
+
+    def create_proxy(self, kind, *args, **kwargs):
+        proxy = recorded(self, kind, *args, **kwargs)
+        if kind != "placeholder":
+            try:
+                self._known(proxy.node)
+            except LookupError:
+                pass
+        return proxy
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracing._BranchingTracer, "create_proxy", create_proxy)
+        return tracing.trace(network, probe, branching=True, concrete=concrete)
+
+
+@pytest.mark.parametrize("model", ["reads-then-reshapes", "timm:efficientvit_b0",
+                                   "timm:tiny_vit_5m_224", "timm:crossvit_9_240"])
+@pytest.mark.parametrize("concrete", [False, True])
+def test_a_branching_trace_runs_calls_only_when_a_branch_needs_them(monkeypatch, model,
+                                                                    concrete):
+    """The branches, sizes read and graph are those of running every call as it is recorded;
+    the calls after the last branch are not run."""
+    if model.startswith("timm:"):
+        pytest.importorskip("timm")
+        spec = resolve(model)
+        network = spec.build_meta(spec.settings({})).eval()
+    else:
+        network = ReadsAShapeThenReshapesInPlace().to("meta").eval()
+    side = 240 if "crossvit" in model else 224
+    probe = torch.zeros(1, 3, side, side, device="meta")
+    ran = []
+    run = tracing._BranchingTracer._run_recorded
+    monkeypatch.setattr(tracing._BranchingTracer, "_run_recorded",
+                        lambda self, node, *args: ran.append(node.name) or run(self, node, *args))
+    lazy = tracing.trace(network, probe, branching=True, concrete=concrete)
+    ran_lazily = set(ran)
+    eager = eager_branching_trace(monkeypatch, network, probe, concrete)
+    assert lazy.code == eager.code
+    assert lazy.meta.get("branches") == eager.meta.get("branches")
+    if not concrete:
+        assert lazy.meta["branches"], "the model branches on sizes"
+        last = max(i for i, n in enumerate(lazy.graph.nodes)
+                   if n.name in dict(lazy.meta["branches"]))
+        after = [n.name for n in list(lazy.graph.nodes)[last + 1:] if n.op.startswith("call")]
+        assert after and not set(after) & ran_lazily
+
+
+def test_a_size_read_before_an_in_place_reshape_is_the_size_before_it():
+    network = ReadsAShapeThenReshapesInPlace().to("meta").eval()
+    graph = tracing.trace(network, torch.zeros(1, 3, 16, 16, device="meta"))
+    assert [taken for _, taken in graph.meta["branches"]] == [True, True]
+    assert any(n.target is operator.add for n in graph.graph.nodes)
