@@ -1426,12 +1426,20 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
     return analysis
 
 
+def submodules(graph_module: torch.fx.GraphModule) -> dict[str, nn.Module]:
+    """Return qualified name -> module of every submodule, under each name it is registered
+    by: one walk, where get_submodule per node walks each name through nn.Module's getattr
+    (2 ms of timm efficientvit_b0's 55)."""
+    return dict(graph_module.named_modules(remove_duplicate=False))
+
+
 def _used_parameters(graph_module: torch.fx.GraphModule) -> list[nn.Parameter]:
     """Return the parameters of the called modules and those read directly in forward."""
     used = []
+    modules = submodules(graph_module)
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
-            used.extend(graph_module.get_submodule(node.target).parameters())
+            used.extend(modules[node.target].parameters())
         elif node.op == "get_attr":
             value = _attribute_value(graph_module, node.target)
             if isinstance(value, rules.ParameterTensor) and value.numel:
@@ -1470,6 +1478,7 @@ def _interpret(
     watched = (dict(meta.get("branches", ())) if meta.get("probe")
                and all(isinstance(side, sp.Symbol) for side in size) else {})
     previous = None
+    modules = submodules(graph_module)
     for node in graph_module.graph.nodes:
         if previous in watched and not _refuse_pinned_branch(
                 graph_module, env, previous, watched[previous], size):
@@ -1503,7 +1512,7 @@ def _interpret(
             continue
         label, function_name = _node_label(node, seen)
         if node.op == "call_module":
-            module = graph_module.get_submodule(node.target)
+            module = modules[node.target]
             rule = rules.module_rule(module)
             type_name = type(module).__name__
             if rule is None:

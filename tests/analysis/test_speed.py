@@ -655,3 +655,58 @@ def test_a_size_read_before_an_in_place_reshape_is_the_size_before_it():
     graph = tracing.trace(network, torch.zeros(1, 3, 16, 16, device="meta"))
     assert [taken for _, taken in graph.meta["branches"]] == [True, True]
     assert any(n.target is operator.add for n in graph.graph.nodes)
+
+
+class BranchesThenIterates(nn.Module):
+    """Branches on a size, then iterates a traced tensor, which no trace can record."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[2] > 8:
+            y = y * 2
+        return sum(row for row in y)
+
+
+@pytest.mark.parametrize("model", ["reads-then-reshapes", "timm:efficientvit_b0",
+                                   "timm:crossvit_9_240", "torchvision:resnet18"])
+def test_a_forward_is_traced_once_plain_until_it_branches(monkeypatch, model):
+    """One trace where a plain trace that failed at the first branch and a branching trace from
+    the start were two: the same graph and branches as the branching trace, and for a forward
+    that never branches, the plain trace's graph without branch records."""
+    if model.startswith("timm:"):
+        pytest.importorskip("timm")
+    if model == "reads-then-reshapes":
+        network = ReadsAShapeThenReshapesInPlace().to("meta").eval()
+    else:
+        spec = resolve(model)
+        network = spec.build_meta(spec.settings({})).eval()
+    side = 240 if "crossvit" in model else 224
+    probe = torch.zeros(1, 3, side, side, device="meta")
+    traces = []
+    original = torch.fx.Tracer.trace
+    monkeypatch.setattr(torch.fx.Tracer, "trace",
+                        lambda self, *args, **kwargs: traces.append(type(self).__name__)
+                        or original(self, *args, **kwargs))
+    once = tracing.trace(network, probe)
+    assert len(traces) == 1
+    if model == "torchvision:resnet18":
+        assert "branches" not in once.meta and once.code == tracing.trace(network).code
+        return
+    branching = tracing.trace(network, probe, branching=True)
+    assert once.code == branching.code and once.meta["branches"] == branching.meta["branches"]
+
+
+def test_a_forward_that_fails_after_its_first_branch_is_refused_as_the_plain_trace_refuses():
+    """The refusal is the plain trace's (the branch), not the later failure."""
+    network = BranchesThenIterates().to("meta").eval()
+    with pytest.raises(ValueError) as plain:
+        tracing.trace(network)
+    with pytest.raises(ValueError) as with_probe:
+        tracing.trace(network, torch.zeros(1, 3, 16, 16, device="meta"))
+    assert str(with_probe.value) == str(plain.value)
+    assert "cannot be used as inputs to control flow" in str(plain.value)
+
