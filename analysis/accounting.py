@@ -694,6 +694,7 @@ class _Prepared:
     axes: tuple[sp.Symbol, ...] = (H, W)  # the input's sizes after its channels (--input)
     meta: nn.Module | None = None
     copy_to_meta: bool = False  # a caller's module: meta_network() copies it on first use
+    given: bool = False  # a caller's module (not built here)
     plain_traces: dict[int, torch.fx.GraphModule | ValueError] = field(default_factory=dict)
     # size -> the meta build's graph the fx rung traced there and refused for other sizes (a
     # pinned branch): the graph the concrete rung would trace at that size
@@ -710,8 +711,10 @@ class _Prepared:
                 raise known
         elif known is not None:
             return known
+        # a caller's module traced at a probe: its branches are decided on its meta copy
+        copy = self.meta_network if probe is not None and module is self.built else None
         try:
-            graph_module = trace(module, probe)
+            graph_module = trace(module, probe, meta_copy=copy)
         except ValueError as error:
             self.plain_traces[id(module)] = error
             raise
@@ -819,6 +822,7 @@ def _prepare_model(
         sp.Integer(declared_input_channels(network)),
         type(network).__name__,
         copy_to_meta=True,
+        given=True,
     )
 
 
@@ -1121,9 +1125,12 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown,
         except Exception:
             prepared.shapes = None
     try:
-        graph_module = prepared.trace(prepared.network)
+        # a caller's module: traced once, its branches (if any) decided at the probe size
+        graph_module = prepared.trace(prepared.network, _probe(
+            prepared, resolutions, prepared.network) if prepared.given else None)
     except ValueError as error:
-        # a caller's module that branches on sizes: traced on its meta copy at the probe size
+        # one that branches where its meta copy gives no value: its meta copy traced at the
+        # probe size, as a forward of the meta build is
         meta = prepared.meta_network() if "control flow" in str(error) else None
         probe = _probe(prepared, resolutions, meta)
         if probe is None:
@@ -1134,17 +1141,19 @@ def _analyse_fx(prepared: _Prepared, convention, exact, allow_unknown,
         except ValueError:
             raise error from None  # the real build's refusal is the answer
         return _count_fx(prepared, graph_module, convention, exact, allow_unknown)
-    layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
-    return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=False)
+    if "plain_refusal" in graph_module.meta:  # its meta copy's plain trace refuses the same
+        prepared.plain_traces[id(prepared.meta_network())] = graph_module.meta["plain_refusal"]
+    return _count_fx(prepared, graph_module, convention, exact, allow_unknown, shapes=False)
 
 
-def _count_fx(prepared, graph_module, convention, exact, allow_unknown) -> Analysis:
-    """Return the fx Analysis of a graph of the meta build; a graph traced at the probe size
-    and refused for other sizes (a pinned branch or assert) is kept for the concrete rung,
-    which needs that very graph at that size."""
+def _count_fx(prepared, graph_module, convention, exact, allow_unknown, shapes: bool = True
+              ) -> Analysis:
+    """Return the fx Analysis of a graph (of the meta build, or with `shapes` False of the real
+    network); a graph traced at the probe size and refused for other sizes (a pinned branch or
+    assert) is kept for the concrete rung, which needs that very graph at that size."""
     try:
         layers = _interpret_prepared(prepared, graph_module, convention, allow_unknown)
-        return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=True)
+        return _finish_fx(prepared, graph_module, layers, convention, exact, shapes=shapes)
     except (PinnedBranch, AssertedSize):
         probe = graph_module.meta.get("probe")
         if probe is not None:
@@ -1259,7 +1268,9 @@ def _count_traced_at_each_size(prepared, convention, allow_unknown, resolutions
             per_resolution.update(_concrete_rows(prepared, graphs[resolution], convention,
                                                  allow_unknown, [resolution]))
         first = next(iter(graphs.values()))
-        analysis = concrete_analysis(prepared, first, per_resolution, convention, shapes=True)
+        on_meta = any(t.is_meta for t in [*first.parameters(), *first.buffers()])
+        analysis = concrete_analysis(prepared, first, per_resolution, convention,
+                                     shapes=on_meta or not [*first.parameters()])
     except ResolutionError:
         raise
     except Exception:  # the export rung's concrete count is the answer, or gives the error

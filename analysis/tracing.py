@@ -234,10 +234,14 @@ class _BranchingTracer(_Tracer):
     (written into the graph as numbers, as a forward pass at that size computes them)."""
 
     def __init__(self, probe: torch.Tensor, *args: Any, concrete: bool = False,
-                 plain_first: bool = False, **kwargs: Any) -> None:
+                 plain_first: bool = False, values: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.probe = probe
         self.concrete = concrete
+        # `values`: returns, when a value is first needed, the meta copy of a root with real
+        # weights, whose modules and tensors (found by name) the recorded calls run on
+        self._values = values
+        self._values_root: Any = None
         # `plain_first`: a plain trace until the first branch, whose plain refusal is kept (the
         # answer if the trace fails after it); from there, buffers may take traced values
         self.plain_first = plain_first
@@ -320,10 +324,12 @@ class _BranchingTracer(_Tracer):
                     kind == "call_module" and isinstance(module, _SAME_SHAPE_MODULES)):
                 result = first  # only shapes are read from values
             elif kind == "get_attr":
-                result = self.root
+                result = self._meta_root()[0]
                 for part in target.split("."):
                     result = getattr(result, part)
             else:
+                if kind == "call_module" and self._values is not None:
+                    forward = self._meta_root()[1][target]  # its copy, called in its place
                 with MetaShapes():
                     result = self._run(kind, target, call_args, call_kwargs, forward)
             self.values[node] = result
@@ -345,7 +351,29 @@ class _BranchingTracer(_Tracer):
         """Return an argument's value at the probe (LookupError for a proxy without one)."""
         if isinstance(argument, torch.fx.Proxy):
             return self._known(argument.node)
+        if self._values is not None and isinstance(argument, torch.Tensor):
+            return self._meta_root()[2].get(id(argument), argument)
         return argument
+
+    def _meta_root(self) -> tuple[nn.Module, dict[str, nn.Module], dict[int, torch.Tensor]]:
+        """Return (the module values are computed on, its modules by name, its tensors by the
+        id of the root's): the root itself when it is on the meta device, else its meta copy,
+        made on first use (LookupError where none can be made)."""
+        if self._values_root is None:
+            if self._values is None:
+                self._values_root = (self.root, {}, {})
+            else:
+                copy = self._values()
+                if copy is None:
+                    raise LookupError("no meta copy of the network")
+                parameters, buffers = self._names()
+                named = {**dict(copy.named_parameters()), **dict(copy.named_buffers())}
+                tensors = {key: named[name] for key, name in [*parameters.items(),
+                                                              *buffers.items()]
+                           if name in named}
+                self._values_root = (copy, dict(copy.named_modules(remove_duplicate=False)),
+                                     tensors)
+        return self._values_root
 
     def _value_or_none(self, proxy: torch.fx.Proxy) -> Any:
         try:
@@ -415,19 +443,23 @@ def state_kept(model: nn.Module) -> Iterator[None]:
 
 
 def trace(model: nn.Module, probe: torch.Tensor | None = None,
-          branching: bool = False, concrete: bool = False) -> torch.fx.GraphModule:
+          branching: bool = False, concrete: bool = False,
+          meta_copy: Any = None) -> torch.fx.GraphModule:
     """Return `model` traced into a GraphModule whose leaves are the modules the rules know;
-    the model's Python state is left as it was (state_kept)."""
+    the model's Python state is left as it was (state_kept). `meta_copy` (a model with real
+    weights): returns its copy on the meta device, where its branches are decided."""
     with state_kept(model):
-        return _trace(model, probe, branching, concrete)
+        return _trace(model, probe, branching, concrete, meta_copy)
 
 
 def _trace(model: nn.Module, probe: torch.Tensor | None = None,
-           branching: bool = False, concrete: bool = False) -> torch.fx.GraphModule:
+           branching: bool = False, concrete: bool = False,
+           meta_copy: Any = None) -> torch.fx.GraphModule:
     """Return `model` traced into a GraphModule whose leaves are the modules the rules know.
 
-    With `probe` (a meta-device input, for a model built on the meta device), a forward that
-    branches on sizes is traced with its branches decided at the probe's size; the graph's
+    With `probe` (a meta-device input, for a model built on the meta device, or with
+    `meta_copy` for one with real weights), a forward that branches on sizes is traced with its
+    branches decided at the probe's size; the graph's
     meta["branches"] lists them (node name, taken) and meta["probe"] the size. `branching`
     goes straight to that trace (the plain one already refused this model's copy).
     `concrete` (with `branching`): a graph for the probe's size only (len() and int() of
@@ -446,7 +478,7 @@ def _trace(model: nn.Module, probe: torch.Tensor | None = None,
     # trace stops), then deciding its branches at the probe (a plain trace that failed there,
     # then a branching trace from the start, cost efficientvit_b0 a fifth of its trace)
     tracer = _BranchingTracer(probe, autowrap_functions=wrapped, concrete=concrete,
-                              plain_first=not branching)
+                              plain_first=not branching, values=meta_copy)
     try:
         with contextlib.ExitStack() as context:
             tracer.context = context
@@ -459,6 +491,8 @@ def _trace(model: nn.Module, probe: torch.Tensor | None = None,
     if tracer.refusal is None and not branching:  # a plain trace: not tied to the probe
         return _checked_graph_module(model, graph)
     module = _checked_graph_module(model, graph)
+    if tracer.refusal is not None:  # what a plain trace of this forward raises
+        module.meta["plain_refusal"] = _untraceable(model, tracer.refusal)
     if concrete:
         module.meta["size_only"] = tuple(probe.shape[2:])
         return module

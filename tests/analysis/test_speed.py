@@ -710,3 +710,28 @@ def test_a_forward_that_fails_after_its_first_branch_is_refused_as_the_plain_tra
     assert str(with_probe.value) == str(plain.value)
     assert "cannot be used as inputs to control flow" in str(plain.value)
 
+
+
+@pytest.mark.parametrize("model", ["timm:efficientvit_b0", "timm:crossvit_9_240"])
+def test_a_callers_module_that_branches_is_traced_once_with_its_branches_decided_on_a_meta_copy(
+        monkeypatch, model):
+    """The caller's network itself is traced, its branches decided on its meta copy (where a
+    plain trace of it that stopped at the first branch, then the copy's branching trace, were
+    two): the rows are the meta build's, and the graph runs on the caller's weights."""
+    pytest.importorskip("timm")
+    side = 240 if "crossvit" in model else 224
+    by_name = analyse(model, resolutions=[(side, side)])
+    network = resolve(model).build({}).eval()
+    traced = []
+    original = torch.fx.Tracer.trace
+    monkeypatch.setattr(torch.fx.Tracer, "trace", lambda self, root, *args, **kwargs:
+                        traced.append(root) or original(self, root, *args, **kwargs))
+    given = analyse(network, resolutions=[(side, side)])
+    assert traced == [network]
+    assert given.capture == by_name.capture and rows(given) == rows(by_name)
+    assert given.totals_at([(side, side)]) == by_name.totals_at([(side, side)])
+    graph = given.graph_at((side, side))
+    assert not any(p.is_meta for p in graph.parameters())
+    x = torch.randn(1, 3, side, side)
+    with torch.no_grad():
+        assert torch.allclose(graph(x), network(x))
