@@ -1165,11 +1165,13 @@ def _finish_fx(prepared, graph_module, layers, convention, exact, shapes) -> Ana
     """Return _finish's Analysis of the fx rows; a simplified one keeps the rows as counted, so
     that its exact form (floor() kept) is made from them without tracing again."""
     raw = [copy(layer) for layer in layers]
-    analysis = _finish(prepared, graph_module, layers, convention, exact, shapes=shapes)
+    used = _used_parameters(graph_module)
+    analysis = _finish(prepared, graph_module, layers, convention, exact, shapes=shapes,
+                       used_parameters=used)
     if not exact:
         analysis._exact_again = lambda: _finish(
             prepared, graph_module, [copy(layer) for layer in raw], convention, True,
-            shapes=shapes,
+            shapes=shapes, used_parameters=used,
         )
     return analysis
 
@@ -1383,14 +1385,17 @@ def _count_at_batch_one(layers: list[Layer]) -> list[str]:
 
 
 def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
-            used_targets: set[str] | None = None, shapes: bool = False) -> Analysis:
-    """Return the Analysis of `layers`; `shapes`: they were counted from the meta build."""
+            used_targets: set[str] | None = None, shapes: bool = False,
+            used_parameters: list[nn.Parameter] | None = None) -> Analysis:
+    """Return the Analysis of `layers`; `shapes`: they were counted from the meta build;
+    `used_parameters`: _used_parameters(graph_module), where the caller has it already."""
     # first, as the cheap part: a size the forward pins sends auto to the rungs below
     branches, branch_notes = branch_conditions(graph_module)
     _refuse_pinned_sizes(branches, graph_module, prepared.axes)
     network = prepared.meta if shapes else prepared.network
     if graph_module is not None:
-        used = {id(p) for p in _used_parameters(graph_module)}
+        used = {id(p) for p in (_used_parameters(graph_module) if used_parameters is None
+                                else used_parameters)}
     else:  # an exported graph: the parameters its rows own
         named = dict(network.named_parameters())
         used = {id(named[t]) for t in used_targets or () if t in named}
@@ -1989,7 +1994,7 @@ def _apply_divisibility(
 ) -> tuple[tuple[int, ...], list[str]]:
     multiples = [1] * len(axes)
     unresolved = False
-    for layer in layers:
+    for layer in [] if exact else layers:  # exact formulas assume no divisibility
         for axis, symbol in enumerate(axes):
             for dimension in layer.output_shape:
                 if not dimension.has(symbol):
