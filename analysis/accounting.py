@@ -1164,14 +1164,15 @@ def _count_fx(prepared, graph_module, convention, exact, allow_unknown, shapes: 
 def _finish_fx(prepared, graph_module, layers, convention, exact, shapes) -> Analysis:
     """Return _finish's Analysis of the fx rows; a simplified one keeps the rows as counted, so
     that its exact form (floor() kept) is made from them without tracing again."""
+    batch_note = _count_at_batch_one(layers)  # before the copies: both forms need it
     raw = [copy(layer) for layer in layers]
     used = _used_parameters(graph_module)
     analysis = _finish(prepared, graph_module, layers, convention, exact, shapes=shapes,
-                       used_parameters=used)
+                       used_parameters=used, batch_note=batch_note)
     if not exact:
         analysis._exact_again = lambda: _finish(
             prepared, graph_module, [copy(layer) for layer in raw], convention, True,
-            shapes=shapes, used_parameters=used,
+            shapes=shapes, used_parameters=used, batch_note=batch_note,
         )
     return analysis
 
@@ -1386,9 +1387,11 @@ def _count_at_batch_one(layers: list[Layer]) -> list[str]:
 
 def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
             used_targets: set[str] | None = None, shapes: bool = False,
-            used_parameters: list[nn.Parameter] | None = None) -> Analysis:
+            used_parameters: list[nn.Parameter] | None = None,
+            batch_note: list[str] | None = None) -> Analysis:
     """Return the Analysis of `layers`; `shapes`: they were counted from the meta build;
-    `used_parameters`: _used_parameters(graph_module), where the caller has it already."""
+    `used_parameters` and `batch_note`: _used_parameters(graph_module) and the note of
+    _count_at_batch_one(layers), where the caller has made them already."""
     # first, as the cheap part: a size the forward pins sends auto to the rungs below
     branches, branch_notes = branch_conditions(graph_module)
     _refuse_pinned_sizes(branches, graph_module, prepared.axes)
@@ -1402,7 +1405,7 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
     unused = [p for p in network.parameters() if id(p) not in used]
     unused_weights = sum(p.numel() for p in unused)
     unused_trainable = sum(p.numel() for p in unused if p.requires_grad)
-    batch_note = _count_at_batch_one(layers)
+    batch_note = _count_at_batch_one(layers) if batch_note is None else batch_note
     divisor, assumptions = _apply_divisibility(layers, exact, prepared.axes)
     assumptions += batch_note
     if unused_weights:

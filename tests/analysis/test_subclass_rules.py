@@ -10,7 +10,7 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 from convtally.analysis import rules
-from convtally.analysis.accounting import H, analyse
+from convtally.analysis.accounting import H, analyse, answer_every_resolution
 from convtally.analysis.memory import measure_saved
 from convtally.analysis.rules import BATCH, SymTensor, UnsupportedLayer
 from torch import nn
@@ -219,6 +219,12 @@ def test_ops_that_mix_the_batch_are_counted_at_batch_one_and_say_so():
                for note in analysis.assumptions)
     theirs = tool_results(lambda: MixingNet(), 3, 16, 32, tools=("fvcore",))
     assert preset_problems(analysis, theirs, 16, 32) == []
+    # the exact form made from the same rows (a size off the divisibility) counts them so too
+    exact = answer_every_resolution(analysis, [(18, 30)], lambda: analyse(network, exact=True))
+    assert exact.exact and any("mix examples across the batch" in note
+                               for note in exact.assumptions)
+    assert exact.totals_at([(18, 30)]) == analyse(MixingNet().eval(), exact=True).totals_at(
+        [(18, 30)])
 
 
 class DeclaredInput(nn.Module):
