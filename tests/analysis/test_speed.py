@@ -735,3 +735,16 @@ def test_a_callers_module_that_branches_is_traced_once_with_its_branches_decided
     x = torch.randn(1, 3, side, side)
     with torch.no_grad():
         assert torch.allclose(graph(x), network(x))
+
+
+@pytest.mark.parametrize("model", ["torchvision:resnet18", "torchvision:mobilenet_v3_small"])
+def test_the_attribute_table_made_on_reading_is_every_modules_integers(model):
+    """Each module's entry of the table is made when the rules first read it: the same
+    integers, as sympy Integers, as the whole table made at once."""
+    network = resolve(model).build({}).eval()
+    table = hyperparameters.concrete_attributes(network)
+    whole = {name: {key: tuple(map(sp.Integer, value)) if isinstance(value, tuple)
+                    else sp.Integer(value) for key, value in attributes.items()}
+             for name, attributes in hyperparameters.integer_attributes(network).items()}
+    assert dict(table) == whole and len(table) == len(whole)
+    assert table.get("no.such.module", {}) == {}
