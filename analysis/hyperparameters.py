@@ -48,20 +48,25 @@ class ConcreteAttributes(Mapping):
     the modules a graph calls (making every entry was 2 ms of timm efficientvit_b0's 46)."""
 
     def __init__(self, model: nn.Module):
-        self._modules = dict(model.named_modules())
+        self._model = model
         self._made: dict[str, dict[str, Any]] = {}
 
     def __getitem__(self, name: str) -> dict[str, Any]:
         if name not in self._made:
-            self._made[name] = {key: _to_sympy(value)
-                                for key, value in _integers(self._modules[name]).items()}
+            module = self._model
+            for part in name.split(".") if name else ():  # the registry, not getattr
+                child = module._modules.get(part)
+                if child is None:
+                    raise KeyError(name)
+                module = child
+            self._made[name] = {key: _to_sympy(value) for key, value in _integers(module).items()}
         return self._made[name]
 
     def __iter__(self):
-        return iter(self._modules)
+        return (name for name, _ in self._model.named_modules())
 
     def __len__(self) -> int:
-        return len(self._modules)
+        return sum(1 for _ in self._model.named_modules())
 
 
 def concrete_attributes(model: nn.Module) -> Mapping[str, dict[str, Any]]:
