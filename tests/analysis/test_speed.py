@@ -748,3 +748,17 @@ def test_the_attribute_table_made_on_reading_is_every_modules_integers(model):
              for name, attributes in hyperparameters.integer_attributes(network).items()}
     assert dict(table) == whole and len(table) == len(whole)
     assert table.get("no.such.module", {}) == {}
+
+
+def test_a_changed_cost_is_the_cost_dataclasses_replace_makes():
+    from dataclasses import fields, replace
+
+    x = rules.SymTensor((accounting.BATCH, sp.Integer(3), H, W))
+    cost = rules.LayerCost("conv", x, weights=sp.Integer(9), connections=9 * H * W, op="conv2d")
+    changes = {"via": "module", "inputs": 3 * H * W, "weights": sp.Integer(0)}
+    changed, replaced = accounting._changed(cost, **changes), replace(cost, **changes)
+    assert changed == replaced and hash(changed) == hash(replaced)
+    assert type(changed) is rules.LayerCost
+    assert [getattr(changed, f.name) for f in fields(cost)] == [
+        getattr(replaced, f.name) for f in fields(cost)]
+    assert cost.via == "" and cost.weights == 9  # the original is unchanged
