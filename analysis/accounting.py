@@ -1487,10 +1487,11 @@ def _interpret(
 
     def counted_once(cost: LayerCost, known: bool) -> dict[str, sp.Expr]:
         # a network repeats its layers: csatv2's 1,017 rows are 198 distinct costs
-        key = (cost, known)
-        if key not in rows_counted:
-            rows_counted[key] = counted(cost, known, convention)
-        return rows_counted[key]
+        key = (cost, known)  # hashed once: a cost's hash is not kept, and is most of this
+        found = rows_counted.get(key)
+        if found is None:
+            found = rows_counted[key] = counted(cost, known, convention)
+        return found
 
     meta = getattr(graph_module, "meta", None) or {}
     # a forward traced at a probe size: a branch that pins the size is refused where it is met
@@ -1896,7 +1897,11 @@ def _changed(cost: LayerCost, **changes: Any) -> LayerCost:
 
 
 def _trainable(module: nn.Module, weights: sp.Expr) -> sp.Expr:
-    parameters = list(module.parameters())
+    if module._modules:
+        parameters = list(module.parameters())
+    else:  # a leaf's own registry, as parameters() walks it (each tensor once)
+        parameters = list({id(p): p for p in module._parameters.values()
+                           if p is not None}.values())
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
     if trainable == sum(p.numel() for p in parameters):
         return weights

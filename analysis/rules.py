@@ -33,7 +33,7 @@ class SymTensor:
     # positions torch.arange gives): what an index into a fixed table must stay inside
     value_range: tuple[sp.Expr, sp.Expr] | None = field(default=None, compare=False)
 
-    @property
+    @functools.cached_property  # kept in the instance's __dict__: not a field, not compared
     def per_example(self) -> sp.Expr:
         """Return the number of values per example (the batch dimension divided out)."""
         if self.shape and self.shape[0] == BATCH:

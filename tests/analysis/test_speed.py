@@ -762,3 +762,13 @@ def test_a_changed_cost_is_the_cost_dataclasses_replace_makes():
     assert [getattr(changed, f.name) for f in fields(cost)] == [
         getattr(replaced, f.name) for f in fields(cost)]
     assert cost.via == "" and cost.weights == 9  # the original is unchanged
+
+
+def test_a_tensors_values_per_example_are_kept_without_changing_its_equality():
+    """per_example is computed once per tensor (a layer's output is asked again as the next
+    layer's input); the kept value is no field: equal tensors stay equal, with equal hashes."""
+    shape = (accounting.BATCH, sp.Integer(8), H / 2, W / 2)
+    asked, fresh = rules.SymTensor(shape), rules.SymTensor(shape)
+    assert asked.per_example == 8 * H * W / 4 and asked.per_example is asked.per_example
+    assert asked == fresh and hash(asked) == hash(fresh) and repr(asked) == repr(fresh)
+    assert rules.SymTensor((sp.Integer(3), sp.Integer(4))).per_example == 12
