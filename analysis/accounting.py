@@ -1458,11 +1458,15 @@ def _used_parameters(graph_module: torch.fx.GraphModule) -> list[nn.Parameter]:
     modules = submodules(graph_module)
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
-            used.extend(modules[node.target].parameters())
+            module = modules[node.target]
+            used.extend(module.parameters() if module._modules else  # a leaf: its registry
+                        (p for p in module._parameters.values() if p is not None))
         elif node.op == "get_attr":
-            value = _attribute_value(graph_module, node.target)
-            if isinstance(value, rules.ParameterTensor) and value.numel:
-                used.append(graph_module.get_parameter(node.target))
+            value = graph_module
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if isinstance(value, nn.Parameter) and value.numel():
+                used.append(value)
     return used
 
 
