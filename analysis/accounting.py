@@ -1445,7 +1445,7 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
     return analysis
 
 
-def submodules(graph_module: torch.fx.GraphModule) -> dict[str, nn.Module]:
+def _submodules(graph_module: torch.fx.GraphModule) -> dict[str, nn.Module]:
     """Return qualified name -> module of every submodule, under each name it is registered
     by: one walk, where get_submodule per node walks each name through nn.Module's getattr
     (2 ms of timm efficientvit_b0's 55)."""
@@ -1455,7 +1455,7 @@ def submodules(graph_module: torch.fx.GraphModule) -> dict[str, nn.Module]:
 def _used_parameters(graph_module: torch.fx.GraphModule) -> list[nn.Parameter]:
     """Return the parameters of the called modules and those read directly in forward."""
     used = []
-    modules = submodules(graph_module)
+    modules = _submodules(graph_module)
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
             module = modules[node.target]
@@ -1502,7 +1502,7 @@ def _interpret(
     watched = (dict(meta.get("branches", ())) if meta.get("probe")
                and all(isinstance(side, sp.Symbol) for side in size) else {})
     previous = None
-    modules = submodules(graph_module)
+    modules = _submodules(graph_module)
     for node in graph_module.graph.nodes:
         if previous in watched and not _refuse_pinned_branch(
                 graph_module, env, previous, watched[previous], size):

@@ -227,11 +227,12 @@ class _BranchingTracer(_Tracer):
     """A _Tracer that also runs the calls it records on the meta-device probe input (those a
     branch, len() or int() needs, when it needs them), so that a Python branch on sizes
     (`if H % 2`, `if self.window >= W`) is decided at the probe size, as running the model
-    there would; each decision is kept (node, taken) for the
-    interpreter, which turns it into a condition on H, W that the formulas then require. Only
-    for a model built on the meta device: the values are shapes, never data. `concrete`: the
-    graph is for the probe's size alone, so len() and int() of a traced size are read there
-    (written into the graph as numbers, as a forward pass at that size computes them)."""
+    there would; each decision is kept (node, taken) for the interpreter, which turns it into a
+    condition on H, W that the formulas then require. The calls run on the meta device (a
+    model built there, or the meta copy `values` gives of one with real weights): the values
+    are shapes, never data. `concrete`: the graph is for the probe's size alone, so len() and
+    int() of a traced size are read there (written into the graph as numbers, as a forward
+    pass at that size computes them)."""
 
     def __init__(self, probe: torch.Tensor, *args: Any, concrete: bool = False,
                  plain_first: bool = False, values: Any = None, **kwargs: Any) -> None:
@@ -459,9 +460,10 @@ def _trace(model: nn.Module, probe: torch.Tensor | None = None,
 
     With `probe` (a meta-device input, for a model built on the meta device, or with
     `meta_copy` for one with real weights), a forward that branches on sizes is traced with its
-    branches decided at the probe's size; the graph's
-    meta["branches"] lists them (node name, taken) and meta["probe"] the size. `branching`
-    goes straight to that trace (the plain one already refused this model's copy).
+    branches decided at the probe's size: one trace, plain until the first branch; the graph's
+    meta["branches"] lists them (node name, taken), meta["probe"] the size and
+    meta["plain_refusal"] what a plain trace raises. `branching` decides branches from the
+    start (the plain trace already refused this model's copy).
     `concrete` (with `branching`): a graph for the probe's size only (len() and int() of
     sizes read there), without branch records; meta["size_only"] is that size.
     """
