@@ -57,6 +57,7 @@ def plain_analyse(monkeypatch, model, **kwargs):
         patch.setattr(accounting, "_mentions_batch", accounting._mentions_batch.__wrapped__)
         patch.setattr(rules, "_relation", rules._relation.__wrapped__)
         patch.setattr(shapes, "adaptive_window_total", shapes.adaptive_window_total.__wrapped__)
+        patch.setattr(accounting, "_relation", accounting._relation.__wrapped__)
         return analyse(model, **kwargs)
 
 
@@ -772,3 +773,19 @@ def test_a_tensors_values_per_example_are_kept_without_changing_its_equality():
     assert asked.per_example == 8 * H * W / 4 and asked.per_example is asked.per_example
     assert asked == fresh and hash(asked) == hash(fresh) and repr(asked) == repr(fresh)
     assert rules.SymTensor((sp.Integer(3), sp.Integer(4))).per_example == 12
+
+
+@pytest.mark.parametrize("model", ["timm:efficientvit_b0", "timm:bat_resnext26ts"])
+def test_remembered_branch_conditions_give_the_plain_paths_formulas_and_conditions(
+        monkeypatch, model):
+    """A branch's condition is built once per value (blocks repeated per stage branch alike, and
+    the interpreter and the analysis both ask): the same rows and conditions as building it
+    each time."""
+    pytest.importorskip("timm")
+    fast = analyse(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(accounting, "_relation", accounting._relation.__wrapped__)
+        plain = analyse(model)
+    assert fast.shape_graph_module.meta["branches"], "the forward branches on sizes"
+    assert fast.branches == plain.branches
+    assert rows(fast) == rows(plain) and fast.assumptions == plain.assumptions
