@@ -1271,9 +1271,10 @@ def _count_traced_at_each_size(prepared, convention, allow_unknown, resolutions
             per_resolution.update(_concrete_rows(prepared, graphs[resolution], convention,
                                                  allow_unknown, [resolution]))
         first = next(iter(graphs.values()))
-        on_meta = any(t.is_meta for t in [*first.parameters(), *first.buffers()])
+        # a graph of the meta build, unless the fx rung traced the caller's network itself
+        on_meta = all(p.is_meta for p in first.parameters())
         analysis = concrete_analysis(prepared, first, per_resolution, convention,
-                                     shapes=on_meta or not [*first.parameters()])
+                                     shapes=on_meta)
     except ResolutionError:
         raise
     except Exception:  # the export rung's concrete count is the answer, or gives the error
@@ -1458,9 +1459,7 @@ def _used_parameters(graph_module: torch.fx.GraphModule) -> list[nn.Parameter]:
     modules = _submodules(graph_module)
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
-            module = modules[node.target]
-            used.extend(module.parameters() if module._modules else  # a leaf: its registry
-                        (p for p in module._parameters.values() if p is not None))
+            used.extend(_parameters_of(modules[node.target]))
         elif node.op == "get_attr":
             value = graph_module
             for part in node.target.split("."):
@@ -1842,9 +1841,9 @@ def _condition_row(value: Any, taken: bool, name: str, why: str
     if value is None:
         raise ValueError(f"the forward branches on {name}, which the rules give no value")
     try:
-        relation = _relation(value, taken)
+        relation = _branch_relation(value, taken)
     except TypeError:  # a value that cannot be remembered (unhashable)
-        relation = _relation.__wrapped__(value, taken)
+        relation = _branch_relation.__wrapped__(value, taken)
     if relation is True:
         return None
     if relation is False:  # not a size: the meta device's answer (a device check)
@@ -1858,7 +1857,7 @@ def _condition_row(value: Any, taken: bool, name: str, why: str
 
 
 @functools.lru_cache(maxsize=4096, typed=True)  # blocks repeated per stage branch alike
-def _relation(value: Any, taken: bool) -> tuple[sp.Expr, str, str] | bool | None:
+def _branch_relation(value: Any, taken: bool) -> tuple[sp.Expr, str, str] | bool | None:
     """Return (lhs - rhs, relation, 'lhs relation rhs') of the condition a branch on `value`
     puts on the input where `taken` was traced; True where it holds at every size, False
     where it is not a size, None where it is no comparison of sizes. Remembered: sympy builds
@@ -1921,12 +1920,16 @@ def _changed(cost: LayerCost, **changes: Any) -> LayerCost:
     return changed
 
 
-def _trainable(module: nn.Module, weights: sp.Expr) -> sp.Expr:
+def _parameters_of(module: nn.Module) -> list[nn.Parameter]:
+    """Return module.parameters() as a list; a leaf's are read from its own registry (each
+    tensor once, as parameters() gives them), without parameters()' walk of the tree."""
     if module._modules:
-        parameters = list(module.parameters())
-    else:  # a leaf's own registry, as parameters() walks it (each tensor once)
-        parameters = list({id(p): p for p in module._parameters.values()
-                           if p is not None}.values())
+        return list(module.parameters())
+    return list({id(p): p for p in module._parameters.values() if p is not None}.values())
+
+
+def _trainable(module: nn.Module, weights: sp.Expr) -> sp.Expr:
+    parameters = _parameters_of(module)
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
     if trainable == sum(p.numel() for p in parameters):
         return weights

@@ -462,8 +462,8 @@ def interpret_exported(
     return layers, owned
 
 
-# ATen op -> the fx rung's value-range rule it follows (the exported graph is functional:
-# no in-place writes to forget ranges for)
+# ATen op -> the fx rung's value-range rule it follows (in-place ops an exported graph keeps,
+# aten.add_, forget ranges through track_ranged_storage)
 _RANGE_KEYS = {
     "unsqueeze": "unsqueeze", "view": "view", "_unsafe_view": "view", "reshape": "reshape",
     "expand": "expand", "permute": "permute", "transpose": "transpose", "t": "transpose",

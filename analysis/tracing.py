@@ -229,19 +229,19 @@ class _BranchingTracer(_Tracer):
     (`if H % 2`, `if self.window >= W`) is decided at the probe size, as running the model
     there would; each decision is kept (node, taken) for the interpreter, which turns it into a
     condition on H, W that the formulas then require. The calls run on the meta device (a
-    model built there, or the meta copy `values` gives of one with real weights): the values
+    model built there, or the meta copy `meta_copy` gives of one with real weights): the values
     are shapes, never data. `concrete`: the graph is for the probe's size alone, so len() and
     int() of a traced size are read there (written into the graph as numbers, as a forward
     pass at that size computes them)."""
 
     def __init__(self, probe: torch.Tensor, *args: Any, concrete: bool = False,
-                 plain_first: bool = False, values: Any = None, **kwargs: Any) -> None:
+                 plain_first: bool = False, meta_copy: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.probe = probe
         self.concrete = concrete
-        # `values`: returns, when a value is first needed, the meta copy of a root with real
+        # `meta_copy`: returns, when a value is first needed, the meta copy of a root with real
         # weights, whose modules and tensors (found by name) the recorded calls run on
-        self._values = values
+        self._meta_copy = meta_copy
         self._values_root: Any = None
         # `plain_first`: a plain trace until the first branch, whose plain refusal is kept (the
         # answer if the trace fails after it); from there, buffers may take traced values
@@ -329,7 +329,7 @@ class _BranchingTracer(_Tracer):
                 for part in target.split("."):
                     result = getattr(result, part)
             else:
-                if kind == "call_module" and self._values is not None:
+                if kind == "call_module" and self._meta_copy is not None:
                     forward = self._meta_root()[1][target]  # its copy, called in its place
                 with MetaShapes():
                     result = self._run(kind, target, call_args, call_kwargs, forward)
@@ -352,7 +352,7 @@ class _BranchingTracer(_Tracer):
         """Return an argument's value at the probe (LookupError for a proxy without one)."""
         if isinstance(argument, torch.fx.Proxy):
             return self._known(argument.node)
-        if self._values is not None and isinstance(argument, torch.Tensor):
+        if self._meta_copy is not None and isinstance(argument, torch.Tensor):
             return self._meta_root()[2].get(id(argument), argument)
         return argument
 
@@ -361,10 +361,10 @@ class _BranchingTracer(_Tracer):
         id of the root's): the root itself when it is on the meta device, else its meta copy,
         made on first use (LookupError where none can be made)."""
         if self._values_root is None:
-            if self._values is None:
+            if self._meta_copy is None:
                 self._values_root = (self.root, {}, {})
             else:
-                copy = self._values()
+                copy = self._meta_copy()
                 if copy is None:
                     raise LookupError("no meta copy of the network")
                 parameters, buffers = self._names()
@@ -480,7 +480,7 @@ def _trace(model: nn.Module, probe: torch.Tensor | None = None,
     # trace stops), then deciding its branches at the probe (a plain trace that failed there,
     # then a branching trace from the start, cost efficientvit_b0 a fifth of its trace)
     tracer = _BranchingTracer(probe, autowrap_functions=wrapped, concrete=concrete,
-                              plain_first=not branching, values=meta_copy)
+                              plain_first=not branching, meta_copy=meta_copy)
     try:
         with contextlib.ExitStack() as context:
             tracer.context = context

@@ -57,7 +57,7 @@ def plain_analyse(monkeypatch, model, **kwargs):
         patch.setattr(accounting, "_mentions_batch", accounting._mentions_batch.__wrapped__)
         patch.setattr(rules, "_relation", rules._relation.__wrapped__)
         patch.setattr(shapes, "adaptive_window_total", shapes.adaptive_window_total.__wrapped__)
-        patch.setattr(accounting, "_relation", accounting._relation.__wrapped__)
+        patch.setattr(accounting, "_branch_relation", accounting._branch_relation.__wrapped__)
         return analyse(model, **kwargs)
 
 
@@ -600,6 +600,23 @@ class ReadsAShapeThenReshapesInPlace(nn.Module):
         return y - 1
 
 
+def meta_build_and_probe(model: str) -> tuple[nn.Module, torch.Tensor]:
+    """Return (the model built on the meta device, a meta input at its own size)."""
+    if model.startswith("timm:"):
+        pytest.importorskip("timm")
+    if model == "reads-then-reshapes":
+        network = ReadsAShapeThenReshapesInPlace().to("meta").eval()
+    else:
+        spec = resolve(model)
+        network = spec.build_meta(spec.settings({})).eval()
+    side = own_side(model)
+    return network, torch.zeros(1, 3, side, side, device="meta")
+
+
+def own_side(model: str) -> int:
+    return 240 if "crossvit" in model else 224
+
+
 def eager_branching_trace(monkeypatch, network, probe, concrete=False):
     """Return tracing.trace's branching graph with every recorded call run as it is recorded
     (the tracer before it ran them only when a branch, len() or int() asked)."""
@@ -626,14 +643,7 @@ def test_a_branching_trace_runs_calls_only_when_a_branch_needs_them(monkeypatch,
                                                                     concrete):
     """The branches, sizes read and graph are those of running every call as it is recorded;
     the calls after the last branch are not run."""
-    if model.startswith("timm:"):
-        pytest.importorskip("timm")
-        spec = resolve(model)
-        network = spec.build_meta(spec.settings({})).eval()
-    else:
-        network = ReadsAShapeThenReshapesInPlace().to("meta").eval()
-    side = 240 if "crossvit" in model else 224
-    probe = torch.zeros(1, 3, side, side, device="meta")
+    network, probe = meta_build_and_probe(model)
     ran = []
     run = tracing._BranchingTracer._run_recorded
     monkeypatch.setattr(tracing._BranchingTracer, "_run_recorded",
@@ -678,15 +688,7 @@ def test_a_forward_is_traced_once_plain_until_it_branches(monkeypatch, model):
     """One trace where a plain trace that failed at the first branch and a branching trace from
     the start were two: the same graph and branches as the branching trace, and for a forward
     that never branches, the plain trace's graph without branch records."""
-    if model.startswith("timm:"):
-        pytest.importorskip("timm")
-    if model == "reads-then-reshapes":
-        network = ReadsAShapeThenReshapesInPlace().to("meta").eval()
-    else:
-        spec = resolve(model)
-        network = spec.build_meta(spec.settings({})).eval()
-    side = 240 if "crossvit" in model else 224
-    probe = torch.zeros(1, 3, side, side, device="meta")
+    network, probe = meta_build_and_probe(model)
     traces = []
     original = torch.fx.Tracer.trace
     monkeypatch.setattr(torch.fx.Tracer, "trace",
@@ -720,7 +722,7 @@ def test_a_callers_module_that_branches_is_traced_once_with_its_branches_decided
     plain trace of it that stopped at the first branch, then the copy's branching trace, were
     two): the rows are the meta build's, and the graph runs on the caller's weights."""
     pytest.importorskip("timm")
-    side = 240 if "crossvit" in model else 224
+    side = own_side(model)
     by_name = analyse(model, resolutions=[(side, side)])
     network = resolve(model).build({}).eval()
     traced = []
@@ -784,7 +786,7 @@ def test_remembered_branch_conditions_give_the_plain_paths_formulas_and_conditio
     pytest.importorskip("timm")
     fast = analyse(model)
     with monkeypatch.context() as patch:
-        patch.setattr(accounting, "_relation", accounting._relation.__wrapped__)
+        patch.setattr(accounting, "_branch_relation", accounting._branch_relation.__wrapped__)
         plain = analyse(model)
     assert fast.shape_graph_module.meta["branches"], "the forward branches on sizes"
     assert fast.branches == plain.branches
