@@ -410,11 +410,15 @@ class Analysis:
             return memo[1][resolution]
         substitution = self.substitutions()
         rows = self.concrete[resolution]
+        # rows counted under this very convention carry their counts (concrete_analysis)
+        counted_here = self.__dict__.get("_rows_convention") is self.convention
         counts: dict[tuple[LayerCost, bool], dict[str, sp.Expr]] = {}
         column: tuple[list[int], ...] = ([], [], [])
         for i, layer in enumerate(self.layers):
             if layer.kind == "unused" or i >= len(rows):
                 numbers = (layer.weights, layer.outputs, layer.connections)
+            elif counted_here:
+                numbers = (rows[i].weights, rows[i].outputs, rows[i].connections)
             else:
                 cost, known = rows[i].cost, rows[i].known
                 try:
@@ -1343,6 +1347,7 @@ def concrete_analysis(
         a for a in analysis.assumptions if not a.startswith("formulas are exact")
     ]
     analysis.concrete = dict(per_resolution)
+    analysis._rows_convention = convention  # the rows' counts are under it (_concrete_column)
     return analysis
 
 

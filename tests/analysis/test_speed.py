@@ -390,6 +390,32 @@ def test_a_convention_copy_does_not_reuse_the_exact_rows_of_another_convention()
     assert getattr(simple, "_exact_again", None) is None
 
 
+@pytest.mark.parametrize("model, sizes", [
+    (PoolsBranchesAndMixes, [(32, 32), (36, 44)]),  # rows at batch size 1, and an unused row
+    ("torchvision:resnet18", [(64, 64), (96, 80)]),
+    ("timm:test_vit_relpos", [(160, 160)]),
+])
+def test_a_concrete_analysis_reads_its_rows_counts_as_counting_their_costs_again_gives(
+    model, sizes
+):
+    from convtally.analysis.conventions import preset
+
+    network = model().eval() if isinstance(model, type) else model
+    analysis = analyse(network, capture="concrete", resolutions=sizes)
+    recounted = analysis._thawed_copy()  # counts every row's cost again, as before
+    recounted.__dict__.pop("_concrete_columns", None)
+    recounted.__dict__["_rows_convention"] = None
+    assert analysis.totals_at(sizes) == recounted.totals_at(sizes)
+    for quantity, values in analysis.evaluate(sizes).items():
+        assert values.tolist() == recounted.evaluate(sizes)[quantity].tolist()
+    # rows counted under another convention are counted again under it
+    other = analysis.with_convention(preset("fvcore"))
+    assert other.totals_at(sizes) == analyse(
+        network, convention=preset("fvcore"), capture="concrete", resolutions=sizes
+    ).totals_at(sizes)
+    assert other.totals_at(sizes) != analysis.totals_at(sizes)
+
+
 def fuse(side):
     """Return sizes an HRNet-like fuse layer compares: a branch down and up again vs the input."""
     down = sp.floor((side - 1) / 2) + 1
