@@ -896,6 +896,16 @@ def analyse(
     """
     if capture not in CAPTURES:
         raise ValueError(f"unknown capture {capture!r}; use one of {', '.join(CAPTURES)}")
+    if settings is not None and not isinstance(settings, Mapping):
+        raise TypeError(
+            f"settings must map hyperparameter names to integers (e.g. {{'NF': 32}}), got "
+            f"{type(settings).__name__}; a convention is passed as convention=..."
+        )
+    if settings and isinstance(model, nn.Module):
+        raise ValueError(
+            f"settings {dict(settings)} are for a model built by name; "
+            f"{type(model).__name__} is built already: build it with them, or pass its name"
+        )
     with _collector_paused():
         return _analyse(model, settings, convention, exact, allow_unknown, capture,
                         resolutions, input_shape)._freeze()

@@ -277,6 +277,21 @@ def test_parse_settings_rejects(item):
         parse_settings([item])
 
 
+def test_a_convention_given_where_the_settings_go_is_refused():
+    from convtally.analysis.conventions import preset
+
+    with pytest.raises(TypeError, match="got Convention; a convention is passed as convention="):
+        analyse("poolupsample", preset("fvcore"))
+
+
+def test_settings_given_with_a_built_network_are_refused_not_ignored():
+    network = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=r"settings \{'NF': 8\} are for a model built by name; "
+                       "Sequential is built already"):
+        analyse(network, {"NF": 8})
+    assert analyse(network, {}).totals_at([(8, 8)]) == analyse(network).totals_at([(8, 8)])
+
+
 def test_analysis_of_deeplabv3_has_dict_output_and_adaptive_pooling():
     analysis = analyse("torchvision:deeplabv3_resnet50")
     types = {layer.type for layer in analysis.layers}
