@@ -363,10 +363,11 @@ def _inline_wrapped_bodies(program) -> None:
 
 
 def interpret_exported(
-    program, convention: Convention, allow_unknown: bool
+    program, convention: Convention, allow_unknown: bool, network: torch.nn.Module | None = None
 ) -> tuple[list[Layer], set[str]]:
     """Return one row per ATen op of `program` (routing ops included), counted by the rules,
-    and the parameters the rows own."""
+    and the parameters the rows own; `network`, the exported module, names the module that ran
+    an op where the fx rung counts that module (nn.Dropout) otherwise than the op."""
     _inline_wrapped_bodies(program)
     signature = program.graph_signature
     parameters = signature.inputs_to_parameters
@@ -438,6 +439,12 @@ def interpret_exported(
                 cost = rule(*args, **kwargs)
             except UnsupportedLayer as error:
                 raise UnsupportedLayer(f"{label} (aten.{op}): {error}") from None
+        if op in _DROPOUT_OPS and network is not None:
+            module = _running_module(node, network)
+            if module is not None and rules.module_rule(module) is rules.dropout:
+                # nn.Dropout's own op: counted as the fx rung counts the module (1 connection per
+                # output under the default), where F.dropout in evaluation is the identity
+                cost = rules.dropout(module, {}, args[0])
         cost = _with_output(cost, output)
         output, bounds = _ranged(op, args, kwargs, output, sizes)
         if ranged_storage or getattr(output, "value_range", None) is not None:
@@ -556,6 +563,21 @@ def _has_tensor(value: Any) -> bool:
     return False
 
 
+_DROPOUT_OPS = frozenset({"dropout", "feature_dropout"})  # nn.Dropout, nn.Dropout2d/3d
+
+
+def _running_module(node: torch.fx.Node, network: torch.nn.Module) -> torch.nn.Module | None:
+    """Return the innermost module of `network` that ran an exported op, None if unknown."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = next(reversed(stack.values()))[0]
+    try:
+        return network.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _label(node: torch.fx.Node, op: str, seen: Counter) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     scope = list(stack.values())[-1][0] if stack else ""
@@ -599,7 +621,7 @@ def analyse_exported(prepared: _Prepared, convention: Convention, exact: bool,
         )
     if not runs_at_twice:
         _runs_at_another_size(prepared, probe)
-    layers, owned = interpret_exported(program, convention, allow_unknown)
+    layers, owned = interpret_exported(program, convention, allow_unknown, prepared.network)
     analysis = _finish(prepared, None, layers, convention, exact, owned)
     analysis.capture = "export"
     analysis.graph_module = None
@@ -740,7 +762,7 @@ def analyse_exported_concrete(prepared: _Prepared, convention: Convention, allow
         program = export(prepared.network, prepared.channels, (height, width), dynamic=False)
         programs[(height, width)] = program
         per_resolution[(height, width)], owned = interpret_exported(
-            program, convention, allow_unknown
+            program, convention, allow_unknown, prepared.network
         )
         refuse_reads_outside(prepared.name, per_resolution[(height, width)], (height, width))
     analysis = concrete_analysis(prepared, None, per_resolution, convention, owned)

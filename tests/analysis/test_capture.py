@@ -344,6 +344,46 @@ def test_module_rules_and_aten_rules_agree(convention):
     assert by_kind["fx"] == by_kind["export"]
 
 
+class Drops(nn.Module):
+    """Dropout as a module (nn.Dropout, nn.Dropout2d, and a subclass that keeps its forward)
+    and as a function in evaluation (the identity)."""
+
+    class KeepsForward(nn.Dropout):
+        pass
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop2d = nn.Dropout2d(0.1)
+        self.drop = nn.Dropout(0.5)
+        self.kept = self.KeepsForward(0.2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.drop2d(self.conv(x))
+        x = nn.functional.dropout(x, 0.3, training=False).mean((2, 3))
+        return self.kept(self.fc(self.drop(x)))
+
+
+@pytest.mark.parametrize("convention", ["default", "fvcore", "torch"])
+def test_dropout_counts_alike_in_the_fx_and_export_rungs(convention):
+    """nn.Dropout is one element-wise row under the default in both rungs (torch.export records
+    its aten.dropout, which F.dropout in evaluation also records, and counts 0)."""
+    from convtally.analysis.export_capture import analyse_exported_concrete
+
+    network, sizes = Drops().eval(), [(8, 8), (12, 10)]
+    fx = analyse(network, convention=preset(convention), capture="fx")
+    exported = analyse(network, convention=preset(convention), capture="export")
+    static = analyse_exported_concrete(accounting._prepare(network, None), preset(convention),
+                                       False, sizes)
+    assert fx.totals_at(sizes) == exported.totals_at(sizes) == static.totals_at(sizes)
+    if convention == "default":  # one connection per output of each module, none for F
+        dropped = {layer.name: str(layer.connections) for layer in exported.layers
+                   if "dropout" in layer.type}
+        assert dropped == {"drop2d.feature_dropout": "4*H*W", "dropout": "0",
+                           "drop.dropout": "4", "kept.dropout": "3"}
+
+
 class ResizedEmbedding(nn.Module):
     """Resizes a learned 4x4 embedding to the feature map with antialiasing (naflexvit's
     position embedding), then adds it."""
