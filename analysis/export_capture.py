@@ -215,6 +215,8 @@ ATEN_RULES: dict[str, Callable[..., LayerCost]] = {
     "linalg_vector_norm": _vector_norm,
     "norm": _vector_norm,
     "dropout": _dropout,
+    "alpha_dropout": _dropout,
+    "feature_alpha_dropout": _dropout,
 }
 
 
@@ -563,7 +565,8 @@ def _has_tensor(value: Any) -> bool:
     return False
 
 
-_DROPOUT_OPS = frozenset({"dropout", "feature_dropout"})  # nn.Dropout, nn.Dropout2d/3d
+# nn.Dropout, nn.Dropout2d/3d, nn.AlphaDropout, nn.FeatureAlphaDropout
+_DROPOUT_OPS = frozenset({"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"})
 
 
 def _running_module(node: torch.fx.Node, network: torch.nn.Module) -> torch.nn.Module | None:

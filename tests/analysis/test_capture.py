@@ -345,8 +345,8 @@ def test_module_rules_and_aten_rules_agree(convention):
 
 
 class Drops(nn.Module):
-    """Dropout as a module (nn.Dropout, nn.Dropout2d, and a subclass that keeps its forward)
-    and as a function in evaluation (the identity)."""
+    """Dropout as a module (nn.Dropout, nn.Dropout2d, the alpha dropouts, and a subclass that
+    keeps its forward) and as a function in evaluation (the identity)."""
 
     class KeepsForward(nn.Dropout):
         pass
@@ -357,12 +357,14 @@ class Drops(nn.Module):
         self.drop2d = nn.Dropout2d(0.1)
         self.drop = nn.Dropout(0.5)
         self.kept = self.KeepsForward(0.2)
+        self.alpha = nn.AlphaDropout(0.1)
+        self.feature_alpha = nn.FeatureAlphaDropout(0.1)
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        x = self.drop2d(self.conv(x))
+        x = self.feature_alpha(self.drop2d(self.conv(x)))
         x = nn.functional.dropout(x, 0.3, training=False).mean((2, 3))
-        return self.kept(self.fc(self.drop(x)))
+        return self.alpha(self.kept(self.fc(self.drop(x))))
 
 
 @pytest.mark.parametrize("convention", ["default", "fvcore", "torch"])
@@ -381,7 +383,8 @@ def test_dropout_counts_alike_in_the_fx_and_export_rungs(convention):
         dropped = {layer.name: str(layer.connections) for layer in exported.layers
                    if "dropout" in layer.type}
         assert dropped == {"drop2d.feature_dropout": "4*H*W", "dropout": "0",
-                           "drop.dropout": "4", "kept.dropout": "3"}
+                           "feature_alpha.feature_alpha_dropout": "4*H*W",
+                           "drop.dropout": "4", "kept.dropout": "3", "alpha.alpha_dropout": "3"}
 
 
 class ResizedEmbedding(nn.Module):
