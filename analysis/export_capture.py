@@ -147,7 +147,7 @@ UNARY_OPS = (
     "cumsum", "bitwise_not", "logical_not",
 )
 BINARY_OPS = ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "pow", "maximum",
-              "minimum", "where", "rsub",
+              "minimum", "where", "rsub", "floor_divide",
               # comparisons (Swin's attention mask: mask != 0), one per output like where
               "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or")
 ROUTING_OPS = (
@@ -479,6 +479,8 @@ _RANGE_KEYS = {
     "clone": "clone", "alias": "view", "slice": "view", "select": "view", "squeeze": "view",
     "add": "add", "sub": "sub", "mul": "mul", "to": "to", "_to_copy": "to",
     "add_": "add_", "sub_": "sub_", "mul_": "mul_",
+    "neg": "neg", "abs": "abs", "rsub": "rsub", "floor_divide": operator.floordiv,
+    "flip": "flip", "roll": "roll", "clamp": "clamp",
 }
 
 

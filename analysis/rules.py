@@ -1785,6 +1785,7 @@ UNARY_FUNCTIONS = (
     torch.sqrt,
     torch.rsqrt,
     torch.abs,
+    operator.abs,
     torch.neg,
     operator.neg,
     torch.log,
@@ -1811,6 +1812,7 @@ BINARY_FUNCTIONS = (
     torch.add,
     torch.mul,
     torch.sub,
+    torch.rsub,
     torch.div,
     torch.pow,
     torch.maximum,
@@ -2032,6 +2034,69 @@ def _range_scaled(x: Range, other: Any, *args: Any) -> Range | None:
     return None
 
 
+def _range_negated(x: Range, *args: Any) -> Range:
+    """-x: the ends swapped and negated."""
+    return (-x[1], -x[0])
+
+
+def _range_subtracted_from(x: Range, other: Any, *args: Any) -> Range | None:
+    """c - x (operator.sub with the number first, aten.rsub(x, c))."""
+    other_range = _number_range(other)
+    if other_range is None:
+        return None
+    return (other_range[0] - x[1], other_range[1] - x[0])
+
+
+def _range_absolute(x: Range, *args: Any) -> Range | None:
+    """|x| where the signs decide it: x itself, -x, or 0 up to the larger end; else unknown."""
+    least, greatest = map(sp.sympify, x)
+    if least.is_nonnegative:
+        return (least, greatest)
+    if greatest.is_nonpositive:
+        return (-greatest, -least)
+    if least.is_nonpositive and greatest.is_nonnegative:
+        larger = sp.sympify(greatest + least)
+        if larger.is_nonnegative:
+            return (sp.Integer(0), greatest)
+        if larger.is_nonpositive:
+            return (sp.Integer(0), -least)
+    return None
+
+
+def _range_floor_divided(x: Range, other: Any, *args: Any) -> Range | None:
+    """x // c for a number or size c of known sign (PyTorch's floor division; by a tensor:
+    unknown)."""
+    if isinstance(other, SymTensor):
+        return None
+    divisor = _number_range(other)
+    if divisor is None or divisor[0] != divisor[1]:
+        return None
+    c = divisor[0]
+    if c.is_positive:
+        return (sp.floor(x[0] / c), sp.floor(x[1] / c))
+    if c.is_negative:
+        return (sp.floor(x[1] / c), sp.floor(x[0] / c))
+    return None
+
+
+def _range_clamped(x: Range, *args: Any, min: Any = None, max: Any = None) -> Range | None:
+    """x.clamp(min, max) with numbers or sizes, where sympy decides each end's comparison
+    (a Max or Min left standing has no integer form here): unknown otherwise."""
+    low, high = (list(args) + [None, None])[:2]
+    low, high = (min if low is None else low), (max if high is None else high)
+    ends = list(map(sp.sympify, x))
+    for bound, choose in ((low, sp.Max), (high, sp.Min)):
+        if bound is None:
+            continue
+        value = _number_range(bound)
+        if value is None or isinstance(bound, SymTensor):
+            return None
+        ends = [choose(end, value[0]) for end in ends]
+    if any(end.has(sp.Max, sp.Min) for end in ends):
+        return None
+    return (ends[0], ends[1])
+
+
 def _range_truncated(x: Range, *args: Any) -> Range | None:
     """.long() / .int(): toward zero, which is floor() where no value is negative."""
     if not sp.sympify(x[0]).is_nonnegative:
@@ -2059,7 +2124,12 @@ VALUE_RANGE_RULES: dict[Any, Callable[..., Range | None]] = {
         "view", "reshape", torch.reshape, "unsqueeze", torch.unsqueeze, "permute",
         torch.permute, "transpose", torch.transpose, "contiguous", "clone", "detach",
         "expand", "expand_as", "flatten", torch.flatten, "float", "double",
-        operator.getitem)},
+        operator.getitem, "flip", torch.flip, "roll", torch.roll)},
+    **{key: _range_negated for key in (operator.neg, torch.neg, "neg")},
+    **{key: _range_absolute for key in (operator.abs, torch.abs, "abs")},
+    **{key: _range_floor_divided for key in (operator.floordiv, "__floordiv__")},
+    **{key: _range_clamped for key in (torch.clamp, torch.clip, "clamp", "clip")},
+    **{key: _range_subtracted_from for key in (torch.rsub, "rsub")},
     "to": _range_cast,
     **{key: _range_sum for key in (operator.add, operator.iadd, torch.add, "add", "add_")},
     **{key: _range_difference for key in (operator.sub, operator.isub, torch.sub, "sub",
@@ -2081,12 +2151,14 @@ def with_value_range(target: Any, args: tuple, kwargs: Mapping[str, Any], output
     """Return `output` with the range of values VALUE_RANGE_RULES gives for a call of `target`
     on `args` (a tensor computed from sizes: positions, offsets), else `output` as it is."""
     rule = VALUE_RANGE_RULES.get(target) if isinstance(output, SymTensor) else None
-    if rule is None or not args or (kwargs and rule is not _range_cast):
+    if rule is None or not args or (kwargs and rule not in (_range_cast, _range_clamped)):
         return output  # alpha=, out=, ...: not followed
     first, others = args[0], args[1:]
     if not isinstance(first, SymTensor) and target in (operator.add, operator.mul, torch.add,
                                                        torch.mul):
         first, others = (args[1], (args[0], *args[2:])) if len(args) > 1 else (first, others)
+    elif not isinstance(first, SymTensor) and target is operator.sub and len(args) == 2:
+        first, others, rule = args[1], (args[0],), _range_subtracted_from  # c - x
     if not isinstance(first, SymTensor) or first.value_range is None:
         return output
     if target is operator.getitem and any(

@@ -356,6 +356,21 @@ def test_timm_mvitv2_is_refused_where_its_relative_positions_leave_the_table():
     (operator.getitem, (RANGED, RANGED), None),  # a gather: the values read, not the index
     (operator.mul, (RANGED, RANGED), None),
     (operator.mul, (RANGED, W - H), None),  # a factor of unknown sign
+    (operator.neg, (RANGED,), (1 - H, 0)),
+    (operator.sub, (H, RANGED), (1, H)),  # c - x
+    (torch.rsub, (RANGED, 2), (3 - H, 2)),
+    ("abs", (RANGED,), (0, H - 1)),
+    (torch.abs, (SymTensor((H,), value_range=(1 - H, 0)),), (0, H - 1)),
+    ("abs", (SymTensor((H,), value_range=(-H, H - 1)),), (0, H)),  # |least| is the larger
+    ("abs", (SymTensor((H,), value_range=(-2, H - 3)),), None),  # which end is larger: unknown
+    (operator.floordiv, (RANGED, 4), (0, sp.floor((H - 1) / 4))),
+    (operator.floordiv, (RANGED, -2), (sp.floor((1 - H) / 2), 0)),
+    (operator.floordiv, (RANGED, W - H), None),  # a divisor of unknown sign
+    (operator.floordiv, (RANGED, RANGED), None),
+    ("flip", (RANGED, [0]), (0, H - 1)),
+    ("clamp", (RANGED, 0), (0, H - 1)),
+    ("clamp", (RANGED, None, 5), None),  # min(H - 1, 5): which is smaller depends on H
+    ("clamp", (RANGED, -3, 2 * H), (0, H - 1)),
 ])
 def test_value_ranges_follow_the_arithmetic_on_positions(target, args, expected):
     output = with_value_range(target, args, {}, SymTensor((H,)))
@@ -395,6 +410,17 @@ POSITIONS = {  # positions from the side s of the feature map -> whether the ran
     "to(float16), which rounds": (
         lambda s, b: (torch.arange(s) + 2047).to(torch.float16).long() - 2047, False),
     "arange over the batch": (lambda s, b: torch.arange(b), False),
+    "15 - p": (lambda s, b: 15 - torch.arange(s), True),
+    "-p, plus 15": (lambda s, b: -torch.arange(s) + 15, True),
+    "torch.rsub": (lambda s, b: torch.rsub(torch.arange(s), 12), True),
+    "|p - (s - 1)|": (lambda s, b: (torch.arange(s) - (s - 1)).abs(), True),
+    "abs(p - 3)": (lambda s, b: abs(torch.arange(s) - 3), False),  # signs undecided
+    "p // 2": (lambda s, b: torch.arange(s) // 2, True),
+    "p // -2 + 20": (lambda s, b: torch.arange(s) // -2 + 20, True),
+    "flip": (lambda s, b: torch.arange(s).flip(0), True),
+    "torch.roll": (lambda s, b: torch.roll(torch.arange(s), 1), True),
+    "clamp(min=0) of p + 2": (lambda s, b: (torch.arange(s) + 2).clamp(min=0), True),
+    "torch.clamp(p, 0, 20)": (lambda s, b: torch.clamp(torch.arange(s), 0, 20), False),
 }
 
 
@@ -427,3 +453,19 @@ def test_a_size_is_never_refused_where_the_forward_reads_inside_the_table(name):
         assert predicted == real and not all(real)
     else:
         assert not any(layer.bounds for layer in analysis.layers)
+
+
+@pytest.mark.parametrize("name", [name for name, (_, followed) in POSITIONS.items()
+                                  if followed and name != "+= 3"])
+def test_the_export_rung_follows_the_ranges_the_fx_rung_follows(name):
+    """The same positions through torch.export's ATen graph (aten.rsub, neg, abs, floor_divide,
+    flip, roll, clamp): the sizes it refuses are the sizes where the forward fails, and it
+    counts what the fx rung counts."""
+    network = ReadsPositions(POSITIONS[name][0]).eval()
+    analysis = analyse(network, capture="export")
+    assert any(layer.bounds for layer in analysis.layers)
+    sizes = [(side, side) for side in (2, 4, 8, 12, 16, 20, 24, 32, 40)]
+    assert analysis.runnable(sizes) == [runs(network, size) for size in sizes]
+    assert not all(analysis.runnable(sizes))
+    running = [size for size, ok in zip(sizes, analysis.runnable(sizes), strict=True) if ok]
+    assert analysis.totals_at(running) == analyse(network, capture="fx").totals_at(running)
