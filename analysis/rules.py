@@ -956,10 +956,19 @@ def contiguous(x: SymTensor, *args, **kwargs) -> LayerCost:
 
 
 def chunk(x: SymTensor, chunks: int, dim: int = 0) -> LayerCost:
-    """Tensor.chunk into equal parts (the size along `dim` must divide): routing only."""
-    shape = list(x.shape)
-    shape[dim] = shape[dim] / chunks
-    return LayerCost("routing", tuple(SymTensor(tuple(shape)) for _ in range(chunks)))
+    """Tensor.chunk: routing only. A known size takes PyTorch's pieces, ceil(size / chunks)
+    each and the rest last (timm edgenext_xx_small chunks 88 channels into 30, 30, 28); a
+    symbolic size is split in equal parts (the formulas then assume it divides)."""
+    dim = _dim_index(x, dim)
+    size = sp.sympify(x.shape[dim])
+    if size.is_Integer and int(size) % chunks:
+        piece = -(-int(size) // chunks)
+        count = -(-int(size) // piece)  # PyTorch may return fewer than `chunks`
+        pieces = [sp.Integer(piece)] * (count - 1) + [size - piece * (count - 1)]
+    else:
+        pieces = [size / chunks] * chunks
+    return LayerCost("routing", tuple(
+        SymTensor(tuple(p if i == dim else d for i, d in enumerate(x.shape))) for p in pieces))
 
 
 def mean(x: SymTensor, dim=None, keepdim: bool = False, **kwargs) -> LayerCost:

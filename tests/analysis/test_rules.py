@@ -195,3 +195,39 @@ def test_timm_coordinate_grid_over_the_input_size_has_formulas(monkeypatch):
     grid = next(layer for layer in analysis.layers if layer.cost.op == "coordinate_grid")
     assert grid.outputs == H * W / 8  # (H/4) x (W/4) x 2, no batch
     assert verify(analysis, [(16, 16), (32, 48)]).mismatches == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(channels=st.integers(1, 64), chunks=st.integers(1, 9), dim=st.sampled_from([1, -3]))
+def test_chunk_of_a_known_size_gives_pytorchs_pieces(channels, chunks, dim):
+    from convtally.analysis.rules import BATCH, SymTensor, chunk
+
+    pieces = chunk(SymTensor((BATCH, channels, H, W)), chunks, dim).output
+    real = torch.zeros(1, channels, 2, 2).chunk(chunks, dim)
+    assert [int(piece.shape[1]) for piece in pieces] == [piece.shape[1] for piece in real]
+    assert all(piece.shape[2:] == (H, W) for piece in pieces)
+
+
+class ChunksUnevenly(nn.Module):
+    """timm edgenext_xx_small's split transpose block: 88 channels in chunks of 30, 30, 28."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 88, 3, padding=1)
+        self.convs = nn.ModuleList([nn.Conv2d(30, 30, 3, padding=1) for _ in range(2)])
+        self.last = nn.Conv2d(28, 8, 1)
+
+    def forward(self, x):
+        first, second, third = self.stem(x).chunk(3, dim=1)
+        second = self.convs[1](second + self.convs[0](first))  # a piece added to a conv's output
+        return torch.cat([first, second, self.last(third)], 1)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_network_that_chunks_channels_unevenly_is_counted_as_it_runs(exact):
+    network = ChunksUnevenly().eval()
+    analysis = analyse(network, exact=exact)
+    assert analysis.capture == "fx"
+    assert_matches_running_network(analysis, network, 3, [(16, 16), (20, 12)])
+    cat = next(layer for layer in analysis.layers if layer.type == "cat")
+    assert str(cat.output_shape[0]) == "68"
