@@ -654,6 +654,12 @@ def pixel_unshuffle(module: nn.Module, attrs: Attributes, x: SymTensor) -> Layer
     return functional_pixel_unshuffle(x, module.downscale_factor)
 
 
+def fold_module(module: nn.Fold, attrs: Attributes, x: SymTensor) -> LayerCost:
+    """nn.Fold: as F.fold."""
+    return fold(x, module.output_size, module.kernel_size, module.dilation, module.padding,
+                module.stride)
+
+
 def unfold_module(module: nn.Unfold, attrs: Attributes, x: SymTensor) -> LayerCost:
     """Unfold (im2col): routing only; (B, C, H, W) -> (B, C*Kh*Kw, sliding positions)."""
     return unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
@@ -740,6 +746,7 @@ MODULE_RULES: dict[type, Callable[..., LayerCost]] = {
     nn.Flatten: flatten_module,
     nn.Upsample: upsample,
     nn.Unfold: unfold_module,
+    nn.Fold: fold_module,
 }
 
 
@@ -1665,6 +1672,20 @@ def reduction(x: SymTensor, dim=None, keepdim: bool = False, **kwargs) -> LayerC
     return replace(cost, kind="reduction")
 
 
+def max_or_min(x: SymTensor, dim: Any = None, keepdim: bool = False, *args, **kwargs
+               ) -> LayerCost | PlainValue:
+    """Tensor.max / min, torch.max / min (timm VOLO's head: `aux.max(1)[0]`): over every value,
+    one value; along `dim`, the values and their indices, that dimension reduced; 1 connection
+    per input value either way. Against another tensor: element-wise, as torch.maximum."""
+    if isinstance(dim, SymTensor) or not isinstance(x, SymTensor):
+        return binary_elementwise(x, dim)
+    dim = kwargs.pop("dim", dim)
+    cost = reduction(x, dim, keepdim)
+    if dim is None:
+        return replace(cost, op="max")
+    return replace(cost, output=(cost.output, SymTensor(cost.output.shape)), op="max")
+
+
 def normalize(x: SymTensor, *args, **kwargs) -> LayerCost:
     """F.normalize (x / max(||x||_p, eps) along a dimension): 1 per value; fvcore and
     FlopCounterMode have no formula for its aten ops (0)."""
@@ -1690,6 +1711,28 @@ def unfold(x: SymTensor, kernel_size: Any, dilation: Any = 1, padding: Any = 0,
     ))
     return LayerCost("routing", SymTensor((x.shape[0], x.shape[1] * kernel[0] * kernel[1],
                                            positions)), op="unfold")
+
+
+def fold(x: SymTensor, output_size: Any, kernel_size: Any, dilation: Any = 1, padding: Any = 0,
+         stride: Any = 1) -> LayerCost:
+    """F.fold (col2im, unfold's inverse: timm VOLO's outlook attention): (B, C*Kh*Kw, L) ->
+    (B, C, *output_size), each input value added into its output position, 1 connection per
+    input value; L must be the sliding positions over output_size."""
+    if len(x.shape) != 3:
+        raise UnsupportedLayer(f"fold expected a 3-d (B, C*Kh*Kw, L) input, got shape "
+                               f"{tuple(x.shape)}")
+    output_size, kernel, dilation, padding, stride = map(
+        _pair, (output_size, kernel_size, dilation, padding, stride))
+    positions = sp.Mul(*(
+        shapes.conv_output_size(size, k, s, p, d)
+        for size, k, s, p, d in zip(output_size, kernel, stride, padding, dilation, strict=True)
+    ))
+    requires = must_agree(x.shape[2], positions,
+                          "fold's columns must be the sliding positions over its output size")
+    output = SymTensor((x.shape[0], x.shape[1] / (kernel[0] * kernel[1]),
+                        *(sp.sympify(size) for size in output_size)))
+    return LayerCost("elementwise", output, connections=x.per_example, op="fold",
+                     requires=requires)
 
 
 def functional_pixel_shuffle(x: SymTensor, upscale_factor: int) -> LayerCost:
@@ -1880,6 +1923,7 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     F.pad: pad,
     F.pixel_shuffle: functional_pixel_shuffle,
     F.unfold: unfold,
+    F.fold: fold,
     F.pixel_unshuffle: functional_pixel_unshuffle,
     torch.split: split,
     "split": split,
@@ -1921,6 +1965,7 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     "sum": reduction,
     "amax": reduction,
     "amin": reduction,
+    **{key: max_or_min for key in (torch.max, torch.min, "max", "min")},
     torch.zeros_like: new_tensor,
     torch.zeros: constructor,
     torch.arange: arange,

@@ -310,3 +310,56 @@ def test_repeat_interleave_by_a_tensor_is_refused_with_what_to_do():
 
     with pytest.raises(ValueError, match="tensor of repeats.*--allow-unknown"):
         analyse(ByTensor(), capture="fx")
+
+
+class OutlooksAndTakesMaxima(nn.Module):
+    """timm VOLO's pieces: an unfold, a product per window, F.fold back onto the map, and a
+    head that takes maxima (values and indices along a dimension, over every value, and of two
+    tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.unfold = nn.Unfold(3, padding=1, stride=2)
+        self.window = nn.Linear(36, 36)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        height, width = x.shape[2:]
+        columns = self.window(self.unfold(x).transpose(1, 2)).transpose(1, 2)  # (B, 36, L)
+        x = x + F.fold(columns, (height, width), 3, padding=1, stride=2)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        top, _ = tokens.max(1)
+        return self.head(torch.max(top, tokens.min(dim=1)[0]) + tokens.max())
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_fold_and_maxima_against_the_running_network_and_the_tools(exact):
+    network = OutlooksAndTakesMaxima().eval()
+    analysis = analyse(network, exact=exact)
+    assert analysis.capture == "fx" and analysis.complete and analysis.symbolic
+    sizes = [(32, 32), (30, 44)] if exact else [(32, 32), (48, 64)]
+    assert not verify(analysis, sizes).mismatches
+    theirs = tool_results(lambda: OutlooksAndTakesMaxima(), 3, *sizes[1], tools=("fvcore",
+                                                                              "torch"))
+    assert preset_problems(analysis, theirs, *sizes[1]) == []
+    exported = analyse(network, exact=exact, capture="export")  # aten.col2im, aten.max
+    assert exported.totals_at(sizes) == analysis.totals_at(sizes)
+    fold = next(layer for layer in analysis.layers if layer.type == "fold")
+    assert (fold.kind, str(fold.connections)) == ("elementwise", str(analysis.layers[
+        [layer.name for layer in analysis.layers].index("window")].outputs))
+
+
+@pytest.mark.parametrize("output_size, kernel, stride, padding", [
+    ((8, 8), 3, 2, 1), ((9, 7), (2, 3), 1, 0), ((10, 10), 4, 3, 2)])
+def test_an_nn_fold_gives_the_shape_pytorch_gives(output_size, kernel, stride, padding):
+    from convtally.analysis.rules import BATCH, SymTensor, fold_module
+
+    module = nn.Fold(output_size, kernel, padding=padding, stride=stride)
+    columns = F.unfold(torch.zeros(1, 2, *output_size), kernel, padding=padding, stride=stride)
+    cost = fold_module(module, {}, SymTensor((BATCH, *map(sp.Integer, columns.shape[1:]))))
+    assert tuple(int(d) for d in cost.output.shape[1:]) == tuple(module(columns).shape[1:])
+    assert cost.requires == () and int(cost.connections) == columns[0].numel()
+    with pytest.raises(ValueError, match="fold's columns must be the sliding positions"):
+        fold_module(module, {}, SymTensor((BATCH, columns.shape[1], columns.shape[2] + 1)))
