@@ -1368,10 +1368,13 @@ def _mentions_batch(value: sp.Basic) -> bool:
 
 def _count_at_batch_one(layers: list[Layer]) -> list[str]:
     """Put B = 1 into rows whose per-example cost depends on the batch size (an op that mixes
-    examples, e.g. timm csatv2's q @ k.T over the batch); return the note that says so."""
-    def has_batch(layer: Layer) -> bool:
-        values = (layer.weights, layer.outputs, layer.connections, *layer.output_shape)
+    examples, e.g. timm csatv2's q @ k.T over the batch) and into shapes that carry the batch
+    past their first dimension; return the note that says which rows mix examples."""
+    def has_batch(values: Iterable[Any]) -> bool:
         return any(isinstance(v, sp.Basic) and _mentions_batch(v) for v in values)
+
+    def counts_batch(layer: Layer) -> bool:
+        return has_batch((layer.weights, layer.outputs, layer.connections))
 
     def at_one(value: Any) -> Any:
         if isinstance(value, sp.Basic):
@@ -1382,8 +1385,12 @@ def _count_at_batch_one(layers: list[Layer]) -> list[str]:
             return type(value)(at_one(v) for v in value)
         return value
 
-    mixing = [layer for layer in layers if has_batch(layer)]
-    for layer in mixing:
+    # a shape with B after the first dimension (timm's attention permutes q, k, v to
+    # (3, B, heads, N, head_dim)) is the batch moved, not mixed: B = 1 in the shape, no note
+    mixing = [layer for layer in layers if counts_batch(layer)]
+    moved = [layer for layer in layers
+             if not counts_batch(layer) and has_batch(layer.output_shape)]
+    for layer in mixing + moved:
         layer.weights, layer.outputs, layer.connections, layer.output_shape = (
             at_one(sp.sympify(layer.weights)), at_one(sp.sympify(layer.outputs)),
             at_one(sp.sympify(layer.connections)), at_one(layer.output_shape),

@@ -227,6 +227,32 @@ def test_ops_that_mix_the_batch_are_counted_at_batch_one_and_say_so():
         [(18, 30)])
 
 
+class PermutesTheBatch(nn.Module):
+    """timm's attention: q, k, v permuted to (3, B, heads, N, head_dim) moves the batch to the
+    second dimension; no example is mixed with another."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)  # (B, N, 8)
+        b, n, c = tokens.shape
+        q, k, v = self.qkv(tokens).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
+def test_a_batch_moved_past_the_first_dimension_is_not_called_mixed():
+    analysis = analyse(PermutesTheBatch().eval())
+    assert not any("mix examples" in note for note in analysis.assumptions)
+    permute = next(layer for layer in analysis.layers if layer.type == "permute")
+    assert str(permute.outputs) == "3*H*W/2"  # (3, B, 2, H*W/16, 4): 3 * 2 * 4 per token
+    theirs = tool_results(lambda: PermutesTheBatch(), 3, 16, 32, tools=("fvcore", "torch"))
+    assert preset_problems(analysis, theirs, 16, 32) == []
+    assert any("mix examples" in note for note in analyse(MixingNet().eval()).assumptions)
+
+
 class DeclaredInput(nn.Module):
     """A first convolution that reads a transform of the image, not the image (csatv2)."""
 
