@@ -1387,14 +1387,20 @@ def _count_at_batch_one(layers: list[Layer]) -> list[str]:
 
     # a shape with B after the first dimension (timm's attention permutes q, k, v to
     # (3, B, heads, N, head_dim)) is the batch moved, not mixed: B = 1 in the shape, no note
+    # a size check in which the batch is a factor of both sides (gcvit's batch read back from
+    # its window count, `B * windows / windows` with floors kept) holds at B = 1 as at any B
     mixing = [layer for layer in layers if counts_batch(layer)]
-    moved = [layer for layer in layers
-             if not counts_batch(layer) and has_batch(layer.output_shape)]
+    moved = [layer for layer in layers if not counts_batch(layer) and has_batch(
+        (*layer.output_shape, *(v for r in layer.requirements for v in r[:2]),
+         *(bound[0] for bound in layer.bounds)))]
     for layer in mixing + moved:
         layer.weights, layer.outputs, layer.connections, layer.output_shape = (
             at_one(sp.sympify(layer.weights)), at_one(sp.sympify(layer.outputs)),
             at_one(sp.sympify(layer.connections)), at_one(layer.output_shape),
         )
+        layer.requirements = tuple((at_one(sp.sympify(a)), at_one(sp.sympify(b)), what)
+                                   for a, b, what in layer.requirements)
+        layer.bounds = tuple((at_one(sp.sympify(margin)), what) for margin, what in layer.bounds)
         layer.cost = replace(layer.cost, **{
             f.name: at_one(getattr(layer.cost, f.name)) for f in fields(layer.cost)
             if f.name not in ("kind", "op", "via", "affine")

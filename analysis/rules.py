@@ -909,9 +909,13 @@ def view(x: SymTensor, *shape) -> LayerCost:
         shape = tuple(shape[0])
     total = sp.Mul(*x.shape)
     known = sp.Mul(*(sp.sympify(s) for s in shape if s != -1))
+    # without a -1, the sizes must hold every value: with floors kept (--exact), a window
+    # partition view(B, H // 7, 7, W // 7, 7, C) runs only where 7 divides H and W
+    requires = () if -1 in shape else must_agree(known, total, "a view keeps every value")
     return LayerCost(
         "routing",
         SymTensor(tuple(_quotient(total, known) if s == -1 else sp.sympify(s) for s in shape)),
+        requires=requires,
     )
 
 

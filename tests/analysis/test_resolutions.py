@@ -81,3 +81,39 @@ def test_lraspp_at_520_equals_fvcore():
     pytest.importorskip("fvcore")
     result = crosscheck("torchvision:lraspp_mobilenet_v3_large", [(520, 520)], tools=["fvcore"])
     assert result.mismatches == []
+
+
+class PartitionsWindows(torch.nn.Module):
+    """timm GCViT's (and Swin's) windows: a view into 7x7 windows, and back with the batch left
+    to -1, which with floors kept (--exact) is B * 49 * floor(H/7) * floor(W/7) / (H * W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
+        windows = x.view(b, h // 7, 7, w // 7, 7, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 7, 7, c)
+        back = windows.view(-1, h // 7, w // 7, 7, 7, c).permute(0, 1, 3, 2, 4, 5).reshape(
+            -1, h, w, c)
+        return (x + back).mean((1, 2))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_window_partition_runs_exactly_where_7_divides_both_sides(exact):
+    """Exact, its view was checked nowhere (every size 'ran'), and the batch in the -1 reached
+    the evaluator (NameError: B)."""
+    from tests.analysis.test_indexing_rules import runs
+
+    network = PartitionsWindows().eval()
+    analysis = analyse(network, exact=exact)
+    sizes = [(56, 56), (63, 70), (64, 64), (70, 64), (49, 77)]
+    assert analysis.runnable(sizes) == [runs(network, size) for size in sizes] == [
+        True, True, False, False, True]
+    running = [size for size in sizes if runs(network, size)]
+    if exact:
+        assert not verify(analysis, running).mismatches
+    with pytest.raises(ValueError, match="cannot run at 64x64: .*a view keeps every value"):
+        answer_every_resolution(analyse(network), [(64, 64)], lambda: analyse(network,
+                                                                           exact=True))
