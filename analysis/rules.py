@@ -1595,8 +1595,15 @@ def scaled_dot_product_attention(
     # the CPU's fused kernel takes 3-d and 4-d q, k, v; any other rank (hiera's mask units:
     # 5-d) runs the math path, whose two matmuls are mm / bmm calls a FLOP counter sees
     math_path = macs if len(query.shape) not in (3, 4) else sp.Integer(0)
+    requires = must_agree(key.shape[-1], depth, "the query and key must agree in their last "
+                          "dimension")
+    if isinstance(attn_mask, SymTensor):  # a bias of fixed size (timm coatnet's relative
+        # positions for 14x14 tokens) broadcasts to the scores at one size only
+        _, agreements = _broadcast(attn_mask.shape, (*query.shape[:-2], length, kv_length))
+        requires += tuple((a, b, what.replace("the operands", "the attention mask and scores"))
+                          for a, b, what in agreements)
     return LayerCost("attention", output, connections=macs, op="scaled_dot_product_attention",
-                     extra=(("math_path_macs", math_path),))
+                     extra=(("math_path_macs", math_path),), requires=requires)
 
 
 def functional_linear(x: SymTensor, weight: SymTensor, bias: Any = None) -> LayerCost:

@@ -363,3 +363,33 @@ def test_an_nn_fold_gives_the_shape_pytorch_gives(output_size, kernel, stride, p
     assert cost.requires == () and int(cost.connections) == columns[0].numel()
     with pytest.raises(ValueError, match="fold's columns must be the sliding positions"):
         fold_module(module, {}, SymTensor((BATCH, columns.shape[1], columns.shape[2] + 1)))
+
+
+class BiasedAttention(nn.Module):
+    """timm coatnet's attention: F.scaled_dot_product_attention with a relative-position bias
+    made for 4x4 tokens as its mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.qkv = nn.Linear(8, 24)
+        self.bias = nn.Parameter(torch.zeros(2, 16, 16))
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        b, n, c = tokens.shape
+        q, k, v = self.qkv(tokens).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias).mean((1, 2))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_an_attention_mask_of_fixed_size_pins_the_tokens(exact):
+    from tests.analysis.test_indexing_rules import runs
+
+    network = BiasedAttention().eval()
+    analysis = analyse(network, exact=exact)
+    sizes = [(16, 16), (32, 32), (16, 20), (12, 20)]
+    assert analysis.runnable(sizes) == [runs(network, size) for size in sizes] == [
+        True, False, False, False]
+    theirs = tool_results(lambda: BiasedAttention(), 3, 16, 16, tools=("fvcore",))
+    assert preset_problems(analysis, theirs, 16, 16) == []
