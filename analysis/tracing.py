@@ -247,6 +247,9 @@ class _BranchingTracer(_Tracer):
         # answer if the trace fails after it); from there, buffers may take traced values
         self.plain_first = plain_first
         self.refusal: Exception | None = None
+        # the first recorded call that fails at the probe (a size check, shapes that do not
+        # agree): where a branch then cannot be decided, the forward does not run there
+        self.failed_call: tuple[torch.fx.Node, Exception] | None = None
         self.context: contextlib.ExitStack | None = None
         # at one size, a buffer read is traced like a parameter read, so that a call on it
         # with a traced size (timm ConViT's `self.rel_indices.expand(B, -1, -1, -1)`) is
@@ -334,8 +337,11 @@ class _BranchingTracer(_Tracer):
                 with MetaShapes():
                     result = self._run(kind, target, call_args, call_kwargs, forward)
             self.values[node] = result
-        except Exception:  # noqa: S110 - no value: a branch on it is refused as before
+        except NotImplementedError:  # noqa: S110 - no meta kernel: no value, as below
             pass
+        except Exception as error:  # no value: a branch on it is refused as before
+            if self.failed_call is None:
+                self.failed_call = (node, error)
         finally:
             self._running = False
 
@@ -489,6 +495,9 @@ def _trace(model: nn.Module, probe: torch.Tensor | None = None,
             graph = tracer.trace(model,
                                  concrete_args=_absent_inputs(model) if concrete else None)
     except Exception as error:  # the plain trace's refusal, when there was one, is the answer
+        if tracer.failed_call is not None and isinstance(error, torch.fx.proxy.TraceError):
+            # a branch left undecided by a call that fails at the probe: the forward fails there
+            raise _fails_at_probe(model, *tracer.failed_call, probe) from None
         raise _untraceable(model, tracer.refusal or error) from None
     if tracer.refusal is None and not branching:  # a plain trace: not tied to the probe
         return _checked_graph_module(model, graph)
@@ -540,6 +549,20 @@ def _absent_inputs(model: nn.Module) -> dict[str, None] | None:
     absent = {p.name: None for p in parameters if p.default is None
               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return absent or None
+
+
+def _fails_at_probe(model: nn.Module, node: torch.fx.Node, error: Exception,
+                    probe: torch.Tensor) -> ValueError:
+    """Return the refusal of a forward that fails at the probe's size, where its branches are
+    decided (timm bat_resnext26ts at 200x168: its width does not divide its block size)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    where = f" in {next(reversed(stack.values()))[0]}" if stack else ""
+    size = "x".join(map(str, probe.shape[2:]))
+    reason = str(error).splitlines()[0] if str(error) else ""
+    return ValueError(
+        f"{type(model).__name__} cannot run at {size}: {node.name}{where} fails there "
+        f"({type(error).__name__}{f': {reason}' if reason else ''}); ask for a size it runs at"
+    )
 
 
 def _untraceable(model: nn.Module, error: Exception) -> ValueError:

@@ -946,3 +946,28 @@ def test_a_branch_against_a_whole_float_prints_the_whole_number():
     assert "floor(H/4)/floor(W/4) > 1 (the forward branches on it; traced at 64x32)" in (
         analysis.assumptions)
     assert not any("1.000" in text for text in analysis.assumptions)
+
+
+class FailsBeforeItsBranch(nn.Module):
+    """timm bat_resnext26ts at 200x168: a product whose sizes do not agree at that size comes
+    before a branch on a size computed from it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.table = nn.Parameter(torch.zeros(64, 6))  # 4 channels x 4 x 4: a 4x4 input only
+
+    def forward(self, x):
+        y = self.conv(x).flatten(1) @ self.table
+        if y.shape[-1] > 4:
+            return y.sum(-1)
+        return y.mean(-1)
+
+
+def test_a_forward_that_fails_at_the_probe_is_refused_as_failing_there():
+    network = FailsBeforeItsBranch().eval()
+    with pytest.raises(ValueError, match=r"^fx: FailsBeforeItsBranch cannot run at 8x8: matmul "
+                                         r"fails there \(RuntimeError: .*\); ask for a size it "
+                                         "runs at"):
+        analyse(network, resolutions=[(8, 8)])
+    assert analyse(network, resolutions=[(4, 4)]).totals_at([(4, 4)])["weights"][0] == 16 + 384
