@@ -11,10 +11,12 @@ interpreter counts one resolution: the concrete rung for models fx cannot trace 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import operator
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -324,13 +326,34 @@ class _Sizes:
 # --- export and interpretation ---------------------------------------------------------------
 
 
+# torch logs a failing op's whole traceback at ERROR level while it exports (a model that
+# fails at the size asked for: timm hiera at 200x168 printed 49 lines before the one-line
+# refusal); the refusal says why in one line
+_EXPORT_LOGGERS = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes",
+                   "torch._dynamo", "torch.export")
+
+
+@contextlib.contextmanager
+def _quiet_loggers(names: Sequence[str]) -> Iterator[None]:
+    """Silence the named loggers below CRITICAL for the duration, then restore their levels."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def export(network: nn.Module, channels: int, size: tuple[int, int], dynamic: bool):
     """Return torch.export's program for `network` on a 1 x C x H x W input."""
     from torch.export import Dim
 
     x = torch.zeros(1, channels, *size)
     shapes = ({2: Dim.AUTO, 3: Dim.AUTO},) if dynamic else None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_loggers(_EXPORT_LOGGERS):
         warnings.simplefilter("ignore")
         try:
             return torch.export.export(network, (x,), dynamic_shapes=shapes, strict=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -971,3 +972,26 @@ def test_a_forward_that_fails_at_the_probe_is_refused_as_failing_there():
                                          "runs at"):
         analyse(network, resolutions=[(8, 8)])
     assert analyse(network, resolutions=[(4, 4)]).totals_at([(4, 4)])["weights"][0] == 16 + 384
+
+
+class AddsAFixedEmbedding(nn.Module):
+    """timm hiera at 200x168: a position embedding for 4x4 tokens added to the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 4, stride=4)
+        self.position = nn.Parameter(torch.zeros(1, 16, 4))
+
+    def forward(self, x):
+        return (self.conv(x).flatten(2).transpose(1, 2) + self.position).mean(1)
+
+
+def test_a_failing_export_logs_nothing_and_says_why_in_one_line(caplog):
+    from convtally.analysis.export_capture import export
+
+    with caplog.at_level("DEBUG"), pytest.raises(ValueError, match=r"^torch.export failed "
+                                                 r"\(RuntimeError: .*broadcast"):
+        export(AddsAFixedEmbedding().eval(), 3, (20, 24), dynamic=False)
+    assert [r.getMessage() for r in caplog.records
+            if r.name.startswith("torch") and r.levelno >= logging.WARNING] == []
+    assert logging.getLogger("torch._subclasses.fake_tensor").level == logging.NOTSET
