@@ -1389,10 +1389,14 @@ def _count_at_batch_one(layers: list[Layer]) -> list[str]:
     # (3, B, heads, N, head_dim)) is the batch moved, not mixed: B = 1 in the shape, no note
     # a size check in which the batch is a factor of both sides (gcvit's batch read back from
     # its window count, `B * windows / windows` with floors kept) holds at B = 1 as at any B
-    mixing = [layer for layer in layers if counts_batch(layer)]
-    moved = [layer for layer in layers if not counts_batch(layer) and has_batch(
-        (*layer.output_shape, *(v for r in layer.requirements for v in r[:2]),
-         *(bound[0] for bound in layer.bounds)))]
+    mixing, moved = [], []
+    for layer in layers:
+        if counts_batch(layer):
+            mixing.append(layer)
+        elif has_batch(layer.output_shape) or layer.requirements and has_batch(
+                v for requirement in layer.requirements for v in requirement[:2]) or (
+                layer.bounds and has_batch(bound[0] for bound in layer.bounds)):
+            moved.append(layer)
     for layer in mixing + moved:
         layer.weights, layer.outputs, layer.connections, layer.output_shape = (
             at_one(sp.sympify(layer.weights)), at_one(sp.sympify(layer.outputs)),
