@@ -217,8 +217,8 @@ ATEN_RULES: dict[str, Callable[..., LayerCost]] = {
     "linalg_vector_norm": _vector_norm,
     "norm": _vector_norm,
     "col2im": rules.fold,  # F.fold's op, the same arguments
-    "max": rules.max_or_min,  # aten.max.dim: (values, indices); aten.max.default: one value
-    "min": rules.max_or_min,
+    "max": rules.extremum("max"),  # aten.max.dim: (values, indices); .default: one value
+    "min": rules.extremum("min"),
     "dropout": _dropout,
     "alpha_dropout": _dropout,
     "feature_alpha_dropout": _dropout,

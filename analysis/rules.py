@@ -1683,18 +1683,22 @@ def reduction(x: SymTensor, dim=None, keepdim: bool = False, **kwargs) -> LayerC
     return replace(cost, kind="reduction")
 
 
-def max_or_min(x: SymTensor, dim: Any = None, keepdim: bool = False, *args, **kwargs
-               ) -> LayerCost | PlainValue:
-    """Tensor.max / min, torch.max / min (timm VOLO's head: `aux.max(1)[0]`): over every value,
-    one value; along `dim`, the values and their indices, that dimension reduced; 1 connection
-    per input value either way. Against another tensor: element-wise, as torch.maximum."""
-    if isinstance(dim, SymTensor) or not isinstance(x, SymTensor):
-        return binary_elementwise(x, dim)
-    dim = kwargs.pop("dim", dim)
-    cost = reduction(x, dim, keepdim)
-    if dim is None:
-        return replace(cost, op="max")
-    return replace(cost, output=(cost.output, SymTensor(cost.output.shape)), op="max")
+def extremum(op: str) -> Callable[..., LayerCost | PlainValue]:
+    """Return the rule of Tensor.max / min and torch.max / min (`op`: 'max' or 'min'; timm
+    VOLO's head takes `aux.max(1)[0]`): over every value, one value; along `dim`, the values
+    and their indices, that dimension reduced; 1 connection per input value either way.
+    Against another tensor: element-wise, as torch.maximum."""
+    def rule(x: SymTensor, dim: Any = None, keepdim: bool = False, *args, **kwargs
+             ) -> LayerCost | PlainValue:
+        if isinstance(dim, SymTensor) or not isinstance(x, SymTensor):
+            return binary_elementwise(x, dim)
+        dim = kwargs.pop("dim", dim)
+        cost = replace(reduction(x, dim, keepdim), op=op)
+        if dim is None:
+            return cost
+        return replace(cost, output=(cost.output, SymTensor(cost.output.shape)))
+
+    return rule
 
 
 def normalize(x: SymTensor, *args, **kwargs) -> LayerCost:
@@ -1976,7 +1980,8 @@ FUNCTION_RULES: dict[Any, Callable[..., LayerCost | PlainValue]] = {
     "sum": reduction,
     "amax": reduction,
     "amin": reduction,
-    **{key: max_or_min for key in (torch.max, torch.min, "max", "min")},
+    **{key: extremum("max") for key in (torch.max, "max")},
+    **{key: extremum("min") for key in (torch.min, "min")},
     torch.zeros_like: new_tensor,
     torch.zeros: constructor,
     torch.arange: arange,

@@ -346,6 +346,8 @@ def test_fold_and_maxima_against_the_running_network_and_the_tools(exact):
     assert preset_problems(analysis, theirs, *sizes[1]) == []
     exported = analyse(network, exact=exact, capture="export")  # aten.col2im, aten.max
     assert exported.totals_at(sizes) == analysis.totals_at(sizes)
+    assert [layer.cost.op for layer in analysis.layers if layer.type in ("max", "min")] == [
+        "max", "min", "max"]
     fold = next(layer for layer in analysis.layers if layer.type == "fold")
     assert (fold.kind, str(fold.connections)) == ("elementwise", str(analysis.layers[
         [layer.name for layer in analysis.layers].index("window")].outputs))
