@@ -338,12 +338,14 @@ def _readme(out: Path, index: list[str], today: str, machine: str) -> list[str]:
             f"- `training/{summary.parent.name}/summary.{{csv,png}}`: `convtally train "
             "colour-sweep` (write-up Part B.5), final train/val loss against batch size, one "
             "run per batch size in its subfolders")
-    benchmarks = out / "benchmarks"
-    for path in sorted(benchmarks.glob("*.md")) if benchmarks.is_dir() else []:
-        first = next(
-            (ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), path.stem
-        ).lstrip("# ")
-        extra.append(f"- `benchmarks/{path.name}`: {first}")
+    for folder in ("benchmarks", "zoo"):  # benchmarks/*.py write both
+        written = out / folder
+        for path in sorted(written.glob("*.md")) if written.is_dir() else []:
+            first = next(
+                (ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()),
+                path.stem,
+            ).lstrip("# ")
+            extra.append(f"- `{folder}/{path.name}`: {first}")
     gpu = out / "gpu" / "README.md"  # written by benchmarks/gpu_evidence.py
     if gpu.is_file():
         first = next((ln for ln in gpu.read_text(encoding="utf-8").splitlines() if ln.strip()),

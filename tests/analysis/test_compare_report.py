@@ -211,3 +211,13 @@ def test_compare_cli_batch_sets_the_memory_columns(tmp_path, capsys):
     assert "training peak B=1" not in row
     assert main(["compare", "poolupsample", "--batch", "0"]) == 2
     assert "--batch must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_the_index_lists_the_benchmark_and_zoo_reports_by_their_titles(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "analysis_speed.md").write_text("# Analysis speed\n\ntext\n")
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "zoo" / "zoo_200x168.md").write_text("\n# Zoo at 200x168 (generated)\n")
+    lines = report._readme(tmp_path, [], "today", "machine")
+    assert lines[-2:] == ["- `benchmarks/analysis_speed.md`: Analysis speed",
+                          "- `zoo/zoo_200x168.md`: Zoo at 200x168 (generated)"]
