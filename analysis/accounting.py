@@ -1678,12 +1678,19 @@ def _interpret(
 
 
 def _known_positions(value: Any) -> SymTensor | None:
-    """Return an integer tensor the forward computed from sizes at a counted size (torch.arange
-    of a number: PyTorch's own) as its shape and the range of its values, for the ranges of
-    what is computed from it; None for anything else."""
+    """Return a tensor the forward computed from sizes at a counted size (torch.arange of a
+    number: PyTorch's own; float positions too, timm samvit's coordinates scaled by a ratio of
+    sizes, which `.long()` truncates) as its shape and the exact range of its values, for the
+    ranges of what is computed from it; None for anything else."""
     if (not isinstance(value, torch.Tensor) or value.is_meta or not value.numel()
-            or value.is_floating_point() or value.is_complex() or value.dtype is torch.bool):
+            or value.is_complex() or value.dtype is torch.bool):
         return None
+    if value.is_floating_point():
+        if not bool(torch.isfinite(value).all()):
+            return None
+        low, high = float(value.min()), float(value.max())
+        return SymTensor(tuple(sp.Integer(d) for d in value.shape),
+                         value_range=(sp.Rational(low), sp.Rational(high)))  # exact binary
     return SymTensor(tuple(sp.Integer(d) for d in value.shape),
                      value_range=(sp.Integer(int(value.min())), sp.Integer(int(value.max()))))
 

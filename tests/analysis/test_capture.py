@@ -11,6 +11,7 @@ from convtally.analysis import accounting, tracing
 from convtally.analysis.accounting import H, ResolutionError, analyse
 from convtally.analysis.conventions import preset
 from convtally.analysis.formatting import render
+from convtally.analysis.verification import verify
 from torch import nn
 
 
@@ -995,3 +996,34 @@ def test_a_failing_export_logs_nothing_and_says_why_in_one_line(caplog):
     assert [r.getMessage() for r in caplog.records
             if r.name.startswith("torch") and r.levelno >= logging.WARNING] == []
     assert logging.getLogger("torch._subclasses.fake_tensor").level == logging.NOTSET
+
+
+class ScalesPositions(nn.Module):
+    """timm samvit's relative coordinates: float positions, scaled, cast .long() to index a
+    table; at a counted size they are a real float tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 4, stride=4)
+        self.table = nn.Parameter(torch.zeros(7, 4))
+
+    def forward(self, x):
+        x = self.conv(x)
+        q = x.shape[2]
+        coords = torch.arange(q, dtype=torch.float32)[:, None] * 0.5
+        return x.mean((2, 3)) + self.table[coords.long()].sum()
+
+
+def test_float_positions_cast_to_an_index_are_checked_at_a_counted_size():
+    """Their range was followed for integer tensors only: at 64x64 the count was given where
+    the forward reads row 7 of a table of 7."""
+    from tests.analysis.test_indexing_rules import runs
+
+    network = ScalesPositions().eval()
+    counted = analyse(network, capture="concrete", resolutions=[(16, 16), (52, 20)])
+    assert counted.capture == "concrete"
+    assert not verify(counted, [(16, 16), (52, 20)]).mismatches
+    assert not runs(network, (64, 64))
+    with pytest.raises(ResolutionError, match="cannot run at 64x64: .*its index reaches 7 in "
+                                              "dimension 0 of size 7"):
+        analyse(network, capture="concrete", resolutions=[(64, 64)])
