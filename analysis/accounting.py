@@ -46,9 +46,11 @@ from convtally.analysis.rules import (
 )
 from convtally.analysis.symbols import AXES, H, W
 from convtally.analysis.tracing import (
+    attribute_at,
     concrete_shapes,
     flat_values,
     map_values,
+    module_scope,
     rebound,
     trace,
 )
@@ -633,8 +635,7 @@ def _node_label(node: torch.fx.Node, seen: Counter) -> tuple[str, str]:
     if node.op == "call_module":
         name, kind = node.target, None
     else:
-        stack = node.meta.get("nn_module_stack") or {}
-        scope = list(stack.values())[-1][0] if stack else ""
+        scope = module_scope(node)
         base = node.target if isinstance(node.target, str) else node.target.__name__
         name, kind = (f"{scope}.{base}" if scope else base), base
     seen[name] += 1
@@ -1493,9 +1494,7 @@ def _used_parameters(graph_module: torch.fx.GraphModule) -> list[nn.Parameter]:
         if node.op == "call_module":
             used.extend(_parameters_of(modules[node.target]))
         elif node.op == "get_attr":
-            value = graph_module
-            for part in node.target.split("."):
-                value = getattr(value, part)
+            value = attribute_at(graph_module, node.target)
             if isinstance(value, nn.Parameter) and value.numel():
                 used.append(value)
     return used
@@ -1637,7 +1636,8 @@ def _interpret(
                 parameters=result.weights + owned,
             )
             if any(isinstance(a, torch.Tensor) or getattr(a, "value_range", None) is not None
-                   for a in args):
+                   for a in args) and node.target in rules.VALUE_RANGE_RULES:
+                # a real tensor's range (min and max over its values) only where it is followed
                 ranged = tuple(_known_positions(a) or a for a in args)
                 cost = replace(cost, output=rules.with_value_range(node.target, ranged, kwargs,
                                                                      cost.output))
@@ -1685,14 +1685,12 @@ def _known_positions(value: Any) -> SymTensor | None:
     if (not isinstance(value, torch.Tensor) or value.is_meta or not value.numel()
             or value.is_complex() or value.dtype is torch.bool):
         return None
-    if value.is_floating_point():
-        if not bool(torch.isfinite(value).all()):
-            return None
-        low, high = float(value.min()), float(value.max())
-        return SymTensor(tuple(sp.Integer(d) for d in value.shape),
-                         value_range=(sp.Rational(low), sp.Rational(high)))  # exact binary
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        return None
+    # a float's binary value is an exact Rational; an integer's an Integer
+    number = sp.Rational if value.is_floating_point() else sp.Integer
     return SymTensor(tuple(sp.Integer(d) for d in value.shape),
-                     value_range=(sp.Integer(int(value.min())), sp.Integer(int(value.max()))))
+                     value_range=(number(value.min().item()), number(value.max().item())))
 
 
 def track_ranged_storage(node: torch.fx.Node, output: Any, env: dict[str, Any],
@@ -1922,9 +1920,7 @@ def _function_rule(key: Any):
 
 def _attribute_value(graph_module: torch.fx.GraphModule, target: str) -> Any:
     """Return a get_attr node's value: a ParameterTensor for tensors, the object otherwise."""
-    value = graph_module
-    for part in target.split("."):
-        value = getattr(value, part)
+    value = attribute_at(graph_module, target)
     if isinstance(value, torch.Tensor):
         numel = value.numel() if isinstance(value, nn.Parameter) else 0
         shape = tuple(sp.Integer(d) for d in value.shape)

@@ -41,7 +41,7 @@ from convtally.analysis.accounting import (
 from convtally.analysis.conventions import Convention
 from convtally.analysis.meta_shapes import MetaShapes
 from convtally.analysis.rules import BATCH, LayerCost, ParameterTensor, SymTensor, UnsupportedLayer
-from convtally.analysis.tracing import state_kept
+from convtally.analysis.tracing import module_scope, state_kept
 from torch import nn
 
 aten = torch.ops.aten
@@ -599,19 +599,16 @@ _DROPOUT_OPS = frozenset({"dropout", "feature_dropout", "alpha_dropout", "featur
 
 def _running_module(node: torch.fx.Node, network: torch.nn.Module) -> torch.nn.Module | None:
     """Return the innermost module of `network` that ran an exported op, None if unknown."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
+    if not node.meta.get("nn_module_stack"):
         return None
-    path = next(reversed(stack.values()))[0]
     try:
-        return network.get_submodule(path)
+        return network.get_submodule(module_scope(node))
     except AttributeError:
         return None
 
 
 def _label(node: torch.fx.Node, op: str, seen: Counter) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    scope = list(stack.values())[-1][0] if stack else ""
+    scope = module_scope(node)
     name = f"{scope}.{op}" if scope else op
     seen[name] += 1
     return name if seen[name] == 1 else f"{name}:{seen[name]}"

@@ -328,9 +328,7 @@ class _BranchingTracer(_Tracer):
                     kind == "call_module" and isinstance(module, _SAME_SHAPE_MODULES)):
                 result = first  # only shapes are read from values
             elif kind == "get_attr":
-                result = self._meta_root()[0]
-                for part in target.split("."):
-                    result = getattr(result, part)
+                result = attribute_at(self._meta_root()[0], target)
             else:
                 if kind == "call_module" and self._meta_copy is not None:
                     forward = self._meta_root()[1][target]  # its copy, called in its place
@@ -551,12 +549,19 @@ def _absent_inputs(model: nn.Module) -> dict[str, None] | None:
     return absent or None
 
 
+def module_scope(node: torch.fx.Node) -> str:
+    """Return the qualified name of the innermost module whose forward made `node` (from the
+    graph's nn_module_stack; '' where the graph does not say)."""
+    stack = node.meta.get("nn_module_stack")
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
 def _fails_at_probe(model: nn.Module, node: torch.fx.Node, error: Exception,
                     probe: torch.Tensor) -> ValueError:
     """Return the refusal of a forward that fails at the probe's size, where its branches are
     decided (timm bat_resnext26ts at 200x168: its width does not divide its block size)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    where = f" in {next(reversed(stack.values()))[0]}" if stack else ""
+    scope = module_scope(node)
+    where = f" in {scope}" if scope else ""
     size = "x".join(map(str, probe.shape[2:]))
     reason = str(error).splitlines()[0] if str(error) else ""
     return ValueError(
@@ -610,16 +615,16 @@ def rebound(graph_module: torch.fx.GraphModule, network: nn.Module,
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and node.target not in root:
             try:
-                root[node.target] = _attribute(network, node.target)
+                root[node.target] = attribute_at(network, node.target)
             except AttributeError:
-                root[node.target] = _attribute(graph_module, node.target)
+                root[node.target] = attribute_at(graph_module, node.target)
     rebuilt = torch.fx.GraphModule(root, graph)
     rebuilt.training = network.training  # a dict root leaves the mode unset (training)
     rebuilt.meta.update(graph_module.meta)
     return rebuilt
 
 
-def _attribute(module: nn.Module, target: str) -> Any:
+def attribute_at(module: nn.Module, target: str) -> Any:
     """Return the attribute at the dotted path `target` of `module`."""
     value: Any = module
     for part in target.split("."):

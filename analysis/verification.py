@@ -33,7 +33,7 @@ from convtally.analysis.accounting import (
 )
 from convtally.analysis.conventions import DEFAULT, Convention
 from convtally.analysis.rules import BATCH
-from convtally.analysis.tracing import flat_values, node_output_shapes
+from convtally.analysis.tracing import flat_values, module_scope, node_output_shapes
 from torch import nn
 from tqdm import tqdm
 
@@ -477,8 +477,7 @@ def _exported_owners(analysis: Analysis, program: Any, run: _Run,
                 read.add(target)
                 count += parameters[target].numel() if target in parameters else 0
         run.weights[layer.node] = count
-        stack = node.meta.get("nn_module_stack") or {}
-        scope = list(stack.values())[-1][0] if stack else ""
+        scope = module_scope(node)
         if scope in leaves and layer.kind != "routing":
             run.modules[layer.node] = scope
 
