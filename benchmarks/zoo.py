@@ -155,12 +155,17 @@ def measure(source: str, name: str, size, limit: int, at_size: tuple[int, int] |
     except TimeLimit:
         row["refusal"] = f"time limit ({limit} s) reached"
     except Exception as error:  # a refusal or a crash: both are reported, with the type
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        row["refusal"] = f"{type(error).__name__}: {first[:300]}"
+        row["refusal"] = _said(error, 300)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
+
+
+def _said(error: BaseException, limit: int) -> str:
+    """Return 'Type: first line of the message' (the line cut at `limit` characters)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 
 def _measure_at_size(source: str, name: str, limit: int, size: tuple[int, int]) -> dict:
@@ -183,16 +188,14 @@ def _measure_at_size(source: str, name: str, limit: int, size: tuple[int, int]) 
             )
             totals = analysis.totals_at([size])
         except ValueError as error:  # a refusal: right where the forward fails too
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            row["refusal"] = f"{type(error).__name__}: {first[:300]}"
+            row["refusal"] = _said(error, 300)
             analysis = None
         try:
             with torch.no_grad():
                 network(torch.zeros(1, 3, *size))
             row["forward"] = "runs"
         except Exception as error:  # noqa: BLE001 - any failure of the model's own forward
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            row["forward"] = f"fails: {type(error).__name__}: {first[:160]}"
+            row["forward"] = f"fails: {_said(error, 160)}"
         if analysis is not None:
             row.update(
                 capture=analysis.capture, symbolic=analysis.symbolic,
@@ -210,8 +213,7 @@ def _measure_at_size(source: str, name: str, limit: int, size: tuple[int, int]) 
     except TimeLimit:
         row["refusal"] = f"time limit ({limit} s) reached"
     except Exception as error:  # a crash: reported with its type, never agreeing
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        row["refusal"] = f"{type(error).__name__}: {first[:300]}"
+        row["refusal"] = _said(error, 300)
         row["agrees"] = False
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
