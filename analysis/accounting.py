@@ -1527,6 +1527,7 @@ def _interpret(
             found = rows_counted[key] = counted(cost, known, convention)
         return found
 
+    counted_size = all(isinstance(side, sp.Integer) for side in size)
     meta = getattr(graph_module, "meta", None) or {}
     # a forward traced at a probe size: a branch that pins the size is refused where it is met
     watched = (dict(meta.get("branches", ())) if meta.get("probe")
@@ -1601,6 +1602,8 @@ def _interpret(
         else:
             key = node.target
             rule = _function_rule(key)
+            if counted_size and key in rules.SIZED_FUNCTION_RULES and _reads_the_input(node):
+                rule = rules.SIZED_FUNCTION_RULES[key]
             type_name = function_name
             result = rule(*args, **kwargs) if rule is not None else None
             if rule is None and _contains_tensor((args, kwargs)):
@@ -1670,11 +1673,26 @@ def _interpret(
             )
         )
     if hasattr(graph_module, "meta"):  # what the formulas require of the input size
-        reason = _branch_reason(graph_module.meta.get("probe", ()))
+        probe, read = meta.get("probe", ()), meta.get("numbers_read", ())
         graph_module.meta["conditions"] = asserted + [
-            (env.get(name), taken, name, reason)
+            (env.get(name), taken, name, _branch_reason(probe, name in read))
             for name, taken in graph_module.meta.get("branches", ())]
     return layers
+
+
+def _reads_the_input(node: torch.fx.Node) -> bool:
+    """Return whether `node`'s value is computed from the graph's input (a size read from it),
+    not from parameters and constants alone."""
+    stack, seen = list(node.all_input_nodes), set()
+    while stack:
+        found = stack.pop()
+        if found.op == "placeholder" and not found.args:  # the image, not a default argument
+            return True
+        for argument in found.all_input_nodes:
+            if argument not in seen:
+                seen.add(argument)
+                stack.append(argument)
+    return False
 
 
 def _known_positions(value: Any) -> SymTensor | None:
@@ -1822,7 +1840,8 @@ def _refuse_pinned_branch(graph_module: Any, env: dict[str, Any], name: str, tak
     not a comparison of sizes (_finish says why), True otherwise."""
     probe = graph_module.meta["probe"]
     try:
-        row = _condition_row(env.get(name), taken, name, _branch_reason(probe))
+        row = _condition_row(env.get(name), taken, name, _branch_reason(
+            probe, name in graph_module.meta.get("numbers_read", ())))
     except ValueError:
         return False
     if isinstance(row, tuple):
@@ -1832,9 +1851,11 @@ def _refuse_pinned_branch(graph_module: Any, env: dict[str, Any], name: str, tak
     return True
 
 
-def _branch_reason(probe: Sequence[int]) -> str:
-    """Return the reason a traced branch's condition gives."""
-    return f"the forward branches on it; traced at {'x'.join(map(str, probe))}"
+def _branch_reason(probe: Sequence[int], read: bool = False) -> str:
+    """Return the reason a traced branch's condition gives (`read`: an int() of a size, read
+    as the number it is at the probe)."""
+    how = "reads it as a number" if read else "branches on it"
+    return f"the forward {how}; traced at {'x'.join(map(str, probe))}"
 
 
 def taken_condition(value: Any, taken: bool) -> Any:

@@ -1782,6 +1782,13 @@ def arange(*limits: Any, **kwargs: Any) -> LayerCost | PlainValue:
     with numbers only, PyTorch's own (a constant)."""
     if not any(isinstance(v, sp.Expr) and not v.is_number for v in limits):
         return PlainValue(None)
+    return sized_arange(*limits, **kwargs)
+
+
+def sized_arange(*limits: Any, **kwargs: Any) -> LayerCost:
+    """torch.arange over limits read from the input size, counted at one size where they are
+    numbers: the same row as arange's with symbols, so that a count there equals the formulas'
+    (the arithmetic on these positions has rows too, as in the formulas and in torch.export)."""
     start, end, step = ((0, *limits, 1) if len(limits) == 1 else (*limits, 1))[:3]
     if not all(isinstance(v, (int, sp.Expr)) for v in (start, end, step)):
         raise UnsupportedLayer(f"arange expected sizes, got {limits}")
@@ -2188,6 +2195,11 @@ def _range_cast(x: Range, *args: Any, dtype: Any = None, **kwargs: Any) -> Range
     # wrap around (and a byte index is a mask)
     return None
 
+
+# at a counted size, where sizes read from the input are numbers: the rules for calls whose
+# arguments were read from the input (the interpreter knows from the graph), where the rule
+# above would leave a number-only call to PyTorch as a constant
+SIZED_FUNCTION_RULES: dict[Any, Callable[..., LayerCost]] = {torch.arange: sized_arange}
 
 VALUE_RANGE_RULES: dict[Any, Callable[..., Range | None]] = {
     **{key: range_kept for key in (

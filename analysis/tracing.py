@@ -259,6 +259,7 @@ class _BranchingTracer(_Tracer):
         # node -> (kind, target, args, kwargs, forward, module): recorded, not yet run
         self._pending: dict[torch.fx.Node, tuple] = {}
         self.branches: list[tuple[str, bool]] = []
+        self.numbers_read: set[str] = set()  # the branches that are an int() read at the probe
         self._running = False  # inside a call run for its value: no proxies, no nodes
         self._forward: Any = None
         self._module: nn.Module | None = None  # the module whose call is being recorded
@@ -393,19 +394,40 @@ class _BranchingTracer(_Tracer):
         return len(value)
 
     def integer(self, proxy: torch.fx.Proxy) -> int:
-        value = self._value_or_none(proxy) if self.concrete else None
-        if value is None or isinstance(value, torch.Tensor):  # a tensor's data: not a size
+        if self.concrete:
+            value = self._value_or_none(proxy)
+            if value is None or isinstance(value, torch.Tensor):  # a tensor's data: no size
+                return super().integer(proxy)
+            return int(value)
+        # for every size: a whole number read at the probe (samvit's 2*max(q, k) - 1) is kept
+        # as a branch on its equality there, which pins the input size where it is one of the
+        # input's sizes (torch.export's int() of a size guards it so), and holds at every size
+        # where it is not (a channel count)
+        self._refused_plainly(lambda: super(_BranchingTracer, self).integer(proxy))
+        value = self._value_or_none(proxy)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not float(value).is_integer()):  # unknown, a tensor's data, a fraction
             return super().integer(proxy)
+        read = self.create_proxy("call_function", operator.eq, (proxy, int(value)), {})
+        self._pending.pop(read.node)
+        self.values[read.node] = True
+        self.branches.append((read.node.name, True))
+        self.numbers_read.add(read.node.name)
         return int(value)
 
-    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+    def _refused_plainly(self, plain: Any) -> None:
+        """Keep, at the first branch of a trace that is plain until there, what a plain trace
+        raises (`plain()`), and let buffers take traced values from there."""
         if self.plain_first and self.refusal is None:
             try:
-                super().to_bool(obj)
+                plain()
             except Exception as refusal:  # noqa: BLE001 - what a plain trace raises here
                 self.refusal = refusal
             if self.context is not None:
                 self.context.enter_context(_traced_buffers())
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        self._refused_plainly(lambda: super(_BranchingTracer, self).to_bool(obj))
         value = self._value_or_none(obj)
         if value is None or isinstance(value, torch.Tensor):  # unknown, or data-dependent
             return super().to_bool(obj)
@@ -506,6 +528,7 @@ def _trace(model: nn.Module, probe: torch.Tensor | None = None,
         module.meta["size_only"] = tuple(probe.shape[2:])
         return module
     module.meta["branches"] = tracer.branches
+    module.meta["numbers_read"] = tracer.numbers_read
     module.meta["probe"] = tuple(probe.shape[2:])
     return module
 

@@ -1027,3 +1027,69 @@ def test_float_positions_cast_to_an_index_are_checked_at_a_counted_size():
     with pytest.raises(ResolutionError, match="cannot run at 64x64: .*its index reaches 7 in "
                                               "dimension 0 of size 7"):
         analyse(network, capture="concrete", resolutions=[(64, 64)])
+
+
+class ReadsItsSizeAsNumber(nn.Module):
+    """Reads a size as a Python number (samvit's int(2 * max(q, k) - 1)) and pools over a
+    window of that many positions: traced at one size, the graph holds that size's number."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        side = int(x.shape[-1])
+        return self.head(nn.functional.avg_pool2d(x, side).flatten(1))
+
+
+class ReadsItsChannelsAsNumber(nn.Module):
+    """Reads its channel count as a Python number: the same at every input size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        channels = int(x.shape[1])
+        return self.head(x.mean((2, 3)).view(-1, channels))
+
+
+def test_a_size_read_as_a_number_pins_the_formulas_and_skips_the_export_rung(monkeypatch):
+    """torch.fx refused int() of a traced size, and auto then spent samvit's 15 s in torch.export
+    (which guards the size int() reads, and refuses so). The number read at the probe is now a
+    condition: equal there, it pins the input size, and the concrete rung counts that size from
+    the same graph."""
+    from convtally.analysis import export_capture
+    from convtally.analysis.accounting import PinnedBranch
+
+    network = ReadsItsSizeAsNumber().eval()
+    with pytest.raises(ValueError, match="pins the input size"):  # what auto no longer tries
+        analyse(network, capture="export", resolutions=[(32, 32)])
+
+    def no_export_rung(*args, **kwargs):
+        raise AssertionError("the export rung was entered")
+
+    monkeypatch.setattr(export_capture, "analyse_exported", no_export_rung)
+    with pytest.raises(PinnedBranch, match=r"its input size is pinned: floor\(W/4\) == 8 \(the "
+                       r"forward reads it as a number; traced at 32x32\) holds at neither "
+                       r"64x64 nor 128x128"):
+        analyse(network, capture="fx", resolutions=[(32, 32)])
+    for size in [(32, 32), (48, 40)]:
+        counted = analyse(network, convention=preset("fvcore"), resolutions=[size])
+        assert counted.capture == "concrete"
+        assert "export: not tried, since torch.export takes the same branch" in (
+            counted.capture_note)
+        assert counted.totals_at([size])["connections"][0] == fvcore_total(network, size)
+        assert verify(counted, [size]).mismatches == []
+
+
+def test_a_number_read_that_is_no_size_leaves_formulas_for_every_size():
+    network = ReadsItsChannelsAsNumber().eval()
+    analysis = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)])
+    assert analysis.capture == "fx" and analysis.symbolic and not analysis.branches
+    for size in [(32, 32), (17, 45)]:
+        assert analysis.totals_at([size])["connections"][0] == fvcore_total(network, size)

@@ -301,17 +301,49 @@ def test_the_export_rung_refuses_a_size_whose_positions_leave_the_table(rows):
 
 
 def test_the_concrete_rung_refuses_a_size_whose_positions_leave_the_table():
-    """Counted at one size (here through torch.export), a margin is a number: below 0 there,
-    the size is refused as the forward fails."""
+    """Counted at one size, a margin is a number: below 0 there, the size is refused as the
+    forward fails. The positions torch.arange makes from the size read there have their rows
+    (the subtraction and addition on them), so the count equals the formulas' there."""
     network = SizeBuiltOps().eval()
     counted = analyse(network, capture="concrete", resolutions=[(16, 16)])
-    assert counted.totals_at([(16, 16)])["connections"] == analyse(network).totals_at(
-        [(16, 16)])["connections"]
+    formulas = analyse(network)
+    assert counted.totals_at([(16, 16)]) == formulas.totals_at([(16, 16)])
+    assert [layer.type for layer in counted.layers] == [layer.type for layer in formulas.layers]
     assert not runs(network, (20, 20))
-    with pytest.raises(ResolutionError, match=r"SizeBuiltOps cannot run at 20x20: index "
-                                              r"\(aten.index\) cannot run at 20x20: its index "
+    with pytest.raises(ResolutionError, match=r"SizeBuiltOps cannot run at 20x20: getitem:4 "
+                                              r"\(getitem\) cannot run at 20x20: its index "
                                               "reaches 38 in dimension 0 of size 31, 8 beyond it"):
         analyse(network, capture="concrete", resolutions=[(20, 20)])
+
+
+class TableAndSizePositions(nn.Module):
+    """Positions over a table's own rows (a constant at every size) and over the input's width
+    (positions read from the input: rows of their own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x):
+        x = self.conv(x)
+        rows = torch.arange(self.table.shape[0])
+        columns = torch.arange(x.shape[-1]) * 2 + 1
+        return x + (self.table * rows[:, None]).sum(0)[:, None, None] + columns.float()
+
+
+@pytest.mark.parametrize("size", [(16, 16), (12, 20)])
+def test_a_count_at_one_size_has_the_rows_the_formulas_have_there(size):
+    """At one size every size read from the input is a number; torch.arange over one still has
+    its row (and the arithmetic on its positions too), and over a table's own size it is still
+    a constant, as in the formulas."""
+    network = TableAndSizePositions().eval()
+    formulas = analyse(network)
+    counted = analyse(network, capture="concrete", resolutions=[size])
+    assert formulas.capture == "fx" and counted.capture == "concrete"
+    assert [layer.type for layer in counted.layers] == [layer.type for layer in formulas.layers]
+    assert [layer.type for layer in counted.layers].count("arange") == 1
+    assert counted.totals_at([size]) == formulas.totals_at([size])
 
 
 def test_every_rungs_reason_is_given_when_the_first_refusal_was_a_pinned_branch():
