@@ -1527,7 +1527,7 @@ def _interpret(
             found = rows_counted[key] = counted(cost, known, convention)
         return found
 
-    counted_size = all(isinstance(side, sp.Integer) for side in size)
+    from_input: set[torch.fx.Node] | None = None  # _computed_from_the_input, when first needed
     meta = getattr(graph_module, "meta", None) or {}
     # a forward traced at a probe size: a branch that pins the size is refused where it is met
     watched = (dict(meta.get("branches", ())) if meta.get("probe")
@@ -1602,8 +1602,11 @@ def _interpret(
         else:
             key = node.target
             rule = _function_rule(key)
-            if counted_size and key in rules.SIZED_FUNCTION_RULES and _reads_the_input(node):
-                rule = rules.SIZED_FUNCTION_RULES[key]
+            if key in rules.SIZED_FUNCTION_RULES:
+                if from_input is None:
+                    from_input = _computed_from_the_input(graph_module.graph)
+                if node in from_input:
+                    rule = rules.SIZED_FUNCTION_RULES[key]
             type_name = function_name
             result = rule(*args, **kwargs) if rule is not None else None
             if rule is None and _contains_tensor((args, kwargs)):
@@ -1680,19 +1683,17 @@ def _interpret(
     return layers
 
 
-def _reads_the_input(node: torch.fx.Node) -> bool:
-    """Return whether `node`'s value is computed from the graph's input (a size read from it),
-    not from parameters and constants alone."""
-    stack, seen = list(node.all_input_nodes), set()
-    while stack:
-        found = stack.pop()
-        if found.op == "placeholder" and not found.args:  # the image, not a default argument
-            return True
-        for argument in found.all_input_nodes:
-            if argument not in seen:
-                seen.add(argument)
-                stack.append(argument)
-    return False
+def _computed_from_the_input(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Return the nodes whose value is computed from the graph's input (the image, its sizes
+    included), not from parameters and constants alone."""
+    found: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if not found and not node.args:  # the image, not an argument with a default
+                found.add(node)
+        elif any(argument in found for argument in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def _known_positions(value: Any) -> SymTensor | None:
@@ -1898,6 +1899,15 @@ def _condition_row(value: Any, taken: bool, name: str, why: str
     comparison of sizes."""
     if value is None:
         raise ValueError(f"the forward branches on {name}, which the rules give no value")
+    if isinstance(value, sp.Basic) and _mentions_batch(value):
+        # the batch size (`if x.shape[0] == 1`, int(B)): the probe's, one, as every row is
+        # counted per example at batch size one; not a condition on the input's sizes
+        at_one = value.xreplace({BATCH: sp.Integer(1)})
+        if taken_condition(at_one, taken) == sp.true:
+            relation = _branch_relation.__wrapped__(value, taken)
+            text = relation[2] if isinstance(relation, tuple) else taken_condition(value, taken)
+            return f"{name}: {text} holds at batch size 1, where the rows are counted ({why})"
+        value = at_one
     try:
         relation = _branch_relation(value, taken)
     except TypeError:  # a value that cannot be remembered (unhashable)

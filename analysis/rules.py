@@ -1786,9 +1786,9 @@ def arange(*limits: Any, **kwargs: Any) -> LayerCost | PlainValue:
 
 
 def sized_arange(*limits: Any, **kwargs: Any) -> LayerCost:
-    """torch.arange over limits read from the input size, counted at one size where they are
-    numbers: the same row as arange's with symbols, so that a count there equals the formulas'
-    (the arithmetic on these positions has rows too, as in the formulas and in torch.export)."""
+    """torch.arange over limits read from the input's sizes, formulas or numbers (a count at one
+    size, a window's side): a row whatever they are, so that a count at one size equals the
+    formulas' there, and the arithmetic on these positions has rows too (as in torch.export)."""
     start, end, step = ((0, *limits, 1) if len(limits) == 1 else (*limits, 1))[:3]
     if not all(isinstance(v, (int, sp.Expr)) for v in (start, end, step)):
         raise UnsupportedLayer(f"arange expected sizes, got {limits}")
@@ -2196,9 +2196,9 @@ def _range_cast(x: Range, *args: Any, dtype: Any = None, **kwargs: Any) -> Range
     return None
 
 
-# at a counted size, where sizes read from the input are numbers: the rules for calls whose
-# arguments were read from the input (the interpreter knows from the graph), where the rule
-# above would leave a number-only call to PyTorch as a constant
+# the rules for calls whose arguments are read from the input's sizes (the interpreter knows
+# from the graph), where the rule above would leave a number-only call to PyTorch as a
+# constant: a count at one size, where every size is a number, and a window's side
 SIZED_FUNCTION_RULES: dict[Any, Callable[..., LayerCost]] = {torch.arange: sized_arange}
 
 VALUE_RANGE_RULES: dict[Any, Callable[..., Range | None]] = {

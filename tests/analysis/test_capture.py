@@ -1093,3 +1093,36 @@ def test_a_number_read_that_is_no_size_leaves_formulas_for_every_size():
     assert analysis.capture == "fx" and analysis.symbolic and not analysis.branches
     for size in [(32, 32), (17, 45)]:
         assert analysis.totals_at([size])["connections"][0] == fvcore_total(network, size)
+
+
+class ReadsItsBatchAsNumber(ReadsItsChannelsAsNumber):
+    """Reads the batch size as a Python number and views by it."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        batch = int(x.shape[0])
+        return self.head(x.mean((2, 3)).view(batch, -1))
+
+
+class BranchesOnItsBatch(ReadsItsChannelsAsNumber):
+    """Branches on a batch of one (a forward pass of a single image takes another path)."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.shape[0] == 1:
+            x = x * 2
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("network_type", [ReadsItsBatchAsNumber, BranchesOnItsBatch])
+def test_a_condition_on_the_batch_size_is_a_note_at_batch_one_not_a_pinned_size(network_type):
+    """Every row is counted per example at batch size one, the probe's: B == 1 holds there.
+    It was taken for an equality that pins the input size (its formulas refused, the model
+    exported at each size)."""
+    network = network_type().eval()
+    analysis = analyse(network, convention=preset("fvcore"), resolutions=[(32, 32)])
+    assert analysis.capture == "fx" and analysis.symbolic and not analysis.branches
+    assert any("B == 1 holds at batch size 1, where the rows are counted" in text
+               for text in analysis.assumptions)
+    for size in [(32, 32), (24, 40)]:
+        assert analysis.totals_at([size])["connections"][0] == fvcore_total(network, size)
