@@ -332,17 +332,38 @@ class TableAndSizePositions(nn.Module):
         return x + (self.table * rows[:, None]).sum(0)[:, None, None] + columns.float()
 
 
+class WindowPositions(nn.Module):
+    """Relative positions over the side of a 4x4 window read from the windowed tensor (timm
+    samvit's windowed blocks): a number at every input size, read from the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(7, 4))
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, c, h, w = x.shape
+        windows = x.reshape(b, c, h // 4, 4, w // 4, 4)
+        side = windows.shape[-1]
+        positions = torch.arange(side)[:, None] - torch.arange(side)[None, :] + (side - 1)
+        bias = self.table[positions.long()].permute(2, 0, 1)  # c x 4 x 4
+        return (windows + bias[:, None, :, None, :]).reshape(b, c, h, w)
+
+
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)])
-def test_a_count_at_one_size_has_the_rows_the_formulas_have_there(size):
-    """At one size every size read from the input is a number; torch.arange over one still has
-    its row (and the arithmetic on its positions too), and over a table's own size it is still
-    a constant, as in the formulas."""
-    network = TableAndSizePositions().eval()
+@pytest.mark.parametrize(("network_type", "aranges"), [(TableAndSizePositions, 1),
+                                                       (WindowPositions, 2)])
+def test_a_count_at_one_size_has_the_rows_the_formulas_have_there(network_type, aranges, size):
+    """At one size every size read from the input is a number, as a window's side is at every
+    size; torch.arange over one has its row (and the arithmetic on its positions too) in both,
+    and over a table's own size it is a constant in both."""
+    network = network_type().eval()
     formulas = analyse(network)
     counted = analyse(network, capture="concrete", resolutions=[size])
     assert formulas.capture == "fx" and counted.capture == "concrete"
     assert [layer.type for layer in counted.layers] == [layer.type for layer in formulas.layers]
-    assert [layer.type for layer in counted.layers].count("arange") == 1
+    assert [layer.type for layer in counted.layers].count("arange") == aranges
     assert counted.totals_at([size]) == formulas.totals_at([size])
 
 
