@@ -819,3 +819,27 @@ def test_remembered_branch_conditions_give_the_plain_paths_formulas_and_conditio
     assert fast.shape_graph_module.meta["branches"], "the forward branches on sizes"
     assert fast.branches == plain.branches
     assert rows(fast) == rows(plain) and fast.assumptions == plain.assumptions
+
+
+@pytest.mark.parametrize("model", ["unet", "torchvision:resnet18", "torchvision:vit_b_16"])
+def test_the_graph_module_holds_what_torch_fx_would_and_runs_the_same(model):
+    """Its modules, parameters and buffers are put in place through nn.Module's tables: the
+    same names and objects, in the same order, as torch.fx's GraphModule copies, and the same
+    output on the same input."""
+    spec = resolve(model)
+    network = spec.build().eval()
+    traced = tracing.trace(network)
+    ours = tracing._graph_module(network, traced.graph)
+    theirs = torch.fx.GraphModule(network, traced.graph)
+    for listing in ("named_modules", "named_parameters", "named_buffers"):
+        mine, torch_fx = (dict(getattr(module, listing)()) for module in (ours, theirs))
+        assert list(mine) == list(torch_fx)
+        # the empty modules on the way (and the GraphModule itself) are each one's own
+        assert all(mine[name] is torch_fx[name] for name in mine
+                   if name and type(torch_fx[name]) is not nn.Module)
+    assert ours.training is theirs.training is False
+    x = torch.randn(1, spec.input_channel_count(spec.settings({})), 32, 32)
+    if model == "torchvision:vit_b_16":
+        x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
