@@ -449,9 +449,13 @@ class Analysis:
                 at_setting(layer.formula(q)) for q in QUANTITIES for layer in self.layers
             ]
             self._size_owner = []
+            sized: dict[int, bool] = {}  # the rows share their shapes' expressions (objects)
             for index, layer in enumerate(self.layers):
                 for dimension in layer.output_shape:
-                    if sp.sympify(dimension).has(*self.axes):
+                    has_axes = sized.get(id(dimension))
+                    if has_axes is None:
+                        has_axes = sized[id(dimension)] = sp.sympify(dimension).has(*self.axes)
+                    if has_axes:
                         formulas.append(at_setting(dimension))
                         self._size_owner.append(index)
             self._requirement_owner = []
@@ -2105,12 +2109,17 @@ def _apply_divisibility(
 ) -> tuple[tuple[int, ...], list[str]]:
     multiples = [1] * len(axes)
     unresolved = False
+    # a network's rows share their shapes' expressions (the same objects, as counted once):
+    # each is asked once per axis and multiple, without sympy walking it again
+    asked: dict[tuple[int, int, int], int | None] = {}
     for layer in [] if exact else layers:  # exact formulas assume no divisibility
         for axis, symbol in enumerate(axes):
             for dimension in layer.output_shape:
-                if not dimension.has(symbol):
-                    continue
-                needed = _required_multiple(dimension, symbol, multiples[axis])
+                key = (id(dimension), axis, multiples[axis])
+                if key not in asked:
+                    asked[key] = (_required_multiple(dimension, symbol, multiples[axis])
+                                  if dimension.has(symbol) else multiples[axis])
+                needed = asked[key]
                 if needed is None:
                     unresolved = True
                 else:
@@ -2128,9 +2137,15 @@ def _apply_divisibility(
         )
         return (1,) * len(axes), assumptions
     divisor = tuple(multiples)
+    # by the expression's identity, as above; the expression is kept with its answer, so that
+    # no other object can take its id while this memo lives
+    simplified: dict[int, tuple[sp.Expr, sp.Expr]] = {}
 
     def simplify(expression: sp.Expr) -> sp.Expr:
-        return _simplify(expression, divisor)
+        found = simplified.get(id(expression))
+        if found is None:
+            found = simplified[id(expression)] = (expression, _simplify(expression, divisor))
+        return found[1]
 
     for layer in layers:
         layer.output_shape = tuple(simplify(d) for d in layer.output_shape)

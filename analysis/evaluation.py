@@ -25,7 +25,14 @@ class IntegerEvaluator:
 
     def __init__(self, formulas: Sequence[sp.Expr], axes: Sequence[sp.Symbol] = (H, W)):
         positions: dict[sp.Expr, int] = {}
-        index = [positions.setdefault(sp.sympify(f), len(positions)) for f in formulas]
+        by_identity: dict[int, int] = {}  # the same object again: no structural comparison
+        index = []
+        for formula in formulas:  # `formulas` keeps each alive, so no id is reused here
+            position = by_identity.get(id(formula))
+            if position is None:
+                position = by_identity[id(formula)] = positions.setdefault(
+                    sp.sympify(formula), len(positions))
+            index.append(position)
         self.index = np.array(index, dtype=np.intp)
         compiled = [_formula_code(formula) for formula in positions]
         self.denominators = np.array([d for _, d in compiled], dtype=object)
@@ -43,9 +50,10 @@ class IntegerEvaluator:
         if not len(self.index):
             return np.zeros((0, len(columns[0])), dtype=object)
         raw = self.function(*columns)
-        rows = [np.broadcast_to(np.asarray(r, dtype=object), columns[0].shape) for r in raw]
-        distinct = np.stack(rows) // self.denominators[:, None]
-        return distinct[self.index]
+        distinct = np.empty((len(raw), len(columns[0])), dtype=object)
+        for row, values in enumerate(raw):  # a number (a constant formula) fills its row
+            distinct[row] = values
+        return (distinct // self.denominators[:, None])[self.index]
 
 
 _EVALUATOR_FUNCTIONS = {
