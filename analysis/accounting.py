@@ -822,7 +822,9 @@ def _prepare_model(
             shapes=shapes.eval() if shapes is not None else None,
             meta=shapes,
         )
-    network = model.eval()
+    # put in evaluation, as analysed; one already there (a benchmark's or a loop's network, built
+    # once) is not walked again by train(False), which sets every module's flag anew
+    network = model.eval() if any(module.training for module in model.modules()) else model
     return _Prepared(
         network,
         {},
@@ -836,16 +838,16 @@ def _prepare_model(
 
 
 def _meta_copy(network: nn.Module) -> nn.Module | None:
-    """Return a copy of `network` whose parameters and buffers are on the meta device (their
-    data is never copied), for the size check and concrete count that need shapes only; None
-    when the network cannot be copied."""
+    """Return a copy of `network` in evaluation whose parameters and buffers are on the meta
+    device (their data is never copied), for the size check and concrete count that need
+    shapes only; None when the network cannot be copied."""
     memo: dict[int, Any] = {}
     for tensor in [*network.parameters(), *network.buffers()]:
         empty = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
                             if isinstance(tensor, nn.Parameter) else empty)
     try:
-        return _module_copy(network, memo, {}).eval()
+        return _module_copy(network, memo, {})
     except Exception:  # noqa: BLE001 - an unusual module: the deep copy decides
         pass
     try:
@@ -869,6 +871,9 @@ def _module_copy(module: nn.Module, tensors: dict[int, Any], copies: dict[int, n
     copies[id(module)] = clone
     state = {key: (value.copy() if isinstance(value, (dict, list, set)) else value)
              for key, value in module.__dict__.items() if key not in _MODULE_TABLES}
+    # in evaluation, as .eval() would leave it (without walking the tree again, a fifth of
+    # this copy): the network copied was put in evaluation by analyse, its own train() run
+    state["training"] = False
     state["_parameters"] = {k: None if v is None else tensors[id(v)]
                             for k, v in module._parameters.items()}
     state["_buffers"] = {k: None if v is None else tensors[id(v)]

@@ -912,6 +912,9 @@ def test_meta_copy_of_a_callers_module_keeps_its_structure_and_leaves_it_untouch
     assert all(p.is_meta for p in [*copied.parameters(), *copied.buffers()])
     assert copied.tied is copied.conv and copied.conv is not network.conv
     assert copied.cache is not network.cache and copied.scale is network.scale
+    in_training = CachesBySize().train()
+    assert not any(module.training for module in accounting._meta_copy(in_training).modules())
+    assert all(module.training for module in in_training.modules())
     analysis = analyse(network, convention=preset("fvcore"), capture="fx",
                        resolutions=[(32, 32)])
     # torch.fx's plain trace (refused) ran the caller's forward and was undone; the trace at
