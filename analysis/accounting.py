@@ -582,10 +582,21 @@ def counted(cost: LayerCost, known: bool, convention: Convention) -> dict[str, s
     """Return a row's weights and connections from its raw cost under `convention` (the one
     place a convention is applied: when rows are counted, and again by with_convention and a
     concrete capture's values); a row without a rule has connections 0."""
-    return {
-        "weights": convention.weights(cost),
-        "connections": convention.connections(cost) if known else sp.Integer(0),
-    }
+    try:
+        weights, connections = _counted_once(cost, known, convention)
+    except TypeError:  # an unhashable cost (none known): counted uncached
+        weights, connections = _counted_once.__wrapped__(cost, known, convention)
+    return {"weights": weights, "connections": connections}
+
+
+@functools.lru_cache(maxsize=65536)
+def _counted_once(cost: LayerCost, known: bool, convention: Convention
+                  ) -> tuple[sp.Expr, sp.Expr]:
+    """Return counted's (weights, connections): a network repeats its layers' costs, and so do
+    networks of a family and the analyses of one network in a loop (costs and conventions are
+    frozen, so each is counted once)."""
+    return (convention.weights(cost),
+            convention.connections(cost) if known else sp.Integer(0))
 
 
 @functools.lru_cache(maxsize=16384)
@@ -1525,16 +1536,7 @@ def _interpret(
     owned_parameters: set[str] = set()
     asserted: list[tuple] = []  # size conditions the forward asserts (_asserted_condition)
     placeholders = 0
-    rows_counted: dict[tuple[LayerCost, bool], dict[str, sp.Expr]] = {}
     ranged_storage: dict[str, str] = {}  # node -> the node whose storage its values are in
-
-    def counted_once(cost: LayerCost, known: bool) -> dict[str, sp.Expr]:
-        # a network repeats its layers: csatv2's 1,017 rows are 198 distinct costs
-        key = (cost, known)  # hashed once: a cost's hash is not kept, and is most of this
-        found = rows_counted.get(key)
-        if found is None:
-            found = rows_counted[key] = counted(cost, known, convention)
-        return found
 
     from_input: set[torch.fx.Node] | None = None  # _computed_from_the_input, when first needed
     meta = getattr(graph_module, "meta", None) or {}
@@ -1676,7 +1678,7 @@ def _interpret(
                 kind=cost.kind,
                 node=node.name,
                 output_shape=tuple(sp.sympify(d) for d in shape),
-                **counted_once(cost, known),
+                **counted(cost, known, convention),
                 outputs=cost.outputs,
                 cost=cost,
                 known=known,

@@ -58,6 +58,7 @@ def plain_analyse(monkeypatch, model, **kwargs):
         patch.setattr(rules, "_relation", rules._relation.__wrapped__)
         patch.setattr(shapes, "adaptive_window_total", shapes.adaptive_window_total.__wrapped__)
         patch.setattr(accounting, "_branch_relation", accounting._branch_relation.__wrapped__)
+        patch.setattr(accounting, "_counted_once", accounting._counted_once.__wrapped__)
         return analyse(model, **kwargs)
 
 
