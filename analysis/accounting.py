@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from copy import copy, deepcopy
@@ -1387,12 +1388,26 @@ def _mentions_batch(value: sp.Basic) -> bool:
     return value.has(BATCH)
 
 
+# the fields of a cost that hold values (sizes, counts, shapes), not names or flags
+_COST_VALUES = tuple(f.name for f in fields(LayerCost)
+                     if f.name not in ("kind", "op", "via", "affine"))
+
+
 def _count_at_batch_one(layers: list[Layer]) -> list[str]:
     """Put B = 1 into rows whose per-example cost depends on the batch size (an op that mixes
     examples, e.g. timm csatv2's q @ k.T over the batch) and into shapes that carry the batch
     past their first dimension; return the note that says which rows mix examples."""
+    mentions: dict[int, bool] = {}  # by identity: the rows share their expressions (objects)
+
     def has_batch(values: Iterable[Any]) -> bool:
-        return any(isinstance(v, sp.Basic) and _mentions_batch(v) for v in values)
+        for value in values:
+            if isinstance(value, sp.Basic):
+                found = mentions.get(id(value))
+                if found is None:
+                    found = mentions[id(value)] = _mentions_batch(value)
+                if found:
+                    return True
+        return False
 
     def counts_batch(layer: Layer) -> bool:
         return has_batch((layer.weights, layer.outputs, layer.connections))
@@ -1426,10 +1441,8 @@ def _count_at_batch_one(layers: list[Layer]) -> list[str]:
         layer.requirements = tuple((at_one(sp.sympify(a)), at_one(sp.sympify(b)), what)
                                    for a, b, what in layer.requirements)
         layer.bounds = tuple((at_one(sp.sympify(margin)), what) for margin, what in layer.bounds)
-        layer.cost = replace(layer.cost, **{
-            f.name: at_one(getattr(layer.cost, f.name)) for f in fields(layer.cost)
-            if f.name not in ("kind", "op", "via", "affine")
-        })
+        layer.cost = _changed(layer.cost, **{
+            name: at_one(getattr(layer.cost, name)) for name in _COST_VALUES})
     if not mixing:
         return []
     more = f" and {len(mixing) - 1} more rows" if len(mixing) > 1 else ""
@@ -1502,8 +1515,16 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
 def _submodules(graph_module: torch.fx.GraphModule) -> dict[str, nn.Module]:
     """Return qualified name -> module of every submodule, under each name it is registered
     by: one walk, where get_submodule per node walks each name through nn.Module's getattr
-    (2 ms of timm efficientvit_b0's 55)."""
-    return dict(graph_module.named_modules(remove_duplicate=False))
+    (2 ms of timm efficientvit_b0's 55); made once per graph module (the interpreter, the
+    parameters used and the exact form ask again)."""
+    found = _SUBMODULES.get(graph_module)
+    if found is None:
+        found = _SUBMODULES[graph_module] = dict(
+            graph_module.named_modules(remove_duplicate=False))
+    return found
+
+
+_SUBMODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _used_parameters(graph_module: torch.fx.GraphModule) -> list[nn.Parameter]:
