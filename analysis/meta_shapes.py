@@ -64,6 +64,17 @@ def _unary(inplace_at: int | None) -> Callable[..., torch.Tensor | None]:
     return rule
 
 
+def _orders_alone(tensor: torch.Tensor) -> bool:
+    """Return whether `tensor`'s strides alone decide the layout of an element-wise result of
+    which it is the first operand: PyTorch (TensorIterator) orders the dimensions by the first
+    operand's strides wherever they differ, so a dense one without size-1 dimensions, its
+    strides all different and none 0, lays the result out as it is (a residual added to a
+    transposed tensor, timm mobilevit's)."""
+    strides = tensor.stride()
+    return (1 not in tensor.shape and 0 not in strides and len(set(strides)) == len(strides)
+            and _dense(tensor))
+
+
 def _binary(input: torch.Tensor, other: Any, *args: Any, **kwargs: Any) -> torch.Tensor | None:
     """add, sub, mul: the broadcast shape and the promoted dtype (None with out=)."""
     if kwargs.get("out") is not None or len(args) > 1 or kwargs.get("alpha", 1) != 1:
@@ -76,7 +87,8 @@ def _binary(input: torch.Tensor, other: Any, *args: Any, **kwargs: Any) -> torch
             # a smaller operand first (`bias + x`): row-major operands (exact strides, size-1
             # dimensions too) give a row-major result
             return input.new_empty(shape, dtype=torch.result_type(input, other))
-        if shape != input.shape or (other.shape == shape and other.stride() != input.stride()):
+        if shape != input.shape or (other.shape == shape and other.stride() != input.stride()
+                                    and not _orders_alone(input)):
             return None  # the layout PyTorch picks among several operands: left to it
     elif isinstance(other, (int, float, bool)):
         shape = input.shape

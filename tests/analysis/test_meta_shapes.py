@@ -160,6 +160,26 @@ def test_binary_calls_match_pytorch_for_any_shapes(left, right, layout, op, dtyp
 
 
 @settings(max_examples=200, deadline=None)
+@given(shape=st.lists(st.integers(1, 4), min_size=2, max_size=4), data=st.data(),
+       op=st.sampled_from(["add", "mul", "sub"]),
+       dtype=st.sampled_from([torch.float32, torch.int64]))
+def test_binary_calls_on_two_layouts_of_one_shape_match_pytorch(shape, data, op, dtype):
+    """Each operand a permutation of a new tensor (a transpose, a channels-last map): where
+    the first one's strides decide the result's layout the rule answers, as PyTorch lays it."""
+    operands = []
+    for operand_dtype in (dtype, torch.float32):
+        order = data.draw(st.permutations(range(len(shape))))
+        stored = meta(*[shape[axis] for axis in order], dtype=operand_dtype)
+        operands.append(stored.permute([order.index(axis) for axis in range(len(shape))]))
+    a, b = operands
+    assert list(a.shape) == list(b.shape) == shape
+    call = lambda: getattr(torch, op)(a, b)  # noqa: E731
+    given, by_rule = answered(call)
+    assert given == outcome(call)
+    assert by_rule or 1 in shape  # without size-1 dimensions, every such pair is the rule's
+
+
+@settings(max_examples=200, deadline=None)
 @given(dims=st.integers(1, 3), mode=st.sampled_from(
            ["nearest", "nearest-exact", "area", "linear", "bilinear", "bicubic", "trilinear"]),
        size=st.one_of(st.none(), st.integers(0, 5), st.lists(st.integers(1, 5), min_size=1,
