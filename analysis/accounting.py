@@ -854,14 +854,12 @@ def _meta_copy(network: nn.Module) -> nn.Module | None:
     device (their data is never copied), for the size check and concrete count that need
     shapes only; None when the network cannot be copied."""
     memo: dict[int, Any] = {}
-    for tensor in [*network.parameters(), *network.buffers()]:
-        empty = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
-                            if isinstance(tensor, nn.Parameter) else empty)
     try:
         return _module_copy(network, memo, {})
     except Exception:  # noqa: BLE001 - an unusual module: the deep copy decides
         pass
+    for tensor in [*network.parameters(), *network.buffers()]:
+        _meta_tensor(tensor, memo)
     try:
         return deepcopy(network, memo).eval()
     except Exception:  # a module that refuses deepcopy: the real network decides
@@ -871,12 +869,26 @@ def _meta_copy(network: nn.Module) -> nn.Module | None:
 _MODULE_TABLES = ("_parameters", "_buffers", "_modules")
 
 
+def _meta_tensor(tensor: torch.Tensor, tensors: dict[int, Any]) -> torch.Tensor:
+    """Return the meta-device stand-in of a parameter or buffer (a Parameter for a Parameter),
+    made once per tensor and kept in `tensors` by the original's id (a tensor registered
+    twice stays one tensor; the originals outlive the copy, so no id is reused)."""
+    found = tensors.get(id(tensor))
+    if found is None:
+        empty = torch.empty_like(tensor, device="meta")
+        found = tensors[id(tensor)] = (
+            nn.Parameter(empty, requires_grad=tensor.requires_grad)
+            if isinstance(tensor, nn.Parameter) else empty)
+    return found
+
+
 def _module_copy(module: nn.Module, tensors: dict[int, Any], copies: dict[int, nn.Module]
                  ) -> nn.Module:
-    """Return a copy of the module tree with its parameters and buffers swapped for `tensors`:
-    each module a new object, its dicts, lists and sets copied one level (a cache the forward
-    fills stays the caller's), other attributes shared. A deep copy walks every attribute of
-    every module (cProfile: a tenth of timm bat_resnext26ts's analysis)."""
+    """Return a copy of the module tree with its parameters and buffers swapped for their
+    meta-device stand-ins (_meta_tensor, kept in `tensors`): each module a new object, its
+    dicts, lists and sets copied one level (a cache the forward fills stays the caller's),
+    other attributes shared. A deep copy walks every attribute of every module (cProfile: a
+    tenth of timm bat_resnext26ts's analysis)."""
     if id(module) in copies:  # a module registered twice stays one module
         return copies[id(module)]
     clone = module.__class__.__new__(module.__class__)
@@ -886,9 +898,9 @@ def _module_copy(module: nn.Module, tensors: dict[int, Any], copies: dict[int, n
     # in evaluation, as .eval() would leave it (without walking the tree again, a fifth of
     # this copy): the network copied was put in evaluation by analyse, its own train() run
     state["training"] = False
-    state["_parameters"] = {k: None if v is None else tensors[id(v)]
+    state["_parameters"] = {k: None if v is None else _meta_tensor(v, tensors)
                             for k, v in module._parameters.items()}
-    state["_buffers"] = {k: None if v is None else tensors[id(v)]
+    state["_buffers"] = {k: None if v is None else _meta_tensor(v, tensors)
                          for k, v in module._buffers.items()}
     state["_modules"] = {k: None if v is None else _module_copy(v, tensors, copies)
                          for k, v in module._modules.items()}
