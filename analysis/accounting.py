@@ -590,7 +590,7 @@ def counted(cost: LayerCost, known: bool, convention: Convention) -> dict[str, s
     return {"weights": weights, "connections": connections}
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=16384)
 def _counted_once(cost: LayerCost, known: bool, convention: Convention
                   ) -> tuple[sp.Expr, sp.Expr]:
     """Return counted's (weights, connections): a network repeats its layers' costs, and so do
@@ -1531,8 +1531,10 @@ def _submodules(graph_module: torch.fx.GraphModule) -> dict[str, nn.Module]:
     parameters used and the exact form ask again)."""
     found = _SUBMODULES.get(graph_module)
     if found is None:
-        found = _SUBMODULES[graph_module] = dict(
-            graph_module.named_modules(remove_duplicate=False))
+        # the graph module itself ('') left out: a value that holds its weak key keeps it alive
+        found = _SUBMODULES[graph_module] = {
+            name: module for name, module in graph_module.named_modules(remove_duplicate=False)
+            if name}
     return found
 
 

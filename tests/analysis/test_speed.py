@@ -844,3 +844,22 @@ def test_the_graph_module_holds_what_torch_fx_would_and_runs_the_same(model):
         x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("model", ["torchvision:resnet18", "timm:efficientvit_b0"])
+def test_nothing_an_analysis_remembers_keeps_the_network_alive(model):
+    """The remembered tables (formulas, counts, a graph module's submodules) hold no network:
+    one kept its graph module, and so the network and its weights, alive for good (a loop over
+    86 models ran out of memory)."""
+    import gc
+    import weakref
+
+    if model.startswith("timm:"):
+        pytest.importorskip("timm")
+    network = resolve(model).build().eval()
+    alive = [weakref.ref(module) for module in network.modules()]  # its layers, weights in them
+    analysis = analyse(network, resolutions=[(64, 64)])
+    assert analysis.totals_at([(64, 64)])["connections"][0] > 0
+    del network, analysis
+    gc.collect()
+    assert all(module() is None for module in alive)
