@@ -31,7 +31,7 @@ import torch
 import torch.fx
 from convtally.analysis import rules, shapes
 from convtally.analysis.conventions import DEFAULT, Convention
-from convtally.analysis.evaluation import IntegerEvaluator
+from convtally.analysis.evaluation import IntegerEvaluator, remembered_by_identity
 from convtally.analysis.hyperparameters import (
     concrete_attributes,
     fit_attributes,
@@ -450,13 +450,10 @@ class Analysis:
                 at_setting(layer.formula(q)) for q in QUANTITIES for layer in self.layers
             ]
             self._size_owner = []
-            sized: dict[int, bool] = {}  # the rows share their shapes' expressions (objects)
+            sized = remembered_by_identity(lambda size: sp.sympify(size).has(*self.axes))
             for index, layer in enumerate(self.layers):
                 for dimension in layer.output_shape:
-                    has_axes = sized.get(id(dimension))
-                    if has_axes is None:
-                        has_axes = sized[id(dimension)] = sp.sympify(dimension).has(*self.axes)
-                    if has_axes:
+                    if sized(dimension):
                         formulas.append(at_setting(dimension))
                         self._size_owner.append(index)
             self._requirement_owner = []
@@ -1409,17 +1406,10 @@ def _count_at_batch_one(layers: list[Layer]) -> list[str]:
     """Put B = 1 into rows whose per-example cost depends on the batch size (an op that mixes
     examples, e.g. timm csatv2's q @ k.T over the batch) and into shapes that carry the batch
     past their first dimension; return the note that says which rows mix examples."""
-    mentions: dict[int, bool] = {}  # by identity: the rows share their expressions (objects)
+    mentions = remembered_by_identity(_mentions_batch)
 
     def has_batch(values: Iterable[Any]) -> bool:
-        for value in values:
-            if isinstance(value, sp.Basic):
-                found = mentions.get(id(value))
-                if found is None:
-                    found = mentions[id(value)] = _mentions_batch(value)
-                if found:
-                    return True
-        return False
+        return any(isinstance(v, sp.Basic) and mentions(v) for v in values)
 
     def counts_batch(layer: Layer) -> bool:
         return has_batch((layer.weights, layer.outputs, layer.connections))
@@ -2151,17 +2141,14 @@ def _apply_divisibility(
 ) -> tuple[tuple[int, ...], list[str]]:
     multiples = [1] * len(axes)
     unresolved = False
-    # a network's rows share their shapes' expressions (the same objects, as counted once):
-    # each is asked once per axis and multiple, without sympy walking it again
-    asked: dict[tuple[int, int, int], int | None] = {}
+    has = [remembered_by_identity(lambda size, symbol=symbol: size.has(symbol))
+           for symbol in axes]
     for layer in [] if exact else layers:  # exact formulas assume no divisibility
         for axis, symbol in enumerate(axes):
             for dimension in layer.output_shape:
-                key = (id(dimension), axis, multiples[axis])
-                if key not in asked:
-                    asked[key] = (_required_multiple(dimension, symbol, multiples[axis])
-                                  if dimension.has(symbol) else multiples[axis])
-                needed = asked[key]
+                if not has[axis](dimension):
+                    continue
+                needed = _required_multiple(dimension, symbol, multiples[axis])
                 if needed is None:
                     unresolved = True
                 else:
@@ -2179,15 +2166,7 @@ def _apply_divisibility(
         )
         return (1,) * len(axes), assumptions
     divisor = tuple(multiples)
-    # by the expression's identity, as above; the expression is kept with its answer, so that
-    # no other object can take its id while this memo lives
-    simplified: dict[int, tuple[sp.Expr, sp.Expr]] = {}
-
-    def simplify(expression: sp.Expr) -> sp.Expr:
-        found = simplified.get(id(expression))
-        if found is None:
-            found = simplified[id(expression)] = (expression, _simplify(expression, divisor))
-        return found[1]
+    simplify = remembered_by_identity(lambda expression: _simplify(expression, divisor))
 
     for layer in layers:
         layer.output_shape = tuple(simplify(d) for d in layer.output_shape)

@@ -5,13 +5,29 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import sympy as sp
 from convtally.analysis import rules
 from convtally.analysis.symbols import H, W
+
+
+def remembered_by_identity(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Return `function` answering each object once while the returned callable lives: a
+    network's rows share their expressions' objects, and sympy walks or compares an expression
+    anew on every call. Each object asked about is kept with its answer, so no other object can
+    take its id meanwhile."""
+    answers: dict[int, tuple[Any, Any]] = {}
+
+    def answer(value: Any) -> Any:
+        found = answers.get(id(value))
+        if found is None:
+            found = answers[id(value)] = (value, function(value))
+        return found[1]
+
+    return answer
 
 
 class IntegerEvaluator:
@@ -25,15 +41,9 @@ class IntegerEvaluator:
 
     def __init__(self, formulas: Sequence[sp.Expr], axes: Sequence[sp.Symbol] = (H, W)):
         positions: dict[sp.Expr, int] = {}
-        by_identity: dict[int, int] = {}  # the same object again: no structural comparison
-        index = []
-        for formula in formulas:  # `formulas` keeps each alive, so no id is reused here
-            position = by_identity.get(id(formula))
-            if position is None:
-                position = by_identity[id(formula)] = positions.setdefault(
-                    sp.sympify(formula), len(positions))
-            index.append(position)
-        self.index = np.array(index, dtype=np.intp)
+        position = remembered_by_identity(  # the same object again: no structural comparison
+            lambda formula: positions.setdefault(sp.sympify(formula), len(positions)))
+        self.index = np.array([position(formula) for formula in formulas], dtype=np.intp)
         compiled = [_formula_code(formula) for formula in positions]
         self.denominators = np.array([d for _, d in compiled], dtype=object)
         # what sympy.lambdify((H, W), [...], modules=[_EVALUATOR_FUNCTIONS, "math"]) builds,
