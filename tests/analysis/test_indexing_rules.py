@@ -320,10 +320,10 @@ class TableAndSizePositions(nn.Module):
     """Positions over a table's own rows (a constant at every size) and over the input's width
     (positions read from the input: rows of their own)."""
 
-    def __init__(self):
+    def __init__(self, rows: int = 8):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.table = nn.Parameter(torch.randn(8, 4))
+        self.table = nn.Parameter(torch.randn(rows, 4))
 
     def forward(self, x):
         x = self.conv(x)
@@ -332,14 +332,12 @@ class TableAndSizePositions(nn.Module):
         return x + (self.table * rows[:, None]).sum(0)[:, None, None] + columns.float()
 
 
-class WindowPositions(nn.Module):
+class WindowPositions(TableAndSizePositions):
     """Relative positions over the side of a 4x4 window read from the windowed tensor (timm
     samvit's windowed blocks): a number at every input size, read from the input."""
 
     def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.table = nn.Parameter(torch.randn(7, 4))
+        super().__init__(rows=7)
 
     def forward(self, x):
         x = self.conv(x)
