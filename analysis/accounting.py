@@ -1570,6 +1570,10 @@ def _interpret(
                and all(isinstance(side, sp.Symbol) for side in size) else {})
     previous = None
     modules = _submodules(graph_module)
+
+    def value_of(n: Any) -> Any:
+        return env[n.name] if isinstance(n, torch.fx.Node) else n
+
     for node in graph_module.graph.nodes:
         if previous in watched and not _refuse_pinned_branch(
                 graph_module, env, previous, watched[previous], size):
@@ -1592,10 +1596,8 @@ def _interpret(
         if node.op == "get_attr":
             env[node.name] = _attribute_value(graph_module, node.target)
             continue
-        def value_of(n: Any) -> Any:
-            return env[n.name] if isinstance(n, torch.fx.Node) else n
-
-        args, kwargs = map_values(node.args, value_of), map_values(node.kwargs, value_of)
+        args = map_values(node.args, value_of)
+        kwargs = map_values(node.kwargs, value_of) if node.kwargs else {}
         condition = _asserted_condition(node, args)
         if condition is not None:
             asserted.append(condition)
@@ -1702,7 +1704,8 @@ def _interpret(
                 type=type_name,
                 kind=cost.kind,
                 node=node.name,
-                output_shape=tuple(sp.sympify(d) for d in shape),
+                output_shape=(shape if all(isinstance(d, sp.Basic) for d in shape)
+                              else tuple(sp.sympify(d) for d in shape)),
                 **counted(cost, known, convention),
                 outputs=cost.outputs,
                 cost=cost,
@@ -2031,6 +2034,8 @@ def _parameters_of(module: nn.Module) -> list[nn.Parameter]:
 
 
 def _trainable(module: nn.Module, weights: sp.Expr) -> sp.Expr:
+    if not module._parameters and not module._modules:  # GELU, Dropout: nothing to train
+        return weights
     parameters = _parameters_of(module)
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
     if trainable == sum(p.numel() for p in parameters):

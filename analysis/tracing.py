@@ -15,7 +15,7 @@ import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from copy import deepcopy
+from copy import copy, deepcopy
 from typing import Any
 
 import torch
@@ -31,6 +31,25 @@ class _ModuleStack(OrderedDict):
 
     def __copy__(self) -> OrderedDict:
         return OrderedDict(self)
+
+
+class _Scope(torch.fx.proxy.Scope):
+    """torch.fx's scope (the module whose forward is being traced), copied on every module
+    call to be put back after it: directly, where copy.copy goes through __reduce_ex__."""
+
+    def __copy__(self) -> torch.fx.proxy.Scope:
+        return torch.fx.proxy.Scope(self.module_path, self.module_type)
+
+
+@functools.lru_cache(maxsize=4096)
+def _node_base_name(target: Any) -> str:
+    """Return the name torch.fx's Graph gives a node of `target` before its number, worked out
+    once per target: Graph._target_to_str reads it with two regular expressions per node (a
+    tenth of timm test_vit_relpos's trace)."""
+    return torch.fx.Graph._target_to_str(_NAMING_GRAPH, target)
+
+
+_NAMING_GRAPH = torch.fx.Graph()  # _target_to_str reads nothing of its graph
 
 
 @functools.lru_cache(maxsize=1024)
@@ -92,6 +111,7 @@ class _Tracer(torch.fx.Tracer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.module_stack = _ModuleStack()
+        self.scope = _Scope("", None)
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _Proxy(node, self)
@@ -118,8 +138,20 @@ class _Tracer(torch.fx.Tracer):
         """Return (parameter id -> name, buffer id -> name) of the root, built once per root."""
         names = getattr(self, "_tensor_names", None)
         if names is None or names[0] is not self.root:
-            names = (self.root, {id(p): n for n, p in self.root.named_parameters()},
-                     {id(b): n for n, b in self.root.named_buffers()})
+            # as named_parameters() and named_buffers() name them (each tensor by the first
+            # name it has), from the module names torch.fx's trace made already: one pass
+            paths = getattr(self, "submodule_paths", None) or {
+                module: name for name, module in self.root.named_modules()}
+            parameters: dict[int, str] = {}
+            buffers: dict[int, str] = {}
+            for module, path in paths.items():
+                prefix = f"{path}." if path else ""
+                for found, table in ((parameters, module._parameters),
+                                     (buffers, module._buffers)):
+                    for key, tensor in table.items():
+                        if tensor is not None and id(tensor) not in found:
+                            found[id(tensor)] = prefix + key
+            names = (self.root, parameters, buffers)
             self._tensor_names = names
         return names[1], names[2]
 
@@ -166,7 +198,19 @@ class _Tracer(torch.fx.Tracer):
         trace of proxies never holds (a sixth of timm test_vit_relpos's trace)."""
         if self.check_mutable_operations:  # its check reads the arguments
             return super().create_node(kind, target, args, kwargs, name, type_expr)
-        node = super().create_node(kind, target, (), {}, name, type_expr)
+        if name is None:
+            try:
+                name = _node_base_name(target)
+            except TypeError:  # an unhashable target: torch.fx names it
+                pass
+        if self.record_stack_traces or torch.fx.traceback.has_preserved_node_meta():
+            node = super().create_node(kind, target, (), {}, name, type_expr)
+        else:  # what TracerBase.create_node records where neither asks for more
+            node = self.graph.create_node(kind, target, (), {}, name, type_expr)
+            self.node_name_to_scope[node.name] = (self.scope.module_path,
+                                                  self.scope.module_type)
+            if self.module_stack:
+                node.meta["nn_module_stack"] = copy(self.module_stack)
         if args:
             node.args = args
         if kwargs:
@@ -175,11 +219,11 @@ class _Tracer(torch.fx.Tracer):
 
     def create_arg(self, a: Any) -> Any:
         """Return the graph argument for `a`, as torch.fx makes it: a number, a proxy and a
-        tuple or list of them directly (torch.fx asks of each whether it is an opaque or
-        constant type first, a check on every argument of every node); a parameter or
-        buffer passed to a function (a traced-into BatchNorm's running statistics) by one dict
-        lookup where torch.fx scans every buffer of the model (0.55 s of timm rexnet_100's
-        0.75 s trace)."""
+        tuple, list or dict (keyword arguments) of them directly (torch.fx asks of each
+        whether it is an opaque or constant type first, a check on every argument of every
+        node); a parameter or buffer passed to a function (a traced-into BatchNorm's running
+        statistics) by one dict lookup where torch.fx scans every buffer of the model (0.55 s
+        of timm rexnet_100's 0.75 s trace)."""
         kind = type(a)
         if kind in _PLAIN_ARGUMENTS:
             return a
@@ -189,6 +233,8 @@ class _Tracer(torch.fx.Tracer):
             return tuple(self.create_arg(item) for item in a)
         if kind is list:
             return [self.create_arg(item) for item in a]
+        if kind is dict and all(type(key) is str for key in a):  # keyword arguments
+            return {key: self.create_arg(value) for key, value in a.items()}
         if isinstance(a, torch.Tensor):
             parameters, buffers = self._names()
             name = (parameters if isinstance(a, nn.Parameter) else buffers).get(id(a))
@@ -369,15 +415,15 @@ class _BranchingTracer(_Tracer):
             if self._meta_copy is None:
                 self._values_root = (self.root, {}, {})
             else:
-                copy = self._meta_copy()
-                if copy is None:
+                meta = self._meta_copy()
+                if meta is None:
                     raise LookupError("no meta copy of the network")
                 parameters, buffers = self._names()
-                named = {**dict(copy.named_parameters()), **dict(copy.named_buffers())}
+                named = {**dict(meta.named_parameters()), **dict(meta.named_buffers())}
                 tensors = {key: named[name] for key, name in [*parameters.items(),
                                                               *buffers.items()]
                            if name in named}
-                self._values_root = (copy, dict(copy.named_modules(remove_duplicate=False)),
+                self._values_root = (meta, dict(meta.named_modules(remove_duplicate=False)),
                                      tensors)
         return self._values_root
 
@@ -450,23 +496,37 @@ def state_kept(model: nn.Module) -> Iterator[None]:
     evaluation, and the proxy a trace left there broke the next trace of the same module (the
     concrete rung's); convit caches its relative indices for the last size it ran at."""
     saved = []
-    for module in model.modules():
+    for module in _each_module(model):
         attributes = vars(module)
-        saved.append((attributes, dict(attributes), {
-            name: dict(value) for name, value in attributes.items() if type(value) is dict}))
+        saved.append((attributes, attributes.copy(), [
+            (value, value.copy()) for value in attributes.values() if type(value) is dict]))
     try:
         yield
     finally:
         for attributes, before, dicts in saved:
-            for name in [name for name in attributes if name not in before]:
-                del attributes[name]
+            if attributes.keys() != before.keys():
+                for name in attributes.keys() - before.keys():
+                    del attributes[name]
             attributes.update(before)
-            for name, content in dicts.items():
-                now = attributes[name]  # compared by identity: tensors have no truth value
-                if len(now) != len(content) or any(now.get(key, now) is not value
-                                                   for key, value in content.items()):
+            for now, content in dicts:  # compared by identity: tensors have no truth value
+                if (len(now) != len(content) or now.keys() != content.keys()
+                        or not all(map(operator.is_, now.values(), content.values()))):
                     now.clear()
                     now.update(content)
+
+
+def _each_module(model: nn.Module) -> list[nn.Module]:
+    """Return every module of `model` once (model.modules() without the qualified names it
+    makes on the way)."""
+    found, stack, seen = [], [model], {id(model)}
+    while stack:
+        module = stack.pop()
+        found.append(module)
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+    return found
 
 
 def trace(model: nn.Module, probe: torch.Tensor | None = None,

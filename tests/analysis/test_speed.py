@@ -589,18 +589,20 @@ def test_arguments_are_written_into_the_graph_as_torch_fx_writes_them(monkeypatc
 
 
 @pytest.mark.parametrize("model", ["torchvision:resnet18", "torchvision:swin_t",
-                                   "timm:efficientnet_b0"])
+                                   "timm:efficientnet_b0", "timm:test_vit_relpos"])
 def test_nodes_are_made_with_the_arguments_and_users_torch_fx_gives_them(monkeypatch, model):
     """A node is made without arguments and given them after (torch.fx's pytree walk of every
-    argument, looking for SymInts, skipped): the code, each node's inputs and its users are
-    those of torch.fx's own create_node."""
+    argument, looking for SymInts, skipped), named from a name worked out once per target, its
+    module stack recorded without torch.fx's checks for preserved metadata: the code, each
+    node's name, inputs, users and module stack are those of torch.fx's own create_node."""
     if model.startswith("timm:"):
         pytest.importorskip("timm")
     network = resolve(model).build({}).eval()
 
     def structure(graph_module):
         return graph_module.code, [
-            (node.name, [n.name for n in node.all_input_nodes], [n.name for n in node.users])
+            (node.name, [n.name for n in node.all_input_nodes], [n.name for n in node.users],
+             dict(node.meta.get("nn_module_stack") or {}))
             for node in graph_module.graph.nodes]
 
     fast = structure(tracing.trace(network))
@@ -863,3 +865,75 @@ def test_nothing_an_analysis_remembers_keeps_the_network_alive(model):
     del network, analysis
     gc.collect()
     assert all(module() is None for module in alive)
+
+
+class Holder(nn.Module):
+    """A module whose forward leaves state behind: a new attribute, a replaced one, a cache
+    dict filled and a buffer's table changed."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = {"kept": torch.zeros(1)}
+        self.scale = 2
+        self.register_buffer("table", torch.arange(3))
+        self.inner = nn.Linear(2, 2)
+
+
+def test_the_state_a_forward_changes_is_put_back_as_it_was():
+    """state_kept puts back every module's attributes and their dicts' contents, by identity:
+    added attributes go, replaced ones and removed ones come back, a dict's entries are what
+    they were (its own object), in their order."""
+    model = nn.Sequential(Holder(), Holder())
+    model.add_module("shared", model[0])  # a module under two names: kept once
+    before = [(module, dict(vars(module)), {name: list(value.items())
+                                            for name, value in vars(module).items()
+                                            if type(value) is dict})
+              for module in model.modules()]
+    with tracing.state_kept(model):
+        first, second = model[0], model[1]
+        first.cache["new"] = torch.ones(1)
+        first.cache.pop("kept")
+        first.scale = 3
+        first.added = "x"
+        second.cache = {}
+        del second.scale
+        second._buffers["table"] = torch.arange(4)
+        second._modules["inner"], second._modules["other"] = None, nn.ReLU()
+    for module, attributes, dicts in before:
+        assert vars(module).keys() == attributes.keys()
+        assert all(vars(module)[name] is value for name, value in attributes.items())
+        for name, items in dicts.items():
+            now = list(vars(module)[name].items())
+            assert [key for key, _ in now] == [key for key, _ in items]
+            assert all(a is b for (_, a), (_, b) in zip(now, items, strict=True))
+
+
+class TiedWeights(nn.Module):
+    """A weight shared by two layers, a layer under two names and a buffer in each."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Linear(4, 4)
+        self.decode = nn.Linear(4, 4)
+        self.decode.weight = self.encode.weight
+        self.again = self.encode
+        self.norm = nn.BatchNorm1d(4)
+        self.register_buffer("offset", torch.zeros(4))
+
+    def forward(self, x):
+        return self.norm(self.decode(self.again(x))) + self.offset
+
+
+@pytest.mark.parametrize("model", ["tied", "torchvision:resnet18", "timm:test_vit_relpos"])
+def test_the_tracers_parameter_and_buffer_names_are_named_parameters_and_named_buffers(model):
+    """The tracer names a parameter or buffer it meets as named_parameters() and
+    named_buffers() name it (each tensor once, by its first name), from one pass over the
+    module names torch.fx's trace made."""
+    if model.startswith("timm:"):
+        pytest.importorskip("timm")
+    network = TiedWeights() if model == "tied" else resolve(model).build({}).eval()
+    tracer = tracing._Tracer()
+    tracer.trace(network)
+    parameters, buffers = tracer._names()
+    assert parameters == {id(p): name for name, p in network.named_parameters()}
+    assert buffers == {id(b): name for name, b in network.named_buffers()}
