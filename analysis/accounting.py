@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 import weakref
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from copy import copy, deepcopy
 from dataclasses import dataclass, field, fields, replace
@@ -644,15 +643,15 @@ def _contains_tensor(value: Any) -> bool:
     return any(isinstance(v, SymTensor) for v in flat_values(value))
 
 
-def _node_label(node: torch.fx.Node, seen: Counter) -> tuple[str, str]:
+def _node_label(node: torch.fx.Node, seen: dict[str, int]) -> tuple[str, str]:
     if node.op == "call_module":
         name, kind = node.target, None
     else:
         scope = module_scope(node)
         base = node.target if isinstance(node.target, str) else node.target.__name__
         name, kind = (f"{scope}.{base}" if scope else base), base
-    seen[name] += 1
-    return (name if seen[name] == 1 else f"{name}:{seen[name]}"), kind
+    count = seen[name] = seen.get(name, 0) + 1
+    return (name if count == 1 else f"{name}:{count}"), kind
 
 
 def _unknown_output(
@@ -1409,7 +1408,8 @@ def _count_at_batch_one(layers: list[Layer]) -> list[str]:
     mentions = remembered_by_identity(_mentions_batch)
 
     def has_batch(values: Iterable[Any]) -> bool:
-        return any(isinstance(v, sp.Basic) and mentions(v) for v in values)
+        # a number (most values at one input size) holds no B: not looked up
+        return any(isinstance(v, sp.Basic) and not v.is_Number and mentions(v) for v in values)
 
     def counts_batch(layer: Layer) -> bool:
         return has_batch((layer.weights, layer.outputs, layer.connections))
@@ -1556,7 +1556,7 @@ def _interpret(
 ) -> list[Layer]:
     env: dict[str, Any] = {}
     layers: list[Layer] = []
-    seen: Counter = Counter()
+    seen: dict[str, int] = {}  # label -> how many nodes have it so far
     counted_modules: set[int] = set()
     owned_parameters: set[str] = set()
     asserted: list[tuple] = []  # size conditions the forward asserts (_asserted_condition)

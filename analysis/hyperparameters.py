@@ -44,29 +44,62 @@ def _integers(module: nn.Module) -> dict[str, Any]:
 
 class ConcreteAttributes(Mapping):
     """Module name -> {attribute: sympy Integer or tuple of them} for every module of a network
-    (no hyperparameters), each module's entry made when first read: the rules read those of
-    the modules a graph calls (making every entry was 2 ms of timm efficientvit_b0's 46)."""
+    (no hyperparameters), each module's entry made when a rule first reads it: the rules read
+    those of the modules a graph calls (making every entry was 2 ms of timm efficientvit_b0's
+    46), and most of those (activations, dropout, identity) read none."""
 
     def __init__(self, model: nn.Module):
         self._model = model
-        self._made: dict[str, dict[str, Any]] = {}
+        self._made: dict[str, ModuleIntegers] = {}
 
-    def __getitem__(self, name: str) -> dict[str, Any]:
-        if name not in self._made:
+    def __getitem__(self, name: str) -> ModuleIntegers:
+        made = self._made.get(name)
+        if made is None:
             module = self._model
             for part in name.split(".") if name else ():  # the registry, not getattr
                 child = module._modules.get(part)
                 if child is None:
                     raise KeyError(name)
                 module = child
-            self._made[name] = {key: _to_sympy(value) for key, value in _integers(module).items()}
-        return self._made[name]
+            made = self._made[name] = ModuleIntegers(module)
+        return made
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Return self[name], or `default` where the network has no such module."""
+        try:
+            return self[name]
+        except KeyError:
+            return default
 
     def __iter__(self):
         return (name for name, _ in self._model.named_modules())
 
     def __len__(self) -> int:
         return sum(1 for _ in self._model.named_modules())
+
+
+class ModuleIntegers(Mapping):
+    """One module's {attribute: sympy Integer or tuple of them}, made when first read."""
+
+    __slots__ = ("_module", "_table")
+
+    def __init__(self, module: nn.Module):
+        self._module = module
+        self._table: dict[str, Any] | None = None
+
+    def _made(self) -> dict[str, Any]:
+        if self._table is None:
+            self._table = {key: _to_sympy(value) for key, value in _integers(self._module).items()}
+        return self._table
+
+    def __getitem__(self, key: str) -> Any:
+        return self._made()[key]
+
+    def __iter__(self):
+        return iter(self._made())
+
+    def __len__(self) -> int:
+        return len(self._made())
 
 
 def concrete_attributes(model: nn.Module) -> Mapping[str, dict[str, Any]]:

@@ -43,6 +43,15 @@ class SymTensor:
         return values / BATCH if values.has(BATCH) else values
 
 
+def same_shape(x: SymTensor) -> SymTensor:
+    """Return a plain tensor of x's shape: x itself where it is one (frozen, so it can be
+    shared, with the values per example it has worked out), else SymTensor(x.shape) (a
+    parameter's or a ranged tensor's output is neither)."""
+    if type(x) is SymTensor and x.value_range is None:
+        return x
+    return SymTensor(x.shape)
+
+
 @dataclass(frozen=True)
 class ParameterTensor(SymTensor):
     """A parameter (or buffer) read directly in forward: no batch dimension, owns its values."""
@@ -419,7 +428,7 @@ def adaptive_pool(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCo
 
 def batch_norm2d(module: nn.BatchNorm2d, attrs: Attributes, x: SymTensor) -> LayerCost:
     """BatchNorm2d: weights 2*C when affine, 1 connection per output."""
-    output = SymTensor(x.shape)
+    output = same_shape(x)
     weights = 2 * attrs["num_features"] if module.affine else sp.Integer(0)
     return LayerCost(
         "norm",
@@ -437,7 +446,7 @@ def layer_norm(module: nn.LayerNorm, attrs: Attributes, x: SymTensor) -> LayerCo
     count = (module.weight is not None) + (module.bias is not None)
     return LayerCost(
         "norm",
-        SymTensor(x.shape),
+        same_shape(x),
         weights=sp.Integer(count * size),
         connections=x.per_example,
         op="layer_norm",
@@ -450,7 +459,7 @@ def _channel_norm(module: nn.Module, channels: sp.Expr, x: SymTensor, op: str) -
     per output."""
     return LayerCost(
         "norm",
-        SymTensor(x.shape),
+        same_shape(x),
         weights=2 * channels if module.affine else sp.Integer(0),
         connections=x.per_example,
         op=op,
@@ -473,7 +482,7 @@ def activation(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
         extra = (("rows", x.per_example / x.shape[module.dim]),)
     return LayerCost(
         "activation",
-        SymTensor(x.shape),
+        same_shape(x),
         weights=sp.Integer(weights),
         connections=x.per_example,
         op=op,
@@ -512,12 +521,12 @@ def glu_module(module: nn.GLU, attrs: Attributes, x: SymTensor) -> LayerCost:
 
 def dropout(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
     """Dropout: an element-wise mask, 1 connection per output."""
-    return LayerCost("elementwise", SymTensor(x.shape), connections=x.per_example, op="dropout")
+    return LayerCost("elementwise", same_shape(x), connections=x.per_example, op="dropout")
 
 
 def identity(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
     """Identity: routing only, no connections."""
-    return LayerCost("routing", SymTensor(x.shape), op="identity")
+    return LayerCost("routing", same_shape(x), op="identity")
 
 
 def flatten_module(module: nn.Flatten, attrs: Attributes, x: SymTensor) -> LayerCost:
@@ -540,7 +549,7 @@ def rms_norm(module: nn.Module, attrs: Attributes, x: SymTensor) -> LayerCost:
     weights = sum((p.numel() for p in module.parameters(recurse=False)), 0)
     return LayerCost(
         "norm",
-        SymTensor(x.shape),
+        same_shape(x),
         weights=sp.Integer(weights),
         connections=x.per_example,
         op="rms_norm",
@@ -882,7 +891,7 @@ def unary_elementwise(x: SymTensor, *args, **kwargs) -> LayerCost | PlainValue:
     """F.relu, torch.sigmoid, ...: 1 connection per output (on a size, ~n or -n: Python's)."""
     if not isinstance(x, SymTensor):
         return PlainValue(None)  # marker: evaluate as Python arithmetic
-    return LayerCost("activation", SymTensor(x.shape), connections=x.per_example)
+    return LayerCost("activation", same_shape(x), connections=x.per_example)
 
 
 def cat(tensors: Sequence[SymTensor], dim: int = 0, **kwargs) -> LayerCost:
@@ -963,7 +972,7 @@ def transpose(x: SymTensor, dim0: int, dim1: int) -> LayerCost:
 
 def contiguous(x: SymTensor, *args, **kwargs) -> LayerCost:
     """Tensor.contiguous and other same-shape copies: routing only."""
-    return LayerCost("routing", SymTensor(x.shape))
+    return LayerCost("routing", same_shape(x))
 
 
 def chunk(x: SymTensor, chunks: int, dim: int = 0) -> LayerCost:
@@ -1188,7 +1197,7 @@ def size(x: SymTensor, dim: int | None = None) -> PlainValue:
 
 def stochastic_depth(x: SymTensor, p: float, mode: str, training: bool = True) -> LayerCost:
     """torchvision's stochastic depth: the identity at inference, which is what is analysed."""
-    return LayerCost("routing", SymTensor(x.shape))
+    return LayerCost("routing", same_shape(x))
 
 
 def _getattr(x: Any, name: str) -> PlainValue:
@@ -1336,7 +1345,7 @@ def shifted_window_attention(
         proj_weight.shape[0] if proj_bias is not None else 0)
     linear_params = (sp.Mul(*qkv_weight.shape) + sp.Mul(*proj_weight.shape) + biases)
     return LayerCost(
-        "attention", SymTensor(x.shape), connections=linear_macs + attention_macs,
+        "attention", same_shape(x), connections=linear_macs + attention_macs,
         bias_connections=tokens * biases, op="shifted_window_attention", requires=requires,
         extra=(
             ("linear_macs", linear_macs),
@@ -1387,7 +1396,7 @@ def optional_function_rules() -> dict[Any, Callable[..., LayerCost]]:
 
 def same_shape_routing(x: SymTensor, *args, **kwargs) -> LayerCost:
     """roll, flip, dtype/device casts, contiguous: routing only, shape unchanged."""
-    return LayerCost("routing", SymTensor(x.shape))
+    return LayerCost("routing", same_shape(x))
 
 
 def unsqueeze(x: SymTensor, dim: int) -> LayerCost:
@@ -1471,9 +1480,9 @@ def unflatten(x: SymTensor, dim: int, sizes: Sequence[Any]) -> LayerCost:
 def functional_dropout(x: SymTensor, p: float = 0.5, training: bool = True, *args, **kwargs):
     """F.dropout and its 1d/2d/3d/alpha variants: the identity in eval (0 connections)."""
     if training:
-        return LayerCost("elementwise", SymTensor(x.shape), connections=x.per_example,
+        return LayerCost("elementwise", same_shape(x), connections=x.per_example,
                          op="dropout")
-    return LayerCost("routing", SymTensor(x.shape), op="dropout")
+    return LayerCost("routing", same_shape(x), op="dropout")
 
 
 def _matmul_shapes(a: tuple, b: tuple) -> tuple[tuple, sp.Expr, tuple]:
@@ -1662,7 +1671,7 @@ def functional_norm(op: str, affine_index: int) -> Callable[..., LayerCost]:
             training = args[4] if len(args) >= 5 else kwargs.get("training", False)
             if training is True:  # batch statistics, e.g. timm's weight standardisation
                 name = "batch_norm_training"
-        return LayerCost("norm", SymTensor(x.shape), connections=x.per_example, op=name,
+        return LayerCost("norm", same_shape(x), connections=x.per_example, op=name,
                          affine=weight is not None)
 
     rule.__doc__ = f"F.{op}: 1 connection per output (its parameters go to this row)."
@@ -1674,7 +1683,7 @@ def softmax(x: SymTensor, dim: int | None = None, *args, **kwargs) -> LayerCost:
     extra = ()
     if dim is not None:
         extra = (("rows", x.per_example / x.shape[dim]),)
-    return LayerCost("activation", SymTensor(x.shape), connections=x.per_example, extra=extra)
+    return LayerCost("activation", same_shape(x), connections=x.per_example, extra=extra)
 
 
 def reduction(x: SymTensor, dim=None, keepdim: bool = False, **kwargs) -> LayerCost:
@@ -1704,7 +1713,7 @@ def extremum(op: str) -> Callable[..., LayerCost | PlainValue]:
 def normalize(x: SymTensor, *args, **kwargs) -> LayerCost:
     """F.normalize (x / max(||x||_p, eps) along a dimension): 1 per value; fvcore and
     FlopCounterMode have no formula for its aten ops (0)."""
-    return LayerCost("norm", SymTensor(x.shape), connections=x.per_example, op="normalize")
+    return LayerCost("norm", same_shape(x), connections=x.per_example, op="normalize")
 
 
 def glu(x: SymTensor, dim: int = -1) -> LayerCost:
@@ -1772,7 +1781,7 @@ def functional_pixel_unshuffle(x: SymTensor, downscale_factor: int) -> LayerCost
 def new_tensor(x: Any, *args, **kwargs) -> LayerCost | PlainValue:
     """zeros_like / new_zeros and friends: a tensor of a known shape, no arithmetic."""
     if isinstance(x, SymTensor) and not args:
-        return LayerCost("routing", SymTensor(x.shape), op="new_tensor")
+        return LayerCost("routing", same_shape(x), op="new_tensor")
     return PlainValue(None)
 
 

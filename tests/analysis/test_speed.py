@@ -867,6 +867,41 @@ def test_nothing_an_analysis_remembers_keeps_the_network_alive(model):
     assert all(module() is None for module in alive)
 
 
+class CallsALayerTwice(nn.Module):
+    """One layer called twice, inside a module without a rule, and a layer without a rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())
+        self.unruled = nn.PixelUnshuffle(1)
+
+    def forward(self, x):
+        return self.unruled(self.inner[0](self.inner(x)))
+
+
+@pytest.mark.parametrize("model", ["twice", "torchvision:resnet18", "timm:test_vit_relpos",
+                                   "timm:efficientnet_b0"])
+def test_a_layer_call_is_recorded_as_torch_fx_records_it(monkeypatch, model):
+    """A call to a module with a rule is recorded without torch.fx's Scope objects: the graph,
+    every node's module stack and the tracer's scope of each node are what torch.fx's own
+    call_module gives."""
+    if model.startswith("timm:"):
+        pytest.importorskip("timm")
+    network = CallsALayerTwice() if model == "twice" else resolve(model).build({}).eval()
+
+    def recorded():
+        tracer = tracing._Tracer()
+        graph = tracer.trace(network)
+        return (torch.fx.GraphModule(network, graph).code, dict(tracer.node_name_to_scope),
+                [(node.name, dict(node.meta.get("nn_module_stack") or {}))
+                 for node in graph.nodes], tracer.module_stack, tracer.scope.module_path)
+
+    fast = recorded()
+    monkeypatch.setattr(tracing._Tracer, "_leaf_call", lambda self, m, path, args, kwargs:
+                        torch.fx.Tracer.call_module(self, m, None, args, kwargs))
+    assert fast == recorded()
+
+
 class Holder(nn.Module):
     """A module whose forward leaves state behind: a new attribute, a replaced one, a cache
     dict filled and a buffer's table changed."""
