@@ -48,6 +48,7 @@ from convtally.analysis.symbols import AXES, H, W
 from convtally.analysis.tracing import (
     attribute_at,
     concrete_shapes,
+    each_module,
     flat_values,
     map_values,
     module_scope,
@@ -832,7 +833,7 @@ def _prepare_model(
         )
     # put in evaluation, as analysed; one already there (a benchmark's or a loop's network, built
     # once) is not walked again by train(False), which sets every module's flag anew
-    network = model.eval() if any(module.training for module in model.modules()) else model
+    network = model.eval() if any(module.training for module in each_module(model)) else model
     return _Prepared(
         network,
         {},
@@ -1471,7 +1472,7 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
     else:  # an exported graph: the parameters its rows own
         named = dict(network.named_parameters())
         used = {id(named[t]) for t in used_targets or () if t in named}
-    unused = [p for p in network.parameters() if id(p) not in used]
+    unused = [p for p in _each_parameter(network) if id(p) not in used]
     unused_weights = sum(p.numel() for p in unused)
     unused_trainable = sum(p.numel() for p in unused if p.requires_grad)
     batch_note = _count_at_batch_one(layers) if batch_note is None else batch_note
@@ -1529,6 +1530,16 @@ def _submodules(graph_module: torch.fx.GraphModule) -> dict[str, nn.Module]:
 
 
 _SUBMODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _each_parameter(network: nn.Module) -> list[nn.Parameter]:
+    """Return network.parameters() (each parameter once), read from the modules' own tables."""
+    found: dict[int, nn.Parameter] = {}
+    for module in each_module(network):
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                found.setdefault(id(parameter), parameter)
+    return list(found.values())
 
 
 def _used_parameters(graph_module: torch.fx.GraphModule) -> list[nn.Parameter]:

@@ -517,7 +517,7 @@ def state_kept(model: nn.Module) -> Iterator[None]:
     evaluation, and the proxy a trace left there broke the next trace of the same module (the
     concrete rung's); convit caches its relative indices for the last size it ran at."""
     saved = []
-    for module in _each_module(model):
+    for module in each_module(model):
         attributes = vars(module)
         saved.append((attributes, attributes.copy(), [
             (value, value.copy()) for value in attributes.values() if type(value) is dict]))
@@ -536,7 +536,7 @@ def state_kept(model: nn.Module) -> Iterator[None]:
                     now.update(content)
 
 
-def _each_module(model: nn.Module) -> list[nn.Module]:
+def each_module(model: nn.Module) -> list[nn.Module]:
     """Return every module of `model` once (model.modules() without the qualified names it
     makes on the way)."""
     found, stack, seen = [], [model], {id(model)}
@@ -731,7 +731,7 @@ def _install(source: nn.Module, target: nn.Module, path: str) -> None:
         if made is None:
             made = target._modules[name] = nn.Module()
         source, target = child, made
-    value = getattr(source, field)
+    value = _registered(source, field)
     if isinstance(value, nn.Module):
         target._modules[field] = value
     elif isinstance(value, nn.Parameter):
@@ -740,6 +740,18 @@ def _install(source: nn.Module, target: nn.Module, path: str) -> None:
         target._buffers[field] = value
     else:
         setattr(target, field, value)
+
+
+def _registered(module: nn.Module, name: str) -> Any:
+    """Return getattr(module, name), read from the module's own tables where it is registered
+    there (a submodule, parameter or buffer, nothing of the same name before them), without
+    nn.Module's __getattr__."""
+    if name not in module.__dict__ and not hasattr(type(module), name):
+        for table in (module._parameters, module._buffers, module._modules):
+            value = table.get(name)
+            if value is not None:
+                return value
+    return getattr(module, name)
 
 
 def rebound(graph_module: torch.fx.GraphModule, network: nn.Module,
@@ -766,7 +778,7 @@ def attribute_at(module: nn.Module, target: str) -> Any:
     """Return the attribute at the dotted path `target` of `module`."""
     value: Any = module
     for part in target.split("."):
-        value = getattr(value, part)
+        value = _registered(value, part) if isinstance(value, nn.Module) else getattr(value, part)
     return value
 
 
