@@ -24,6 +24,9 @@ from torch import nn
 BATCH = sp.Symbol("B", integer=True, positive=True)
 
 
+_ZERO = sp.Integer(0)
+
+
 @dataclass(frozen=True)
 class SymTensor:
     """A tensor known only by its symbolic shape (batch dimension first)."""
@@ -32,6 +35,12 @@ class SymTensor:
     # (least, greatest) value of its elements, for a tensor computed from sizes alone (the
     # positions torch.arange gives): what an index into a fixed table must stay inside
     value_range: tuple[sp.Expr, sp.Expr] | None = field(default=None, compare=False)
+
+    def __init__(self, shape: tuple[sp.Expr, ...],
+                 value_range: tuple[sp.Expr, sp.Expr] | None = None) -> None:
+        # the fields written into the instance at once (dataclasses' own __init__ sets each
+        # through object.__setattr__, the price of frozen: a row makes a tensor or two)
+        self.__dict__.update(shape=shape, value_range=value_range)
 
     @functools.cached_property  # kept in the instance's __dict__: not a field, not compared
     def per_example(self) -> sp.Expr:
@@ -90,6 +99,25 @@ class LayerCost:
     # (margin, what): a margin that must be >= 0 for the call to run (an index computed from
     # the input size inside the table it reads: mvitv2's relative positions)
     bounds: tuple[tuple[sp.Expr, str], ...] = ()
+
+    def __init__(self, kind: str, output: Any, weights: sp.Expr = _ZERO,
+                 connections: sp.Expr = _ZERO, bias_connections: sp.Expr = _ZERO, op: str = "",
+                 via: str = "", inputs: sp.Expr | None = None,
+                 macs_per_output: sp.Expr = _ZERO, parameters: sp.Expr | None = None,
+                 bias_weights: sp.Expr = _ZERO, trainable_weights: sp.Expr | None = None,
+                 affine: bool = False, extra: tuple[tuple[str, sp.Expr], ...] = (),
+                 requires: tuple[tuple[sp.Expr, sp.Expr, str], ...] = (),
+                 bounds: tuple[tuple[sp.Expr, str], ...] = ()) -> None:
+        # the fields, in order, written into the instance at once: dataclasses' own __init__
+        # sets each of the 16 through object.__setattr__ (two thirds of making a cost, and
+        # every row makes one); test_rules holds this signature to the fields
+        self.__dict__.update(
+            kind=kind, output=output, weights=weights, connections=connections,
+            bias_connections=bias_connections, op=op, via=via, inputs=inputs,
+            macs_per_output=macs_per_output, parameters=parameters, bias_weights=bias_weights,
+            trainable_weights=trainable_weights, affine=affine, extra=extra, requires=requires,
+            bounds=bounds,
+        )
 
     @property
     def outputs(self) -> sp.Expr:

@@ -46,7 +46,12 @@ def _node_base_name(target: Any) -> str:
     """Return the name torch.fx's Graph gives a node of `target` before its number, worked out
     once per target: Graph._target_to_str reads it with two regular expressions per node (a
     tenth of timm test_vit_relpos's trace)."""
-    return torch.fx.Graph._target_to_str(_NAMING_GRAPH, target)
+    name = torch.fx.Graph._target_to_str(_NAMING_GRAPH, target)
+    # a module path's dots made underscores here, as the graph's namespace would make them on
+    # every node ('blocks.0.attn.qkv' -> 'blocks_0_attn_qkv'); the numbering stays the graph's
+    illegal = getattr(torch.fx.graph, "_illegal_char_regex", None)
+    clean = illegal.sub("_", name) if illegal is not None else name
+    return clean if clean and not clean[0].isdigit() else name
 
 
 _NAMING_GRAPH = torch.fx.Graph()  # _target_to_str reads nothing of its graph
@@ -81,7 +86,10 @@ class _ReadsBytecodeOnce:
 
     def __iter__(self) -> Iterator[torch.fx.Proxy]:
         frame = inspect.currentframe()
-        return _iterate(self, frame.f_back if frame is not None else None)
+        try:
+            return _iterate(self, frame.f_back if frame is not None else None)
+        finally:
+            del frame  # kept in its own local, a frame is a cycle that keeps its callers' alive
 
     def __getattr__(self, k: str) -> torch.fx.proxy.Attribute:
         return _Attribute(self, k)
@@ -158,17 +166,19 @@ class _Tracer(torch.fx.Tracer):
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
         """Return the proxy of a parameter read in a traced forward, as torch.fx does, found by
         one dict lookup: torch.fx scans every parameter of the model on each read (quadratic;
-        1 s of timm fbnetv3_b's 1.3 s trace, whose BatchNormAct2d layers are traced into)."""
-        if isinstance(attr_val, torch.Tensor):
-            parameters, buffers = self._names()
-            if isinstance(attr_val, nn.Parameter):
-                name = parameters.get(id(attr_val))
-            else:
-                name = buffers.get(id(attr_val)) if self.proxy_buffer_attributes else None
-            if name is not None:
-                if name not in parameter_proxy_cache:
-                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
-                return parameter_proxy_cache[name]
+        1 s of timm fbnetv3_b's 1.3 s trace, whose BatchNormAct2d layers are traced into). Any
+        other value (a submodule, a number) is the value itself, as torch.fx returns it."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        parameters, buffers = self._names()
+        if isinstance(attr_val, nn.Parameter):
+            name = parameters.get(id(attr_val))
+        else:
+            name = buffers.get(id(attr_val)) if self.proxy_buffer_attributes else None
+        if name is not None:
+            if name not in parameter_proxy_cache:
+                parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+            return parameter_proxy_cache[name]
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -365,6 +375,11 @@ class _BranchingTracer(_Tracer):
                     self._known(node)
         return proxy
 
+    def forget_values(self) -> None:
+        """Drop the recorded calls and values the trace's branches were decided with."""
+        self._pending.clear()
+        self.values.clear()
+
     def _known(self, node: torch.fx.Node) -> Any:
         """Return a node's value at the probe, running first the recorded calls it needs (in
         the order they were recorded); LookupError where it has none."""
@@ -519,8 +534,10 @@ def state_kept(model: nn.Module) -> Iterator[None]:
     saved = []
     for module in each_module(model):
         attributes = vars(module)
+        # an empty dict (most of a module's tables) needs no copy to be put back: emptied
         saved.append((attributes, attributes.copy(), [
-            (value, value.copy()) for value in attributes.values() if type(value) is dict]))
+            (value, value.copy() if value else None) for value in attributes.values()
+            if type(value) is dict]))
     try:
         yield
     finally:
@@ -530,7 +547,9 @@ def state_kept(model: nn.Module) -> Iterator[None]:
                     del attributes[name]
             attributes.update(before)
             for now, content in dicts:  # compared by identity: tensors have no truth value
-                if (len(now) != len(content) or now.keys() != content.keys()
+                if content is None:
+                    now.clear()
+                elif (len(now) != len(content) or now.keys() != content.keys()
                         or not all(map(operator.is_, now.values(), content.values()))):
                     now.clear()
                     now.update(content)
@@ -590,6 +609,9 @@ def _trace(model: nn.Module, probe: torch.Tensor | None = None,
                               plain_first=not branching, meta_copy=meta_copy)
     try:
         with contextlib.ExitStack() as context:
+            # the calls recorded for their values hold the trace's proxies, which hold the
+            # tracer: dropped at the end, so that the cycle goes without the collector
+            context.callback(tracer.forget_values)
             tracer.context = context
             if branching:
                 context.enter_context(_traced_buffers())

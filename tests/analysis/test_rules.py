@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
-from convtally.analysis import peers
+from convtally.analysis import peers, rules
 from convtally.analysis.accounting import analyse
 from convtally.analysis.symbols import H, W
 from hypothesis import given, settings
@@ -231,3 +234,21 @@ def test_a_network_that_chunks_channels_unevenly_is_counted_as_it_runs(exact):
     assert_matches_running_network(analysis, network, 3, [(16, 16), (20, 12)])
     cat = next(layer for layer in analysis.layers if layer.type == "cat")
     assert str(cat.output_shape[0]) == "68"
+
+
+@pytest.mark.parametrize("cls", [rules.LayerCost, rules.SymTensor])
+def test_a_costs_and_a_tensors_own_init_take_their_fields_in_order_with_their_defaults(cls):
+    """LayerCost and SymTensor fill their fields by hand (faster than dataclasses' frozen
+    __init__): the same parameters, in the same order, with the same defaults, and every
+    field set to what it was given."""
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    fields = dataclasses.fields(cls)
+    assert [p.name for p in parameters] == [f.name for f in fields]
+    for parameter, found in zip(parameters, fields, strict=True):
+        expected = inspect.Parameter.empty if found.default is dataclasses.MISSING else (
+            found.default)
+        assert parameter.default == expected and type(parameter.default) is type(expected)
+    values = {f.name: object() for f in fields}
+    made = cls(**values)
+    assert all(getattr(made, name) is value for name, value in values.items())
+    assert dataclasses.replace(made, **{fields[0].name: "changed"}) != made
