@@ -432,9 +432,10 @@ class Analysis:
                     count = counts[(cost, known)] = counted(cost, known, self.convention)
                 numbers = (count["weights"], cost.outputs, count["connections"])
             for values, number in zip(column, numbers, strict=True):
-                number = sp.sympify(number)
-                if not number.is_Integer:  # most counts are numbers already
-                    number = number.subs(substitution).subs({BATCH: 1})
+                if not isinstance(number, sp.Integer):  # most counts are numbers already
+                    number = sp.sympify(number)
+                    if not number.is_Integer:
+                        number = number.subs(substitution).subs({BATCH: 1})
                 values.append(int(number))
         memo[1][resolution] = column
         return column
@@ -1409,8 +1410,10 @@ def _count_at_batch_one(layers: list[Layer]) -> list[str]:
     mentions = remembered_by_identity(_mentions_batch)
 
     def has_batch(values: Iterable[Any]) -> bool:
-        # a number (most values at one input size) holds no B: not looked up
-        return any(isinstance(v, sp.Basic) and not v.is_Number and mentions(v) for v in values)
+        for v in values:  # a number (most values at one input size) holds no B: not looked up
+            if isinstance(v, sp.Basic) and not v.is_Number and mentions(v):
+                return True
+        return False
 
     def counts_batch(layer: Layer) -> bool:
         return has_batch((layer.weights, layer.outputs, layer.connections))
@@ -2090,6 +2093,8 @@ def _unused_note(count: int, counted: bool) -> str:
 
 
 def _first_input(args, kwargs) -> sp.Expr | None:
+    if args and isinstance(args[0], SymTensor):  # the first tensor of most calls
+        return args[0].per_example
     found: list[SymTensor] = []
     map_values((args, kwargs), lambda v: found.append(v) if isinstance(v, SymTensor) else None)
     return found[0].per_example if found else None

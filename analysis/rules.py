@@ -42,6 +42,18 @@ class SymTensor:
         # through object.__setattr__, the price of frozen: a row makes a tensor or two)
         self.__dict__.update(shape=shape, value_range=value_range)
 
+    def __hash__(self) -> int:
+        # the shape's hash, worked out once (sympy hashes each size in Python): an output is
+        # hashed with its cost when the cost is counted, and shared outputs again
+        known = self.__dict__.get("_hash")
+        if known is None:
+            known = self.__dict__["_hash"] = hash((self.shape,))
+        return known
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy in another process (a pickle) hashes its symbols anew
+        return {key: value for key, value in self.__dict__.items() if key != "_hash"}
+
     @functools.cached_property  # kept in the instance's __dict__: not a field, not compared
     def per_example(self) -> sp.Expr:
         """Return the number of values per example (the batch dimension divided out)."""
@@ -118,6 +130,11 @@ class LayerCost:
             trainable_weights=trainable_weights, affine=affine, extra=extra, requires=requires,
             bounds=bounds,
         )
+
+    def __hash__(self) -> int:
+        # the fields that tell costs apart, where the dataclass hashes all 16 (each sympy
+        # number in Python) every time a row is counted; equality still compares them all
+        return hash((self.kind, self.op, self.output, self.weights, self.connections))
 
     @property
     def outputs(self) -> sp.Expr:

@@ -731,9 +731,10 @@ def _graph_module(model: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModu
     except ImportError:
         return torch.fx.GraphModule(model, graph)
     module = _LazyGraphModule(model, torch.fx.Graph())  # the mode; nothing named to copy
+    containers = {"": (model, module)}  # a module path -> (the model's module, its copy)
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
-            _install(model, module, node.target)
+            _install(containers, node.target)
     module.graph = graph
     tracer = graph._tracer_cls
     if tracer is not None and "<locals>" not in tracer.__qualname__:
@@ -742,18 +743,23 @@ def _graph_module(model: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModu
     return module
 
 
-def _install(source: nn.Module, target: nn.Module, path: str) -> None:
-    """Put the attribute at the dotted `path` of `source` at the same path of `target`, the
-    modules on the way made empty where `target` has none, as torch.fx's _copy_attr does: a
-    tensor that is not a parameter becomes a buffer."""
-    *prefix, field = path.split(".")
-    for name in prefix:
-        child = source._modules[name]
-        made = target._modules.get(name)
-        if made is None:
-            made = target._modules[name] = nn.Module()
-        source, target = child, made
-    value = _registered(source, field)
+def _install(containers: dict[str, tuple[nn.Module, nn.Module]], path: str) -> None:
+    """Put the attribute at the dotted `path` of the model at the same path of its copy, the
+    modules on the way made empty where the copy has none, as torch.fx's _copy_attr does: a
+    tensor that is not a parameter becomes a buffer. `containers`: the module paths met so far
+    (their model's module and its copy), extended here."""
+    prefix, _, field = path.rpartition(".")
+    if prefix not in containers:
+        _install_container(containers, prefix)
+    source, target = containers[prefix]
+    for table, kept in ((source._parameters, target._parameters),
+                        (source._buffers, target._buffers), (source._modules, target._modules)):
+        value = table.get(field)  # registered, and nothing of the same name before it
+        if value is not None and field not in source.__dict__ and not hasattr(type(source),
+                                                                                field):
+            kept[field] = value
+            return
+    value = getattr(source, field)
     if isinstance(value, nn.Module):
         target._modules[field] = value
     elif isinstance(value, nn.Parameter):
@@ -762,6 +768,18 @@ def _install(source: nn.Module, target: nn.Module, path: str) -> None:
         target._buffers[field] = value
     else:
         setattr(target, field, value)
+
+
+def _install_container(containers: dict[str, tuple[nn.Module, nn.Module]], path: str) -> None:
+    """Add the module at `path` (and those on its way) to `containers`, each with its copy."""
+    outer, _, name = path.rpartition(".")
+    if outer not in containers:
+        _install_container(containers, outer)
+    source, target = containers[outer]
+    made = target._modules.get(name)
+    if made is None:
+        made = target._modules[name] = nn.Module()
+    containers[path] = (source._modules[name], made)
 
 
 def _registered(module: nn.Module, name: str) -> Any:

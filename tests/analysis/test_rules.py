@@ -252,3 +252,23 @@ def test_a_costs_and_a_tensors_own_init_take_their_fields_in_order_with_their_de
     made = cls(**values)
     assert all(getattr(made, name) is value for name, value in values.items())
     assert dataclasses.replace(made, **{fields[0].name: "changed"}) != made
+
+
+def test_equal_costs_and_tensors_hash_alike_and_a_pickled_tensor_hashes_anew():
+    """The hand-written hashes (a tensor's remembered, a cost's over the fields that tell costs
+    apart) agree with equality: equal values hash alike, whatever was remembered; a pickled
+    tensor carries no remembered hash into another process."""
+    import pickle
+
+    import sympy as sp
+
+    batch = rules.BATCH
+    first = rules.SymTensor((batch, sp.Integer(4), H))
+    hash(first)
+    same = rules.SymTensor((batch, sp.Integer(4), H), value_range=(sp.Integer(0), H))
+    assert same == first and hash(same) == hash(first)
+    costs = [rules.LayerCost("linear", tensor, weights=sp.Integer(12), connections=4 * H,
+                             extra=(("rows", H),)) for tensor in (first, same)]
+    assert costs[0] == costs[1] and hash(costs[0]) == hash(costs[1])
+    assert costs[0] != dataclasses.replace(costs[0], extra=())
+    assert "_hash" not in pickle.loads(pickle.dumps(first)).__dict__

@@ -824,11 +824,14 @@ def test_remembered_branch_conditions_give_the_plain_paths_formulas_and_conditio
     assert rows(fast) == rows(plain) and fast.assumptions == plain.assumptions
 
 
-@pytest.mark.parametrize("model", ["unet", "torchvision:resnet18", "torchvision:vit_b_16"])
+@pytest.mark.parametrize("model", ["unet", "torchvision:resnet18", "torchvision:vit_b_16",
+                                   "timm:test_vit_relpos"])
 def test_the_graph_module_holds_what_torch_fx_would_and_runs_the_same(model):
     """Its modules, parameters and buffers are put in place through nn.Module's tables: the
     same names and objects, in the same order, as torch.fx's GraphModule copies, and the same
     output on the same input."""
+    if model.startswith("timm:"):
+        pytest.importorskip("timm")
     spec = resolve(model)
     network = spec.build().eval()
     traced = tracing.trace(network)
@@ -844,6 +847,8 @@ def test_the_graph_module_holds_what_torch_fx_would_and_runs_the_same(model):
     x = torch.randn(1, spec.input_channel_count(spec.settings({})), 32, 32)
     if model == "torchvision:vit_b_16":
         x = torch.randn(1, 3, 224, 224)
+    if model == "timm:test_vit_relpos":
+        x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
 
