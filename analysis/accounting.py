@@ -73,7 +73,7 @@ class ResolutionError(ValueError):
     """A resolution the formulas do not hold at (divisibility, or too small)."""
 
 
-@dataclass
+@dataclass(slots=True)  # a row per layer: no __dict__ to make, look in or collect
 class Layer:
     """One row of the cost table: a module call or a tensor-producing function call."""
 

@@ -169,10 +169,13 @@ def declared_input_channels(network: nn.Module, default: int = 3) -> int:
 def declared_input_rank(network: nn.Module) -> int:
     """Return the number of sizes after the channels the network's input has: 1 (C x T) or 3
     (C x D x H x W) when its first convolution is 1-d or 3-d and it has no 2-d one, else 2."""
-    convolutions = [m for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    if not convolutions or any(len(m.kernel_size) == 2 for m in convolutions):
-        return 2
-    return len(convolutions[0].kernel_size)
+    first = None
+    for module in network.modules():  # stops at the first 2-d convolution
+        if isinstance(module, nn.modules.conv._ConvNd):
+            if len(module.kernel_size) == 2:
+                return 2
+            first = first or module
+    return 2 if first is None else len(first.kernel_size)
 
 
 COLOURIZATION_HYPERPARAMETERS = (

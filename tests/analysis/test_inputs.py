@@ -306,3 +306,20 @@ def test_1d_and_3d_upsampling_against_hooks_and_fvcore(rank, resolutions):
             counter = FlopCountAnalysis(net, torch.zeros(1, 1, *resolution))
             counter.unsupported_ops_warnings(False)
             assert ours == counter.total(), resolution
+
+
+@pytest.mark.parametrize("layers, rank", [
+    ([], 2),
+    ([nn.Conv1d(1, 2, 3)], 1),
+    ([nn.Conv3d(1, 2, 3)], 3),
+    ([nn.Conv1d(1, 2, 3), nn.Conv3d(2, 2, 3)], 1),  # the first convolution's
+    ([nn.Conv1d(1, 2, 3), nn.Conv2d(2, 2, 3)], 2),  # any 2-d one makes it an image
+    ([nn.Conv3d(1, 2, 3), nn.Linear(2, 2), nn.Conv2d(2, 2, 3)], 2),
+    ([nn.ConvTranspose1d(1, 2, 3)], 1),
+])
+def test_the_declared_input_rank_is_the_first_convolutions_unless_one_is_2d(layers, rank):
+    """A network of 1-d (3-d) convolutions takes C x T (C x D x H x W); one with a 2-d
+    convolution anywhere, or none, takes an image."""
+    from convtally.models.registry import declared_input_rank
+
+    assert declared_input_rank(nn.Sequential(*layers)) == rank
