@@ -333,13 +333,11 @@ class _BranchingTracer(_Tracer):
         # recorded: called on the buffer itself, PyTorch refuses the proxy for B
         self.proxy_buffer_attributes = concrete
         self.values: dict[torch.fx.Node, Any] = {}
-        # node -> (kind, target, args, kwargs, forward, module): recorded, not yet run
+        # node -> (kind, target, args, kwargs): recorded, not yet run
         self._pending: dict[torch.fx.Node, tuple] = {}
         self.branches: list[tuple[str, bool]] = []
         self.numbers_read: set[str] = set()  # the branches that are an int() read at the probe
         self._running = False  # inside a call run for its value: no proxies, no nodes
-        self._forward: Any = None
-        self._module: nn.Module | None = None  # the module whose call is being recorded
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
         if self._running:
@@ -349,12 +347,7 @@ class _BranchingTracer(_Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         if self._running:
             return forward(*args, **kwargs)
-        previous = self._forward, self._module
-        self._forward, self._module = forward, m
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        finally:
-            self._forward, self._module = previous
+        return super().call_module(m, forward, args, kwargs)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
                      proxy_factory_fn=None):
@@ -368,7 +361,7 @@ class _BranchingTracer(_Tracer):
         elif kind in ("get_attr", "call_function", "call_method", "call_module"):
             # run when a branch, len() or int() needs its value: the layers after a forward's
             # last branch are never run (crossvit branches on its input size only)
-            self._pending[proxy.node] = (kind, target, args, kwargs, self._forward, self._module)
+            self._pending[proxy.node] = (kind, target, args, kwargs)
             if kind == "call_method" and target in _RESHAPES_IN_PLACE:
                 # what was recorded before it reads the shapes from before it
                 for node in list(self._pending):
@@ -390,7 +383,7 @@ class _BranchingTracer(_Tracer):
             found = stack.pop()
             if found in self._pending and found not in needed:
                 needed.add(found)
-                _, _, args, kwargs, _, _ = self._pending[found]
+                _, _, args, kwargs = self._pending[found]
                 torch.fx.node.map_aggregate(
                     (args, kwargs),
                     lambda a: stack.append(a.node) if isinstance(a, torch.fx.Proxy) else None)
@@ -399,9 +392,13 @@ class _BranchingTracer(_Tracer):
         return self.values[node]
 
     def _run_recorded(self, node: torch.fx.Node, kind: str, target: Any, args: Any,
-                      kwargs: Any, forward: Any, module: nn.Module | None) -> None:
-        """Keep the value of one recorded call at the probe (none where it cannot run)."""
+                      kwargs: Any) -> None:
+        """Keep the value of one recorded call at the probe (none where it cannot run); a
+        module's call is the module at its path called (its copy's, on a meta copy)."""
+        module = forward = None
         try:
+            if kind == "call_module":
+                module = forward = _module_at(self.root, target)
             call_args = torch.fx.node.map_aggregate(args, self._value)
             call_kwargs = torch.fx.node.map_aggregate(kwargs, self._value)
             self._running = True
@@ -553,6 +550,14 @@ def state_kept(model: nn.Module) -> Iterator[None]:
                         or not all(map(operator.is_, now.values(), content.values()))):
                     now.clear()
                     now.update(content)
+
+
+def _module_at(root: nn.Module, path: str) -> nn.Module:
+    """Return the submodule of `root` at the dotted `path`, read from the module tables."""
+    module = root
+    for part in path.split("."):
+        module = module._modules[part]
+    return module
 
 
 def each_module(model: nn.Module) -> list[nn.Module]:
