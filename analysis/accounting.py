@@ -432,10 +432,12 @@ class Analysis:
                     count = counts[(cost, known)] = counted(cost, known, self.convention)
                 numbers = (count["weights"], cost.outputs, count["connections"])
             for values, number in zip(column, numbers, strict=True):
-                if not isinstance(number, sp.Integer):  # most counts are numbers already
-                    number = sp.sympify(number)
-                    if not number.is_Integer:
-                        number = number.subs(substitution).subs({BATCH: 1})
+                if isinstance(number, sp.Integer):  # most counts are numbers already
+                    values.append(number.p)
+                    continue
+                number = sp.sympify(number)
+                if not number.is_Integer:
+                    number = number.subs(substitution).subs({BATCH: 1})
                 values.append(int(number))
         memo[1][resolution] = column
         return column
@@ -758,6 +760,8 @@ class _Prepared:
 
     @property
     def channels(self) -> int:
+        if self.input_channels.is_Integer:  # no hyperparameter in it (a caller's network)
+            return int(self.input_channels)
         return int(
             self.input_channels.subs(
                 {sp.Symbol(s, integer=True, positive=True): v for s, v in self.values.items()}
@@ -1121,7 +1125,8 @@ def _export_refuses_assert(error: AssertedSize, prepared: _Prepared, resolutions
     if error.branched:  # the assert may hold on another branch (a branch before it that
         return None  # pins the size was refused as a PinnedBranch where the fx rung met it)
     other = [2 * side for side in probe]
-    value = error.difference.subs(dict(zip(prepared.axes, other, strict=True)))
+    value = error.difference.xreplace(
+        {axis: sp.Integer(side) for axis, side in zip(prepared.axes, other, strict=True)})
     if not value.is_number or value == 0:
         return None
     return (f"not tried, since at {other[0]}x{other[1]}, twice {probe[0]}x{probe[1]}, the "

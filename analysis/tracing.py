@@ -120,6 +120,9 @@ class _Tracer(torch.fx.Tracer):
         super().__init__(*args, **kwargs)
         self.module_stack = _ModuleStack()
         self.scope = _Scope("", None)
+        # an argument's node from an earlier trace (a cache in module state): the graph is
+        # checked for it only where one was met
+        self.foreign_node: torch.fx.Node | None = None
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _Proxy(node, self)
@@ -259,7 +262,10 @@ class _Tracer(torch.fx.Tracer):
         if kind in _PLAIN_ARGUMENTS:
             return a
         if isinstance(a, torch.fx.Proxy):  # our Proxy subclass misses torch.fx's type lookup
-            return a.node
+            node = a.node
+            if node.graph is not self.graph:
+                self.foreign_node = node
+            return node
         if kind is tuple:
             return tuple(self.create_arg(item) for item in a)
         if kind is list:
@@ -603,10 +609,11 @@ def _trace(model: nn.Module, probe: torch.Tensor | None = None,
     wrapped = tuple(optional)
     if probe is None:
         try:
-            graph = _Tracer(autowrap_functions=wrapped).trace(model)
+            tracer = _Tracer(autowrap_functions=wrapped)
+            graph = tracer.trace(model)
         except Exception as error:  # torch.fx raises many types for untraceable code
             raise _untraceable(model, error) from None
-        return _checked_graph_module(model, graph)
+        return _checked_graph_module(model, graph, tracer.foreign_node is not None)
     # one trace: plain until the forward first branches on a traced value (where a plain
     # trace stops), then deciding its branches at the probe (a plain trace that failed there,
     # then a branching trace from the start, cost efficientvit_b0 a fifth of its trace)
@@ -627,9 +634,10 @@ def _trace(model: nn.Module, probe: torch.Tensor | None = None,
             # a branch left undecided by a call that fails at the probe: the forward fails there
             raise _fails_at_probe(model, *tracer.failed_call, probe) from None
         raise _untraceable(model, tracer.refusal or error) from None
+    foreign = tracer.foreign_node is not None
     if tracer.refusal is None and not branching:  # a plain trace: not tied to the probe
-        return _checked_graph_module(model, graph)
-    module = _checked_graph_module(model, graph)
+        return _checked_graph_module(model, graph, foreign)
+    module = _checked_graph_module(model, graph, foreign)
     if tracer.refusal is not None:  # what a plain trace of this forward raises
         module.meta["plain_refusal"] = _untraceable(model, tracer.refusal)
     if concrete:
@@ -710,10 +718,12 @@ def _untraceable(model: nn.Module, error: Exception) -> ValueError:
     )
 
 
-def _checked_graph_module(model: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
-    """Return the GraphModule of `graph`, refusing a graph that reads an earlier trace's node."""
-    own = set(graph.nodes)
-    for node in graph.nodes:
+def _checked_graph_module(model: nn.Module, graph: torch.fx.Graph, foreign: bool = True
+                          ) -> torch.fx.GraphModule:
+    """Return the GraphModule of `graph`, refusing a graph that reads an earlier trace's node
+    (looked for where `foreign`: the tracer met one among the arguments)."""
+    own = set(graph.nodes) if foreign else set()
+    for node in graph.nodes if foreign else ():
         stale = [argument for argument in node.all_input_nodes if argument not in own]
         if stale:  # timm's EfficientFormer caches attention biases keyed by str(device)
             raise ValueError(

@@ -533,6 +533,38 @@ def test_a_second_trace_of_a_module_that_caches_a_traced_value_counts_the_same()
     assert analysis.totals_at([(32, 32)])["weights"][0] == 4 * 3 * 9 + 4 + 4
 
 
+class CachesInItsClass(nn.Module):
+    """Keeps a derived tensor in a dict of its class (no module state to put back): a second
+    trace reads the first trace's node."""
+
+    cache: dict[str, torch.Tensor] = {}
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.bias * 2
+        return x + self.cache["bias"].view(1, -1, 1, 1)
+
+
+def test_a_graph_that_reads_an_earlier_traces_node_is_refused():
+    """A node of an earlier trace among a call's arguments is refused with the node that reads
+    it, plainly and on the branching trace alike."""
+    from convtally.analysis.tracing import trace
+
+    network = CachesInItsClass()
+    try:
+        trace(network)
+        with pytest.raises(ValueError, match=r"again: add reads view_\d+ from an earlier trace"):
+            trace(network)
+        with pytest.raises(ValueError, match=r"again: add reads view_\d+ from an earlier trace"):
+            trace(network, torch.zeros(1, 4, 8, 8, device="meta"))
+    finally:
+        CachesInItsClass.cache.clear()
+
+
 SWIN_FUNCTIONS = ("_patch_merging_pad", "_get_relative_position_bias", "shifted_window_attention")
 
 
