@@ -1726,7 +1726,8 @@ def _interpret(
                 output_shape=(shape if all(isinstance(d, sp.Basic) for d in shape)
                               else tuple(sp.sympify(d) for d in shape)),
                 **counted(cost, known, convention),
-                outputs=cost.outputs,
+                outputs=(cost.output.per_example if type(cost.output) is SymTensor
+                         else cost.outputs),
                 cost=cost,
                 known=known,
                 requirements=cost.requires,
@@ -2055,7 +2056,13 @@ def _parameters_of(module: nn.Module) -> list[nn.Parameter]:
 def _trainable(module: nn.Module, weights: sp.Expr) -> sp.Expr:
     if not module._parameters and not module._modules:  # GELU, Dropout: nothing to train
         return weights
-    parameters = _parameters_of(module)
+    if module._modules:
+        parameters = _parameters_of(module)
+    else:  # a leaf's own, each once (most leaves: a weight and a bias, both trained)
+        parameters = [p for p in module._parameters.values() if p is not None]
+        if all(p.requires_grad for p in parameters):
+            return weights
+        parameters = list({id(p): p for p in parameters}.values())
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
     if trainable == sum(p.numel() for p in parameters):
         return weights

@@ -116,6 +116,8 @@ class _Attribute(_ReadsBytecodeOnce, torch.fx.proxy.Attribute):
 class _Tracer(torch.fx.Tracer):
     """Stops at modules that have a rule (and at torch.nn's own leaves), traces through others."""
 
+    _running = False  # _BranchingTracer: inside a call run for its value (no proxies, no nodes)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.module_stack = _ModuleStack()
@@ -170,8 +172,9 @@ class _Tracer(torch.fx.Tracer):
         """Return the proxy of a parameter read in a traced forward, as torch.fx does, found by
         one dict lookup: torch.fx scans every parameter of the model on each read (quadratic;
         1 s of timm fbnetv3_b's 1.3 s trace, whose BatchNormAct2d layers are traced into). Any
-        other value (a submodule, a number) is the value itself, as torch.fx returns it."""
-        if not isinstance(attr_val, torch.Tensor):
+        other value (a submodule, a number) is the value itself, as torch.fx returns it, and
+        so is everything read while the branching tracer runs a call for its value."""
+        if not isinstance(attr_val, torch.Tensor) or self._running:
             return attr_val
         parameters, buffers = self._names()
         if isinstance(attr_val, nn.Parameter):
@@ -344,11 +347,6 @@ class _BranchingTracer(_Tracer):
         self.branches: list[tuple[str, bool]] = []
         self.numbers_read: set[str] = set()  # the branches that are an int() read at the probe
         self._running = False  # inside a call run for its value: no proxies, no nodes
-
-    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
-        if self._running:
-            return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         if self._running:
