@@ -583,11 +583,17 @@ def counted(cost: LayerCost, known: bool, convention: Convention) -> dict[str, s
     """Return a row's weights and connections from its raw cost under `convention` (the one
     place a convention is applied: when rows are counted, and again by with_convention and a
     concrete capture's values); a row without a rule has connections 0."""
-    try:
-        weights, connections = _counted_once(cost, known, convention)
-    except TypeError:  # an unhashable cost (none known): counted uncached
-        weights, connections = _counted_once.__wrapped__(cost, known, convention)
+    weights, connections = counted_pair(cost, known, convention)
     return {"weights": weights, "connections": connections}
+
+
+def counted_pair(cost: LayerCost, known: bool, convention: Convention
+                 ) -> tuple[sp.Expr, sp.Expr]:
+    """Return counted's (weights, connections) as a pair."""
+    try:
+        return _counted_once(cost, known, convention)
+    except TypeError:  # an unhashable cost (none known): counted uncached
+        return _counted_once.__wrapped__(cost, known, convention)
 
 
 @functools.lru_cache(maxsize=16384)
@@ -1717,6 +1723,7 @@ def _interpret(
         if cost.kind == "recurrent":  # (output, states): the output sequence's shape
             output = output[0]
         shape = output.shape[1:] if isinstance(output, SymTensor) else ()
+        weights, connections = counted_pair(cost, known, convention)
         layers.append(
             Layer(
                 name=label,
@@ -1725,7 +1732,8 @@ def _interpret(
                 node=node.name,
                 output_shape=(shape if all(isinstance(d, sp.Basic) for d in shape)
                               else tuple(sp.sympify(d) for d in shape)),
-                **counted(cost, known, convention),
+                weights=weights,
+                connections=connections,
                 outputs=(cost.output.per_example if type(cost.output) is SymTensor
                          else cost.outputs),
                 cost=cost,
