@@ -1486,7 +1486,7 @@ def _finish(prepared: _Prepared, graph_module, layers, convention, exact,
     else:  # an exported graph: the parameters its rows own
         named = dict(network.named_parameters())
         used = {id(named[t]) for t in used_targets or () if t in named}
-    unused = [p for p in _each_parameter(network) if id(p) not in used]
+    unused = [p for p in _parameters_of(network) if id(p) not in used]
     unused_weights = sum(p.numel() for p in unused)
     unused_trainable = sum(p.numel() for p in unused if p.requires_grad)
     batch_note = _count_at_batch_one(layers) if batch_note is None else batch_note
@@ -1544,16 +1544,6 @@ def _submodules(graph_module: torch.fx.GraphModule) -> dict[str, nn.Module]:
 
 
 _SUBMODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _each_parameter(network: nn.Module) -> list[nn.Parameter]:
-    """Return network.parameters() (each parameter once), read from the modules' own tables."""
-    found: dict[int, nn.Parameter] = {}
-    for module in each_module(network):
-        for parameter in module._parameters.values():
-            if parameter is not None:
-                found.setdefault(id(parameter), parameter)
-    return list(found.values())
 
 
 def _used_parameters(graph_module: torch.fx.GraphModule) -> list[nn.Parameter]:
@@ -1734,8 +1724,7 @@ def _interpret(
                               else tuple(sp.sympify(d) for d in shape)),
                 weights=weights,
                 connections=connections,
-                outputs=(cost.output.per_example if type(cost.output) is SymTensor
-                         else cost.outputs),
+                outputs=cost.outputs,
                 cost=cost,
                 known=known,
                 requirements=cost.requires,
@@ -2054,23 +2043,22 @@ def _changed(cost: LayerCost, **changes: Any) -> LayerCost:
 
 
 def _parameters_of(module: nn.Module) -> list[nn.Parameter]:
-    """Return module.parameters() as a list; a leaf's are read from its own registry (each
-    tensor once, as parameters() gives them), without parameters()' walk of the tree."""
-    if module._modules:
-        return list(module.parameters())
-    return list({id(p): p for p in module._parameters.values() if p is not None}.values())
+    """Return module.parameters() as a list (each parameter once), read from the modules' own
+    tables without the qualified names parameters() makes; a leaf's from its own table."""
+    found: dict[int, nn.Parameter] = {}
+    for owner in each_module(module) if module._modules else (module,):
+        for parameter in owner._parameters.values():
+            if parameter is not None:
+                found.setdefault(id(parameter), parameter)
+    return list(found.values())
 
 
 def _trainable(module: nn.Module, weights: sp.Expr) -> sp.Expr:
     if not module._parameters and not module._modules:  # GELU, Dropout: nothing to train
         return weights
-    if module._modules:
-        parameters = _parameters_of(module)
-    else:  # a leaf's own, each once (most leaves: a weight and a bias, both trained)
-        parameters = [p for p in module._parameters.values() if p is not None]
-        if all(p.requires_grad for p in parameters):
-            return weights
-        parameters = list({id(p): p for p in parameters}.values())
+    parameters = _parameters_of(module)
+    if all(p.requires_grad for p in parameters):  # most layers: every weight trained
+        return weights
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
     if trainable == sum(p.numel() for p in parameters):
         return weights

@@ -139,7 +139,8 @@ class LayerCost:
     @property
     def outputs(self) -> sp.Expr:
         """Return the number of values the layer produces per example."""
-        return _values_per_example(self.output)
+        output = self.output  # one tensor (most layers): its own, without the tuple walk
+        return output.per_example if type(output) is SymTensor else _values_per_example(output)
 
     def quantity(self, name: str) -> sp.Expr:
         """Return one named per-example quantity (QUANTITY_NAMES) that conventions count with."""

@@ -44,8 +44,8 @@ class _Scope(torch.fx.proxy.Scope):
 @functools.lru_cache(maxsize=4096)
 def _node_base_name(target: Any) -> str:
     """Return the name torch.fx's Graph gives a node of `target` before its number, worked out
-    once per target: Graph._target_to_str reads it with two regular expressions per node (a
-    tenth of timm test_vit_relpos's trace)."""
+    once per target: Graph._target_to_str and the namespace read it with regular expressions
+    on every node (about 2 ms of timm test_vit_relpos's 25 ms analysis, in one diagnostic)."""
     name = torch.fx.Graph._target_to_str(_NAMING_GRAPH, target)
     # a module path's dots made underscores here, as the graph's namespace would make them on
     # every node ('blocks.0.attn.qkv' -> 'blocks_0_attn_qkv'); the numbering stays the graph's
@@ -346,7 +346,6 @@ class _BranchingTracer(_Tracer):
         self._pending: dict[torch.fx.Node, tuple] = {}
         self.branches: list[tuple[str, bool]] = []
         self.numbers_read: set[str] = set()  # the branches that are an int() read at the probe
-        self._running = False  # inside a call run for its value: no proxies, no nodes
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         if self._running:
@@ -765,13 +764,11 @@ def _install(containers: dict[str, tuple[nn.Module, nn.Module]], path: str) -> N
     if prefix not in containers:
         _install_container(containers, prefix)
     source, target = containers[prefix]
-    for table, kept in ((source._parameters, target._parameters),
-                        (source._buffers, target._buffers), (source._modules, target._modules)):
-        value = table.get(field)  # registered, and nothing of the same name before it
-        if value is not None and field not in source.__dict__ and not hasattr(type(source),
-                                                                                field):
-            kept[field] = value
-            return
+    registered = _registration(source, field)
+    if registered is not None:
+        table, value = registered
+        target.__dict__[table][field] = value
+        return
     value = getattr(source, field)
     if isinstance(value, nn.Module):
         target._modules[field] = value
@@ -797,14 +794,22 @@ def _install_container(containers: dict[str, tuple[nn.Module, nn.Module]], path:
 
 def _registered(module: nn.Module, name: str) -> Any:
     """Return getattr(module, name), read from the module's own tables where it is registered
-    there (a submodule, parameter or buffer, nothing of the same name before them), without
-    nn.Module's __getattr__."""
-    if name not in module.__dict__ and not hasattr(type(module), name):
-        for table in (module._parameters, module._buffers, module._modules):
-            value = table.get(name)
-            if value is not None:
-                return value
-    return getattr(module, name)
+    there (_registration), without nn.Module's __getattr__."""
+    registered = _registration(module, name)
+    return registered[1] if registered is not None else getattr(module, name)
+
+
+def _registration(module: nn.Module, name: str) -> tuple[str, Any] | None:
+    """Return (the table, the value) where `name` is a submodule, parameter or buffer in the
+    module's own tables, nothing of the same name before them (an instance or class
+    attribute), as getattr would find it; None otherwise."""
+    if name in module.__dict__ or hasattr(type(module), name):
+        return None
+    for table in ("_parameters", "_buffers", "_modules"):  # nn.Module.__getattr__'s order
+        value = module.__dict__.get(table, {}).get(name)
+        if value is not None:
+            return table, value
+    return None
 
 
 def rebound(graph_module: torch.fx.GraphModule, network: nn.Module,
